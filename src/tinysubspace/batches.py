@@ -1,0 +1,136 @@
+"""Data as a re-iterable sequence of ``(inputs, targets)`` batches, each with its size.
+
+The Hessian operator accepts a ``DataLoader``, any re-iterable of ``(inputs, targets)`` pairs,
+or a tuple ``(X, Y)`` of tensors (split into chunks). This module turns each into one thing:
+a :class:`BatchSource` whose iteration yields :class:`Batch` objects on the right device and dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+__all__ = ["Batch", "BatchSource", "call_model"]
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One batch: model inputs, targets and the number of examples it holds."""
+
+    inputs: Any
+    targets: Any
+    size: int
+
+
+def _leading_size(obj: Any) -> int | None:
+    """The batch dimension of a tensor, or of the first tensor inside a tuple/list/dict."""
+    if isinstance(obj, torch.Tensor):
+        return int(obj.shape[0]) if obj.ndim > 0 else None
+    if isinstance(obj, Mapping):
+        obj = list(obj.values())
+    if isinstance(obj, Sequence) and not isinstance(obj, str):
+        for item in obj:
+            size = _leading_size(item)
+            if size is not None:
+                return size
+    return None
+
+
+def _convert(obj: Any, device: torch.device, dtype: torch.dtype | None) -> Any:
+    """Move tensors to ``device``; cast floating tensors to ``dtype`` (integers are kept)."""
+    if isinstance(obj, torch.Tensor):
+        if dtype is not None and obj.is_floating_point():
+            return obj.to(device=device, dtype=dtype)
+        return obj.to(device=device)
+    if isinstance(obj, Mapping):
+        return {key: _convert(value, device, dtype) for key, value in obj.items()}
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_convert(item, device, dtype) for item in obj)
+    return obj
+
+
+def call_model(model: torch.nn.Module | Any, inputs: Any) -> Any:
+    """``model(inputs)``; a tuple/list is spread as positional and a dict as keyword arguments."""
+    if isinstance(inputs, Mapping):
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)
+
+
+class BatchSource:
+    """A re-iterable source of :class:`Batch` es covering a whole data set.
+
+    Args:
+        data: a ``torch.utils.data.DataLoader``, a re-iterable of ``(inputs, targets)`` pairs
+            (e.g. a list of batches), or a tuple ``(X, Y)`` of tensors with equal first dimension.
+        device: where batches are moved.
+        dtype: floating inputs and targets are cast to this dtype (``None``: kept).
+        batch_size: chunk size used to split an ``(X, Y)`` tuple (``None``: one chunk).
+
+    Raises:
+        TypeError: ``data`` is a one-shot iterator (a generator), or not iterable.
+        ValueError: ``(X, Y)`` have different lengths, or ``batch_size`` is not positive.
+    """
+
+    def __init__(self, data: Any, device: torch.device, dtype: torch.dtype | None = None,
+                 batch_size: int | None = None) -> None:
+        if batch_size is not None and batch_size <= 0:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
+        if _is_tensor_pair(data):
+            inputs, targets = data
+            if inputs.shape[0] != targets.shape[0]:
+                raise ValueError(f"(X, Y) must have the same number of examples, got "
+                                 f"{inputs.shape[0]} inputs and {targets.shape[0]} targets")
+            chunk = batch_size or max(int(inputs.shape[0]), 1)
+            data = list(zip(inputs.split(chunk), targets.split(chunk), strict=True))
+        elif not isinstance(data, Iterable):
+            raise TypeError(f"data must be a DataLoader, a re-iterable of (inputs, targets) "
+                            f"batches or a tuple (X, Y) of tensors, got {type(data).__name__}")
+        elif iter(data) is data:
+            raise TypeError("data is a one-shot iterator (e.g. a generator), but the Hessian needs "
+                            "a pass over the data for every product; pass a DataLoader, a list of "
+                            "batches or a tuple (X, Y) of tensors")
+        self.data = data
+        self.device = torch.device(device)
+        self.dtype = dtype
+
+    def __iter__(self) -> Iterator[Batch]:
+        for index, item in enumerate(self.data):
+            if not isinstance(item, (tuple, list)) or len(item) != 2:
+                raise TypeError(f"batch {index} of data is not an (inputs, targets) pair "
+                                f"(got {type(item).__name__}); wrap inputs and targets as a pair")
+            inputs, targets = item
+            size = _leading_size(targets) or _leading_size(inputs)
+            if size is None:
+                raise TypeError(f"batch {index}: cannot tell its size; inputs or targets must be "
+                                "tensors with a batch dimension")
+            if size == 0:
+                continue
+            yield Batch(_convert(inputs, self.device, self.dtype),
+                        _convert(targets, self.device, self.dtype), size)
+
+    def describe_randomness(self) -> list[str]:
+        """Reasons why two passes over this data might differ (for the determinism check)."""
+        reasons = []
+        sampler = getattr(self.data, "sampler", None)
+        if isinstance(sampler, torch.utils.data.RandomSampler) and getattr(
+            self.data, "drop_last", False
+        ):
+            reasons.append("the DataLoader shuffles with drop_last=True, so each pass drops "
+                           "different examples")
+        dataset = getattr(self.data, "dataset", None)
+        if any(hasattr(dataset, name) for name in ("transform", "transforms")) and (
+            getattr(dataset, "transform", None) or getattr(dataset, "transforms", None)
+        ):
+            reasons.append("the dataset applies a transform (random augmentation changes the data "
+                           "between passes)")
+        return reasons
+
+
+def _is_tensor_pair(data: Any) -> bool:
+    return (isinstance(data, tuple) and len(data) == 2
+            and all(isinstance(item, torch.Tensor) for item in data))

@@ -1,0 +1,1 @@
+"""Sub-commands of the ``tinysubspace`` CLI (one module each)."""

@@ -1,0 +1,189 @@
+"""Top eigenpairs of a symmetric operator: thick-restart (block) Lanczos with full reorthogonalisation.
+
+The solver keeps an orthonormal basis ``Q`` (``p × m``) together with ``HQ = op @ Q`` and the
+projected matrix ``T = Qᵀ H Q``. Each iteration
+
+1. takes the Rayleigh–Ritz pairs ``(θ_i, y_i)`` of ``T``: Ritz vectors ``v_i = Q y_i`` with exact
+   residuals ``r_i = HQ y_i − θ_i v_i`` (no extra products);
+2. stops when the ``n = skip + k`` largest pairs satisfy ``‖r_i‖ ≤ tol · |θ_1|``;
+3. otherwise extends ``Q`` by the residuals of up to ``b`` unconverged wanted pairs,
+   orthogonalised against ``Q`` (for a Krylov basis all residuals lie in the next Krylov
+   block, so this *is* block Lanczos, with block size ``b``; ``b = 1`` is plain Lanczos);
+4. when ``Q`` is full, restarts thick: keeps the best Ritz vectors (and their ``HQ``) only.
+
+Memory is ``2 m`` vectors of length ``p`` (``m`` = ``basis_size``), whatever ``p`` is.
+A warm start ``init`` (``p × m0``) is the first block: with the previous step's eigenvectors the
+first Rayleigh–Ritz already holds nearly converged pairs. Block size ``b`` at least the
+multiplicity of a repeated eigenvalue finds every copy of it (a single-vector Krylov space sees
+one vector of each eigenspace).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .krylov import orthonormalize_against, random_block
+
+__all__ = ["Eigenpairs", "top_eigenpairs"]
+
+
+@dataclass(frozen=True)
+class Eigenpairs:
+    """Eigenpairs of a symmetric operator, largest algebraic first.
+
+    Attributes:
+        values: ``(k,)`` eigenvalues, descending.
+        vectors: ``(p, k)`` orthonormal eigenvectors (columns).
+        residuals: ``(k,)`` ``‖H v_i − λ_i v_i‖`` (absolute).
+        matvecs: operator-vector products this solve used.
+        converged: whether every residual is within ``tol · |λ_1|``.
+        skip: how many larger eigenpairs were found and left out (``values[0]`` is ``λ_{skip+1}``).
+    """
+
+    values: torch.Tensor
+    vectors: torch.Tensor
+    residuals: torch.Tensor
+    matvecs: int
+    converged: bool
+    skip: int = 0
+
+
+@dataclass
+class _Krylov:
+    """The solver's working state: basis, its image and the projected matrix."""
+
+    Q: torch.Tensor  # (p, m)
+    HQ: torch.Tensor  # (p, m)
+    T: torch.Tensor  # (m, m)
+
+    def extend(self, block: torch.Tensor, image: torch.Tensor) -> None:
+        cross = self.Q.T @ image  # (m, b): Qᵀ H Qn (the old-new entries of T)
+        corner = block.T @ image
+        corner = (corner + corner.T) / 2
+        self.T = torch.cat([torch.cat([self.T, cross], 1),
+                            torch.cat([cross.T, corner], 1)], 0)
+        self.Q = torch.cat([self.Q, block], 1)
+        self.HQ = torch.cat([self.HQ, image], 1)
+
+    def ritz(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Ritz values (descending) and coefficient vectors ``y`` of the projected matrix."""
+        theta, Y = torch.linalg.eigh((self.T + self.T.T) / 2)
+        return theta.flip(0), Y.flip(1)
+
+    def restart(self, Y: torch.Tensor, theta: torch.Tensor) -> None:
+        """Keep only the Ritz vectors ``Q Y`` (thick restart)."""
+        self.Q, self.HQ, self.T = self.Q @ Y, self.HQ @ Y, torch.diag(theta)
+
+
+def _validate(op, k: int, skip: int, tol: float, init: torch.Tensor | None,
+              block_size: int | None, basis_size: int | None) -> int:
+    p = op.shape[0]
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+    if not isinstance(skip, int) or skip < 0:
+        raise ValueError(f"skip must be a non-negative integer, got {skip!r}")
+    if k + skip >= p:
+        raise ValueError(f"k + skip = {k + skip} must be smaller than the operator's dimension "
+                         f"p = {p}; for the whole spectrum of a small operator use "
+                         "torch.linalg.eigvalsh on a dense matrix")
+    if not tol > 0:
+        raise ValueError(f"tol must be positive, got {tol!r}")
+    if init is not None and (init.ndim not in (1, 2) or init.shape[0] != p):
+        raise ValueError(f"init must have shape ({p},) or ({p}, m), got {tuple(init.shape)}")
+    if block_size is not None and block_size < 1:
+        raise ValueError(f"block_size must be at least 1, got {block_size}")
+    if basis_size is not None and basis_size < k + skip + 1:
+        raise ValueError(f"basis_size must exceed k + skip = {k + skip}, got {basis_size}")
+    return p
+
+
+def top_eigenpairs(op, k: int, tol: float = 1e-6, init: torch.Tensor | None = None,
+                   seed: int = 0, max_matvecs: int | None = None, skip: int = 0,
+                   block_size: int | None = None,
+                   basis_size: int | None = None) -> Eigenpairs:
+    """The ``k`` largest (algebraic) eigenpairs of a symmetric operator.
+
+    Convergence: every returned pair (and every skipped one) satisfies
+    ``‖H v − λ v‖ ≤ tol · |λ_1|``, with ``|λ_1|`` estimated by the largest ``|θ|`` among the
+    current Ritz values (``≈ ‖H‖``; equal to ``|λ_1|`` for a Hessian whose largest-magnitude
+    eigenvalue is its top one).
+
+    Args:
+        op: symmetric operator with ``shape``, ``dtype``, ``device`` and ``@``.
+        k: number of eigenpairs wanted.
+        tol: relative residual tolerance (> 0).
+        init: ``(p,)`` or ``(p, m0)`` start block (e.g. the previous measurement's vectors); it
+            need not be orthonormal. ``None``: a random block from ``seed``.
+        seed: seed of the random start and of any random fill (identical on every device).
+        max_matvecs: stop (``converged=False``) once this many products are used.
+        skip: leave out the ``skip`` largest pairs and return ``λ_{skip+1} … λ_{skip+k}`` (the
+            paper's "next k" subspace is ``skip=k``). They are computed all the same.
+        block_size: vectors added per iteration (one data pass each). Default 1 for a cold
+            start, and ``min(n, m0)`` for a warm start with ``m0`` columns.
+        basis_size: largest basis before a thick restart (default ``max(2n + 2b, n + 20)``,
+            at most ``p``).
+
+    Returns:
+        :class:`Eigenpairs` with the ``k`` pairs, descending.
+
+    Raises:
+        ValueError: ``k + skip ≥ p``, ``tol ≤ 0``, or ``init`` of the wrong shape.
+    """
+    p = _validate(op, k, skip, tol, init, block_size, basis_size)
+    n = k + skip
+    gen = torch.Generator().manual_seed(seed)
+    start = _start_block(op, init, n, block_size, gen)
+    b = block_size or (1 if init is None else max(1, min(n, start.shape[1])))
+    m = min(p, max(basis_size or max(2 * n + 2 * b, n + 20), n + b))
+    budget = max_matvecs if max_matvecs is not None else 50 * p
+    used = 0
+    state = _Krylov(start[:, :0], start[:, :0], start.new_zeros(0, 0))
+    block = start
+    while True:
+        image = op @ block
+        used += block.shape[1]
+        state.extend(block, image)
+        theta, Y = state.ritz()
+        V = state.Q @ Y[:, :n]
+        R = state.HQ @ Y[:, :n] - V * theta[:n]
+        res = R.norm(dim=0)
+        scale = max(float(theta.abs().max()), float(torch.finfo(theta.dtype).tiny))
+        done = bool((res <= tol * scale).all()) or state.Q.shape[1] >= p
+        if done or used >= budget:
+            return Eigenpairs(theta[skip:n].clone(), V[:, skip:].clone(), res[skip:].clone(),
+                              used, done, skip)
+        if state.Q.shape[1] + b > m:
+            keep = min(max(n + b, (m + n) // 2), m - b)
+            state.restart(Y[:, :keep], theta[:keep])
+        block = _next_block(state.Q, R, res, tol * scale, b, gen)
+
+
+def _start_block(op, init: torch.Tensor | None, n: int, block_size: int | None,
+                 gen: torch.Generator) -> torch.Tensor:
+    """Orthonormal first block: ``init`` (rank-revealed), filled up at random if needed."""
+    p = op.shape[0]
+    want = block_size or 1
+    columns = torch.empty(p, 0, dtype=op.dtype, device=op.device)
+    if init is not None:
+        columns = orthonormalize_against(init.reshape(p, -1).to(op.device, op.dtype), None)
+        want = block_size or max(1, min(n, init.reshape(p, -1).shape[1]))
+    while columns.shape[1] < want:
+        extra = random_block(p, want - columns.shape[1], op.dtype, op.device, gen)
+        columns = torch.cat([columns, orthonormalize_against(extra, columns)], 1)
+    return columns
+
+
+def _next_block(Q: torch.Tensor, R: torch.Tensor, res: torch.Tensor, threshold: float,
+                b: int, gen: torch.Generator) -> torch.Tensor:
+    """Residuals of up to ``b`` unconverged wanted pairs (largest residual first), made
+    orthonormal to ``Q``; random directions replace any that are already spanned."""
+    order = torch.argsort(res, descending=True)
+    active = [int(i) for i in order if res[i] > threshold][:b] or [int(order[0])]
+    block = orthonormalize_against(R[:, active], Q)
+    p = Q.shape[0]
+    while block.shape[1] < min(b, p - Q.shape[1]):
+        extra = random_block(p, b - block.shape[1], Q.dtype, Q.device, gen)
+        block = torch.cat([block, orthonormalize_against(extra, torch.cat([Q, block], 1))], 1)
+    return block

@@ -1,0 +1,118 @@
+"""Symmetric linear operators: the one interface every solver in tinysubspace takes.
+
+A solver never sees a model. It sees something with ``shape``, ``dtype``, ``device`` and
+``@`` (STYLE.md point 1): a Hessian over a data set, a dense test matrix, or an operator built
+from others.
+"""
+
+from __future__ import annotations
+
+import abc
+
+import numpy as np
+import torch
+
+__all__ = ["DenseOperator", "SymmetricOperator"]
+
+
+class SymmetricOperator(abc.ABC):
+    """A symmetric ``(p, p)`` operator applied to vectors ``(p,)`` or blocks ``(p, b)``.
+
+    Subclasses implement :meth:`_matmat` for a ``(p, b)`` block; this class validates input,
+    handles the 1-D case and counts products (a block of ``b`` columns counts ``b``).
+    """
+
+    def __init__(self, size: int, dtype: torch.dtype, device: torch.device) -> None:
+        self._size = int(size)
+        self._dtype = dtype
+        self._device = torch.device(device)
+        self._matvecs = 0
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(p, p)``."""
+        return (self._size, self._size)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype products are computed and returned in."""
+        return self._dtype
+
+    @property
+    def device(self) -> torch.device:
+        """The device products are computed and returned on."""
+        return self._device
+
+    @property
+    def matvecs(self) -> int:
+        """Operator-vector products done so far (a block of ``b`` columns counts ``b``)."""
+        return self._matvecs
+
+    def __matmul__(self, v: torch.Tensor) -> torch.Tensor:
+        """``A @ v`` for ``v`` of shape ``(p,)`` or ``(p, b)``; returns the same shape.
+
+        Raises:
+            TypeError: ``v`` is not a tensor.
+            ValueError: ``v`` is not 1-D or 2-D, or its first dimension is not ``p``.
+        """
+        if not isinstance(v, torch.Tensor):
+            raise TypeError(f"expected a torch.Tensor of shape ({self._size},) or "
+                            f"({self._size}, b), got {type(v).__name__}")
+        if v.ndim not in (1, 2) or v.shape[0] != self._size:
+            raise ValueError(f"expected a vector of shape ({self._size},) or a block of shape "
+                             f"({self._size}, b), got shape {tuple(v.shape)}")
+        block = v.reshape(self._size, -1).to(device=self._device, dtype=self._dtype)
+        if block.shape[1] == 0:
+            return torch.empty_like(block).reshape(v.shape)
+        result = self._matmat(block)
+        self._matvecs += block.shape[1]
+        return result.reshape(v.shape)
+
+    @abc.abstractmethod
+    def _matmat(self, block: torch.Tensor) -> torch.Tensor:
+        """Return ``A @ block`` for a validated ``(p, b)`` block, ``b >= 1``."""
+
+    def to_scipy(self):
+        """This operator as a :class:`scipy.sparse.linalg.LinearOperator` (numpy in and out).
+
+        Products are computed by this operator (and counted in :attr:`matvecs`); numpy arrays
+        are converted to this operator's dtype and device and back.
+        """
+        from scipy.sparse.linalg import LinearOperator
+
+        np_dtype = torch.empty((), dtype=self._dtype).numpy().dtype
+
+        def matmat(x: np.ndarray) -> np.ndarray:
+            block = torch.as_tensor(np.asarray(x, dtype=np_dtype))
+            out = self @ block.reshape(self._size, -1)
+            return out.detach().cpu().numpy().reshape(x.shape)
+
+        return LinearOperator(self.shape, matvec=matmat, matmat=matmat, rmatvec=matmat,
+                              rmatmat=matmat, dtype=np_dtype)
+
+
+class DenseOperator(SymmetricOperator):
+    """A symmetric matrix held in memory, as an operator (for tests and small problems).
+
+    Args:
+        matrix: a square ``(p, p)`` tensor; it is used as given (symmetry is checked).
+        check_symmetric: raise if ``matrix`` is not symmetric to ``max(1e-8, 100 eps)`` relative.
+
+    Raises:
+        ValueError: the matrix is not square, or not symmetric.
+    """
+
+    def __init__(self, matrix: torch.Tensor, check_symmetric: bool = True) -> None:
+        if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
+            raise ValueError(f"DenseOperator needs a square matrix, got shape {tuple(matrix.shape)}")
+        if check_symmetric:
+            scale = matrix.abs().max().clamp_min(torch.finfo(matrix.dtype).tiny)
+            asym = (matrix - matrix.T).abs().max() / scale
+            if asym > max(1e-8, 100 * torch.finfo(matrix.dtype).eps):
+                raise ValueError(f"DenseOperator needs a symmetric matrix; max |A - A^T| / max|A| "
+                                 f"= {asym:.2e}")
+        super().__init__(matrix.shape[0], matrix.dtype, matrix.device)
+        self.matrix = matrix
+
+    def _matmat(self, block: torch.Tensor) -> torch.Tensor:
+        return self.matrix @ block
