@@ -1,4 +1,4 @@
-"""Top eigenpairs of a symmetric operator: thick-restart (block) Lanczos with full reorthogonalisation.
+"""Top eigenpairs of a symmetric operator: thick-restart (block) Lanczos, full reorthogonalisation.
 
 The solver keeps an orthonormal basis ``Q`` (``p × m``) together with ``HQ = op @ Q`` and the
 projected matrix ``T = Qᵀ H Q``. Each iteration
@@ -78,7 +78,7 @@ class _Krylov:
 
 
 def _validate(op, k: int, skip: int, tol: float, init: torch.Tensor | None,
-              block_size: int | None, basis_size: int | None) -> int:
+              block_size: int | None, basis_size: int | None, max_matvecs: int | None) -> int:
     p = op.shape[0]
     if not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be a positive integer, got {k!r}")
@@ -92,10 +92,17 @@ def _validate(op, k: int, skip: int, tol: float, init: torch.Tensor | None,
         raise ValueError(f"tol must be positive, got {tol!r}")
     if init is not None and (init.ndim not in (1, 2) or init.shape[0] != p):
         raise ValueError(f"init must have shape ({p},) or ({p}, m), got {tuple(init.shape)}")
+    if init is not None and not bool(torch.isfinite(init).all()):
+        raise ValueError("init has non-finite entries")
     if block_size is not None and block_size < 1:
         raise ValueError(f"block_size must be at least 1, got {block_size}")
     if basis_size is not None and basis_size < k + skip + 1:
         raise ValueError(f"basis_size must exceed k + skip = {k + skip}, got {basis_size}")
+    if max_matvecs is not None:
+        least = max(k + skip, 1 if init is None else init.reshape(p, -1).shape[1])
+        if max_matvecs < least:
+            raise ValueError(f"max_matvecs must be at least k + skip = {k + skip} and at least "
+                             f"the number of columns of init; got {max_matvecs} (needs {least})")
     return p
 
 
@@ -117,7 +124,8 @@ def top_eigenpairs(op, k: int, tol: float = 1e-6, init: torch.Tensor | None = No
         init: ``(p,)`` or ``(p, m0)`` start block (e.g. the previous measurement's vectors); it
             need not be orthonormal. ``None``: a random block from ``seed``.
         seed: seed of the random start and of any random fill (identical on every device).
-        max_matvecs: stop (``converged=False``) once this many products are used.
+        max_matvecs: stop (``converged=False``) once this many products are used; never
+            exceeded (at least ``k + skip`` and at least the columns of ``init``).
         skip: leave out the ``skip`` largest pairs and return ``λ_{skip+1} … λ_{skip+k}`` (the
             paper's "next k" subspace is ``skip=k``). They are computed all the same.
         block_size: vectors added per iteration (one data pass each). Default 1 for a cold
@@ -129,9 +137,11 @@ def top_eigenpairs(op, k: int, tol: float = 1e-6, init: torch.Tensor | None = No
         :class:`Eigenpairs` with the ``k`` pairs, descending.
 
     Raises:
-        ValueError: ``k + skip ≥ p``, ``tol ≤ 0``, or ``init`` of the wrong shape.
+        FloatingPointError: the operator returned NaN or infinity.
+        ValueError: ``k + skip ≥ p``, ``tol ≤ 0``, ``init`` of the wrong shape or not finite, or
+            ``max_matvecs`` below ``k + skip`` or below the number of columns of ``init``.
     """
-    p = _validate(op, k, skip, tol, init, block_size, basis_size)
+    p = _validate(op, k, skip, tol, init, block_size, basis_size, max_matvecs)
     n = k + skip
     gen = torch.Generator().manual_seed(seed)
     start = _start_block(op, init, n, block_size, gen)
@@ -144,20 +154,25 @@ def top_eigenpairs(op, k: int, tol: float = 1e-6, init: torch.Tensor | None = No
     while True:
         image = op @ block
         used += block.shape[1]
+        if not bool(torch.isfinite(image).all()):
+            raise FloatingPointError(f"the operator returned non-finite values (after {used} "
+                                     "products)")
         state.extend(block, image)
         theta, Y = state.ritz()
         V = state.Q @ Y[:, :n]
         R = state.HQ @ Y[:, :n] - V * theta[:n]
         res = R.norm(dim=0)
         scale = max(float(theta.abs().max()), float(torch.finfo(theta.dtype).tiny))
-        done = bool((res <= tol * scale).all()) or state.Q.shape[1] >= p
+        # fewer than n basis vectors give fewer than n Ritz pairs: never "converged" then
+        done = ((state.Q.shape[1] >= n and bool((res <= tol * scale).all()))
+                or state.Q.shape[1] >= p)
         if done or used >= budget:
             return Eigenpairs(theta[skip:n].clone(), V[:, skip:].clone(), res[skip:].clone(),
                               used, done, skip)
         if state.Q.shape[1] + b > m:
             keep = min(max(n + b, (m + n) // 2), m - b)
             state.restart(Y[:, :keep], theta[:keep])
-        block = _next_block(state.Q, R, res, tol * scale, b, gen)
+        block = _next_block(state.Q, R, res, tol * scale, b, gen)[:, : budget - used]
 
 
 def _start_block(op, init: torch.Tensor | None, n: int, block_size: int | None,

@@ -164,8 +164,12 @@ class HessianOperator(SymmetricOperator):
         return result
 
     def _batch_hvp(self, batch: Batch, index: int, block: torch.Tensor) -> torch.Tensor:
-        """``∇²ℓ_j V`` for one batch: one forward/backward with graph, ``b`` backward passes."""
+        """``∇²ℓ_j V`` for one batch (exact), by ``self.hvp_method`` (see the class docstring)."""
+        method = getattr(self, "hvp_method", "batched")
+        if method == "jvp":
+            return self._batch_hvp_jvp(batch, block)
         out = torch.zeros_like(block)
+        b = block.shape[1]
         with torch.enable_grad():
             loss = self._batch_loss(batch, index)
             grads = torch.autograd.grad(loss, self._leaves, create_graph=True, allow_unused=True)
@@ -174,16 +178,43 @@ class HessianOperator(SymmetricOperator):
                 return out
             slices = self.layout.slices()
             shapes = self.layout.shapes
-            for column in range(block.shape[1]):
+            if method == "batched" and b > 1:  # one vmapped backward for the whole block
+                directions = [block[slices[i]].T.reshape(b, *shapes[i]) for i in live]
+                hv = torch.autograd.grad([grads[i] for i in live], self._leaves,
+                                         grad_outputs=directions, is_grads_batched=True,
+                                         allow_unused=True)
+                for part, h in zip(slices, hv, strict=True):
+                    if h is not None:
+                        out[part] = h.reshape(b, -1).T
+                return out
+            for column in range(b):  # one backward per column through the retained graph
                 directions = [block[slices[i], column].view(shapes[i]) for i in live]
                 hv = torch.autograd.grad([grads[i] for i in live], self._leaves,
                                          grad_outputs=directions,
-                                         retain_graph=column < block.shape[1] - 1,
+                                         retain_graph=column < b - 1,
                                          allow_unused=True)
                 for part, h in zip(slices, hv, strict=True):
                     if h is not None:
                         out[part, column] = h.reshape(-1)
         return out
+
+    def _batch_hvp_jvp(self, batch: Batch, block: torch.Tensor) -> torch.Tensor:
+        """Forward-over-reverse ``jvp(grad ℓ_j)``, vmapped over the block's columns."""
+        names, b = self.layout.names, block.shape[1]
+
+        def loss_of(*leaves: torch.Tensor) -> torch.Tensor:
+            state = {**self._fixed, **self._buffers, **dict(zip(names, leaves, strict=True))}
+            with module_mode(self.model, train=self.mode == "train"):
+                outputs = call_model(_Bound(self.model, state), batch.inputs)
+            return self.loss_fn(outputs, batch.targets)
+
+        primals = tuple(leaf.detach() for leaf in self._leaves)
+        grad_fn = torch.func.grad(loss_of, argnums=tuple(range(len(primals))))
+        tangents = tuple(block[part].T.reshape(b, *shape)
+                         for part, shape in zip(self.layout.slices(), self.layout.shapes,
+                                                strict=True))
+        hv = torch.func.vmap(lambda *t: torch.func.jvp(grad_fn, primals, t)[1])(*tangents)
+        return torch.cat([h.reshape(b, -1) for h in hv], 1).T
 
     def _batch_loss(self, batch: Batch, index: int) -> torch.Tensor:
         state = {**self._fixed, **self._buffers, **dict(zip(self.layout.names, self._leaves,

@@ -99,12 +99,15 @@ class DenseOperator(SymmetricOperator):
         check_symmetric: raise if ``matrix`` is not symmetric to ``max(1e-8, 100 eps)`` relative.
 
     Raises:
-        ValueError: the matrix is not square, or not symmetric.
+        ValueError: the matrix is not square, not finite, or not symmetric.
     """
 
     def __init__(self, matrix: torch.Tensor, check_symmetric: bool = True) -> None:
         if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
-            raise ValueError(f"DenseOperator needs a square matrix, got shape {tuple(matrix.shape)}")
+            raise ValueError(f"DenseOperator needs a square matrix, got shape "
+                             f"{tuple(matrix.shape)}")
+        if not bool(torch.isfinite(matrix).all()):
+            raise ValueError("DenseOperator needs a finite matrix; it has NaN or infinite entries")
         if check_symmetric:
             scale = matrix.abs().max().clamp_min(torch.finfo(matrix.dtype).tiny)
             asym = (matrix - matrix.T).abs().max() / scale

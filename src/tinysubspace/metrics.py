@@ -43,11 +43,13 @@ def _check_basis(V: torch.Tensor, name: str, atol: float | None) -> None:
                          "torch.linalg.qr")
 
 
-def _check_vector(g: torch.Tensor, name: str, p: int | None = None) -> None:
+def _check_vector(g: torch.Tensor, name: str, p: int | None = None,
+                  other: str | None = None) -> None:
     if g.ndim != 1:
         raise ValueError(f"{name} must be a 1-D vector, got shape {tuple(g.shape)}")
     if p is not None and g.shape[0] != p:
-        raise ValueError(f"{name} has length {g.shape[0]} but the basis has {p} rows")
+        expected = f"the basis has {p} rows" if other is None else f"{other} has length {p}"
+        raise ValueError(f"{name} has length {g.shape[0]} but {expected}")
     if not bool(torch.isfinite(g).all()):
         raise ValueError(f"{name} has non-finite entries")
 
@@ -106,7 +108,7 @@ def gradient_overlap(g: torch.Tensor, Hg: torch.Tensor) -> float:
         ValueError: shapes differ, a vector is zero or non-finite.
     """
     _check_vector(g, "g")
-    _check_vector(Hg, "Hg", g.shape[0])
+    _check_vector(Hg, "Hg", g.shape[0], other="g")
     return float(g @ Hg) / (_nonzero_norm(g, "g") * _nonzero_norm(Hg, "Hg"))
 
 

@@ -45,7 +45,8 @@ class ParameterLayout:
     def split(self, vector: torch.Tensor) -> dict[str, torch.Tensor]:
         """Split a flat ``(p,)`` vector into a dict of parameter-shaped views."""
         if vector.shape != (self.numel,):
-            raise ValueError(f"expected a vector of shape ({self.numel},), got {tuple(vector.shape)}")
+            raise ValueError(f"expected a vector of shape ({self.numel},), got "
+                             f"{tuple(vector.shape)}")
         return {name: vector[part].view(shape)
                 for name, part, shape in zip(self.names, self.slices(), self.shapes, strict=True)}
 
@@ -71,7 +72,8 @@ def select_parameters(model: torch.nn.Module,
     Args:
         model: the module.
         params: ``None`` for every parameter that requires grad; otherwise names (as in
-            ``named_parameters()``) or the parameter tensors themselves. A named parameter is
+            ``named_parameters()``) or the parameter tensors themselves (a single name or
+            tensor is taken as a list of one). A named parameter is
             measured whether or not it requires grad: the Hessian with respect to it is well
             defined even if training keeps it fixed.
 
@@ -80,6 +82,8 @@ def select_parameters(model: torch.nn.Module,
             named twice, or an empty selection.
     """
     named = list(model.named_parameters())
+    if isinstance(params, (str, torch.Tensor)):  # one name or one tensor, not an iterable of them
+        params = [params]
     if params is None:
         chosen = [(name, p) for name, p in named if p.requires_grad]
         if not chosen:

@@ -1,0 +1,95 @@
+"""Profile exact Hessian-vector products: which way of computing H·V is fastest.
+
+Variants (all exact, all through :class:`tinysubspace.HessianOperator`):
+
+* ``loop``: per batch, build the gradient graph once (``create_graph=True``) and run one
+  backward pass per column with ``retain_graph`` (double backprop).
+* ``batched``: the same graph, one vmapped backward for the whole block
+  (``torch.autograd.grad(..., is_grads_batched=True)``).
+* ``jvp``: forward-over-reverse, ``torch.func.jvp(torch.func.grad(loss))``, vmapped over the
+  block's columns.
+
+Also: data chunk size (``batch_size=`` of the operator) and torch threads.
+
+Run: ``python benchmarks/hvp_profile.py [--quick]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import (  # noqa: E402
+    Problem,
+    digits_problem,
+    machine_line,
+    print_table,
+    synthetic_mnist_problem,
+    timeit,
+)
+
+from tinysubspace import HessianOperator  # noqa: E402
+
+
+def make_op(problem: Problem, method: str, chunk: int | None, device: str = "cpu",
+            dtype: torch.dtype = torch.float32) -> HessianOperator:
+    op = HessianOperator(problem.model, problem.loss_fn, (problem.X, problem.Y),
+                         batch_size=chunk, device=device, dtype=dtype)
+    op.hvp_method = method
+    return op
+
+
+def check_exact(problem: Problem) -> float:
+    """Largest relative difference between the methods on a block (float64)."""
+    ops = {m: make_op(problem, m, None, dtype=torch.float64) for m in ("loop", "batched", "jvp")}
+    V = torch.randn(ops["loop"].shape[0], 3, generator=torch.Generator().manual_seed(0),
+                    dtype=torch.float64)
+    ref = ops["loop"] @ V
+    return max(float((ops[m] @ V - ref).norm() / ref.norm()) for m in ("batched", "jvp"))
+
+
+def profile(problem: Problem, chunks: list[int | None], block: int, repeat: int) -> None:
+    p = make_op(problem, "loop", None).shape[0]
+    gen = torch.Generator().manual_seed(0)
+    v = torch.randn(p, generator=gen)
+    V = torch.randn(p, block, generator=gen)
+    rows = []
+    for chunk in chunks:
+        base = make_op(problem, "loop", chunk)
+        t_grad = timeit(base.loss_and_gradient, repeat=repeat)
+        for method in ("loop", "batched", "jvp"):
+            op = make_op(problem, method, chunk)
+            t_one = timeit(lambda op=op: op @ v, repeat=repeat)
+            t_blk = timeit(lambda op=op: op @ V, repeat=max(1, repeat // 2))
+            rows.append([str(chunk or problem.X.shape[0]), method, 1e3 * t_grad, 1e3 * t_one,
+                         t_one / t_grad, 1e3 * t_blk / block, t_blk / block / t_grad,
+                         t_blk / block / t_one])
+    print_table(f"{problem.name}, p = {p}, N = {problem.X.shape[0]}, block of {block} "
+                f"({machine_line()})",
+                ["chunk", "method", "grad ms", "H·v ms", "H·v / grad", "block ms/vec",
+                 "block/vec / grad", "block/vec / H·v"], rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test)")
+    parser.add_argument("--threads", type=int, nargs="*", default=None)
+    args = parser.parse_args()
+    n = 1000 if args.quick else 10_000
+    repeat = 1 if args.quick else 5
+    print(machine_line())
+    print(f"max relative difference between methods (float64, digits): "
+          f"{check_exact(digits_problem()):.1e}")
+    for threads in args.threads or [torch.get_num_threads()]:
+        torch.set_num_threads(threads)
+        profile(digits_problem(), [None, 512], 20, repeat)
+        profile(synthetic_mnist_problem(n), [None, 2500, 1000], 20, repeat)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,234 @@
+"""Experiments as data: a frozen dataclass tree, overridable with ``section.key=value``.
+
+Each paper setting is a small TOML file of differences from these defaults
+(``tinysubspace/experiments/*.toml``); ``--set optim.lr=0.01`` overrides further; unknown keys
+are rejected with the list of known ones (STYLE.md point 12). The resolved config is saved with
+every run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "ConfigError",
+    "DataConfig",
+    "ExperimentConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "TrackerConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "config_from_dict",
+    "config_to_dict",
+    "parse_assignment",
+]
+
+
+class ConfigError(ValueError):
+    """An unknown key or a value of the wrong type in an experiment config."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which data set, which split and which transforms (Table 1's variants live here)."""
+
+    name: str = "digits"
+    root: str | None = None  # folder with the files (MNIST IDX, CIFAR batches); None: the default
+    n_train: int | None = None  # use a seeded subset of this many training examples
+    n_test: int | None = None
+    test_set: bool = False  # also load the test split (for test/... metrics)
+    random_labels: bool = False  # Table 1: labels replaced by a seeded permutation
+    even_odd: bool = False  # Appendix B: two classes, label % 2
+    standardize: bool = False
+    fallback_to_test: bool = False  # use the test split if the training files are missing
+    classes: int = 10  # gaussian-mixture: number of classes
+    dim: int = 100  # gaussian-mixture: dimension
+    sigma: float = 0.1  # gaussian-mixture: cluster width
+    n: int = 2000  # gaussian-mixture / sine: number of examples
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The network (a name in the model registry) and its options."""
+
+    name: str = "fc"
+    widths: tuple[int, ...] = (100, 100)
+    activation: str = "relu"
+    dropout: bool = False
+    batchnorm: bool = False
+    extra_dense: bool = False
+    width: int = 64  # resnet18: channels of the first stage
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """The optimizer of the training loop."""
+
+    name: str = "sgd"  # sgd | adam (and the projected optimizers)
+    lr: float = 0.1
+    batch_size: int = 64
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    k: int = 10  # projected optimizers: subspace dimension
+    refresh_every: int = 10  # projected optimizers: steps between basis refreshes
+    damping: float = 0.0  # low-rank Newton
+    switch_threshold: float = 0.0  # switch protocol: f_top moving average threshold (0 = off)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Length, loss, seed and where to compute."""
+
+    steps: int = 1500
+    loss: str = "cross_entropy"  # cross_entropy | mse
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    checkpoint_every: int = 100  # steps between checkpoints (also written after measurements)
+
+
+@dataclass(frozen=True)
+class TrackerConfig:
+    """When to measure on the full training set and what to keep."""
+
+    k: int = 10  # top-k; the tracker also finds the next k (eigenpairs k+1 .. 2k)
+    tol: float = 1e-4  # relative residual of the eigenpairs
+    dense_until: int = 200  # measure every `dense_every` steps up to here ...
+    dense_every: int = 10
+    sparse_every: int = 100  # ... then every `sparse_every` steps
+    extra_steps: tuple[int, ...] = ()  # more measurement steps
+    anchors: tuple[int, ...] = (0, 50, 100, 200, 400)  # t1 of Fig. 2/3: bases kept for overlaps
+    save_vectors_at: tuple[int, ...] = (0, 50, 100, 200, 400)  # Figs. 6/7/11: eigenvectors saved
+    dtype: str = "float64"  # measurement dtype (the model trains in float32)
+    hvp_batch_size: int | None = 4096  # chunk of the data per pass
+    mode: str = "eval"
+    minibatch_every: int = 1  # mini-batch overlap(g, Hg) every this many steps (0: never)
+    spectrum: str = "none"  # at the end: none | exact | slq
+    spectrum_probes: int = 10
+    spectrum_steps: int = 90
+    solver: str = "track"  # track (warm-started) | cold
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """A whole experiment: the five sections plus its name and description."""
+
+    name: str = "fig1-fc-digits"
+    description: str = ""
+    table1_row: str | None = None
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracker: TrackerConfig = field(default_factory=TrackerConfig)
+
+
+SECTIONS = ("data", "model", "optim", "train", "tracker")
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """A nested plain dict (tuples become lists), ready for JSON."""
+    return dataclasses.asdict(config)
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Convert ``value`` (from TOML, JSON or a command line string) to the field's type."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v for v in value.strip("()[] ").split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        return tuple(_coerce(v, args[0], key) for v in value)
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if annotation in (int, float):
+        try:
+            number = annotation(value.strip() if isinstance(value, str) else value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key} must be {annotation.__name__}, got {value!r}") from None
+        if annotation is int and isinstance(value, float) and value != int(value):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return number
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {annotation}")
+
+
+def _replace(section: Any, key_path: str, updates: dict[str, Any]) -> Any:
+    hints = typing.get_type_hints(type(section))
+    known = [f.name for f in dataclasses.fields(section)]
+    changes = {}
+    for key, value in updates.items():
+        if key not in known:
+            raise ConfigError(f"unknown key '{key_path}{key}'; known keys: "
+                              + ", ".join(f"{key_path}{k}" for k in known))
+        changes[key] = _coerce(value, hints[key], f"{key_path}{key}")
+    return dataclasses.replace(section, **changes)
+
+
+def apply_overrides(config: ExperimentConfig, updates: dict[str, Any]) -> ExperimentConfig:
+    """Apply ``{"optim.lr": 0.01, "name": ...}`` or nested ``{"optim": {"lr": 0.01}}``.
+
+    Raises:
+        ConfigError: an unknown section or key (the message lists the known ones), or a value
+            that does not fit the field's type.
+    """
+    flat: dict[str, dict[str, Any]] = {}
+    top: dict[str, Any] = {}
+    for key, value in updates.items():
+        if key in SECTIONS and isinstance(value, dict):
+            flat.setdefault(key, {}).update(value)
+        elif "." in key:
+            section, sub = key.split(".", 1)
+            if section not in SECTIONS:
+                raise ConfigError(f"unknown section {section!r} in {key!r}; known sections: "
+                                  + ", ".join(SECTIONS))
+            flat.setdefault(section, {})[sub] = value
+        else:
+            top[key] = value
+    for key in top:
+        if key in SECTIONS:
+            raise ConfigError(f"{key!r} is a section; set its keys as {key}.KEY=VALUE")
+    config = _replace(config, "", top) if top else config
+    for section, values in flat.items():
+        config = dataclasses.replace(
+            config, **{section: _replace(getattr(config, section), f"{section}.", values)})
+    return config
+
+
+def config_from_dict(data: dict[str, Any]) -> ExperimentConfig:
+    """Rebuild an :class:`ExperimentConfig` from :func:`config_to_dict` output."""
+    return apply_overrides(ExperimentConfig(), {k: v for k, v in data.items() if k != "meta"})
+
+
+def parse_assignment(text: str) -> tuple[str, str]:
+    """``"optim.lr=0.01"`` → ``("optim.lr", "0.01")``.
+
+    Raises:
+        ConfigError: no ``=`` in ``text``.
+    """
+    if "=" not in text:
+        raise ConfigError(f"--set expects KEY=VALUE (e.g. optim.lr=0.01), got {text!r}")
+    key, value = text.split("=", 1)
+    return key.strip(), value.strip()

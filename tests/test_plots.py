@@ -1,0 +1,223 @@
+"""Each figure draws exactly the run's stored numbers, and writes a non-empty image."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from matplotlib.figure import Figure
+
+from run_fixtures import ANCHORS, VECTOR_STEPS, K, P, write_run
+from tinysubspace import plots
+from tinysubspace.plots import MissingDataError, plotted_data
+from tinysubspace.plots_common import choose_steps, parameter_groups
+from tinysubspace.store import load_run
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    return write_run(tmp_path_factory.mktemp("runs") / "fixture")
+
+
+@pytest.fixture(scope="module")
+def metrics(run_dir):
+    return pd.read_csv(run_dir / "metrics.csv")  # read here independently of load_run
+
+
+def assert_png(figure: Figure, path) -> None:
+    figure.savefig(path, dpi=50)
+    content = path.read_bytes()
+    assert content[:8] == b"\x89PNG\r\n\x1a\n" and len(content) > 2000
+
+
+def line_data(ax, index=0):
+    line = ax.get_lines()[index]
+    return np.asarray(line.get_xdata(), float), np.asarray(line.get_ydata(), float)
+
+
+def test_fig1_f_top_loss_accuracy(run_dir, metrics, tmp_path):
+    figure = plots.figure_f_top(run_dir)
+    assert_png(figure, tmp_path / "f.png")
+    data = plotted_data(figure)["fixture-run"]
+    for column in ("step", "hessian/f_top", "train/loss", "train/accuracy"):
+        np.testing.assert_array_equal(data[column], metrics[column].to_numpy(float))
+    x, y = line_data(figure.axes[0])
+    np.testing.assert_array_equal(x, metrics["step"])
+    np.testing.assert_array_equal(y, metrics["hessian/f_top"])
+    assert figure.axes[0].get_ylabel() == r"$f_{\mathrm{top}}$"
+
+
+def test_fig12_overlays_variants_and_cuts_at_max_step(tmp_path, metrics):
+    a = write_run(tmp_path / "a", name="lr0.1")
+    b = write_run(tmp_path / "b", name="lr0.01", seed=3)
+    figure = plots.figure_f_top([a, b], max_step=100)
+    data = plotted_data(figure)
+    assert list(data) == ["lr0.1", "lr0.01"]
+    np.testing.assert_array_equal(data["lr0.01"]["step"], np.arange(0, 101, 10))
+    assert len(figure.axes[0].get_lines()) == 2
+
+
+def test_fig2_subspace_overlap_top_and_next(run_dir, metrics, tmp_path):
+    figure = plots.figure_subspace_overlap(run_dir)
+    assert_png(figure, tmp_path / "f.png")
+    data = plotted_data(figure)
+    assert sorted(data["top"]) == sorted(data["next"]) == list(ANCHORS)
+    for kind in ("top", "next"):
+        for t1 in ANCHORS:
+            rows = metrics[metrics["step"] >= t1]
+            np.testing.assert_array_equal(data[kind][t1]["t2"], rows["step"])
+            np.testing.assert_array_equal(data[kind][t1]["overlap"],
+                                          rows[f"overlap/{kind}/t1={t1}"])
+    _, y = line_data(figure.axes[1], index=1)  # next-k panel, t1 = 50
+    np.testing.assert_array_equal(y, metrics.loc[metrics["step"] >= 50, "overlap/next/t1=50"])
+
+
+def test_fig3_mean_overlap_against_dimension_by_hand(run_dir, metrics, tmp_path):
+    figure = plots.figure_overlap_vs_dimension(run_dir)
+    assert_png(figure, tmp_path / "f.png")
+    data = plotted_data(figure)
+    for t1 in ANCHORS:
+        later = metrics[metrics["step"] > t1]
+        expected = [later[f"overlap/d={d}/t1={t1}"].sum() / len(later)
+                    for d in range(2, 2 * K + 1)]
+        np.testing.assert_array_equal(data[t1]["d"], np.arange(2, 2 * K + 1))
+        np.testing.assert_allclose(data[t1]["overlap"], expected, rtol=1e-12)
+
+
+def test_fig9_panels_per_dimension(run_dir, metrics, tmp_path):
+    figure = plots.figure_overlap_by_dimension(run_dir)
+    assert_png(figure, tmp_path / "f.png")
+    data = plotted_data(figure)
+    assert sorted(data) == [2, 5]  # the paper's 2, 5, 9, 11, 15, 20 that exist for 2k = 6
+    rows = metrics[metrics["step"] >= 100]
+    np.testing.assert_array_equal(data[5][100]["overlap"], rows["overlap/d=5/t1=100"])
+
+
+def test_fig8_lambda_max(run_dir, metrics, tmp_path):
+    figure = plots.figure_lambda_max(run_dir, log_y=True)
+    assert_png(figure, tmp_path / "f.png")
+    data = plotted_data(figure)
+    np.testing.assert_array_equal(data["hessian/eig_1"], metrics["hessian/eig_1"])
+    assert figure.axes[0].get_yscale() == "log"
+
+
+def test_fig11_c2_bars_and_sums(run_dir, metrics, tmp_path):
+    figure = plots.figure_c2(run_dir, steps=(0, 50, 100, 200))
+    assert_png(figure, tmp_path / "f.png")
+    data = plotted_data(figure)
+    assert list(data) == [0, 50, 100, 200]
+    row = metrics[metrics["step"] == 50].iloc[0]
+    c2 = row[[f"hessian/c2_{i}" for i in range(1, 2 * K + 1)]].to_numpy(float)
+    np.testing.assert_array_equal(data[50]["c2"], c2)
+    assert data[50]["sum_top"] == pytest.approx(c2[:K].sum())
+    assert data[50]["sum_top"] == pytest.approx(row["hessian/f_top"])  # Σ top-k c_i² = f_top
+    heights = [patch.get_height() for patch in figure.axes[1].patches]
+    np.testing.assert_allclose(heights, c2)
+    text = figure.axes[1].texts[0].get_text()
+    assert f"= {c2[:K].sum():.2f}" in text and f"= {c2[K:].sum():.2f}" in text
+
+
+def test_fig4_spectrum_from_exact_eigenvalues(run_dir, tmp_path):
+    figure = plots.figure_spectrum(run_dir)
+    assert_png(figure, tmp_path / "f.png")
+    data = plotted_data(figure)
+    stored = np.load(run_dir / "spectrum.npz")["eigenvalues"]
+    np.testing.assert_allclose(data["top"], np.sort(stored, axis=1)[:, ::-1].mean(0)[:K])
+    np.testing.assert_allclose(data["top"], [8.5, 5.75, 3.75])
+    assert data["counts"].sum() == pytest.approx(P)  # per realization
+
+
+def test_fig5_top_edge_density_integrates_to_the_positive_count(run_dir, tmp_path):
+    figure = plots.figure_top_edge_density(run_dir, n_top=10)
+    assert_png(figure, tmp_path / "f.png")
+    data = plotted_data(figure)
+    stored = -np.sort(-np.load(run_dir / "spectrum.npz")["eigenvalues"], axis=1)[:, :10]
+    mass = float((data["density"] * np.diff(data["edges"])).sum())
+    assert mass == pytest.approx((stored > 0).sum() / 2)
+    assert data["lambda_k"] == pytest.approx(3.75)
+
+
+def test_fig4_and_5_from_slq_nodes(tmp_path):
+    run_dir = write_run(tmp_path / "slq", spectrum=False)
+    nodes = np.array([[0.5, 1.0, 8.0], [0.2, 2.0, 9.0]])
+    weights = np.array([[0.3, 0.1, 0.1], [0.3, 0.1, 0.1]])
+    np.savez(run_dir / "spectrum.npz", nodes=nodes, weights=weights, dimension=np.array(40))
+    data = plotted_data(plots.figure_spectrum(run_dir))
+    assert float(np.trapezoid(data["density"], data["grid"])) == pytest.approx(1.0, abs=1e-6)
+    data = plotted_data(plots.figure_top_edge_density(run_dir))
+    assert float((data["density"] * np.diff(data["edges"])).sum()) == pytest.approx(40.0)
+
+
+def test_fig6_top_eigenvector_coloured_by_layer(run_dir, tmp_path):
+    figure = plots.figure_top_eigenvector(run_dir)
+    assert_png(figure, tmp_path / "f.png")
+    data = plotted_data(figure)
+    assert list(data) == [0, 100, 200]  # the paper's 0, 100, 200, 400, nearest saved
+    saved = torch.load(run_dir / "eigenvectors" / "step_00000100.pt")["vectors"][:, 0].double()
+    v = data[100]["vector"]
+    np.testing.assert_allclose(np.abs(v), saved.abs().numpy(), rtol=1e-6)
+    assert v[np.argmax(np.abs(v))] > 0
+    groups = data[100]["groups"]
+    assert list(groups) == ["layer 1 weights", "layer 1 biases", "top layer weights",
+                            "top layer biases"]
+    np.testing.assert_array_equal(np.concatenate(list(groups.values())), v)
+    assert [line.get_label() for line in figure.axes[0].get_lines()][:4] == list(groups)
+
+
+def test_fig7_top_layer_only(run_dir, tmp_path):
+    figure = plots.figure_top_layer_eigenvector(run_dir, steps=[0, 200])
+    assert_png(figure, tmp_path / "f.png")
+    data = plotted_data(figure)
+    assert list(data) == [0, 200]
+    groups = data[200]["groups"]
+    assert list(groups) == ["top layer weights", "top layer biases"]
+    np.testing.assert_array_equal(groups["top layer weights"], data[200]["vector"][25:40])
+
+
+def test_overlap_g_Hg_companion(run_dir, metrics, tmp_path):
+    figure = plots.figure_overlap_g_Hg(run_dir, last_n=100)
+    assert_png(figure, tmp_path / "f.png")
+    data = plotted_data(figure)
+    minibatch = pd.read_csv(run_dir / "minibatch.csv")
+    np.testing.assert_array_equal(data["minibatch"]["overlap"], minibatch["minibatch/overlap_g_Hg"])
+    np.testing.assert_array_equal(data["full"]["overlap"], metrics["hessian/overlap_g_Hg"])
+    np.testing.assert_array_equal(data["test"]["overlap"], metrics["test/overlap_g_Hg"])
+
+
+def test_a_loaded_run_is_accepted_too(run_dir):
+    data = plotted_data(plots.figure_lambda_max(load_run(run_dir)))
+    assert data["step"][-1] == 300
+
+
+def test_missing_data_is_reported(tmp_path):
+    bare = write_run(tmp_path / "bare", vectors=False, spectrum=False)
+    with pytest.raises(MissingDataError, match="need eigenvectors/step_"):
+        plots.figure_top_eigenvector(bare)
+    with pytest.raises(MissingDataError, match=r"needs spectrum\.npz"):
+        plots.figure_spectrum(bare)
+    with pytest.raises(MissingDataError, match=r"needs spectrum\.npz"):
+        plots.figure_top_edge_density(bare)
+
+
+def test_every_registered_figure_draws(run_dir):
+    assert set(plots.DEFAULT_FIGURES) <= set(plots.FIGURES)
+    for key in plots.DEFAULT_FIGURES:
+        assert isinstance(plots.FIGURES[key].draw(run_dir), Figure)
+    assert plots.figure_filename("1") == "fig01_f_top"
+
+
+def test_choose_steps_and_groups():
+    assert choose_steps([0, 10, 50, 120], [0, 50, 100, 200]) == [0, 50, 120]
+    assert choose_steps([], [0]) == []
+    labels = [g.label for g in parameter_groups(
+        ["conv.weight", "conv.bias", "bn.weight", "bn.bias", "fc.weight"],
+        [[2, 1, 3, 3], [2], [2], [2], [10, 2]])]
+    assert labels == ["layer 1 weights", "layer 1 biases", "layer 2 weights", "layer 2 biases",
+                      "top layer weights"]
+    with pytest.raises(ValueError, match="2 parameter names but 1 shapes"):
+        parameter_groups(["a.weight", "a.bias"], [[1]])
+
+
+def test_vector_steps_exist():
+    assert VECTOR_STEPS == (0, 100, 200)
