@@ -109,8 +109,9 @@ def test_invariant_krylov_space_is_padded_with_zero_weight():
 def test_to_arrays_has_the_run_store_keys():
     dens = spectral_density(ts.DenseOperator(wishart(20, 30, seed=4)), steps=8, probes=2)
     arrays = dens.to_arrays(sigma=0.05)
-    assert set(arrays) == {"nodes", "weights", "grid", "density", "sigma"}
+    assert set(arrays) == {"nodes", "weights", "grid", "density", "sigma", "dimension"}
     assert arrays["nodes"].shape == (2, 8) and float(arrays["sigma"]) == 0.05
+    assert int(arrays["dimension"]) == 20
 
 
 def test_broadened_density_of_one_point_is_a_gaussian():

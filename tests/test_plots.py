@@ -147,6 +147,10 @@ def test_fig4_and_5_from_slq_nodes(tmp_path):
     assert float(np.trapezoid(data["density"], data["grid"])) == pytest.approx(1.0, abs=1e-6)
     data = plotted_data(plots.figure_top_edge_density(run_dir))
     assert float((data["density"] * np.diff(data["edges"])).sum()) == pytest.approx(40.0)
+    # the top edge: nodes 9 and 8 (4 eigenvalues each) hold the top 5 eigenvalues
+    data = plotted_data(plots.figure_top_edge_density(run_dir, n_top=5))
+    assert float((data["density"] * np.diff(data["edges"])).sum()) == pytest.approx(8.0)
+    assert data["edges"][0] == pytest.approx(np.log10(8.0))
 
 
 def test_fig6_top_eigenvector_coloured_by_layer(run_dir, tmp_path):
@@ -221,3 +225,16 @@ def test_choose_steps_and_groups():
 
 def test_vector_steps_exist():
     assert VECTOR_STEPS == (0, 100, 200)
+
+
+def test_fig4_reads_what_spectral_density_stores(tmp_path):
+    from tinysubspace.density import spectral_density
+    from tinysubspace.linear_operator import DenseOperator
+
+    run_dir = write_run(tmp_path / "stored", spectrum=False)
+    A = torch.diag(torch.linspace(0, 1, 30, dtype=torch.float64))
+    arrays = spectral_density(DenseOperator(A), steps=10, probes=2).to_arrays(sigma=0.05)
+    np.savez(run_dir / "spectrum.npz", **arrays)
+    data = plotted_data(plots.figure_spectrum(run_dir))
+    np.testing.assert_array_equal(data["grid"], arrays["grid"])
+    np.testing.assert_array_equal(data["density"], arrays["density"])

@@ -19,21 +19,21 @@ def run_dir(tmp_path_factory):
 
 
 def test_report_is_one_offline_page_with_every_figure(run_dir):
-    page = render_report(run_dir, dpi=40)
+    page = render_report(run_dir, dpi=30)
     images = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
     assert len(images) == 11  # Figs. 1-9, 11 and the overlap(g, Hg) figure
     assert all(base64.b64decode(image)[:4] == b"\x89PNG" for image in images)
     assert not re.search(r'(src|href)="(http|//)', page)  # nothing loaded from outside
     assert "<td>optim.lr</td><td class=n>0.1</td>" in page
-    assert "softmax-mnist" in page and "<h2>Table 1</h2>" in page
+    assert "softmax-mnist" in page and "<h2>Table 1: mean overlap(g, Hg)" in page
 
 
 def test_report_lists_figures_without_data(tmp_path):
     bare = write_run(tmp_path / "bare", vectors=False, spectrum=False)
-    page = render_report(bare, dpi=40)
-    assert page.count("data:image/png;base64,") == 7
+    page = render_report(bare, figures=("6", "8"), dpi=30)
+    assert page.count("data:image/png;base64,") == 1
     assert "not drawn: Figs. 6/7 need eigenvectors" in page
-    assert "<h2>Table 1</h2>" not in page
+    assert "(none: no table1_row)" in page
 
 
 def test_metrics_summary_and_flat_config(run_dir):
@@ -45,22 +45,29 @@ def test_metrics_summary_and_flat_config(run_dir):
         "a.b": 1, "a.c.d": [2], "e": None}
 
 
-def test_report_command_writes_into_the_run(run_dir, capsys):
-    assert cli(["report", str(run_dir), "--dpi", "40"]) == 0
-    assert (run_dir / "report.html").stat().st_size > 10_000
+def test_report_command_writes_into_the_run(tmp_path, capsys):
+    run_dir = write_run(tmp_path / "r", vectors=False, spectrum=False)
+    (run_dir / "metrics.csv").write_text("step,train/loss\n0,2.3\n")  # few figures: fast
+    assert cli(["report", str(run_dir), "--dpi", "30"]) == 0
+    page = (run_dir / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 1  # the overlap(g, Hg) figure
     assert capsys.readouterr().out.strip().endswith("report.html")
 
 
 def test_plot_command_writes_png_and_pdf(tmp_path, capsys):
     run_dir = write_run(tmp_path / "r", vectors=False)
     assert cli(["plot", str(run_dir), "--figure", "8", "--figure", "4", "--pdf",
-                "--dpi", "40"]) == 0
+                "--dpi", "30"]) == 0
     names = sorted(p.name for p in (run_dir / "figures").iterdir())
     assert names == ["fig04_spectrum.pdf", "fig04_spectrum.png", "fig08_lambda_max.pdf",
                      "fig08_lambda_max.png"]
     # all figures: those without data are skipped (status 0); asked for explicitly: status 1
-    assert cli(["plot", str(run_dir), "--dpi", "30"]) == 0
-    assert "skipped: Fig. 6" in capsys.readouterr().err
+    bare = write_run(tmp_path / "bare", vectors=False, spectrum=False, minibatch=False)
+    (bare / "metrics.csv").write_text("step,train/loss\n0,2.3\n")
+    assert cli(["plot", str(bare), "--dpi", "30"]) == 0
+    err = capsys.readouterr().err
+    assert "skipped: Fig. 6" in err and "skipped: Fig. 1" in err
+    assert not (bare / "figures").exists()
     assert cli(["plot", str(run_dir), "--figure", "6"]) == 1
     assert "error: Fig. 6" in capsys.readouterr().err
 

@@ -2,6 +2,18 @@
 gradient's share of it (Gur-Ari, Roberts, Dyer 2018, "Gradient Descent Happens in a Tiny
 Subspace")."""
 
+from . import toy
+from .datasets import (
+    DatasetNotFoundError,
+    TensorData,
+    dataset_names,
+    even_odd,
+    load_dataset,
+    random_labels,
+    standardize,
+    subset,
+)
+from .density import SpectralDensity, broadened_density, exact_spectrum, spectral_density
 from .eigen import Eigenpairs, top_eigenpairs
 from .hessian import HessianOperator, NonDeterministicError, NonFiniteError
 from .krylov import lanczos_tridiagonal
@@ -13,21 +25,43 @@ from .metrics import (
     subspace_overlap,
     top_fraction,
 )
+from .models import build_model, model_names, parameter_groups
+from .store import Run, load_run
+from .tracker import Tracker
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DatasetNotFoundError",
     "DenseOperator",
     "Eigenpairs",
     "HessianOperator",
     "NonDeterministicError",
     "NonFiniteError",
+    "Run",
+    "SpectralDensity",
     "SymmetricOperator",
+    "TensorData",
+    "Tracker",
+    "broadened_density",
+    "build_model",
+    "dataset_names",
     "eigenvector_overlaps",
+    "even_odd",
+    "exact_spectrum",
     "gradient_overlap",
     "lanczos_tridiagonal",
+    "load_dataset",
+    "load_run",
+    "model_names",
+    "parameter_groups",
     "project",
+    "random_labels",
+    "spectral_density",
+    "standardize",
+    "subset",
     "subspace_overlap",
     "top_eigenpairs",
     "top_fraction",
+    "toy",
 ]

@@ -17,6 +17,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "table1": ("tinysubspace.commands.table1", "print Table 1 from saved runs"),
     "report": ("tinysubspace.commands.report", "write one offline HTML page for a run"),
     "toy": ("tinysubspace.commands.toy", "the solvable toy model of Section 3 vs. its closed form"),
+    "compare": ("tinysubspace.commands.compare",
+                "compare runs (e.g. SGD vs. projected SGD): curves and a summary table"),
 }
 
 

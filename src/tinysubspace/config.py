@@ -81,6 +81,10 @@ class OptimConfig:
     refresh_every: int = 10  # projected optimizers: steps between basis refreshes
     damping: float = 0.0  # low-rank Newton
     switch_threshold: float = 0.0  # switch protocol: f_top moving average threshold (0 = off)
+    switch_window: int = 20  # switch protocol: steps in the moving average of f_top
+    project: str = "minibatch"  # projected optimizers: minibatch | fullbatch gradient
+    refresh_subset: int | None = None  # projected optimizers: Hessian of a fixed seeded subset
+    refresh_tol: float = 1e-3  # projected optimizers: relative residual of the refreshed basis
 
 
 @dataclass(frozen=True)
@@ -143,9 +147,9 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
     if origin in (typing.Union, types.UnionType):
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
-            if type(None) in args:
-                return None
+        is_none = value is None or (isinstance(value, str) and value.lower() in ("none", "null"))
+        if is_none and type(None) in args:
+            return None
         inner = [a for a in args if a is not type(None)]
         return _coerce(value, inner[0], key)
     if origin is tuple:

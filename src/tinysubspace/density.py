@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .krylov import lanczos_tridiagonal
@@ -140,12 +141,12 @@ class SpectralDensity:
     def to_arrays(self, grid: torch.Tensor | None = None,
                   sigma: float | None = None) -> dict[str, object]:
         """The numpy arrays ``spectrum.npz`` holds (docs/run-store.md): ``nodes``, ``weights``
-        (probes × steps), ``grid``, ``density``, ``sigma``."""
+        (probes × steps), ``grid``, ``density``, ``sigma`` and ``dimension`` (``p``)."""
         sigma = sigma if sigma is not None else self.default_sigma()
         grid, density = self.density(grid, sigma)
         return {"nodes": self.nodes.numpy(), "weights": self.weights.numpy(),
                 "grid": grid.numpy(), "density": density.numpy(),
-                "sigma": torch.tensor(sigma, dtype=torch.float64).numpy()}
+                "sigma": np.float64(sigma), "dimension": np.int64(self.dimension)}
 
 
 def _probe(p: int, kind: str, generator: torch.Generator) -> torch.Tensor:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
+from torch.nn import functional
 
 from .config import DataConfig, ExperimentConfig, ModelConfig, OptimConfig
 
@@ -20,8 +20,8 @@ __all__ = ["LOSSES", "Problem", "build_optimizer", "build_problem", "resolve_dev
 
 CONV_MODELS = ("convnet", "resnet18")
 LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
-    "cross_entropy": F.cross_entropy,
-    "mse": F.mse_loss,
+    "cross_entropy": functional.cross_entropy,
+    "mse": functional.mse_loss,
 }
 
 

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch.func import functional_call
 
+from . import distributed as tsdist
 from .batches import Batch, BatchSource, call_model
 from .linear_operator import SymmetricOperator
 from .parameters import ParameterLayout, select_parameters
@@ -69,18 +70,30 @@ class HessianOperator(SymmetricOperator):
         device: device of the measurement. ``None``: the parameters' device.
         mode: ``"eval"`` (default: dropout off, batch norm on running statistics) or ``"train"``.
         batch_size: chunk size when ``data`` is an ``(X, Y)`` tuple (``None``: one chunk).
+        distributed: ``data`` is this process's shard, and sums over the data are all-reduced
+            across the processes of ``torch.distributed`` (see :mod:`tinysubspace.distributed`).
+            ``None`` (default): on iff ``torch.distributed`` is initialised with more than one
+            process. Every rank must then build the operator and call each method together
+            (collectively); results are identical on every rank. Ranks holding the whole data
+            set (instead of shards) also get the right mean, with redundant work.
 
     Raises:
         ValueError: bad ``mode``, an empty data set, or a bad parameter selection.
         TypeError: ``data`` of an unusable kind.
+        DistributedError: (distributed) ranks hold different parameters or another rank failed.
     """
 
     def __init__(self, model: torch.nn.Module, loss_fn: LossFn, data: Any,
                  params: Iterable[str | torch.Tensor] | None = None,
                  dtype: torch.dtype | None = None, device: torch.device | str | None = None,
-                 mode: str = "eval", batch_size: int | None = None) -> None:
+                 mode: str = "eval", batch_size: int | None = None,
+                 distributed: bool | None = None) -> None:
         if mode not in ("eval", "train"):
             raise ValueError(f"mode must be 'eval' or 'train', got {mode!r}")
+        if distributed and not torch.distributed.is_initialized():
+            raise ValueError("distributed=True needs torch.distributed initialised "
+                             "(torch.distributed.init_process_group, or run under torchrun)")
+        self.distributed = tsdist.is_distributed() if distributed is None else bool(distributed)
         chosen = select_parameters(model, params)
         first = chosen[0][1]
         dtype = dtype or first.dtype
@@ -103,7 +116,7 @@ class HessianOperator(SymmetricOperator):
     # ------------------------------------------------------------------ public
     @property
     def num_examples(self) -> int:
-        """``N``, the number of examples in the data set."""
+        """``N``, the number of examples in the data set (all shards together)."""
         return self._num_examples
 
     @property
@@ -118,17 +131,20 @@ class HessianOperator(SymmetricOperator):
             NonFiniteError: the loss or gradient of a batch is not finite (the batch and
                 parameter are named).
         """
-        total_loss = torch.zeros((), dtype=self.dtype, device=self.device)
-        total_grad = torch.zeros(self.shape[0], dtype=self.dtype, device=self.device)
-        for index, batch in enumerate(self.batches):
-            with torch.enable_grad():
-                loss = self._batch_loss(batch, index)
-                grads = torch.autograd.grad(loss, self._leaves, allow_unused=True)
-            flat = self.layout.flatten(grads, like=total_grad)
-            self._check_finite(flat, "gradient", index)
-            total_loss += batch.size * loss.detach()
-            total_grad += batch.size * flat
-        return float(total_loss / self._num_examples), total_grad / self._num_examples
+        def local_sums() -> torch.Tensor:  # [Σ n_j ℓ_j, Σ n_j ∇ℓ_j] over this process's data
+            total = torch.zeros(1 + self.shape[0], dtype=self.dtype, device=self.device)
+            for index, batch in enumerate(self.batches):
+                with torch.enable_grad():
+                    loss = self._batch_loss(batch, index)
+                    grads = torch.autograd.grad(loss, self._leaves, allow_unused=True)
+                flat = self.layout.flatten(grads, like=total[1:])
+                self._check_finite(flat, "gradient", index)
+                total[0] += batch.size * loss.detach()
+                total[1:] += batch.size * flat
+            return total
+
+        total = self._sum_over_data(local_sums)
+        return float(total[0] / self._num_examples), total[1:] / self._num_examples
 
     def check_deterministic(self, seed: int = 0, rtol: float | None = None) -> None:
         """Check that two gradients and two products with the same vector agree.
@@ -156,10 +172,13 @@ class HessianOperator(SymmetricOperator):
 
     # ---------------------------------------------------------------- internals
     def _matmat(self, block: torch.Tensor) -> torch.Tensor:
-        total = torch.zeros_like(block)
-        for index, batch in enumerate(self.batches):
-            total += batch.size * self._batch_hvp(batch, index, block)
-        result = total / self._num_examples
+        def local_sum() -> torch.Tensor:  # Σ n_j ∇²ℓ_j V over this process's data
+            total = torch.zeros_like(block)
+            for index, batch in enumerate(self.batches):
+                total += batch.size * self._batch_hvp(batch, index, block)
+            return total
+
+        result = self._sum_over_data(local_sum, block=block) / self._num_examples
         self._check_finite(result, "Hessian-vector product", None)
         return result
 
@@ -240,8 +259,23 @@ class HessianOperator(SymmetricOperator):
             raise NonFiniteError(f"the {what}{where} is not finite in parameter "
                                  f"{self.layout.owner(row)!r}")
 
+    def _sum_over_data(self, local_sum: Callable[[], torch.Tensor],
+                       **agree: torch.Tensor) -> torch.Tensor:
+        """The one place where sums over the data meet: ``local_sum()`` in one process; under
+        ``distributed`` its all-reduce over ranks, which must all hold the same parameters and
+        ``agree`` tensors (an exception on any rank is raised on every rank)."""
+        if not self.distributed:
+            return local_sum()
+        return tsdist.sum_across_ranks(
+            local_sum, self.device, agree={"parameters": self.parameters_vector, **agree},
+            propagate=(NonFiniteError, ValueError, TypeError))
+
     def _count_examples(self) -> int:
-        total = sum(batch.size for batch in self.batches)
+        def local_count() -> torch.Tensor:
+            return torch.tensor([float(sum(batch.size for batch in self.batches))],
+                                dtype=torch.float64, device=self.device)
+
+        total = int(self._sum_over_data(local_count))
         if total == 0:
             raise ValueError("the data set is empty: the mean loss and its Hessian are undefined")
         return total

@@ -181,6 +181,7 @@ def _eigenvector_panels(run: Run, chosen: list[int], top_layer_only: bool,
         for index, group in enumerate(groups):
             values = v[group.start:group.stop]
             ax.plot(np.arange(group.start, group.stop), values, "-", lw=0.6,
+                    marker="o" if values.size <= 200 else None, ms=2,
                     color=f"C{index % 10}", label=group.label)
             entries[group.label] = values
         ax.axhline(0, color="0.6", lw=0.5)

@@ -71,7 +71,7 @@ class Progress:
         fraction = min(max((self.done - self.first) / span, 0.0), 1.0)
         elapsed = now - self.started
         eta = elapsed / fraction * (1 - fraction) if fraction > 0 else float("nan")
-        filled = int(round(fraction * self.width))
+        filled = round(fraction * self.width)
         bar = "#" * filled + "." * (self.width - filled)
         eta_text = _duration(eta) if eta == eta else "?"
         line = (f"[{bar}] {self.done}/{self.total} steps  {_duration(elapsed)} elapsed, "

@@ -8,7 +8,6 @@ a resumed run reproduces an uninterrupted one.
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 import math

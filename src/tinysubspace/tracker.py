@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from . import distributed as tsdist
 from .batches import call_model
 from .config import TrackerConfig
 from .eigen import Eigenpairs, top_eigenpairs
@@ -68,10 +69,15 @@ class Tracker:
         classification: whether accuracy is defined (targets are class labels).
         solver: ``solver(op, n, init, tol, seed) -> Eigenpairs`` for the top ``n`` pairs
             (default: warm-started :func:`top_eigenpairs`).
+        distributed: ``train`` and ``test`` are this process's shards and every measurement is
+            a collective over the ranks of ``torch.distributed`` (every rank calls
+            :meth:`measure` at the same steps and gets the same row). ``None``: on iff
+            ``torch.distributed`` runs more than one process (as :class:`HessianOperator`).
     """
 
     def __init__(self, config: TrackerConfig, loss_fn: Callable, train: tuple, test=None,
-                 classification: bool = True, solver: Callable | None = None) -> None:
+                 classification: bool = True, solver: Callable | None = None,
+                 distributed: bool | None = None) -> None:
         if config.k < 1:
             raise ValueError(f"tracker.k must be at least 1, got {config.k}")
         if config.dtype not in DTYPES:
@@ -79,6 +85,7 @@ class Tracker:
         self.config, self.loss_fn = config, loss_fn
         self.train, self.test, self.classification = train, test, classification
         self.solver = solver or _warm_lanczos
+        self.distributed = tsdist.is_distributed() if distributed is None else bool(distributed)
         self.state = _State()
 
     # ----------------------------------------------------------------- columns
@@ -101,7 +108,8 @@ class Tracker:
     # ------------------------------------------------------------- measurement
     def operator(self, model: torch.nn.Module, data: tuple) -> HessianOperator:
         return HessianOperator(model, self.loss_fn, data, dtype=DTYPES[self.config.dtype],
-                               mode=self.config.mode, batch_size=self.config.hvp_batch_size)
+                               mode=self.config.mode, batch_size=self.config.hvp_batch_size,
+                               distributed=self.distributed)
 
     def measure(self, model: torch.nn.Module, step: int, seed: int = 0) -> Measurement:
         """Measure at ``step`` (``model`` is read, never changed) and update the warm start and
@@ -159,11 +167,16 @@ class Tracker:
         if not self.classification:
             return math.nan
         X, Y = data
-        chunk = self.config.hvp_batch_size or len(X)
+        chunk = self.config.hvp_batch_size or max(len(X), 1)
         with module_mode(model, train=self.config.mode == "train"):
             correct = sum(int((call_model(model, x).argmax(dim=1) == y).sum())
                           for x, y in zip(X.split(chunk), Y.split(chunk), strict=True))
-        return correct / len(X)
+        if not self.distributed:
+            return correct / len(X)
+        counts = tsdist.sum_across_ranks(
+            lambda: torch.tensor([float(correct), float(len(X))], dtype=torch.float64,
+                                 device=X.device), X.device)
+        return float(counts[0] / counts[1])
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:

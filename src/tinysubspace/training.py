@@ -38,7 +38,7 @@ class RunOutcome:
     """How a run ended."""
 
     path: Path
-    state: str  # finished | diverged
+    state: str  # finished | diverged | stopped
     step: int
     message: str = ""
 
@@ -135,6 +135,24 @@ class _Loop:
             self.flush_minibatch()
         return m.row
 
+    def save_spectrum(self) -> None:
+        """The final Hessian's spectrum (``tracker.spectrum``): exact eigenvalues, or SLQ."""
+        kind = self.config.tracker.spectrum
+        if kind == "none" or self.store is None:
+            return
+        from .density import exact_spectrum, spectral_density
+
+        op = self.tracker.operator(self.problem.model, self.train_xy)
+        if kind == "exact":
+            self.store.save_spectrum({"eigenvalues": exact_spectrum(op).cpu().numpy()})
+        elif kind == "slq":
+            density = spectral_density(op, steps=self.config.tracker.spectrum_steps,
+                                       probes=self.config.tracker.spectrum_probes,
+                                       seed=self.config.train.seed)
+            self.store.save_spectrum(density.to_arrays())
+        else:
+            raise ValueError(f"tracker.spectrum must be none, exact or slq, got {kind!r}")
+
     def train_step(self, step: int) -> float:
         cfg = self.config
         X, Y = self.train_xy
@@ -166,7 +184,8 @@ def run_experiment(config: ExperimentConfig, out: str | Path | None, *, resume: 
         resume: continue the run in ``out`` from its last checkpoint.
         data_root: folder with data files when ``config.data.root`` is unset.
         progress: where to report progress (``None``: silent).
-        stop_after: stop (as if killed) after this many training steps — for tests.
+        stop_after: stop as if killed (no final checkpoint) after this many training steps —
+            for tests of ``resume``.
 
     Returns:
         :class:`RunOutcome`: ``finished``, or ``diverged`` with the step and message (all
@@ -202,22 +221,26 @@ def _train(loop: _Loop, start: int, skip_measure: bool, stop_after: int | None,
             try:
                 row = loop.measure(step)
             except NonFiniteError as error:
-                return _diverged(loop, path, step, f"non-finite measurement at step {step}: {error}")
+                return _diverged(loop, path, step,
+                                 f"non-finite measurement at step {step}: {error}")
             if loop.progress is not None:
                 loop.progress.measured(row)
         if step > start and step % cfg.train.checkpoint_every == 0:
             loop.checkpoint(step)
-        if step == total or (stop_after is not None and step - start >= stop_after):
+        if step == total:
             break
+        if stop_after is not None and step - start >= stop_after:  # a crash, for tests
+            loop.flush_minibatch()
+            return RunOutcome(path or Path(), "stopped", step)
         loss = loop.train_step(step)
         if not math.isfinite(loss):
             return _diverged(loop, path, step, f"the training loss became {loss} at step {step} "
                              "(diverged); lower optim.lr. Measurements so far are kept.")
         if loop.progress is not None:
             loop.progress.step(step + 1, loss)
-    loop.checkpoint(step)
-    state = "finished" if step == total else "stopped"
-    return RunOutcome(path or Path(), state, step)
+    loop.checkpoint(total)
+    loop.save_spectrum()
+    return RunOutcome(path or Path(), "finished", total)
 
 
 def _diverged(loop: _Loop, path: Path | None, step: int, message: str) -> RunOutcome:

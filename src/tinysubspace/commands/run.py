@@ -1,4 +1,5 @@
-"""``tinysubspace run [EXPERIMENT] [--set key=value ...] [--data-root DIR] [--out DIR] [--resume]``."""
+"""``tinysubspace run [EXPERIMENT] [--set KEY=VALUE ...] [--data-root DIR] [--out DIR]
+[--resume]``: train an experiment while tracking the Hessian, then print a summary."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from ..training import run_experiment
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("experiment", nargs="?", default=DEFAULT_EXPERIMENT,
-                        help=f"experiment name (default {DEFAULT_EXPERIMENT}; see `tinysubspace list`)")
+                        help=f"experiment (default {DEFAULT_EXPERIMENT}; see `tinysubspace list`)")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="KEY=VALUE", help="override a config value, e.g. optim.lr=0.01")
     parser.add_argument("--data-root", help="folder holding the data files (MNIST IDX, CIFAR)")

@@ -38,7 +38,7 @@ def _files() -> dict[str, dict[str, Any]]:
 
 
 def _variants(files: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """``…-mnist`` / ``…-cifar10(0)`` → ``…-digits`` and ``…-fashion`` (no ConvNet on 8×8 digits)."""
+    """``…-mnist`` / ``…-cifar10(0)`` → ``…-digits`` and ``…-fashion`` (no ConvNet on digits)."""
     made: dict[str, dict[str, Any]] = {}
     for name, spec in files.items():
         for suffix, targets in _SOURCE_SUFFIXES.items():

@@ -1,0 +1,340 @@
+"""Many processes, one Hessian: the few ``torch.distributed`` pieces tinysubspace uses.
+
+Each of ``R`` processes (ranks) holds a shard ``D_r`` of the data (``N_r`` examples, any sizes,
+even zero). The Hessian operator sums, on each rank, the batch-size-weighted terms of its shard
+and all-reduces them before dividing by the global count, so that
+
+.. math::  H V = \\frac{1}{N} \\sum_{r} \\sum_{B_j \\subset D_r} n_j \\nabla^2 \\ell_j\\, V,
+           \\qquad N = \\sum_r N_r,
+
+exactly the single-process mean (DESIGN.md: "normalisation and distribution live in one
+place"). An all-reduce hands every rank the same bits, so the deterministic maths that follows
+(Rayleigh–Ritz, ``eigh``, orthogonalisation) agrees bit for bit on every rank, and seeded
+random blocks are drawn on the CPU (identical everywhere).
+
+Failures never hang: :func:`sum_across_ranks` first exchanges a small header (each rank's
+status and fingerprints of what must agree), so an exception on one rank is raised on every
+rank; a rank that dies or stalls outside a collective is caught by the process group's
+timeout (:func:`init_from_env`). Every function here is a no-op (or the identity) in a single
+process, so callers never branch on it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import os
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "DistributedError",
+    "all_reduce_sum",
+    "barrier",
+    "broadcast_object",
+    "fingerprint",
+    "gather_objects",
+    "init_from_env",
+    "is_distributed",
+    "is_main",
+    "rank",
+    "run_on_main",
+    "shard_slice",
+    "shutdown",
+    "sum_across_ranks",
+    "weighted_mean",
+    "world_size",
+]
+
+T = TypeVar("T")
+
+DEFAULT_TIMEOUT_S = 600.0
+"""Seconds a collective waits for the other ranks before raising (``TINYSUBSPACE_DIST_TIMEOUT``)."""
+
+_OWNED_GROUP = False  # whether init_from_env created the default process group
+
+
+class DistributedError(RuntimeError):
+    """Ranks disagree (different parameters, blocks or sizes), or another rank failed."""
+
+
+# ---------------------------------------------------------------------------- who am I
+def is_distributed() -> bool:
+    """Whether ``torch.distributed`` is initialised with more than one process."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    """This process's rank (0 in a single process)."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    """The number of processes (1 in a single process)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def is_main() -> bool:
+    """Whether this is rank 0: the one process that writes files and prints."""
+    return rank() == 0
+
+
+def shard_slice(n: int, rank_: int | None = None, world: int | None = None) -> slice:
+    """The contiguous part of ``range(n)`` that rank ``rank_`` of ``world`` holds.
+
+    The first ``n mod world`` ranks hold one example more (shards differ by at most one; a
+    rank may hold none when ``n < world``). The slices of all ranks tile ``range(n)`` in order.
+
+    >>> [shard_slice(7, r, 3) for r in range(3)]
+    [slice(0, 3, None), slice(3, 5, None), slice(5, 7, None)]
+
+    Raises:
+        ValueError: ``n < 0``, ``world < 1`` or ``rank_`` outside ``[0, world)``.
+    """
+    rank_ = rank() if rank_ is None else rank_
+    world = world_size() if world is None else world
+    if n < 0 or world < 1 or not 0 <= rank_ < world:
+        raise ValueError(f"shard_slice needs n >= 0, world >= 1 and 0 <= rank < world; got "
+                         f"n={n}, rank={rank_}, world={world}")
+    base, extra = divmod(n, world)
+    start = rank_ * base + min(rank_, extra)
+    return slice(start, start + base + (1 if rank_ < extra else 0))
+
+
+# ------------------------------------------------------------------------ collectives
+def barrier() -> None:
+    """Wait until every rank gets here (no-op in a single process)."""
+    if is_distributed():
+        dist.barrier()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """``Σ_r tensor_r`` over ranks, as a new tensor (``tensor`` itself is not changed)."""
+    total = tensor.clone()
+    if is_distributed():
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return total
+
+
+def weighted_mean(tensors: Sequence[torch.Tensor], weight: float) -> list[torch.Tensor]:
+    """``Σ_r w_r t_r / Σ_r w_r`` over ranks for each tensor, in one all-reduce.
+
+    ``weight`` is this rank's weight (e.g. its share of a mini-batch; 0 for an empty share, whose
+    tensors are then ignored — pass zeros). Tensors keep their shapes; the arithmetic runs in the
+    promoted dtype of the tensors.
+
+    Raises:
+        ValueError: the weights of all ranks sum to zero.
+    """
+    if not tensors:
+        return []
+    dtype = functools.reduce(torch.promote_types, [t.dtype for t in tensors])
+    device = tensors[0].device
+    flat = torch.cat([*(t.detach().reshape(-1).to(device, dtype) * weight for t in tensors),
+                      torch.tensor([float(weight)], dtype=dtype, device=device)])
+    if is_distributed():
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    total = float(flat[-1])
+    if total == 0:
+        raise ValueError("weighted_mean: the weights of all ranks sum to zero (no examples)")
+    out, start = [], 0
+    for t in tensors:
+        out.append((flat[start:start + t.numel()] / total).reshape(t.shape).to(t.dtype))
+        start += t.numel()
+    return out
+
+
+def fingerprint(tensor: torch.Tensor) -> tuple[float, float]:
+    """``(Σ w_i x_i, Σ w_i |x_i|)`` with fixed weights ``w_i ∈ [1, 2]``: two ranks holding
+    different tensors (a sign flip, a permutation, another seed) get different first numbers."""
+    flat = tensor.detach().reshape(-1).to(torch.float64)
+    weights = torch.linspace(1.0, 2.0, flat.numel(), dtype=torch.float64, device=flat.device)
+    return float(flat @ weights), float(flat.abs() @ weights)
+
+
+def sum_across_ranks(compute: Callable[[], torch.Tensor], device: torch.device | str, *,
+                     agree: Mapping[str, torch.Tensor] | None = None,
+                     propagate: tuple[type[Exception], ...] = ()) -> torch.Tensor:
+    """``Σ_r compute_r()`` over ranks; an exception on any rank is raised on every rank.
+
+    Each rank runs ``compute`` (its local partial sum), then all ranks exchange a small header:
+    whether ``compute`` raised, the size of its result and fingerprints of the ``agree``
+    tensors. Only if every rank succeeded, agrees and has a result of the same size are the
+    results all-reduced. In a single process this is just ``compute()``.
+
+    Args:
+        compute: the local partial sum (any shape; the same on every rank).
+        device: where the header travels (the results' device; CUDA for NCCL).
+        agree: tensors every rank must hold equal (to ``max(sqrt(eps), 1e-6)`` relative, so
+            roundoff passes), by name (e.g. the parameters, the block being multiplied).
+        propagate: exception classes re-raised by the same class on the other ranks (with the
+            failing rank named); any other exception becomes :class:`DistributedError` there.
+
+    Raises:
+        The exception ``compute`` raised on this rank, the ``propagate`` class (or
+        :class:`DistributedError`) if another rank failed, and :class:`DistributedError` if the
+        ranks disagree.
+    """
+    if not is_distributed():
+        return compute()
+    agree = dict(agree or {})
+    error: Exception | None = None
+    result: torch.Tensor | None = None
+    try:
+        result = compute()
+    except Exception as caught:  # re-raised below, after the other ranks have heard of it
+        error = caught
+    header = torch.zeros(world_size(), 2 + 2 * len(agree), dtype=torch.float64, device=device)
+    header[rank(), 0] = 1.0 if error is not None else 0.0
+    header[rank(), 1] = float(result.numel()) if result is not None else -1.0
+    for i, tensor in enumerate(agree.values()):
+        header[rank(), 2 + 2 * i: 4 + 2 * i] = torch.tensor(fingerprint(tensor))
+    dist.all_reduce(header, op=dist.ReduceOp.SUM)  # each row is one rank's (exactly: + zeros)
+    header = header.cpu()
+    if bool(header[:, 0].any()):
+        _raise_failure(error, [int(r) for r in header[:, 0].nonzero()[:, 0]], propagate)
+    _check_agreement(header, list(agree), {n: t.dtype for n, t in agree.items()})
+    assert result is not None  # no rank failed
+    dist.all_reduce(result, op=dist.ReduceOp.SUM)
+    return result
+
+
+def _raise_failure(error: Exception | None, failed: list[int],
+                   propagate: tuple[type[Exception], ...]) -> None:
+    """Every rank learns what the failing ranks raised (one object gather), then raises."""
+    mine = None if error is None else (type(error), f"{type(error).__name__}: {error}")
+    reports: list[Any] = [None] * world_size()
+    dist.all_gather_object(reports, mine)
+    if error is not None:
+        raise error
+    first = failed[0]
+    kind, message = reports[first]
+    text = f"rank {first} of {world_size()} failed: {message}"
+    if isinstance(kind, type) and issubclass(kind, propagate):
+        try:
+            exception = kind(text)
+        except Exception:  # a class whose constructor takes other arguments
+            exception = DistributedError(text)
+        raise exception
+    raise DistributedError(text)
+
+
+def _check_agreement(header: torch.Tensor, names: list[str],
+                     dtypes: dict[str, torch.dtype]) -> None:
+    sizes = header[:, 1]
+    if not bool((sizes == sizes[0]).all()):
+        raise DistributedError(f"ranks computed partial sums of different sizes "
+                               f"{[int(s) for s in sizes]}; every rank must call with the same "
+                               "shapes (same model, same block)")
+    for i, name in enumerate(names):
+        values, scales = header[:, 2 + 2 * i], header[:, 3 + 2 * i]
+        # roundoff-level differences (other hardware, other reduction order) are tolerated
+        tol = max(torch.finfo(dtypes[name]).eps ** 0.5, 1e-6) if dtypes[name].is_floating_point \
+            else 0.0
+        gap = float((values - values[0]).abs().max())
+        if gap > tol * max(float(scales.max()), 1e-300):
+            raise DistributedError(
+                f"ranks hold different {name} (fingerprints {[f'{v:.10g}' for v in values]}); "
+                "every rank must measure the same model at the same point with the same vectors: "
+                "seed every rank identically (or broadcast from rank 0, as DistributedDataParallel "
+                "does) and pass the same seed / init to the eigensolver")
+
+
+# --------------------------------------------------------------------------- objects
+def broadcast_object(obj: T, src: int = 0) -> T:
+    """Rank ``src``'s ``obj`` on every rank (picklable objects; identity in one process)."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def gather_objects(obj: T) -> list[T]:
+    """``[obj of rank 0, obj of rank 1, ...]`` on every rank (``[obj]`` in one process)."""
+    if not is_distributed():
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def run_on_main(fn: Callable[[], T]) -> T:
+    """Run ``fn`` on rank 0 only; every rank gets its result, or raises its exception.
+
+    For what one process must do alone (create a run folder, read a checkpoint) while the
+    others wait: if rank 0 fails, every rank raises the same exception class instead of
+    waiting for a collective that never comes.
+    """
+    if not is_distributed():
+        return fn()
+    box: list[Any] = [None]
+    error: Exception | None = None
+    if is_main():
+        try:
+            box = [("ok", fn())]
+        except Exception as caught:
+            error = caught
+            box = [("error", (type(caught), str(caught)))]
+    dist.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if kind == "ok":
+        return value
+    if error is not None:
+        raise error
+    cls, message = value
+    try:
+        exception = cls(message)
+    except Exception:
+        exception = DistributedError(f"rank 0 failed: {cls.__name__}: {message}")
+    raise exception
+
+
+# ------------------------------------------------------------------------ start, stop
+def init_from_env(timeout_s: float | None = None) -> bool:
+    """Join the process group that ``torchrun`` describes in the environment.
+
+    Does nothing (returns ``False``) without ``torchrun``'s variables, or for one process.
+    Backend: ``gloo`` without CUDA; with CUDA ``cpu:gloo,cuda:nccl`` (NCCL for tensors on the
+    GPU, gloo for CPU tensors and objects), and this process's GPU is ``LOCAL_RANK``
+    (``torch.cuda.set_device``). ``TINYSUBSPACE_DIST_BACKEND`` overrides the backend.
+
+    Args:
+        timeout_s: how long a collective waits for the other ranks before raising (default
+            ``TINYSUBSPACE_DIST_TIMEOUT`` or 600 s): a rank that stalls or dies makes the
+            others raise after at most this long instead of hanging.
+
+    Returns:
+        Whether this process now runs distributed (world size > 1).
+    """
+    if dist.is_available() and dist.is_initialized():
+        return is_distributed()
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return False
+    if int(os.environ["WORLD_SIZE"]) <= 1:
+        return False
+    if not dist.is_available():
+        raise DistributedError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
+    cuda = torch.cuda.is_available()
+    if cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local % torch.cuda.device_count())
+    backend = os.environ.get("TINYSUBSPACE_DIST_BACKEND") or (
+        "cpu:gloo,cuda:nccl" if cuda else "gloo")
+    seconds = timeout_s if timeout_s is not None else float(
+        os.environ.get("TINYSUBSPACE_DIST_TIMEOUT", DEFAULT_TIMEOUT_S))
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=seconds))
+    global _OWNED_GROUP
+    _OWNED_GROUP = True
+    return is_distributed()
+
+
+def shutdown() -> None:
+    """Leave the process group, if :func:`init_from_env` created it."""
+    global _OWNED_GROUP
+    if _OWNED_GROUP and dist.is_initialized():
+        dist.destroy_process_group()
+    _OWNED_GROUP = False

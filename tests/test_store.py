@@ -1,0 +1,98 @@
+"""The run store: append-and-flush tables, crash-cut rows, atomic files, resume checks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tinysubspace.store import RunStore, RunStoreError, load_run
+
+COLUMNS = ["step", "train/loss", "hessian/f_top"]
+
+
+def _store(tmp_path, config=None):
+    store = RunStore(tmp_path / "run", COLUMNS)
+    store.create(config or {"name": "x", "meta": {"started": "now"}})
+    return store
+
+
+def test_metrics_round_trip_with_full_precision(tmp_path):
+    store = _store(tmp_path)
+    store.append_metrics({"step": 0, "train/loss": 2.302585092994046, "hessian/f_top": 0.1})
+    store.append_metrics({"step": 5, "train/loss": 1 / 3})  # f_top missing -> NaN
+    run = load_run(tmp_path / "run")
+    assert list(run.metrics.columns) == COLUMNS
+    assert run.metrics["train/loss"].tolist() == [2.302585092994046, 1 / 3]
+    assert run.metrics["hessian/f_top"].isna().tolist() == [False, True]
+    assert run.status["state"] == "running"
+
+
+def test_unknown_column_is_refused(tmp_path):
+    with pytest.raises(RunStoreError, match=r"columns \['bogus'\] are not in metrics\.csv"):
+        _store(tmp_path).append_metrics({"step": 0, "bogus": 1.0})
+
+
+def test_a_row_cut_by_a_crash_is_ignored_on_read_and_dropped_on_resume(tmp_path):
+    store = _store(tmp_path)
+    store.append_metrics({"step": 0, "train/loss": 1.0, "hessian/f_top": 0.5})
+    store.append_metrics({"step": 4, "train/loss": 0.9, "hessian/f_top": 0.6})
+    with open(store.metrics.path, "a") as handle:
+        handle.write("8,0.8")  # kill -9 in the middle of a write
+    assert load_run(store.path).metrics["step"].tolist() == [0, 4]
+    store.save_checkpoint({"step": 4})
+    store.resume({"name": "x", "meta": {"started": "later"}})
+    assert load_run(store.path).metrics["step"].tolist() == [0, 4]
+    assert store.metrics.path.read_text().endswith("\n")
+
+
+def test_resume_drops_rows_after_the_checkpoint(tmp_path):
+    store = _store(tmp_path)
+    for step in (0, 4, 8, 12):
+        store.append_metrics({"step": step, "train/loss": 1.0})
+    store.append_minibatch([{"step": s, "minibatch/loss": 1.0} for s in range(12)])
+    store.save_checkpoint({"step": 8})
+    assert store.resume({"name": "x"})["step"] == 8
+    run = load_run(store.path)
+    assert run.metrics["step"].tolist() == [0, 4, 8]  # the measurement at 8 precedes the checkpoint
+    assert run.minibatch["step"].tolist() == list(range(8))  # the update at 8 follows it
+
+
+def test_resume_refuses_another_config_and_a_missing_run(tmp_path):
+    store = _store(tmp_path, {"name": "x", "optim": {"lr": 0.1}})
+    with pytest.raises(RunStoreError, match="was made with another config"):
+        store.resume({"name": "x", "optim": {"lr": 0.2}})
+    with pytest.raises(RunStoreError, match="nothing to resume"):
+        RunStore(tmp_path / "empty", COLUMNS).resume({"name": "x"})
+
+
+def test_create_refuses_to_overwrite_a_run(tmp_path):
+    _store(tmp_path)
+    with pytest.raises(RunStoreError, match="already holds a run; use --resume"):
+        _store(tmp_path)
+
+
+def test_checkpoint_and_arrays_are_written_atomically(tmp_path):
+    store = _store(tmp_path)
+    store.save_checkpoint({"step": 3, "w": torch.arange(4.0)})
+    store.save_checkpoint({"step": 7, "w": torch.ones(2)})
+    assert store.load_checkpoint()["step"] == 7
+    assert not [p for p in store.path.iterdir() if p.name.endswith(".tmp")]
+    store.save_eigenvectors(7, {"step": 7, "vectors": torch.eye(3)})
+    run = load_run(store.path)
+    assert run.eigenvector_steps == [7]
+    assert torch.equal(run.eigenvectors(7)["vectors"], torch.eye(3))
+    with pytest.raises(RunStoreError, match=r"no eigenvectors saved at step 5 .* \[7\]"):
+        run.eigenvectors(5)
+
+
+def test_config_is_saved_as_json(tmp_path):
+    store = _store(tmp_path, {"name": "x", "model": {"widths": [1, 2]}})
+    assert json.loads((store.path / "config.json").read_text())["model"]["widths"] == [1, 2]
+    assert load_run(store.path).config["name"] == "x"
+
+
+def test_load_run_of_a_non_run_folder(tmp_path):
+    with pytest.raises(RunStoreError, match="is not a run folder"):
+        load_run(tmp_path)
