@@ -6,9 +6,9 @@ import math
 
 import pytest
 import torch
-from experiment_fixtures import tiny_config
 
 import tinysubspace as ts
+from experiment_fixtures import tiny_config
 from tinysubspace.config import TrackerConfig
 from tinysubspace.experiment import build_problem
 from tinysubspace.tracker import Tracker, _gradient_metrics, measurement_steps
@@ -103,7 +103,7 @@ def test_zero_gradient_gives_nan_not_a_crash():
 
 
 def test_bad_tracker_config():
-    with pytest.raises(ValueError, match="tracker.k must be at least 1"):
+    with pytest.raises(ValueError, match=r"tracker\.k must be at least 1"):
         Tracker(TrackerConfig(k=0), None, None)
     with pytest.raises(ValueError, match=r"tracker.dtype must be one of \['float32', 'float64'\]"):
         Tracker(TrackerConfig(dtype="half"), None, None)

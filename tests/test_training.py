@@ -12,8 +12,8 @@ import time
 import pandas as pd
 import pytest
 import torch
-from experiment_fixtures import TINY, tiny_config
 
+from experiment_fixtures import TINY, tiny_config
 from tinysubspace.experiment import batch_indices, build_problem
 from tinysubspace.store import load_run
 from tinysubspace.training import minibatch_step, run_experiment

@@ -82,6 +82,7 @@ class OptimConfig:
     damping: float = 0.0  # low-rank Newton
     switch_threshold: float = 0.0  # switch protocol: f_top moving average threshold (0 = off)
     switch_window: int = 20  # switch protocol: steps in the moving average of f_top
+    switch_lr: float | None = None  # switch protocol: learning rate after the switch (None: lr)
     project: str = "minibatch"  # projected optimizers: minibatch | fullbatch gradient
     refresh_subset: int | None = None  # projected optimizers: Hessian of a fixed seeded subset
     refresh_tol: float = 1e-3  # projected optimizers: relative residual of the refreshed basis

@@ -33,6 +33,7 @@ import torch.distributed as dist
 __all__ = [
     "DistributedError",
     "all_reduce_sum",
+    "average_buffers",
     "barrier",
     "broadcast_object",
     "fingerprint",
@@ -42,6 +43,7 @@ __all__ = [
     "is_main",
     "rank",
     "run_on_main",
+    "shard",
     "shard_slice",
     "shutdown",
     "sum_across_ranks",
@@ -104,6 +106,15 @@ def shard_slice(n: int, rank_: int | None = None, world: int | None = None) -> s
     return slice(start, start + base + (1 if rank_ < extra else 0))
 
 
+def shard(tensors: Sequence[torch.Tensor] | None) -> tuple[torch.Tensor, ...] | None:
+    """This rank's :func:`shard_slice` of each tensor (along the first dimension), e.g. of a
+    data set ``(X, Y)``; ``None`` stays ``None``, and one process gets the tensors back."""
+    if tensors is None:
+        return None
+    part = shard_slice(len(tensors[0]))
+    return tuple(t[part] for t in tensors)
+
+
 # ------------------------------------------------------------------------ collectives
 def barrier() -> None:
     """Wait until every rank gets here (no-op in a single process)."""
@@ -147,12 +158,31 @@ def weighted_mean(tensors: Sequence[torch.Tensor], weight: float) -> list[torch.
     return out
 
 
+@torch.no_grad()
+def average_buffers(module: torch.nn.Module, weight: float) -> None:
+    """Replace ``module``'s floating buffers (batch-norm running statistics) by their mean over
+    ranks weighted by ``weight``, so every rank measures the same model (in place; a no-op in
+    one process).
+
+    A running mean updated on each rank's part of a mini-batch, averaged with the parts' sizes,
+    equals the update on the whole mini-batch; a running variance misses the spread between
+    the parts' means (as with ``DistributedDataParallel`` without ``SyncBatchNorm``).
+    """
+    if not is_distributed():
+        return
+    buffers = [b for b in module.buffers() if b.is_floating_point()]
+    for buffer, mean in zip(buffers, weighted_mean(buffers, weight), strict=True):
+        buffer.copy_(mean)
+
+
 def fingerprint(tensor: torch.Tensor) -> tuple[float, float]:
-    """``(Σ w_i x_i, Σ w_i |x_i|)`` with fixed weights ``w_i ∈ [1, 2]``: two ranks holding
+    """``(Σ w_i x_i, max |x_i|)`` with fixed weights ``w_i ∈ [1, 2]``: two ranks holding
     different tensors (a sign flip, a permutation, another seed) get different first numbers."""
     flat = tensor.detach().reshape(-1).to(torch.float64)
+    if flat.numel() == 0:
+        return 0.0, 0.0
     weights = torch.linspace(1.0, 2.0, flat.numel(), dtype=torch.float64, device=flat.device)
-    return float(flat @ weights), float(flat.abs() @ weights)
+    return float(flat @ weights), float(flat.abs().max())
 
 
 def sum_across_ranks(compute: Callable[[], torch.Tensor], device: torch.device | str, *,
@@ -168,8 +198,9 @@ def sum_across_ranks(compute: Callable[[], torch.Tensor], device: torch.device |
     Args:
         compute: the local partial sum (any shape; the same on every rank).
         device: where the header travels (the results' device; CUDA for NCCL).
-        agree: tensors every rank must hold equal (to ``max(sqrt(eps), 1e-6)`` relative, so
-            roundoff passes), by name (e.g. the parameters, the block being multiplied).
+        agree: tensors every rank must hold equal, by name (e.g. the parameters, the block
+            being multiplied); their fingerprints may differ by roundoff only
+            (``128 eps sqrt(n) max|x|``, far below any real difference in one entry).
         propagate: exception classes re-raised by the same class on the other ranks (with the
             failing rank named); any other exception becomes :class:`DistributedError` there.
 
@@ -196,7 +227,7 @@ def sum_across_ranks(compute: Callable[[], torch.Tensor], device: torch.device |
     header = header.cpu()
     if bool(header[:, 0].any()):
         _raise_failure(error, [int(r) for r in header[:, 0].nonzero()[:, 0]], propagate)
-    _check_agreement(header, list(agree), {n: t.dtype for n, t in agree.items()})
+    _check_agreement(header, agree)
     assert result is not None  # no rank failed
     dist.all_reduce(result, op=dist.ReduceOp.SUM)
     return result
@@ -222,20 +253,19 @@ def _raise_failure(error: Exception | None, failed: list[int],
     raise DistributedError(text)
 
 
-def _check_agreement(header: torch.Tensor, names: list[str],
-                     dtypes: dict[str, torch.dtype]) -> None:
+def _check_agreement(header: torch.Tensor, agree: Mapping[str, torch.Tensor]) -> None:
     sizes = header[:, 1]
     if not bool((sizes == sizes[0]).all()):
         raise DistributedError(f"ranks computed partial sums of different sizes "
                                f"{[int(s) for s in sizes]}; every rank must call with the same "
                                "shapes (same model, same block)")
-    for i, name in enumerate(names):
-        values, scales = header[:, 2 + 2 * i], header[:, 3 + 2 * i]
-        # roundoff-level differences (other hardware, other reduction order) are tolerated
-        tol = max(torch.finfo(dtypes[name]).eps ** 0.5, 1e-6) if dtypes[name].is_floating_point \
-            else 0.0
+    for i, (name, tensor) in enumerate(agree.items()):
+        values, largest = header[:, 2 + 2 * i], header[:, 3 + 2 * i]
+        # roundoff (other hardware, other reduction order) passes; a real difference does not
+        eps = torch.finfo(tensor.dtype).eps if tensor.is_floating_point() else 0.0
+        tol = 128 * eps * max(tensor.numel(), 1) ** 0.5 * float(largest.max())
         gap = float((values - values[0]).abs().max())
-        if gap > tol * max(float(scales.max()), 1e-300):
+        if gap > tol:
             raise DistributedError(
                 f"ranks hold different {name} (fingerprints {[f'{v:.10g}' for v in values]}); "
                 "every rank must measure the same model at the same point with the same vectors: "

@@ -35,6 +35,7 @@ __all__ = [
     "HessianSubspace",
     "LowRankNewton",
     "PlainGradient",
+    "Scaled",
     "SubspaceBasis",
     "SubspaceSGD",
     "SwitchOnTopFraction",
@@ -232,6 +233,17 @@ class LowRankNewton:
         return lowrank_newton_direction(g, basis.values, basis.vectors, self.damping, self.rcond)
 
 
+@dataclass(frozen=True)
+class Scaled:
+    """``d = factor · direction(g, basis)`` (e.g. another learning rate after a switch)."""
+
+    direction: Direction
+    factor: float
+
+    def __call__(self, g: torch.Tensor, basis: SubspaceBasis) -> torch.Tensor:
+        return self.factor * self.direction(g, basis)
+
+
 class SwitchOnTopFraction:
     """Plain SGD until the moving average of ``f_top = |Vᵀg|² / |g|²`` (eq. 2) over the last
     ``window`` steps reaches ``threshold``; ``after`` from then on (the switch is final).
@@ -425,10 +437,10 @@ def _build(model: torch.nn.Module, config: Any, context: dict[str, Any],
 
 
 def _no_switch(config: Any) -> None:
-    if config.switch_threshold:
-        raise ValueError(f"optim.switch_threshold={config.switch_threshold} is set but "
-                         f"optim.name={config.name!r} does not switch; use 'switch-{config.name}'"
-                         " for SGD followed by the projected optimizer")
+    if config.switch_threshold or config.switch_lr is not None:
+        raise ValueError(f"optim.switch_threshold / optim.switch_lr are set but optim.name="
+                         f"{config.name!r} does not switch; use 'switch-{config.name}' for SGD "
+                         "followed by the projected optimizer")
 
 
 def _dom_sgd(model, config, context) -> SubspaceSGD:
@@ -447,9 +459,14 @@ def _lowrank_newton(model, config, context) -> SubspaceSGD:
 
 
 def _switch(after: Callable[[Any], Direction]) -> Callable[..., SubspaceSGD]:
+    """Factory of plain SGD (``lr``) switching to ``after`` (at ``switch_lr``, default ``lr``)."""
     def factory(model, config, context) -> SubspaceSGD:
-        switch = SwitchOnTopFraction(after(config), config.switch_threshold,
-                                     config.switch_window)
+        direction = after(config)
+        if config.switch_lr is not None and config.switch_lr != config.lr:
+            if not config.switch_lr > 0:
+                raise ValueError(f"optim.switch_lr must be positive, got {config.switch_lr}")
+            direction = Scaled(direction, config.switch_lr / config.lr)
+        switch = SwitchOnTopFraction(direction, config.switch_threshold, config.switch_window)
         return _build(model, config, context, switch)
     return factory
 

@@ -6,10 +6,17 @@ measures (before that step's update, so step 0 is the initialisation); at every 
 the mini-batch ``overlap(g, Hg)`` (one extra Hessian-vector product, Table 1). A checkpoint is
 written atomically every ``train.checkpoint_every`` steps; ``resume=True`` continues from it and
 reproduces the numbers of an uninterrupted run.
+
+Under ``torchrun`` (``torch.distributed`` with several processes) every rank runs this loop: each
+measures on its shard of the training set (the tracker's operators all-reduce), each computes its
+part of every global mini-batch and the parts' gradients (and ``H g``) are averaged with their
+sizes, so all ranks take the single-process step; only rank 0 writes the run folder
+(docs/distributed.md).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import platform
 import socket
@@ -22,6 +29,7 @@ from typing import Any
 
 import torch
 
+from . import distributed as tsdist
 from .batches import call_model
 from .config import ExperimentConfig, config_to_dict
 from .experiment import Problem, batch_indices, build_optimizer, build_problem, epochs_of
@@ -31,6 +39,8 @@ from .store import RunStore
 from .tracker import Tracker, measurement_steps
 
 __all__ = ["RunOutcome", "minibatch_step", "run_experiment"]
+
+RANK_SEED_STRIDE = 1_000_003  # rank r draws dropout masks from seed + r * stride
 
 
 @dataclass(frozen=True)
@@ -51,17 +61,27 @@ def run_meta(config: ExperimentConfig, device: torch.device) -> dict[str, Any]:
     return {"versions": {"python": platform.python_version(), "torch": torch.__version__,
                          "numpy": numpy.__version__, "tinysubspace": __version__},
             "seed": config.train.seed, "device": str(device), "host": socket.gethostname(),
+            "world_size": tsdist.world_size(),
             "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 
 def minibatch_step(model: torch.nn.Module, loss_fn: Callable, inputs: Any, targets: Any,
-                   with_overlap: bool) -> tuple[float, float]:
+                   with_overlap: bool, average: Callable | None = None) -> tuple[float, float]:
     """Forward/backward on one mini-batch, leaving the gradient in ``p.grad``.
 
     With ``with_overlap`` the gradient graph is kept for one Hessian-vector product and the
     mini-batch ``overlap(g, H g)`` (eq. 3) is returned (NaN otherwise, or if ``g = 0``).
+
+    ``average`` (under ``torch.distributed``): ``inputs, targets`` are this rank's part of the
+    mini-batch (possibly empty) and ``average(tensors) -> tensors`` turns means over the part
+    into means over the whole mini-batch (:func:`tinysubspace.distributed.weighted_mean` with
+    the part's size), so the loss, ``g`` and ``H g`` are those of the whole mini-batch on every
+    rank (a parameter the loss does not reach gets a zero gradient instead of ``None``).
     """
     params = [p for p in model.parameters() if p.requires_grad]
+    if average is not None:
+        return _shared_minibatch_step(params, model, loss_fn, inputs, targets, with_overlap,
+                                      average)
     loss = loss_fn(call_model(model, inputs), targets)
     if not with_overlap:
         grads = torch.autograd.grad(loss, params, allow_unused=True)
@@ -82,15 +102,49 @@ def minibatch_step(model: torch.nn.Module, loss_fn: Callable, inputs: Any, targe
     return float(loss.detach()), overlap
 
 
+def _shared_minibatch_step(params: list[torch.Tensor], model: torch.nn.Module, loss_fn: Callable,
+                           inputs: Any, targets: Any, with_overlap: bool,
+                           average: Callable) -> tuple[float, float]:
+    """:func:`minibatch_step` on this rank's part, averaged over the parts of all ranks."""
+    if len(targets) == 0:  # an empty part: nothing to add but its (zero) weight
+        loss, grads = params[0].new_zeros(()), [None] * len(params)
+    else:
+        loss = loss_fn(call_model(model, inputs), targets)
+        grads = list(torch.autograd.grad(loss, params, create_graph=with_overlap,
+                                         allow_unused=True))
+    mean_loss, *g = average([loss.detach()] + [torch.zeros_like(p) if d is None else d.detach()
+                                               for p, d in zip(params, grads, strict=True)])
+    overlap = math.nan
+    if with_overlap:
+        live = [i for i, d in enumerate(grads) if d is not None and d.requires_grad]
+        hv = torch.autograd.grad([grads[i] for i in live], [params[i] for i in live],
+                                 grad_outputs=[g[i] for i in live],
+                                 allow_unused=True) if live else []
+        local = [torch.zeros_like(p) for p in params]
+        for i, h in zip(live, hv, strict=True):
+            local[i] = local[i] if h is None else h
+        hg = average(local)
+        g_dot_hg = sum(float((a * b).sum()) for a, b in zip(g, hg, strict=True))
+        g_norm = math.sqrt(sum(float(a.square().sum()) for a in g))
+        hg_norm = math.sqrt(sum(float(b.square().sum()) for b in hg))
+        overlap = g_dot_hg / (g_norm * hg_norm) if g_norm > 0 and hg_norm > 0 else math.nan
+    for p, d in zip(params, g, strict=True):
+        p.grad = d
+    return float(mean_loss), overlap
+
+
 class _Loop:
     """One run's mutable pieces, so that the loop body stays short."""
 
     def __init__(self, config: ExperimentConfig, problem: Problem, store: RunStore | None,
                  progress: Progress | None) -> None:
         self.config, self.problem, self.store, self.progress = config, problem, store, progress
-        self.train_xy = problem.tensors("train")
-        self.tracker = Tracker(config.tracker, problem.loss_fn, self.train_xy,
-                               problem.tensors("test"), problem.classification)
+        self.distributed = tsdist.is_distributed()
+        self.keeps_files = store is not None  # on every rank (only rank 0 has the store)
+        self.train_xy = problem.tensors("train")  # the whole set: mini-batches index into it
+        self.tracker = Tracker(config.tracker, problem.loss_fn, tsdist.shard(self.train_xy),
+                               tsdist.shard(problem.tensors("test")), problem.classification,
+                               distributed=self.distributed)
         context = {"problem": problem, "tracker": self.tracker}
         self.optimizer = build_optimizer(config.optim, problem.model, context)
         self.schedule = set(measurement_steps(config.tracker, config.train.steps))
@@ -99,23 +153,35 @@ class _Loop:
 
     # ---------------------------------------------------------------- state
     def checkpoint(self, step: int) -> None:
-        if self.store is None:
-            return
-        self.flush_minibatch()
         rng = {"cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
-        self.store.save_checkpoint({"step": step, "model": self.problem.model.state_dict(),
-                                    "optimizer": self.optimizer.state_dict(),
-                                    "tracker": self.tracker.state_dict(), "rng": rng})
+        every_rank = tsdist.gather_objects(rng) if self.distributed else None  # collective
+        if self.store is None:
+            return
+        self.flush_minibatch()
+        state = {"step": step, "model": self.problem.model.state_dict(),
+                 "optimizer": self.optimizer.state_dict(),
+                 "tracker": self.tracker.state_dict(), "rng": rng}
+        if every_rank is not None:
+            state["rng_ranks"] = every_rank
+        self.store.save_checkpoint(state)
 
     def restore(self, checkpoint: dict[str, Any]) -> int:
         self.problem.model.load_state_dict(checkpoint["model"])
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.tracker.load_state_dict(checkpoint["tracker"])
-        torch.set_rng_state(checkpoint["rng"]["cpu"])
-        if "cuda" in checkpoint["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
+        rng = checkpoint["rng"]
+        ranks = checkpoint.get("rng_ranks") or [rng]
+        if len(ranks) == tsdist.world_size():
+            rng = ranks[tsdist.rank()]
+        elif tsdist.rank() > 0:  # another number of processes: fresh streams for ranks > 0
+            rng = {"cpu": torch.Generator().manual_seed(
+                self.config.train.seed + RANK_SEED_STRIDE * tsdist.rank()
+                + int(checkpoint["step"])).get_state()}
+        torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
         return int(checkpoint["step"])
 
     def flush_minibatch(self) -> None:
@@ -138,20 +204,21 @@ class _Loop:
     def save_spectrum(self) -> None:
         """The final Hessian's spectrum (``tracker.spectrum``): exact eigenvalues, or SLQ."""
         kind = self.config.tracker.spectrum
-        if kind == "none" or self.store is None:
+        if kind == "none" or not self.keeps_files:
             return
         from .density import exact_spectrum, spectral_density
 
-        op = self.tracker.operator(self.problem.model, self.train_xy)
+        op = self.tracker.operator(self.problem.model, self.tracker.train)  # collective
         if kind == "exact":
-            self.store.save_spectrum({"eigenvalues": exact_spectrum(op).cpu().numpy()})
+            arrays = {"eigenvalues": exact_spectrum(op).cpu().numpy()}
         elif kind == "slq":
-            density = spectral_density(op, steps=self.config.tracker.spectrum_steps,
-                                       probes=self.config.tracker.spectrum_probes,
-                                       seed=self.config.train.seed)
-            self.store.save_spectrum(density.to_arrays())
+            arrays = spectral_density(op, steps=self.config.tracker.spectrum_steps,
+                                      probes=self.config.tracker.spectrum_probes,
+                                      seed=self.config.train.seed).to_arrays()
         else:
             raise ValueError(f"tracker.spectrum must be none, exact or slq, got {kind!r}")
+        if self.store is not None:
+            self.store.save_spectrum(arrays)
 
     def train_step(self, step: int) -> float:
         cfg = self.config
@@ -162,11 +229,16 @@ class _Loop:
         model = self.problem.model
         model.train()
         self.optimizer.zero_grad(set_to_none=True)
+        average = None
+        if self.distributed:  # this rank's part of the global mini-batch
+            index = index[tsdist.shard_slice(len(index))]
+            average = functools.partial(tsdist.weighted_mean, weight=len(index))
         loss, overlap = minibatch_step(model, self.problem.loss_fn, X[index], Y[index],
-                                       with_overlap)
+                                       with_overlap, average)
         if not math.isfinite(loss):
             return loss
         self.optimizer.step()
+        tsdist.average_buffers(model, len(index))
         if with_overlap:
             self.pending_minibatch.append({"step": step, "minibatch/loss": loss,
                                            "minibatch/overlap_g_Hg": overlap})
@@ -193,13 +265,17 @@ def run_experiment(config: ExperimentConfig, out: str | Path | None, *, resume: 
     """
     problem = build_problem(config, data_root)
     resolved = {**config_to_dict(config), "meta": run_meta(config, problem.device)}
+    progress = progress if tsdist.is_main() else None
     with torch.random.fork_rng(devices=_cuda_devices(problem.device)):
-        torch.manual_seed(config.train.seed)
+        torch.manual_seed(config.train.seed + RANK_SEED_STRIDE * tsdist.rank())
         loop = _Loop(config, problem, None, progress)
         start, skip_measure = 0, False
-        if out is not None:
-            loop.store = RunStore(out, loop.tracker.columns())
-            checkpoint = loop.store.resume(resolved) if resume else loop.store.create(resolved)
+        if out is not None:  # rank 0 owns the run folder; every rank gets the checkpoint
+            loop.keeps_files = True
+            if tsdist.is_main():
+                loop.store = RunStore(out, loop.tracker.columns())
+            checkpoint = tsdist.run_on_main(
+                lambda: loop.store.resume(resolved) if resume else loop.store.create(resolved))
             if checkpoint is not None:
                 start, skip_measure = loop.restore(checkpoint), True
         outcome = _train(loop, start, skip_measure, stop_after, Path(out) if out else None)

@@ -1,5 +1,9 @@
 """``tinysubspace run [EXPERIMENT] [--set KEY=VALUE ...] [--data-root DIR] [--out DIR]
-[--resume]``: train an experiment while tracking the Hessian, then print a summary."""
+[--resume]``: train an experiment while tracking the Hessian, then print a summary.
+
+Under ``torchrun --nproc-per-node N -m tinysubspace run ...`` every process runs this command:
+it joins the process group (:func:`tinysubspace.distributed.init_from_env`), all ranks train and
+measure together, and only rank 0 writes the run folder and prints (docs/distributed.md)."""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
+from .. import distributed as tsdist
 from ..config import ConfigError, parse_assignment
 from ..experiments import DEFAULT_EXPERIMENT, load_experiment
 from ..progress import Progress
@@ -29,27 +34,44 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    distributed = tsdist.init_from_env()  # under torchrun: join the other ranks
+    try:
+        return _run(args)
+    finally:
+        if distributed:
+            tsdist.shutdown()
+
+
+def _say(text: str, out: bool = False) -> None:
+    """Print on rank 0 only (stdout if ``out``, else stderr)."""
+    if tsdist.is_main():
+        print(text, file=sys.stdout if out else sys.stderr)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         overrides = dict(parse_assignment(text) for text in args.overrides)
         config = load_experiment(args.experiment, overrides)
     except ConfigError as error:
-        print(f"tinysubspace run: {error}", file=sys.stderr)
+        _say(f"tinysubspace run: {error}")
         return 2
     if args.resume and not args.out:
-        print("tinysubspace run: --resume needs --out DIR (the run to continue)", file=sys.stderr)
+        _say("tinysubspace run: --resume needs --out DIR (the run to continue)")
         return 2
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    out = Path(args.out) if args.out else Path("runs") / f"{config.name}-{stamp}"
-    print(f"tinysubspace: {config.name} -> {out}", file=sys.stderr)
+    out = tsdist.broadcast_object(  # rank 0's clock names the folder
+        Path(args.out) if args.out else Path("runs") / f"{config.name}-{stamp}")
+    world = f" on {tsdist.world_size()} processes" if tsdist.is_distributed() else ""
+    _say(f"tinysubspace: {config.name} -> {out}{world}")
     try:
         outcome = run_experiment(config, out, resume=args.resume, data_root=args.data_root,
                                  progress=None if args.quiet else Progress())
     except (RunStoreError, FileNotFoundError, ValueError) as error:
-        print(f"tinysubspace run: {error}", file=sys.stderr)
+        _say(f"tinysubspace run: {error}")
         return 2
-    print(summary_table(load_run(out)))
+    _say(summary_table(load_run(out)) if tsdist.is_main() else "", out=True)
     if outcome.state == "diverged":
-        print(f"\nstopped: {outcome.message}", file=sys.stderr)
+        _say(f"\nstopped: {outcome.message}")
         return 1
-    print(f"\nrun folder: {out}  (plots: tinysubspace plot {out})")
+    _say(f"\nrun folder: {out}  (plots: tinysubspace plot {out})", out=True)
     return 0

@@ -1,0 +1,107 @@
+"""Eigenpairs along a training run: each solve warm-started from the previous measurement's.
+
+The tracker measures the top ``n = skip + k`` eigenpairs of a Hessian ``H_t`` that changes a
+little between measurements (PAPER.txt section 3: the top subspace "freezes" early, so
+``V_t`` is a good first guess for ``V_{t+1}``). :func:`track_eigenpairs` runs the thick-restart
+block Lanczos of :func:`tinysubspace.top_eigenpairs` with
+
+1. the previous vectors as the first block: one data pass of ``m0`` products gives Rayleigh–Ritz
+   pairs ``θ_i, V Y`` of ``span(V_t)`` with exact residuals ``r_i = H V y_i − θ_i V y_i``; if
+   every ``‖r_i‖ ≤ tol · |θ_1|`` that single pass is the whole solve;
+2. then blocks of ``b ≈ n/4`` new directions per pass (:func:`warm_block_size`): the ``b``
+   leading left singular vectors of the unconverged residuals ``(I − QQᵀ)[r_i]``, the
+   ``b``-dimensional subspace closest to all of them.
+
+Why not ``b = n`` (every residual, every pass, as ``top_eigenpairs(init=...)`` does by default)?
+A block Krylov space gains one polynomial degree per pass whatever ``b`` is, so ``b = n`` spends
+2–3 times the products of ``b = n/4`` for the same accuracy, and a pass costs a gradient graph
+(``c0``) plus ``c1`` per product with ``c0 ≈ 1.5–2 c1`` on a CPU. Measured choices and the cost
+model are in docs/performance.md. Where a pass costs far more than its products (a small model on
+a GPU) pass a larger ``block_size``.
+
+The answer is the same as a cold solve's: every returned pair meets ``‖H v − λ v‖ ≤ tol · |λ_1|``
+(checked on exact residuals, not on estimates). What no Krylov method can promise without
+converging every pair: an eigenvector that enters the top ``n`` from a direction orthogonal to
+``span(V_t)`` *and* to every residual is invisible to the warm start (a random start sees it with
+probability one). After an optimizer step ``H`` changes in every direction, so this does not
+happen in practice; the tests check crossings that do.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .eigen import Eigenpairs, top_eigenpairs
+
+__all__ = ["track_eigenpairs", "warm_block_size"]
+
+
+def warm_block_size(n: int, previous_columns: int) -> int:
+    """Default block size of a warm start: ``⌈n/4⌉``, at most ``previous_columns``, at least 1.
+
+    >>> warm_block_size(20, 20), warm_block_size(10, 10), warm_block_size(1, 1)
+    (5, 3, 1)
+    """
+    return max(1, min(-(-n // 4), previous_columns))
+
+
+def _previous_block(previous: Eigenpairs | torch.Tensor, p: int) -> torch.Tensor:
+    """The ``(p, m0)`` start block held by ``previous``.
+
+    Raises:
+        TypeError: ``previous`` is neither :class:`Eigenpairs`, a tensor nor ``None``.
+        ValueError: its vectors have the wrong shape (another model's, say).
+    """
+    if isinstance(previous, Eigenpairs):
+        block = previous.vectors
+    elif isinstance(previous, torch.Tensor):
+        block = previous
+    else:
+        raise TypeError(f"previous must be Eigenpairs, a (p, m) tensor or None, got "
+                        f"{type(previous).__name__}")
+    if block.ndim not in (1, 2) or block.shape[0] != p or block.numel() == 0:
+        raise ValueError(f"previous vectors must have shape ({p},) or ({p}, m) with m >= 1 (the "
+                         f"operator's dimension is p = {p}), got {tuple(block.shape)}")
+    return block.reshape(p, -1)
+
+
+def track_eigenpairs(op, k: int, previous: Eigenpairs | torch.Tensor | None = None,
+                     tol: float = 1e-4, seed: int = 0, max_matvecs: int | None = None,
+                     skip: int = 0, block_size: int | None = None,
+                     basis_size: int | None = None) -> Eigenpairs:
+    """The ``k`` largest eigenpairs of ``op``, warm-started from a previous measurement.
+
+    Args:
+        op: symmetric operator (``shape``, ``dtype``, ``device``, ``@``), e.g. a
+            :class:`tinysubspace.HessianOperator` at the current parameters.
+        k: number of eigenpairs wanted (the tracker asks for ``2 × k_top``: top and next).
+        previous: the previous measurement (:class:`Eigenpairs`, or its ``(p, m0)`` vectors);
+            ``None`` for a cold start (single-vector Lanczos from a random vector of ``seed``:
+            the fewest products when nothing is known). Any number of columns works; fewer
+            than ``skip + k`` are completed by the Krylov expansion.
+        tol: relative residual tolerance: ``‖H v − λ v‖ ≤ tol · |λ_1|`` for every returned (and
+            every skipped) pair. The default ``1e-4`` resolves a 20-dimensional Hessian
+            subspace whose edge sits in the bulk (``λ_20 − λ_21 ≈ 10⁻³ λ_1``) and is reachable
+            in float32.
+        seed: seed of any random directions (identical on every device).
+        max_matvecs: stop (``converged=False``) after this many products.
+        skip: leave out the ``skip`` largest pairs (computed all the same).
+        block_size: directions added per pass. Default: 1 cold, :func:`warm_block_size` warm.
+        basis_size: largest basis before a thick restart (see :func:`top_eigenpairs`).
+
+    Returns:
+        :class:`Eigenpairs`: values descending, orthonormal vectors, exact residuals, the
+        number of products used and whether every pair converged.
+
+    Raises:
+        TypeError: ``previous`` of an unusable kind.
+        ValueError: ``previous`` of the wrong shape, or a bad ``k``, ``skip``, ``tol``,
+            ``block_size``, ``basis_size`` or ``max_matvecs`` (see :func:`top_eigenpairs`).
+    """
+    if previous is None:
+        return top_eigenpairs(op, k, tol=tol, seed=seed, max_matvecs=max_matvecs, skip=skip,
+                              block_size=block_size or 1, basis_size=basis_size)
+    init = _previous_block(previous, op.shape[0])
+    b = block_size or warm_block_size(k + skip, init.shape[1])
+    return top_eigenpairs(op, k, tol=tol, init=init, seed=seed, max_matvecs=max_matvecs,
+                          skip=skip, block_size=b, basis_size=basis_size)
