@@ -6,19 +6,17 @@ reports ratios against a baseline measured in the same run, on the same machine.
 
 from __future__ import annotations
 
-import gzip
 import os
 import platform
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
-FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+from tinysubspace.datasets import load_dataset
+from tinysubspace.models import build_model
 
 
 @dataclass(frozen=True)
@@ -30,29 +28,19 @@ class Problem:
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     X: torch.Tensor
     Y: torch.Tensor
+    device: str = "cpu"
 
-
-def fc_net(sizes: Sequence[int], seed: int) -> nn.Sequential:
-    """Fully connected ReLU network (the paper's FC: two hidden layers of 100)."""
-    torch.manual_seed(seed)
-    layers: list[nn.Module] = [nn.Flatten()]
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
-        layers.append(nn.Linear(a, b))
-        if i < len(sizes) - 2:
-            layers.append(nn.ReLU())
-    return nn.Sequential(*layers)
+    def to(self, device: str) -> Problem:
+        """The same problem with model and data on ``device``."""
+        return Problem(self.name, self.model.to(device), self.loss_fn, self.X.to(device),
+                       self.Y.to(device), device)
 
 
 def digits_problem(seed: int = 0) -> Problem:
-    """sklearn digits (1797 × 64, standardised), FC 64-100-100-10."""
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
-    X = torch.tensor(data.data, dtype=torch.float32)
-    X = (X - X.mean(0)) / X.std(0).clamp_min(1e-3)
-    Y = torch.tensor(data.target, dtype=torch.long)
-    return Problem("digits FC 64-100-100-10", fc_net([64, 100, 100, 10], seed),
-                   nn.functional.cross_entropy, X, Y)
+    """sklearn digits, all 1797 × 64 (``load_dataset("digits", split="all")``), FC 64-100-100-10."""
+    data = load_dataset("digits", split="all")
+    return Problem("digits FC 64-100-100-10", build_model("fc", (64,), 10, seed=seed),
+                   nn.functional.cross_entropy, data.inputs, data.targets)
 
 
 def synthetic_mnist_problem(n: int = 10_000, seed: int = 0) -> Problem:
@@ -61,39 +49,18 @@ def synthetic_mnist_problem(n: int = 10_000, seed: int = 0) -> Problem:
     centers = torch.randn(10, 784, generator=gen)
     Y = torch.randint(0, 10, (n,), generator=gen)
     X = centers[Y] + 2.0 * torch.randn(n, 784, generator=gen)
-    return Problem(f"synthetic {n}x784 FC 784-100-100-10", fc_net([784, 100, 100, 10], seed),
-                   nn.functional.cross_entropy, X, Y)
-
-
-def _read_idx(path: Path) -> np.ndarray:
-    with gzip.open(path, "rb") as f:
-        raw = f.read()
-    ndim = raw[3]
-    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
-
-
-def fashion_mnist(n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fashion-MNIST training images ``(n, 784)`` scaled to [0, 1], standardised, and labels.
-
-    Raises:
-        FileNotFoundError: the IDX files are not installed (``apt-get install -y
-            dataset-fashion-mnist``).
-    """
-    images = FASHION_DIR / "train-images-idx3-ubyte.gz"
-    labels = FASHION_DIR / "train-labels-idx1-ubyte.gz"
-    if not images.exists():
-        raise FileNotFoundError(f"{images} is missing; run apt-get install -y dataset-fashion-mnist")
-    X = torch.tensor(_read_idx(images)[:n].reshape(-1, 784), dtype=torch.float32) / 255.0
-    X = (X - X.mean()) / X.std()
-    Y = torch.tensor(_read_idx(labels)[:n], dtype=torch.long)
-    return X, Y
+    return Problem(f"synthetic {n}x784 FC 784-100-100-10",
+                   build_model("fc", (784,), 10, seed=seed), nn.functional.cross_entropy, X, Y)
 
 
 def fashion_problem(n: int | None = 10_000, seed: int = 0) -> Problem:
-    X, Y = fashion_mnist(n)
+    """The first ``n`` Fashion-MNIST training images (standardised), FC 784-100-100-10."""
+    data = load_dataset("fashion-mnist", split="train")
+    X = data.inputs[:n].reshape(-1, 784)
+    X = (X - X.mean()) / X.std()
     return Problem(f"Fashion-MNIST {X.shape[0]}x784 FC 784-100-100-10",
-                   fc_net([784, 100, 100, 10], seed), nn.functional.cross_entropy, X, Y)
+                   build_model("fc", (784,), 10, seed=seed), nn.functional.cross_entropy,
+                   X, data.targets[:n])
 
 
 def timeit(fn: Callable[[], object], repeat: int = 5, warmup: int = 1,

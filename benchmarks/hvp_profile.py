@@ -17,14 +17,10 @@ Run: ``python benchmarks/hvp_profile.py [--quick]``.
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import (  # noqa: E402
+from common import (
     Problem,
     digits_problem,
     machine_line,
@@ -32,8 +28,7 @@ from common import (  # noqa: E402
     synthetic_mnist_problem,
     timeit,
 )
-
-from tinysubspace import HessianOperator  # noqa: E402
+from tinysubspace import HessianOperator
 
 
 def make_op(problem: Problem, method: str, chunk: int | None, device: str = "cpu",

@@ -1,4 +1,4 @@
-"""Launch a few gloo processes on this machine and collect what each one returns (for
+"""Launch a few gloo (or NCCL) processes on this machine and collect what each one returns (for
 ``test_distributed.py``).
 
 :func:`launch` spawns ``world`` processes that meet through a file store in a temporary folder
@@ -31,14 +31,16 @@ class WorkerError(RuntimeError):
 
 
 def _entry(worker: Callable[..., Any], rank: int, world: int, folder: str,
-           timeout_s: float) -> None:
+           timeout_s: float, backend: str) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     if sys.platform.startswith("linux"):
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     torch.set_num_threads(1)
+    if torch.cuda.is_available():  # NCCL needs this rank's GPU chosen before it starts
+        torch.cuda.set_device(rank % torch.cuda.device_count())
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank,
+    dist.init_process_group(backend, init_method=f"file://{folder}/rendezvous", rank=rank,
                             world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
     try:
         result: Any = {"ok": worker(rank, world, Path(folder))}
@@ -50,8 +52,9 @@ def _entry(worker: Callable[..., Any], rank: int, world: int, folder: str,
 
 
 def launch(worker: Callable[[int, int, Path], Any], folder: Path, world: int = 2,
-           timeout_s: float = 30.0, deadline_s: float = 120.0) -> list[dict[str, Any]]:
-    """Run ``worker`` on ``world`` gloo ranks; ``[{"ok": value} or {"error": (type, message,
+           timeout_s: float = 30.0, deadline_s: float = 120.0,
+           backend: str = "gloo") -> list[dict[str, Any]]:
+    """Run ``worker`` on ``world`` ranks; ``[{"ok": value} or {"error": (type, message,
     traceback)} for each rank]``.
 
     Args:
@@ -59,13 +62,15 @@ def launch(worker: Callable[[int, int, Path], Any], folder: Path, world: int = 2
         folder: an empty temporary folder (rendezvous file, results).
         timeout_s: the process group's timeout (a collective waits this long at most).
         deadline_s: kill every process still running after this long.
+        backend: the process group's backend (``gloo``; ``nccl`` for one GPU per rank).
 
     Raises:
         WorkerError: a process died without a result or outlived the deadline.
     """
     folder.mkdir(parents=True, exist_ok=True)
     context = multiprocessing.get_context("spawn")
-    processes = [context.Process(target=_entry, args=(worker, r, world, str(folder), timeout_s))
+    processes = [context.Process(target=_entry,
+                                 args=(worker, r, world, str(folder), timeout_s, backend))
                  for r in range(world)]
     for process in processes:
         process.start()

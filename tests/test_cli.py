@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from experiment_fixtures import TINY
 
+from experiment_fixtures import TINY
 from tinysubspace.cli import COMMANDS, build_parser, main
 from tinysubspace.store import load_run
 
@@ -16,7 +16,7 @@ def _sets(**extra: object) -> list[str]:
 def test_every_command_is_available():
     parser = build_parser()
     for name in COMMANDS:
-        args = parser.parse_args([name, "x"] if name in ("plot", "report") else [name])
+        args = parser.parse_args([name, "x"] if name in ("plot", "report", "compare") else [name])
         assert getattr(args, "_unavailable", None) is None, name
 
 

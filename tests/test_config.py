@@ -38,6 +38,9 @@ def test_nested_overrides_as_from_toml():
     ({"optim.batch_size": 2.5}, r"optim\.batch_size must be an integer"),
     ({"data.random_labels": "maybe"}, r"data\.random_labels must be true or false"),
     ({"optim": 3}, r"'optim' is a section; set its keys as optim\.KEY=VALUE"),
+    ({"optim.lr": "nan"}, r"optim\.lr must be a finite number, got 'nan'"),
+    ({"optim.lr": float("inf")}, r"optim\.lr must be a finite number, got inf"),
+    ({"optim.batch_size": True}, r"optim\.batch_size must be int, got True"),
     ({"colour": "red"}, r"unknown key 'colour'"),
 ])
 def test_bad_overrides_are_rejected_with_the_known_keys(update, message):

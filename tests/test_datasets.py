@@ -239,6 +239,15 @@ def test_wrong_cifar_contents_are_refused(tmp_path):
         load_dataset("cifar10", root=tmp_path, split="test")
 
 
+def test_a_truncated_cifar_batch_names_the_file(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    batch = pickle.dumps(fake_cifar_batch(2, seed=0, label_keys={"labels": 10})[0], protocol=2)
+    (folder / "test_batch").parent.mkdir(parents=True)
+    (folder / "test_batch").write_bytes(batch[: len(batch) // 2])  # an interrupted download
+    with pytest.raises(ValueError, match=r"test_batch: not a complete pickle"):
+        load_dataset("cifar10", root=tmp_path, split="test")
+
+
 def test_missing_cifar_batch(tmp_path):
     folder = tmp_path / "cifar-10-batches-py"
     for i in (1, 2, 4, 5):
@@ -361,6 +370,18 @@ def test_standardize_uses_training_statistics():
     other = TensorData(torch.zeros(2, 5), torch.zeros(2, dtype=torch.int64), 2, "c")
     with pytest.raises(ValueError, match=r"c has inputs \(5,\)"):
         standardize(train, other)
+
+
+def test_standardize_refuses_an_empty_training_set():
+    empty = TensorData(torch.zeros(0, 3), torch.zeros(0, dtype=torch.int64), 2, "none")
+    with pytest.raises(ValueError, match="none has no examples to take statistics from"):
+        standardize(empty)
+
+
+@pytest.mark.parametrize(("name", "option"), [("gaussian-mixture", "sigma"), ("sine", "noise")])
+def test_synthetic_sets_refuse_a_nan_noise(name, option):
+    with pytest.raises(ValueError, match=f"{option} non-negative"):
+        load_dataset(name, n=4, **{option: float("nan")})
 
 
 # -------------------------------------------------------------------------- registry, checks

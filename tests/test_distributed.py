@@ -37,6 +37,7 @@ F64 = torch.float64
 needs_gloo = pytest.mark.skipif(
     not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
     reason="torch.distributed with gloo is not available")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 OPERATOR_CASES = (Case("mlp_layernorm", "ce", "tuple"), Case("cnn_batchnorm", "mse", "tuple", 1))
 BOUNDS = (0, 7, 23)  # rank 0 holds examples 0..6, rank 1 examples 7..22 (of 23)
@@ -208,18 +209,16 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.mark.distributed
-@needs_gloo
-def test_torchrun_tracked_run_equals_the_single_process_run(tmp_path, single_run):
-    out = tmp_path / "run"
-    settings = [arg for key, value in SETTINGS.items() for arg in ("--set", f"{key}={value}")]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TINYSUBSPACE_DIST_TIMEOUT": "60"}
+def _torchrun(out: Path, settings: dict[str, str], **env: str) -> None:
+    """``torchrun --nproc-per-node 2 -m tinysubspace run ...`` on 127.0.0.1; checks the run."""
+    options = [arg for key, value in settings.items() for arg in ("--set", f"{key}={value}")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TINYSUBSPACE_DIST_TIMEOUT": "60", **env}
     if sys.platform.startswith("linux"):
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")
     command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
                "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
                "--master-port", str(_free_port()), "--max-restarts", "0",
-               "-m", "tinysubspace", "run", "fig1-fc-digits", *settings, "--out", str(out),
+               "-m", "tinysubspace", "run", "fig1-fc-digits", *options, "--out", str(out),
                "--quiet"]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180,
                           check=False)
@@ -227,7 +226,13 @@ def test_torchrun_tracked_run_equals_the_single_process_run(tmp_path, single_run
     assert done.stdout.count("run folder:") == 1  # only rank 0 prints
     assert load_run(out).config["meta"]["world_size"] == 2
     assert load_run(out).status["state"] == "finished"
-    _assert_same_run(out, single_run)
+
+
+@pytest.mark.distributed
+@needs_gloo
+def test_torchrun_tracked_run_equals_the_single_process_run(tmp_path, single_run):
+    _torchrun(tmp_path / "run", SETTINGS)
+    _assert_same_run(tmp_path / "run", single_run)
 
 
 def _resume_worker(rank: int, world: int, folder: Path) -> list:
@@ -292,3 +297,52 @@ def test_fingerprints_tell_a_sign_flip_and_a_permutation_apart():
     v = _randn(50, seed=3)
     values = {tsdist.fingerprint(w)[0] for w in (v, -v, v.flip(0), v.clone())}
     assert len(values) == 3
+
+
+# --------------------------------------------------------------------------------- on GPUs
+def _gpu_worker(rank: int, world: int, folder: Path) -> dict:
+    part = slice(BOUNDS[rank], BOUNDS[rank + 1]) if world == 2 else slice(None)
+    op = _operator(OPERATOR_CASES[0], part, device="cuda", distributed=True)
+    out = {key: value.cpu() if isinstance(value, torch.Tensor) else value
+           for key, value in _measure(op).items()}
+
+    def fails_on_last_rank() -> torch.Tensor:
+        if rank == world - 1:
+            raise KeyError("no such thing")
+        return torch.ones(2, device="cuda")
+
+    out["key_error"] = _caught(lambda: tsdist.sum_across_ranks(fails_on_last_rank, "cuda"))
+    return out
+
+
+@pytest.mark.gpu
+@pytest.mark.distributed
+@needs_cuda
+@pytest.mark.parametrize(("backend", "world"), [("nccl", 1), ("gloo", 2), ("nccl", 2)])
+def test_ranks_on_gpus_equal_one_gpu(tmp_path, backend, world):
+    if backend == "nccl" and torch.cuda.device_count() < world:
+        pytest.skip("NCCL needs one GPU per rank")
+    results = launch(_gpu_worker, tmp_path, world=world, backend=backend, timeout_s=60)
+    case = OPERATOR_CASES[0]
+    single = _measure(_operator(case, slice(None), device="cuda", distributed=False))
+    for r, result in enumerate(results):
+        got = result["ok"]
+        for key in ("HV", "Hv", "g", "values"):
+            assert relative_error(got[key], single[key].cpu()) < 1e-12, key
+        assert got["N"] == 23 and got["matvecs"] == single["matvecs"]
+        assert got["key_error"][0] == ("KeyError" if r == world - 1 else "DistributedError")
+    for key in ("HV", "g", "values", "vectors"):
+        assert all(torch.equal(result["ok"][key], results[0]["ok"][key]) for result in results)
+
+
+@pytest.mark.gpu
+@pytest.mark.distributed
+@needs_cuda
+def test_torchrun_on_gpu_equals_one_gpu(tmp_path):
+    settings = {**SETTINGS, "train.device": "cuda"}
+    reference = tmp_path / "single"
+    assert run_experiment(load_experiment("fig1-fc-digits", settings), reference).state \
+        == "finished"
+    backend = "cpu:gloo,cuda:nccl" if torch.cuda.device_count() >= 2 else "gloo"  # 1 GPU: shared
+    _torchrun(tmp_path / "run", settings, TINYSUBSPACE_DIST_BACKEND=backend)
+    _assert_same_run(tmp_path / "run", reference)

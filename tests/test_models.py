@@ -14,7 +14,13 @@ from torch.func import functional_call
 from torch.nn import functional
 
 from tinysubspace import HessianOperator
-from tinysubspace.models import build_model, model_names, parameter_group_slices, parameter_groups
+from tinysubspace.models import (
+    build_model,
+    label_parameters,
+    model_names,
+    parameter_group_slices,
+    parameter_groups,
+)
 
 
 def count(model: torch.nn.Module) -> int:
@@ -176,6 +182,38 @@ def test_groups_skip_frozen_parameters():
     groups = parameter_groups(model)
     assert groups[0] == ("layer 1 biases", ["conv1.bias"])
     assert len(parameter_groups(model, trainable_only=False)) == len(groups) + 1
+
+
+@pytest.mark.parametrize(("name", "shape", "options"), [
+    ("fc", (7,), {"widths": (6, 5)}),
+    ("convnet", (1, 10, 10), {"channels": (2, 3), "dense": 4, "batchnorm": True}),
+    ("resnet18", (3, 8, 8), {"width": 1}),
+])
+def test_saved_names_and_shapes_give_the_models_labels(name, shape, options):
+    """Fig. 6 from an eigenvector file (names and shapes only) labels as the model does."""
+    model = build_model(name, shape, 3, **options)
+    named = list(model.named_parameters())
+    groups = label_parameters([n for n, _ in named], [list(p.shape) for _, p in named])
+    assert [(g.label, [g.name]) for g in groups] == parameter_groups(model)
+    assert [slice(g.start, g.stop) for g in groups] == [s for _, s in
+                                                        parameter_group_slices(model)]
+
+
+def test_other_normalisations_and_modules_are_named_by_kind():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4),
+                                torch.nn.Linear(4, 2))
+    model.register_parameter("scale", torch.nn.Parameter(torch.ones(())))
+    labels = [label for label, _ in parameter_groups(model)]
+    assert labels == ["scale", "layer 1 weights", "layer 1 biases", "layer 1 LayerNorm scales",
+                      "layer 1 LayerNorm shifts", "top layer weights", "top layer biases"]
+
+
+def test_tied_parameters_are_labelled_once():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 3))
+    model[1].weight = model[0].weight
+    groups = parameter_groups(model)
+    assert [n for _, names in groups for n in names] == [n for n, _ in model.named_parameters()]
+    assert parameter_group_slices(model)[-1][1].stop == count(model)
 
 
 # --------------------------------------------------------------------- Hessian-vector products

@@ -86,8 +86,9 @@ def test_lowrank_newton_guard_leaves_out_nonpositive_curvature():
     values = torch.tensor([5.0, 0.0, -2.0], dtype=F64)
     d = lowrank_newton_direction(g, values, V)
     coefficients = V.T @ d
-    assert torch.allclose(coefficients, torch.stack([(V[:, 0] @ g) / 5, *torch.zeros(2, dtype=F64)]),
-                          atol=1e-12)
+    expected = torch.zeros(3, dtype=F64)
+    expected[0] = (V[:, 0] @ g) / 5
+    assert torch.allclose(coefficients, expected, atol=1e-12)
     # damping lifts -2 + 3 = 1 > 0 back in; 0 + 3 too
     lifted = V.T @ lowrank_newton_direction(g, values, V, damping=3.0)
     assert torch.allclose(lifted, (V.T @ g) / (values + 3.0), atol=1e-12)
@@ -204,7 +205,7 @@ class Recorder:
 
 def drifting_matrix(t: int, size: int = 120, drift: float = 1e-6) -> torch.Tensor:
     """A 6-dimensional top subspace above a wide bulk, rotated a little more at every ``t``."""
-    values = [10.0, 9.0, 8.0, 7.0, 6.5, 6.0] + torch.linspace(5.0, -1.0, size - 6).tolist()
+    values = [10.0, 9.0, 8.0, 7.0, 6.5, 6.0, *torch.linspace(5.0, -1.0, size - 6).tolist()]
     A, _ = spectrum_matrix(values)
     S = gaussian(size, size, seed=7)
     R = torch.linalg.matrix_exp(drift * t * (S - S.T))  # a rotation close to I
@@ -281,7 +282,8 @@ def test_switch_never_happens_below_the_threshold():
 def test_scaled_direction_multiplies():
     basis = SubspaceBasis(torch.ones(1, dtype=F64), orthonormal(4, 1), 0)
     g = gaussian(4)
-    assert torch.allclose(Scaled(BulkProjection(), 3.0)(g, basis), 3 * project_bulk(g, basis.vectors))
+    scaled = Scaled(BulkProjection(), 3.0)(g, basis)
+    assert torch.allclose(scaled, 3 * project_bulk(g, basis.vectors))
 
 
 def test_switch_and_optimizer_reject_bad_arguments():
@@ -406,3 +408,75 @@ def test_experiment_files_name_known_optimizers():
         config = load_experiment(name)
         assert config.optim.name in {"sgd", *OPTIMIZERS}, name
         assert dataclasses.asdict(config)["optim"]["k"] >= 1
+
+
+# ---------------------------------------------------------------------- `tinysubspace compare`
+@pytest.fixture(scope="module")
+def tiny_runs(tmp_path_factory):
+    """Two finished tiny runs: plain SGD and a switching Dom-SGD."""
+    from tinysubspace.training import run_experiment
+
+    folder = tmp_path_factory.mktemp("compare")
+    configs = {"projected-sgd-tiny": tiny_config(name="sgd"),
+               "projected-dom-sgd-tiny": tiny_config(name="switch-dom-sgd",
+                                                     switch_threshold=0.3, switch_window=3)}
+    for name, config in configs.items():
+        run_experiment(dataclasses.replace(config, name=name), folder / name)
+    return [folder / name for name in configs]
+
+
+def test_compare_table_reads_losses_steps_and_hvp_cost(tiny_runs):
+    from tinysubspace.projected_compare import compare_markdown, compare_table
+    from tinysubspace.store import load_run
+
+    sgd, dom = (load_run(path) for path in tiny_runs)
+    target = float(sgd.metrics["train/loss"].iloc[2])  # SGD reaches it at its third measurement
+    table, used = compare_table([sgd, dom], target_loss=target)
+    assert used == target and list(table["label"]) == ["sgd", "dom-sgd"]
+    assert table["final_loss"].tolist() == pytest.approx(
+        [float(sgd.metrics["train/loss"].iloc[-1]), float(dom.metrics["train/loss"].iloc[-1])])
+    assert int(table["steps_to_target"].iloc[0]) == int(sgd.metrics["step"].iloc[2])
+    state = torch.load(tiny_runs[1] / "checkpoint.pt", weights_only=False)["optimizer"][
+        "subspace_sgd"]
+    assert table["hvp_optimizer"].tolist() == [0, state["subspace"]["matvecs"]]
+    assert table["switched_at"].iloc[1] == state["direction"]["switched_at"]
+    assert table["hvp_tracker"].iloc[0] == int(sgd.metrics["cost/matvecs"].sum())
+    text = compare_markdown(table, target)
+    assert "| sgd | sgd |" in text and "switch-dom-sgd" in text
+
+
+def test_compare_default_target_is_twice_the_best_final_loss(tiny_runs):
+    from tinysubspace.projected_compare import compare_table
+
+    table, target = compare_table(tiny_runs)
+    assert target == pytest.approx(2 * table["final_loss"].min())
+    assert table["steps_to_target"].notna().any()
+
+
+def test_compare_figure_and_command(tiny_runs, tmp_path, capsys):
+    import argparse
+
+    from tinysubspace.commands import compare
+    from tinysubspace.plots_common import plotted_data
+    from tinysubspace.projected_compare import figure_compare
+
+    data = plotted_data(figure_compare(tiny_runs))
+    assert set(data) == {"sgd", "dom-sgd"} and len(data["sgd"]["minibatch_loss"]) == 12
+    sub = argparse.ArgumentParser()
+    compare.add_arguments(sub)
+    args = sub.parse_args([*map(str, tiny_runs), "--out", str(tmp_path / "c.png")])
+    assert compare.main(args) == 0
+    assert (tmp_path / "c.png").stat().st_size > 1000
+    assert "steps to target" in capsys.readouterr().out
+    bad = sub.parse_args([str(tmp_path)])
+    assert compare.main(bad) == 2
+    assert "is not a run folder" in capsys.readouterr().err
+
+
+def test_short_labels_drop_shared_words():
+    from tinysubspace.projected_compare import short_labels
+
+    assert short_labels(["projected-sgd-fashion", "projected-bulk-sgd-fashion"]) == [
+        "sgd", "bulk-sgd"]
+    assert short_labels(["a-x", "a-x"]) == ["a-x", "a-x"]  # not unique after shortening
+    assert short_labels(["only-one"]) == ["only-one"]

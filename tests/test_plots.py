@@ -10,8 +10,9 @@ from matplotlib.figure import Figure
 
 from run_fixtures import ANCHORS, VECTOR_STEPS, K, P, write_run
 from tinysubspace import plots
+from tinysubspace.models import label_parameters
 from tinysubspace.plots import MissingDataError, plotted_data
-from tinysubspace.plots_common import choose_steps, parameter_groups
+from tinysubspace.plots_common import choose_steps
 from tinysubspace.store import load_run
 
 
@@ -214,13 +215,23 @@ def test_every_registered_figure_draws(run_dir):
 def test_choose_steps_and_groups():
     assert choose_steps([0, 10, 50, 120], [0, 50, 100, 200]) == [0, 50, 120]
     assert choose_steps([], [0]) == []
-    labels = [g.label for g in parameter_groups(
-        ["conv.weight", "conv.bias", "bn.weight", "bn.bias", "fc.weight"],
-        [[2, 1, 3, 3], [2], [2], [2], [10, 2]])]
-    assert labels == ["layer 1 weights", "layer 1 biases", "layer 2 weights", "layer 2 biases",
-                      "top layer weights"]
+    groups = label_parameters(["conv.weight", "conv.bias", "bn.weight", "bn.bias", "fc.weight"],
+                              [[2, 1, 3, 3], [2], [2], [2], [10, 2]])
+    # a batch norm belongs to the layer before it (as models.parameter_groups labels it)
+    assert [g.label for g in groups] == [
+        "layer 1 weights", "layer 1 biases", "layer 1 batch-norm scales",
+        "layer 1 batch-norm shifts", "top layer weights"]
+    assert [(g.start, g.stop) for g in groups] == [(0, 18), (18, 20), (20, 22), (22, 24),
+                                                   (24, 44)]
     with pytest.raises(ValueError, match="2 parameter names but 1 shapes"):
-        parameter_groups(["a.weight", "a.bias"], [[1]])
+        label_parameters(["a.weight", "a.bias"], [[1]])
+
+
+def test_no_steps_to_draw_is_a_clear_error(run_dir):
+    with pytest.raises(ValueError, match="at least one panel"):
+        plots.figure_c2(run_dir, steps=())
+    with pytest.raises(ValueError, match="at least one panel"):
+        plots.figure_top_eigenvector(run_dir, steps=[])
 
 
 def test_vector_steps_exist():

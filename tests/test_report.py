@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import base64
+import io
 import re
 
 import pytest
 
 from run_fixtures import write_run
 from tinysubspace.cli import main as cli
+from tinysubspace.progress import Progress
 from tinysubspace.report import flatten_config, metrics_summary, render_report
 from tinysubspace.store import load_run
+from tinysubspace.summary import summary_table
 
 
 @pytest.fixture(scope="module")
@@ -96,3 +99,41 @@ def test_commands_reject_a_folder_that_is_no_run(tmp_path, capsys):
     assert cli(["report", str(tmp_path)]) == 2
     assert "is not a run folder" in capsys.readouterr().err
     assert cli(["plot", str(tmp_path)]) == 2
+
+
+def test_plot_command_overlay_of_runs_without_f_top(tmp_path, capsys):
+    bare = write_run(tmp_path / "bare", vectors=False, spectrum=False)
+    (bare / "metrics.csv").write_text("step,train/loss\n0,2.3\n")
+    assert cli(["plot", str(bare), "--overlay", "--out", str(tmp_path / "o")]) == 1
+    assert "error: Fig. 12 (overlay): Fig. 1 (f_top) needs" in capsys.readouterr().err
+
+
+def test_table1_command_without_runs(tmp_path, capsys):
+    assert cli(["table1", str(tmp_path / "nothing")]) == 2
+    assert "no run folders in" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ summary table, progress
+def test_summary_table_shows_lambda_k_and_k_plus_1_of_the_run(run_dir):
+    run = load_run(run_dir)  # tracker.k = K = 3
+    lines = summary_table(run, max_rows=4).splitlines()
+    assert lines[0].split() == ["step", "loss", "acc", "f_top", "overlap(g,Hg)", "λ1", "λ2",
+                                "λ3", "λ4", "matvecs", "seconds"]
+    steps = [int(line.split()[0]) for line in lines[2:]]
+    assert steps == [0, 100, 200, 300]  # evenly spread, first and last included
+    assert lines[-1].split()[7] == f"{run.metrics['hessian/eig_3'].iloc[-1]:.4g}"
+    with pytest.raises(ValueError, match="max_rows must be at least 2"):
+        summary_table(run, max_rows=1)
+
+
+def test_progress_prints_what_a_measurement_has():
+    stream = io.StringIO()
+    progress = Progress(stream, every_seconds=0.0)
+    progress.start(100)
+    progress.measured({"step": 10, "train/loss": 0.5})  # a run without Hessian columns
+    progress.measured({"step": 20, "train/loss": 0.25, "hessian/f_top": float("nan"),
+                       "hessian/eig_1": None, "hessian/overlap_g_Hg": 0.75})
+    progress.close()
+    lines = stream.getvalue().splitlines()
+    assert lines[1].endswith("| step 10: loss 0.5000")
+    assert lines[2].endswith("| step 20: loss 0.2500  f_top nan  overlap(g,Hg) 0.750")

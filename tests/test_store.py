@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -27,6 +28,23 @@ def test_metrics_round_trip_with_full_precision(tmp_path):
     assert run.metrics["train/loss"].tolist() == [2.302585092994046, 1 / 3]
     assert run.metrics["hessian/f_top"].isna().tolist() == [False, True]
     assert run.status["state"] == "running"
+
+
+def test_numpy_and_torch_scalars_are_written_as_numbers(tmp_path):
+    store = _store(tmp_path)
+    store.append_metrics({"step": np.int64(3), "train/loss": np.float64(0.1),
+                          "hessian/f_top": torch.tensor(0.25, dtype=torch.float64)})
+    store.append_metrics({"step": 4, "train/loss": np.float32("nan"), "hessian/f_top": True})
+    text = (tmp_path / "run" / "metrics.csv").read_text()
+    assert text.splitlines()[1:] == ["3,0.1,0.25", "4,,1.0"]
+    metrics = load_run(tmp_path / "run").metrics
+    assert metrics["step"].tolist() == [3, 4] and metrics["train/loss"].iloc[0] == 0.1
+
+
+def test_rows_may_come_from_a_generator(tmp_path):
+    store = _store(tmp_path)
+    store.minibatch.append({"step": s, "minibatch/loss": 1.0 / (s + 1)} for s in range(3))
+    assert load_run(tmp_path / "run").minibatch["step"].tolist() == [0, 1, 2]
 
 
 def test_unknown_column_is_refused(tmp_path):
@@ -96,3 +114,29 @@ def test_config_is_saved_as_json(tmp_path):
 def test_load_run_of_a_non_run_folder(tmp_path):
     with pytest.raises(RunStoreError, match="is not a run folder"):
         load_run(tmp_path)
+
+
+class _Payload:
+    """Runs a shell command when unpickled without restrictions."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_eigenvector_files_load_tensors_only(tmp_path):
+    store = _store(tmp_path)
+    payload = {"step": 0, "values": torch.ones(2), "vectors": torch.eye(3, 2),
+               "param_names": ["w"], "param_shapes": [[3]]}
+    store.save_eigenvectors(0, payload)
+    saved = load_run(tmp_path / "run").eigenvectors(0)
+    assert torch.equal(saved["vectors"], payload["vectors"]) and saved["param_shapes"] == [[3]]
+    marker = tmp_path / "pwned"
+    store.save_eigenvectors(7, {"vectors": _Payload(marker)})
+    with pytest.raises(RunStoreError, match=r"step_00000007\.pt holds more than tensors"):
+        load_run(tmp_path / "run").eigenvectors(7)
+    assert not marker.exists()

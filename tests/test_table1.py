@@ -114,3 +114,10 @@ def test_row_under_experiment_key_is_read(tmp_path):
                        run.metrics, run.minibatch, run.status)
     with pytest.raises(ValueError, match="fc-mnist-adam-typo"):
         table1([nested])
+
+
+def test_a_null_experiment_section_is_no_row(tmp_path):
+    run = _run(tmp_path, "null", None, minibatch=[0.2])
+    bare = type(run)(run.path, {"experiment": None}, run.metrics, run.minibatch, run.status)
+    with pytest.raises(ValueError, match="has no table1_row"):
+        table1([bare])

@@ -74,6 +74,45 @@ def test_config_and_model_reject_bad_arguments():
         toy.softmax_loss(torch.zeros(6, dtype=F64), data, biases=True)
 
 
+@pytest.mark.parametrize("function", [
+    toy.softmax_loss, toy.softmax_gradient, toy.softmax_hessian, toy.SoftmaxHessian,
+    toy.data_span_spectrum,
+])
+def test_every_closed_form_checks_the_shape_of_theta(function):
+    data = toy.make_toy_data(k=2, d=3, n=2, sigma=0.0)
+    with pytest.raises(ValueError, match=r"theta must have shape \(8,\) for k = 2, d = 3"):
+        function(torch.zeros(6, dtype=F64), data, True)
+
+
+def test_simulate_rejects_data_of_another_shape():
+    data = toy.make_toy_data(k=3, d=6, n=3, sigma=0.0)
+    with pytest.raises(ValueError, match=r"k = 3 classes .* do not fit config\.k = 2"):
+        toy.simulate(ToyConfig(d=6, n=2, steps=2), data=data)
+    small = toy.make_toy_data(k=2, d=1, n=2, sigma=0.0)  # p = 2: no room for 2 + 2 eigenpairs
+    with pytest.raises(ValueError, match="p = 2 parameters"):
+        toy.simulate(ToyConfig(d=6, n=2, steps=2), data=small)
+
+
+def test_power_law_exponent_closed_form_and_bad_input():
+    x = torch.tensor([0.01, 0.02, 0.05], dtype=F64)
+    assert toy.power_law_exponent(x, 7 * x ** 2.5) == pytest.approx(2.5, abs=1e-12)
+    with pytest.raises(ValueError, match="positive finite values"):
+        toy.power_law_exponent(x, torch.tensor([1.0, 0.0, 2.0], dtype=F64))
+    with pytest.raises(ValueError, match="one length ≥ 2"):
+        toy.power_law_exponent(x[:1], x[:1])
+    with pytest.raises(ValueError, match="all x are equal"):
+        toy.power_law_exponent(torch.ones(3, dtype=F64), x)
+
+
+def test_the_facade_reaches_every_public_name():
+    from tinysubspace import toy_analytic, toy_model
+
+    for module in (toy_model, toy_analytic):
+        for name in module.__all__:
+            assert getattr(toy, name) is getattr(module, name)
+            assert name in toy.__all__
+
+
 # ----------------------------------------------------- closed forms against autograd
 CASES = [(2, False, 0.0), (2, True, 0.0), (3, False, 0.3), (4, True, 0.3)]
 
@@ -455,6 +494,35 @@ def test_command_rejects_a_bad_sweep():
         run_command(["--sweep-sigma", "0.01"])
     with pytest.raises(SystemExit, match="comma-separated numbers"):
         run_command(["--sweep-sigma", "a,b"])
+
+
+def test_command_reports_bad_options(capsys):
+    assert run_command(["--eta", "0"]) == 2
+    assert "error: eta must be positive" in capsys.readouterr().err
+    assert run_command(["--n", "3"]) == 2  # not a multiple of k = 2
+    assert "multiple of k = 2" in capsys.readouterr().err
+    assert run_command(["--d", "6", "--n", "2", "--steps", "10", "--fit-from", "20"]) == 2
+    assert "--fit-from must lie in [1, --steps = 10]" in capsys.readouterr().err
+
+
+def test_figures_without_a_bulk_eigenvalue():
+    sim = toy.simulate(ToyConfig(d=6, n=2, steps=20, measurements=4, bulk=0))
+    assert sim.eigenvalues.shape[1] == 2
+    assert len(toy_plots.eigenvalue_figure(sim).axes) == 1
+    with pytest.raises(ValueError, match="run with bulk ≥ 1"):
+        toy_plots.sigma_sweep_figure([sim])
+
+
+def test_sigma_sweep_at_the_last_step():
+    sims = [toy.simulate(ToyConfig(d=6, n=6, sigma=s, steps=50, measurements=4, bulk=1))
+            for s in (0.01, 0.02)]
+    sigma, bulk, defect = toy.sigma_sweep(sims)
+    assert sigma.tolist() == [0.01, 0.02]
+    for j, sim in enumerate(sims):
+        assert float(bulk[j]) == float(sim.eigenvalues[-1, 2] / sim.eigenvalues[-1, 0])
+        assert float(defect[j]) == abs(1 - float(sim.f_top[-1]))
+    with pytest.raises(ValueError, match="at least one run"):
+        toy.sigma_sweep([])
 
 
 def test_figures_are_built_from_results(analytic_run):

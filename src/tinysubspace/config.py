@@ -9,6 +9,7 @@ every run.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -166,18 +167,27 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
             return value.lower() in ("true", "1", "yes")
         raise ConfigError(f"{key} must be true or false, got {value!r}")
     if annotation in (int, float):
-        try:
-            number = annotation(value.strip() if isinstance(value, str) else value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{key} must be {annotation.__name__}, got {value!r}") from None
-        if annotation is int and isinstance(value, float) and value != int(value):
-            raise ConfigError(f"{key} must be an integer, got {value!r}")
-        return number
+        return _number(value, annotation, key)
     if annotation is str:
         if not isinstance(value, str):
             raise ConfigError(f"{key} must be a string, got {value!r}")
         return value
     raise ConfigError(f"{key}: unsupported type {annotation}")
+
+
+def _number(value: Any, annotation: type, key: str) -> int | float:
+    """``value`` as an ``int`` or a finite ``float`` (a bool is neither)."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError("a bool is not a number")
+        number = annotation(value.strip() if isinstance(value, str) else value)
+    except (TypeError, ValueError, OverflowError):
+        raise ConfigError(f"{key} must be {annotation.__name__}, got {value!r}") from None
+    if annotation is int and isinstance(value, float) and value != int(value):
+        raise ConfigError(f"{key} must be an integer, got {value!r}")
+    if not math.isfinite(number):
+        raise ConfigError(f"{key} must be a finite number, got {value!r}")
+    return number
 
 
 def _replace(section: Any, key_path: str, updates: dict[str, Any]) -> Any:

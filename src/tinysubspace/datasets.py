@@ -1,4 +1,5 @@
-"""The paper's data sets, in memory, and the label transforms of Table 1 and Appendix B.
+"""The paper's data sets by name, in memory (the container :class:`TensorData` and the label
+transforms of Table 1 and Appendix B live in :mod:`tinysubspace.tensor_data`; re-exported here).
 
 ``load_dataset(name, root=..., split=...)`` returns a :class:`TensorData`: all inputs and targets
 of one split as two tensors. Nothing is downloaded: the image data sets are read from files
@@ -26,7 +27,6 @@ the torchvision layout.
 
 from __future__ import annotations
 
-import inspect
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -43,6 +43,8 @@ from .datasets_files import (
     read_cifar_batch,
     read_idx,
 )
+from .registry import check_options, lookup
+from .tensor_data import TensorData, even_odd, random_labels, standardize, subset
 
 __all__ = [
     "DATA_ENV",
@@ -59,65 +61,6 @@ __all__ = [
 
 DATA_ENV = "TINYSUBSPACE_DATA"
 SYSTEM_DATA = Path("/usr/share/datasets")
-
-
-@dataclass(frozen=True, eq=False)
-class TensorData:
-    """One split of a data set, in memory.
-
-    Attributes:
-        inputs: floating tensor ``(n, ...)``: ``(n, 64)`` digits, ``(n, 1, 28, 28)`` MNIST,
-            ``(n, 3, 32, 32)`` CIFAR.
-        targets: int64 class labels ``(n,)``, or floating ``(n, m)`` regression targets.
-        num_classes: the number of classes, ``None`` for regression.
-        name: a short description, e.g. ``"mnist-train"``.
-
-    Raises:
-        ValueError: mismatched lengths, wrong dtypes, or labels outside ``[0, num_classes)``.
-    """
-
-    inputs: torch.Tensor
-    targets: torch.Tensor
-    num_classes: int | None
-    name: str
-
-    def __post_init__(self) -> None:
-        if not self.inputs.is_floating_point() or self.inputs.ndim < 2:
-            raise ValueError(f"{self.name}: inputs must be a floating tensor (n, ...), got "
-                             f"{self.inputs.dtype} of shape {tuple(self.inputs.shape)}")
-        if self.targets.shape[:1] != self.inputs.shape[:1]:
-            raise ValueError(f"{self.name}: {self.inputs.shape[0]} inputs but targets of shape "
-                             f"{tuple(self.targets.shape)}")
-        if self.num_classes is None:
-            if not self.targets.is_floating_point() or self.targets.ndim != 2:
-                raise ValueError(f"{self.name}: regression targets must be floating (n, m), got "
-                                 f"{self.targets.dtype} of shape {tuple(self.targets.shape)}")
-            return
-        if self.targets.dtype != torch.int64 or self.targets.ndim != 1:
-            raise ValueError(f"{self.name}: class labels must be int64 of shape (n,), got "
-                             f"{self.targets.dtype} of shape {tuple(self.targets.shape)}")
-        if len(self) and not 0 <= int(self.targets.min()) <= int(self.targets.max()) < \
-                self.num_classes:
-            raise ValueError(f"{self.name}: labels must lie in [0, {self.num_classes}), got "
-                             f"[{int(self.targets.min())}, {int(self.targets.max())}]")
-
-    def __len__(self) -> int:
-        return int(self.inputs.shape[0])
-
-    @property
-    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(inputs, targets)``, e.g. the ``data`` of a ``HessianOperator``."""
-        return self.inputs, self.targets
-
-    @property
-    def input_shape(self) -> tuple[int, ...]:
-        """The shape of one input, e.g. ``(1, 28, 28)``."""
-        return tuple(self.inputs.shape[1:])
-
-    @property
-    def num_outputs(self) -> int:
-        """The model outputs this data needs: the classes, or the regression targets' width."""
-        return self.num_classes if self.num_classes is not None else int(self.targets.shape[1])
 
 
 # ------------------------------------------------------------------------------------ registry
@@ -147,18 +90,10 @@ def load_dataset(name: str, *, root: str | os.PathLike | None = None, split: str
         ValueError: an unknown name, split or option (the known ones are listed).
         DatasetNotFoundError: the files are missing.
     """
-    key = name.strip().lower().replace("_", "-")
-    if key not in _REGISTRY:
-        raise ValueError(f"unknown data set {name!r}; known: {', '.join(dataset_names())}")
-    spec = _REGISTRY[key]
+    key, spec = lookup(_REGISTRY, name, "data set")
     if split not in spec.splits:
         raise ValueError(f"data set {key!r} has splits {', '.join(spec.splits)}; got {split!r}")
-    known = [p.name for p in inspect.signature(spec.loader).parameters.values()
-             if p.kind is inspect.Parameter.KEYWORD_ONLY]
-    unknown = sorted(set(options) - set(known))
-    if unknown:
-        raise ValueError(f"unknown option(s) {', '.join(unknown)} for data set {key!r}; known: "
-                         f"{', '.join(known) or '(none)'}")
+    check_options(options, spec.loader, f"data set {key!r}")
     return spec.loader(None if root is None else Path(root), split, **options)
 
 
@@ -324,7 +259,7 @@ def _load_gaussian_mixture(root: Path | None, split: str, *, n: int = 1000, k: i
     """``k`` classes in R^``d``: ``x = μ_y + σ ε``, ε ~ N(0, I_d); classes balanced (``n // k``
     or one more each), in random order. The means depend on ``seed`` only, so the train and test
     splits of one seed share them (and differ in their samples)."""
-    if n < 1 or sigma < 0:
+    if n < 1 or not sigma >= 0:
         raise ValueError(f"n must be positive and sigma non-negative, got n={n}, sigma={sigma}")
     means = gaussian_mixture_means(k, d, seed, orthogonal_means).numpy()
     rng = np.random.default_rng([seed, _SPLIT_STREAM[split]])
@@ -338,7 +273,7 @@ def _load_sine(root: Path | None, split: str, *, n: int = 1000, noise: float = 0
                seed: int = 0) -> TensorData:
     """One period of a sine: ``x ~ U[0, 2π)``, ``y = sin x + noise · ε``; inputs and targets
     ``(n, 1)``."""
-    if n < 1 or noise < 0:
+    if n < 1 or not noise >= 0:
         raise ValueError(f"n must be positive and noise non-negative, got n={n}, noise={noise}")
     rng = np.random.default_rng([seed, _SPLIT_STREAM[split]])
     x = rng.uniform(0.0, 2 * math.pi, size=(n, 1))
@@ -356,67 +291,3 @@ _REGISTRY: dict[str, _Spec] = {
     "gaussian-mixture": _Spec(_load_gaussian_mixture),
     "sine": _Spec(_load_sine),
 }
-
-
-# ---------------------------------------------------------------------------------- transforms
-def _permutation(n: int, seed: int) -> torch.Tensor:
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-
-
-def subset(data: TensorData, n: int, seed: int) -> TensorData:
-    """``n`` examples drawn without replacement (seeded; nested: a smaller ``n`` with the same
-    seed gives the first examples of a larger one).
-
-    Raises:
-        ValueError: ``n`` not in ``[1, len(data)]``.
-    """
-    if not 1 <= n <= len(data):
-        raise ValueError(f"subset size must lie in [1, {len(data)}] for {data.name}, got {n}")
-    index = _permutation(len(data), seed)[:n]
-    return TensorData(data.inputs[index], data.targets[index], data.num_classes,
-                      f"{data.name}[{n} of {len(data)}, seed {seed}]")
-
-
-def random_labels(data: TensorData, seed: int) -> TensorData:
-    """The targets shuffled among the examples (a seeded permutation: the label counts are kept,
-    their link to the inputs is lost; Table 1 "random labels", after Zhang et al. 2016)."""
-    index = _permutation(len(data), seed)
-    return TensorData(data.inputs, data.targets[index], data.num_classes,
-                      f"{data.name}[random labels, seed {seed}]")
-
-
-def even_odd(data: TensorData) -> TensorData:
-    """Two classes, ``label mod 2`` (Appendix B: MNIST labelled even/odd has a 2-dim top space).
-
-    Raises:
-        ValueError: regression data.
-    """
-    if data.num_classes is None:
-        raise ValueError(f"even_odd needs class labels; {data.name} is a regression set")
-    return TensorData(data.inputs, data.targets % 2, 2, f"{data.name}[even/odd]")
-
-
-def standardize(train: TensorData, *others: TensorData) -> tuple[TensorData, ...]:
-    """Subtract the training inputs' per-feature mean and divide by their per-feature standard
-    deviation (population; features constant on the training set are only centred), applied to
-    ``train`` and every other split alike.
-
-    Returns:
-        ``(train, *others)`` standardised, in that order.
-
-    Raises:
-        ValueError: an input shape that differs from the training one.
-    """
-    x = train.inputs.to(torch.float64)
-    mean = x.mean(dim=0)
-    std = x.std(dim=0, correction=0)
-    std = torch.where(std > 1e-12, std, torch.ones_like(std))
-    result = []
-    for data in (train, *others):
-        if data.input_shape != train.input_shape:
-            raise ValueError(f"{data.name} has inputs {data.input_shape}, but the statistics "
-                             f"are of {train.name}'s {train.input_shape}")
-        inputs = ((data.inputs.to(torch.float64) - mean) / std).to(data.inputs.dtype)
-        result.append(TensorData(inputs, data.targets, data.num_classes,
-                                 f"{data.name}[standardized]"))
-    return tuple(result)

@@ -160,9 +160,19 @@ class RestrictedUnpickler(pickle.Unpickler):
 
 def safe_unpickle(path: str | Path) -> Any:
     """Load a pickle file with :class:`RestrictedUnpickler` (``encoding='bytes'``, so Python 2
-    pickles such as the CIFAR batches load)."""
+    pickles such as the CIFAR batches load).
+
+    Raises:
+        UnsafePickleError: the file asks for anything but arrays and containers.
+        ValueError: the file is cut short or not a pickle (e.g. an interrupted download).
+    """
     with io.BytesIO(Path(path).read_bytes()) as stream:
-        return RestrictedUnpickler(stream, encoding="bytes").load()
+        try:
+            return RestrictedUnpickler(stream, encoding="bytes").load()
+        except UnsafePickleError:
+            raise
+        except (pickle.UnpicklingError, EOFError) as error:
+            raise ValueError(f"{path}: not a complete pickle ({error})") from error
 
 
 def _entry(batch: dict, key: str, path: Path) -> Any:

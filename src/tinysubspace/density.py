@@ -32,6 +32,8 @@ from .krylov import lanczos_tridiagonal
 __all__ = [
     "SpectralDensity",
     "broadened_density",
+    "default_sigma",
+    "density_grid",
     "exact_spectrum",
     "spectral_density",
 ]
@@ -75,6 +77,22 @@ def broadened_density(values: torch.Tensor, weights: torch.Tensor | None, grid: 
     return (torch.exp(-0.5 * z * z) @ w) / (sigma * math.sqrt(2 * math.pi))
 
 
+def default_sigma(nodes: torch.Tensor) -> float:
+    """A broadening width for point masses at ``nodes``: 1% of their span (``1e-3`` if they
+    coincide)."""
+    span = float(nodes.max() - nodes.min())
+    return 0.01 * span if span > 0 else 1e-3
+
+
+def density_grid(nodes: torch.Tensor, sigma: float, points: int = 1000,
+                 pad: float = 6.0) -> torch.Tensor:
+    """``points`` equally spaced float64 values from ``min(nodes) − pad·σ`` to
+    ``max(nodes) + pad·σ``: where a density broadened by ``σ`` lives."""
+    low = float(nodes.min()) - pad * sigma
+    high = float(nodes.max()) + pad * sigma
+    return torch.linspace(low, high, points, dtype=torch.float64)
+
+
 @dataclass(frozen=True)
 class SpectralDensity:
     """SLQ estimate of a spectral density: one Gauss quadrature rule per probe.
@@ -107,18 +125,14 @@ class SpectralDensity:
         return int(self.nodes.shape[1])
 
     def default_sigma(self) -> float:
-        """A broadening width: 1% of the span of the nodes (``1e-3`` if they coincide)."""
-        span = float(self.nodes.max() - self.nodes.min())
-        return 0.01 * span if span > 0 else 1e-3
+        """A broadening width: :func:`default_sigma` of the nodes."""
+        return default_sigma(self.nodes)
 
     def grid(self, points: int = 1000, sigma: float | None = None,
              pad: float = 6.0) -> torch.Tensor:
-        """``points`` equally spaced values from ``min(nodes) − pad·σ`` to ``max(nodes) + pad·σ``.
-        """
+        """:func:`density_grid` of the nodes (``σ`` default: :meth:`default_sigma`)."""
         sigma = sigma if sigma is not None else self.default_sigma()
-        low = float(self.nodes.min()) - pad * sigma
-        high = float(self.nodes.max()) + pad * sigma
-        return torch.linspace(low, high, points, dtype=torch.float64)
+        return density_grid(self.nodes, sigma, points, pad)
 
     def density(self, grid: torch.Tensor | None = None,
                 sigma: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -193,7 +193,7 @@ def sum_across_ranks(compute: Callable[[], torch.Tensor], device: torch.device |
     Each rank runs ``compute`` (its local partial sum), then all ranks exchange a small header:
     whether ``compute`` raised, the size of its result and fingerprints of the ``agree``
     tensors. Only if every rank succeeded, agrees and has a result of the same size are the
-    results all-reduced. In a single process this is just ``compute()``.
+    results all-reduced. Without a process group this is just ``compute()``.
 
     Args:
         compute: the local partial sum (any shape; the same on every rank).
@@ -209,7 +209,7 @@ def sum_across_ranks(compute: Callable[[], torch.Tensor], device: torch.device |
         :class:`DistributedError`) if another rank failed, and :class:`DistributedError` if the
         ranks disagree.
     """
-    if not is_distributed():
+    if not (dist.is_available() and dist.is_initialized()):
         return compute()
     agree = dict(agree or {})
     error: Exception | None = None
@@ -228,15 +228,21 @@ def sum_across_ranks(compute: Callable[[], torch.Tensor], device: torch.device |
     if bool(header[:, 0].any()):
         _raise_failure(error, [int(r) for r in header[:, 0].nonzero()[:, 0]], propagate)
     _check_agreement(header, agree)
-    assert result is not None  # no rank failed
+    if result is None:  # unreachable: this rank's failure was raised above
+        raise DistributedError("no partial sum on this rank")
     dist.all_reduce(result, op=dist.ReduceOp.SUM)
     return result
 
 
 def _raise_failure(error: Exception | None, failed: list[int],
                    propagate: tuple[type[Exception], ...]) -> None:
-    """Every rank learns what the failing ranks raised (one object gather), then raises."""
-    mine = None if error is None else (type(error), f"{type(error).__name__}: {error}")
+    """Every rank learns what the failing ranks raised (one object gather), then raises.
+
+    Only strings and an index into ``propagate`` travel (no exception classes to unpickle)."""
+    mine = None
+    if error is not None:
+        kind = next((i for i, cls in enumerate(propagate) if isinstance(error, cls)), -1)
+        mine = (kind, f"{type(error).__name__}: {error}")
     reports: list[Any] = [None] * world_size()
     dist.all_gather_object(reports, mine)
     if error is not None:
@@ -244,9 +250,9 @@ def _raise_failure(error: Exception | None, failed: list[int],
     first = failed[0]
     kind, message = reports[first]
     text = f"rank {first} of {world_size()} failed: {message}"
-    if isinstance(kind, type) and issubclass(kind, propagate):
+    if kind >= 0:
         try:
-            exception = kind(text)
+            exception = propagate[kind](text)
         except Exception:  # a class whose constructor takes other arguments
             exception = DistributedError(text)
         raise exception

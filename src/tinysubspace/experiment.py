@@ -67,22 +67,24 @@ def load_data(config: DataConfig, data_root: str | None = None, images: bool = F
     ``images``: give digits as ``(n, 1, 8, 8)`` images (for convolutional models).
     """
     from . import datasets
+    from .registry import lookup
 
+    name, _ = lookup(datasets._REGISTRY, config.name, "data set")
     options: dict[str, Any] = {}
-    if config.name == "gaussian-mixture":
+    if name == "gaussian-mixture":
         options = {"k": config.classes, "d": config.dim, "sigma": config.sigma, "n": config.n,
                    "seed": config.seed}
-    elif config.name == "sine":
+    elif name == "sine":
         options = {"n": config.n, "seed": config.seed}
-    elif config.name == "digits":
+    elif name == "digits":
         options = {"seed": config.seed, "images": images}
     elif config.fallback_to_test:
         options = {"fallback_to_test": True}
     root = config.root or data_root
-    train = datasets.load_dataset(config.name, root=root, split="train", **options)
+    train = datasets.load_dataset(name, root=root, split="train", **options)
     test = None
     if config.test_set:  # the synthetic sets draw other samples (same means) for "test"
-        test = datasets.load_dataset(config.name, root=root, split="test", **options)
+        test = datasets.load_dataset(name, root=root, split="test", **options)
     return _transform(config, train, test)
 
 
@@ -108,18 +110,18 @@ def _transform(config: DataConfig, train, test):
 
 def build_model(config: ModelConfig, train, seed: int) -> torch.nn.Module:
     from . import models
+    from .registry import lookup
 
+    name, _ = lookup(models._BUILDERS, config.name, "model")
     options: dict[str, Any] = {}
-    if config.name == "fc":
+    if name == "fc":
         options = {"widths": config.widths, "activation": config.activation}
-    elif config.name == "convnet":
+    elif name == "convnet":
         options = {"dropout": config.dropout, "batchnorm": config.batchnorm,
                    "extra_dense": config.extra_dense}
-    elif config.name == "resnet18":
+    elif name == "resnet18":
         options = {"width": config.width}
-    num_outputs = train.num_classes if train.num_classes is not None else train.targets.shape[-1]
-    return models.build_model(config.name, tuple(train.inputs.shape[1:]), num_outputs,
-                              seed=seed, **options)
+    return models.build_model(name, train.input_shape, train.num_outputs, seed=seed, **options)
 
 
 def build_problem(config: ExperimentConfig, data_root: str | None = None) -> Problem:

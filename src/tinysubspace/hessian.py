@@ -90,7 +90,8 @@ class HessianOperator(SymmetricOperator):
                  distributed: bool | None = None) -> None:
         if mode not in ("eval", "train"):
             raise ValueError(f"mode must be 'eval' or 'train', got {mode!r}")
-        if distributed and not torch.distributed.is_initialized():
+        if distributed and not (torch.distributed.is_available()
+                                and torch.distributed.is_initialized()):
             raise ValueError("distributed=True needs torch.distributed initialised "
                              "(torch.distributed.init_process_group, or run under torchrun)")
         self.distributed = tsdist.is_distributed() if distributed is None else bool(distributed)

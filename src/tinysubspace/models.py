@@ -22,16 +22,25 @@ keeps PyTorch's defaults, ``init="glorot"`` uses Keras's (Glorot-uniform weights
 
 from __future__ import annotations
 
-import inspect
+import math
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from .models_resnet import ResNet18
+from .registry import check_options, lookup
 
-__all__ = ["build_model", "model_names", "parameter_group_slices", "parameter_groups"]
+__all__ = [
+    "ParameterGroup",
+    "build_model",
+    "label_parameters",
+    "model_names",
+    "parameter_group_slices",
+    "parameter_groups",
+]
 
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "relu": nn.ReLU, "softplus": nn.Softplus, "tanh": nn.Tanh, "linear": nn.Identity,
@@ -75,23 +84,12 @@ def _convnet(input_shape: tuple[int, ...], num_outputs: int, *,
     for name, flag in flags.items():
         if not isinstance(flag, bool):
             raise ValueError(f"{name} must be True or False, got {flag!r}")
-    size = [((s - 2) // 2 - 2) // 2 for s in (h, w)]  # same, valid, pool, same, valid, pool
     if min(h, w) < 10:
         raise ValueError(f"convnet needs images of at least 10×10 (two valid 3×3 convolutions and "
                          f"two 2×2 poolings), got {h}×{w}")
-    layers: OrderedDict[str, nn.Module] = OrderedDict()
-    ins = [c, c1, c1, c2]
-    outs = [c1, c1, c2, c2]
-    for i in range(4):
-        layers[f"conv{i + 1}"] = nn.Conv2d(ins[i], outs[i], 3, padding=1 if i % 2 == 0 else 0)
-        if batchnorm:
-            layers[f"bn{i + 1}"] = nn.BatchNorm2d(outs[i])
-        layers[f"relu{i + 1}"] = nn.ReLU()
-        if i % 2 == 1:
-            layers[f"pool{i // 2 + 1}"] = nn.MaxPool2d(2)
-            if dropout:
-                layers[f"drop{i // 2 + 1}"] = nn.Dropout(0.25)
+    layers = _conv_stages(c, c1, c2, batchnorm, dropout)
     layers["flatten"] = nn.Flatten()
+    size = [((s - 2) // 2 - 2) // 2 for s in (h, w)]  # same, valid, pool, same, valid, pool
     fan_in = c2 * size[0] * size[1]
     for j in range(1, 3 if extra_dense else 2):
         layers[f"dense{j}"] = nn.Linear(fan_in, dense)
@@ -101,6 +99,24 @@ def _convnet(input_shape: tuple[int, ...], num_outputs: int, *,
         fan_in = dense
     layers["top"] = nn.Linear(fan_in, num_outputs)
     return nn.Sequential(layers)
+
+
+def _conv_stages(c: int, c1: int, c2: int, batchnorm: bool,
+                 dropout: bool) -> OrderedDict[str, nn.Module]:
+    """``conv1`` (same) ``conv2`` (valid) ``pool1`` with ``c1`` channels, then ``conv3``
+    ``conv4`` ``pool2`` with ``c2``; ReLUs, optional batch norms and dropouts (0.25)."""
+    layers: OrderedDict[str, nn.Module] = OrderedDict()
+    ins, outs = [c, c1, c1, c2], [c1, c1, c2, c2]
+    for i in range(4):
+        layers[f"conv{i + 1}"] = nn.Conv2d(ins[i], outs[i], 3, padding=1 if i % 2 == 0 else 0)
+        if batchnorm:
+            layers[f"bn{i + 1}"] = nn.BatchNorm2d(outs[i])
+        layers[f"relu{i + 1}"] = nn.ReLU()
+        if i % 2 == 1:
+            layers[f"pool{i // 2 + 1}"] = nn.MaxPool2d(2)
+            if dropout:
+                layers[f"drop{i // 2 + 1}"] = nn.Dropout(0.25)
+    return layers
 
 
 def _resnet18(input_shape: tuple[int, ...], num_outputs: int, *, width: int = 64) -> nn.Module:
@@ -139,16 +155,8 @@ def build_model(name: str, input_shape: Sequence[int], num_outputs: int, *, seed
     Raises:
         ValueError: an unknown name or option (the known ones are listed), or a bad value.
     """
-    key = name.strip().lower().replace("_", "-")
-    if key not in _BUILDERS:
-        raise ValueError(f"unknown model {name!r}; known: {', '.join(model_names())}")
-    builder = _BUILDERS[key]
-    known = [p.name for p in inspect.signature(builder).parameters.values()
-             if p.kind is inspect.Parameter.KEYWORD_ONLY]
-    unknown = sorted(set(options) - set(known))
-    if unknown:
-        raise ValueError(f"unknown option(s) {', '.join(unknown)} for model {key!r}; known: "
-                         f"{', '.join(['seed', 'init', *known])}")
+    key, builder = lookup(_BUILDERS, name, "model")
+    check_options(options, builder, f"model {key!r}", also_known=("seed", "init"))
     shape = tuple(_positive_ints(input_shape, "input_shape"))
     (num_outputs,) = _positive_ints([num_outputs], "num_outputs")
     _choice(init, dict.fromkeys(INITS), "init")
@@ -204,14 +212,116 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 
 # ------------------------------------------------------------------------------ parameter groups
+@dataclass(frozen=True)
+class ParameterGroup:
+    """One parameter's label and its range in the flat parameter vector.
+
+    Attributes:
+        label: e.g. ``"layer 1 weights"``, ``"layer 2 batch-norm scales"``, ``"top layer biases"``.
+        name: the parameter's name, e.g. ``"hidden1.weight"``.
+        start, stop: its range ``[start, stop)`` in the flat vector of the parameters labelled.
+    """
+
+    label: str
+    name: str
+    start: int
+    stop: int
+
+
+LAYER, OTHER = "layer", "other"
+_LAYER_KINDS = {"weight": "weights", "bias": "biases"}
+_NORM_KINDS = {"weight": "scales", "bias": "shifts"}
+
+
+def label_parameters(names: Sequence[str], shapes: Sequence[Sequence[int]],
+                     kinds: Mapping[str, str] | None = None) -> list[ParameterGroup]:
+    """Label each parameter by layer (Fig. 6's colours), from its name and shape.
+
+    A parameter's *module* is its name up to the last dot (``""`` at the top level). Each module
+    is a *layer* (linear or convolution), a *normalisation* or *other*: as ``kinds`` says
+    (``{module: "layer" | "other" | a normalisation's label such as "batch-norm"}``), or, for
+    modules it does not name, from the shapes: a ``weight`` of two or more dimensions makes a
+    layer; 1-D parameters named ``weight`` and ``bias`` only make a batch norm (the only
+    normalisation of the paper's networks; pass ``kinds`` for others); the rest is other.
+
+    Layers are numbered 1, 2, … in order and the last is the "top layer": its parameters are
+    "layer i weights" / "layer i biases" or "top layer weights" / "top layer biases". A
+    normalisation's are "layer i batch-norm scales" / "… shifts" (``i``: the layer before it);
+    any other parameter keeps its name.
+
+    Args:
+        names: parameter names in ``named_parameters()`` order, e.g. a ``HessianOperator``'s.
+        shapes: their shapes.
+        kinds: the kind of some or all modules (:func:`parameter_groups` passes the exact ones).
+
+    Returns:
+        one :class:`ParameterGroup` per parameter, in order, tiling ``[0, Σ sizes)``.
+
+    Raises:
+        ValueError: ``names`` and ``shapes`` of different lengths.
+
+    >>> [g.label for g in label_parameters(
+    ...     ["conv.weight", "conv.bias", "bn.weight", "bn.bias", "fc.weight"],
+    ...     [[2, 1, 3, 3], [2], [2], [2], [10, 2]])]  # doctest: +NORMALIZE_WHITESPACE
+    ['layer 1 weights', 'layer 1 biases', 'layer 1 batch-norm scales',
+     'layer 1 batch-norm shifts', 'top layer weights']
+    """
+    if len(names) != len(shapes):
+        raise ValueError(f"{len(names)} parameter names but {len(shapes)} shapes")
+    modules = [name.rpartition(".")[0] for name in names]
+    kind_of = _module_kinds(names, shapes, modules, kinds or {})
+    layers = [m for m in kind_of if kind_of[m] == LAYER]
+    numbers = {m: i for i, m in enumerate(layers, start=1)}
+    top = layers[-1] if layers else None
+    groups: list[ParameterGroup] = []
+    start, number = 0, 0
+    for name, module, shape in zip(names, modules, shapes, strict=True):
+        number = numbers.get(module, number)  # a normalisation takes the layer before it
+        label = _label(name.rpartition(".")[2], module, kind_of[module], number, top)
+        groups.append(ParameterGroup(label, name, start, start + math.prod(map(int, shape))))
+        start = groups[-1].stop
+    return groups
+
+
+def _module_kinds(names: Sequence[str], shapes: Sequence[Sequence[int]], modules: list[str],
+                  kinds: Mapping[str, str]) -> dict[str, str]:
+    """``{module: kind}`` in order of appearance: from ``kinds``, else inferred from shapes."""
+    dims: dict[str, dict[str, int]] = {}
+    for name, module, shape in zip(names, modules, shapes, strict=True):
+        dims.setdefault(module, {})[name.rpartition(".")[2]] = len(shape)
+    found = {}
+    for module, ndim in dims.items():
+        if module in kinds:
+            found[module] = kinds[module]
+        elif ndim.get("weight", 0) >= 2:
+            found[module] = LAYER
+        elif "weight" in ndim and set(ndim) <= {"weight", "bias"} and max(ndim.values()) == 1:
+            found[module] = "batch-norm"
+        else:
+            found[module] = OTHER
+    return found
+
+
+def _label(leaf: str, module: str, kind: str, number: int, top: str | None) -> str:
+    """The label of parameter ``module.leaf`` of a module of ``kind`` after layer ``number``."""
+    if kind == LAYER:
+        base, words = ("top layer" if module == top else f"layer {number}"), _LAYER_KINDS
+    elif kind == OTHER:
+        base, words = module, {}
+    else:
+        base, words = f"layer {number} {kind}", _NORM_KINDS
+    word = words.get(leaf, leaf)
+    return f"{base} {word}" if base else word
+
+
 def parameter_groups(model: nn.Module, trainable_only: bool = True
                      ) -> list[tuple[str, list[str]]]:
     """Human labels for the parameters, in ``named_parameters()`` order (Fig. 6's colours).
 
-    Linear and convolution layers are numbered in the order they are defined; the last one is
-    the "top layer". A layer's parameters are labelled "layer i weights" / "layer i biases" (or
-    "top layer weights" / "top layer biases"); a normalisation layer's are "layer i batch-norm
-    scales" / "… shifts" (i: the layer before it); anything else keeps its own name.
+    :func:`label_parameters` with the modules' exact kinds: linear and convolution layers are
+    numbered in the order they are defined, the last one is the "top layer"; batch norm is
+    "batch-norm", other normalisations go by their class name (``LayerNorm``, ``GroupNorm``).
+    Frozen parameters count for the numbering even when they are left out.
 
     Args:
         model: the network.
@@ -225,30 +335,25 @@ def parameter_groups(model: nn.Module, trainable_only: bool = True
     >>> [label for label, _ in parameter_groups(model)]
     ['layer 1 weights', 'layer 1 biases', 'top layer weights', 'top layer biases']
     """
-    owners = [(prefix, module) for prefix, module in model.named_modules()
-              if any(True for _ in module.parameters(recurse=False))]
-    layers = [prefix for prefix, module in owners if isinstance(module, _LAYERS)]
-    top = layers[-1] if layers else None
-    groups: list[tuple[str, list[str]]] = []
-    number = 0
-    for prefix, module in owners:
+    named = list(model.named_parameters())
+    groups = label_parameters([n for n, _ in named], [tuple(p.shape) for _, p in named],
+                              _exact_kinds(model))
+    return [(group.label, [group.name]) for group, (_, param) in zip(groups, named, strict=True)
+            if param.requires_grad or not trainable_only]
+
+
+def _exact_kinds(model: nn.Module) -> dict[str, str]:
+    """``{module prefix: kind}`` of the modules holding parameters, from their classes."""
+    kinds = {}
+    for prefix, module in model.named_modules():
         if isinstance(module, _LAYERS):
-            number += 1
-            base, kinds = ("top layer" if prefix == top else f"layer {number}"), _LAYER_KINDS
+            kinds[prefix] = LAYER
         elif isinstance(module, _NORMS):
-            norm = "batch-norm" if isinstance(module, _NORMS[0]) else type(module).__name__
-            base, kinds = f"layer {number} {norm}", _NORM_KINDS
+            batch = isinstance(module, nn.modules.batchnorm._BatchNorm)
+            kinds[prefix] = "batch-norm" if batch else type(module).__name__
         else:
-            base, kinds = prefix or type(module).__name__, {}
-        for name, param in module.named_parameters(recurse=False):
-            if param.requires_grad or not trainable_only:
-                full = f"{prefix}.{name}" if prefix else name
-                groups.append((f"{base} {kinds.get(name, name)}", [full]))
-    return groups
-
-
-_LAYER_KINDS = {"weight": "weights", "bias": "biases"}
-_NORM_KINDS = {"weight": "scales", "bias": "shifts"}
+            kinds[prefix] = OTHER
+    return kinds
 
 
 def parameter_group_slices(model: nn.Module) -> list[tuple[str, slice]]:

@@ -27,7 +27,8 @@ from typing import Any, Protocol
 
 import torch
 
-from .eigen import Eigenpairs, top_eigenpairs
+from .eigen import Eigenpairs
+from .tracking import track_eigenpairs
 
 __all__ = [
     "OPTIMIZERS",
@@ -112,7 +113,7 @@ class SubspaceBasis:
 
 
 def _warm_solver(op, k: int, init: torch.Tensor | None, tol: float, seed: int) -> Eigenpairs:
-    return top_eigenpairs(op, k, tol=tol, init=init, seed=seed)
+    return track_eigenpairs(op, k, init, tol=tol, seed=seed)
 
 
 class HessianSubspace:
@@ -129,8 +130,10 @@ class HessianSubspace:
         refresh_every: steps between refreshes (``m``); the first is at step 0.
         tol: relative residual tolerance of the eigenpairs.
         seed: seed of the solver's random start (``seed + step`` at each refresh).
-        solver: ``solver(op, k, init, tol, seed) -> Eigenpairs`` (default: warm-started
-            :func:`~tinysubspace.eigen.top_eigenpairs`).
+        solver: ``solver(op, k, init, tol, seed) -> Eigenpairs``; ``init`` is the previous
+            basis (``None`` at the first refresh). Default:
+            :func:`~tinysubspace.tracking.track_eigenpairs` (cold single-vector Lanczos first,
+            then warm-started).
 
     Attributes:
         basis: the current :class:`SubspaceBasis` (``None`` before the first refresh).

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
@@ -256,6 +257,23 @@ def figure_c2(run: RunLike, steps: Sequence[int] = (0, 50, 100, 200)) -> Figure:
 
 
 # ------------------------------------------------------------------- Table 1 companion
+def _overlap_series(run: Run) -> dict[str, dict[str, np.ndarray]]:
+    """``{"minibatch" | "full" | "test": {"step", "overlap"}}``: the overlap(g, Hg) series the
+    run has (rows with NaN dropped; empty series left out)."""
+    sources = [("minibatch", run.minibatch, "minibatch/overlap_g_Hg"),
+               ("full", run.metrics, "hessian/overlap_g_Hg"),
+               ("test", run.metrics, "test/overlap_g_Hg")]
+    found = {}
+    for name, table, column in sources:
+        if table.empty or column not in table:
+            continue
+        rows = table[["step", column]].dropna()
+        if not rows.empty:
+            found[name] = {"step": rows["step"].to_numpy(float),
+                           "overlap": rows[column].to_numpy(float)}
+    return found
+
+
 def figure_overlap_g_Hg(run: RunLike, last_n: int = 1000, smooth: int = 50) -> Figure:
     """Table 1's quantity over training: ``overlap(g, Hg)`` (eq. 3) on mini-batches (thin; bold:
     running mean over ``smooth`` rows), on the full training set (markers) and on the test set
@@ -264,29 +282,21 @@ def figure_overlap_g_Hg(run: RunLike, last_n: int = 1000, smooth: int = 50) -> F
     Data: ``{"minibatch" | "full" | "test": {"step", "overlap"}}`` for the series present.
     """
     run = as_run(run)
-    sources = [("minibatch", run.minibatch, "minibatch/overlap_g_Hg"),
-               ("full", run.metrics, "hessian/overlap_g_Hg"),
-               ("test", run.metrics, "test/overlap_g_Hg")]
-    figure, (ax,) = new_figure(1, width=6.0, height=3.6)
-    data: dict[str, Any] = {}
-    for name, table, column in sources:
-        if table.empty or column not in table:
-            continue
-        rows = table[["step", column]].dropna()
-        if rows.empty:
-            continue
-        steps, values = rows["step"].to_numpy(float), rows[column].to_numpy(float)
-        data[name] = {"step": steps, "overlap": values}
-        if name == "minibatch":
-            ax.plot(steps, values, "-", lw=0.4, color="C0", alpha=0.4)
-            mean = rows[column].rolling(smooth, min_periods=1).mean().to_numpy(float)
-            ax.plot(steps, mean, "-", color="C0", label=f"mini-batch (mean of {smooth})")
-        else:
-            ax.plot(steps, values, "o-" if name == "full" else "s--", ms=3,
-                    color="C1" if name == "full" else "C2", label=f"{name} data set")
+    data = _overlap_series(run)
     if not data:
         raise MissingDataError(f"the overlap(g, Hg) figure needs minibatch.csv or the "
                                f"hessian/overlap_g_Hg column; {run.path} has neither")
+    figure, (ax,) = new_figure(1, width=6.0, height=3.6)
+    styles = {"full": ("o-", "C1"), "test": ("s--", "C2")}
+    for name, curve in data.items():
+        steps, values = curve["step"], curve["overlap"]
+        if name == "minibatch":
+            ax.plot(steps, values, "-", lw=0.4, color="C0", alpha=0.4)
+            mean = pd.Series(values).rolling(smooth, min_periods=1).mean().to_numpy(float)
+            ax.plot(steps, mean, "-", color="C0", label=f"mini-batch (mean of {smooth})")
+        else:
+            ax.plot(steps, values, styles[name][0], ms=3, color=styles[name][1],
+                    label=f"{name} data set")
     last = max(float(d["step"].max()) for d in data.values())
     ax.axvspan(max(last - last_n, 0), last, color="0.9", zorder=0,
                label=f"last {last_n} steps (Table 1)")

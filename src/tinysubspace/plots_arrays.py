@@ -11,7 +11,8 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
-from .density import broadened_density
+from .density import broadened_density, default_sigma, density_grid
+from .models import ParameterGroup, label_parameters
 from .plots_common import (
     MissingDataError,
     RunLike,
@@ -19,7 +20,6 @@ from .plots_common import (
     choose_steps,
     finish,
     new_figure,
-    parameter_groups,
     top_k,
 )
 from .store import Run
@@ -53,10 +53,8 @@ def _slq_density(spectrum: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
         return np.asarray(spectrum["grid"], float), np.asarray(spectrum["density"], float)
     nodes = torch.as_tensor(np.asarray(spectrum["nodes"], dtype=float))
     weights = torch.as_tensor(np.asarray(spectrum["weights"], dtype=float))
-    span = float(nodes.max() - nodes.min()) or 1.0
-    sigma = float(spectrum.get("sigma", 0.01 * span))
-    grid = torch.linspace(float(nodes.min()) - 6 * sigma, float(nodes.max()) + 6 * sigma, 1000,
-                          dtype=torch.float64)
+    sigma = float(spectrum["sigma"]) if "sigma" in spectrum else default_sigma(nodes)
+    grid = density_grid(nodes, sigma)
     return grid.numpy(), broadened_density(nodes, weights, grid, sigma).numpy()
 
 
@@ -71,29 +69,38 @@ def figure_spectrum(run: RunLike, bins: int = 100) -> Figure:
     spectrum = _spectrum(run, "Fig. 4 (spectrum)")
     figure, (ax,) = new_figure(1, width=6.0, height=3.6)
     if "eigenvalues" not in spectrum:
-        grid, density = _slq_density(spectrum)
-        ax.plot(grid, density)
-        ax.set(yscale="log", xlabel=r"eigenvalue $\lambda$", ylabel="density (SLQ)",
-               ylim=(density.max() * 1e-7, density.max() * 3),
-               title="Hessian spectral density (stochastic Lanczos quadrature)")
-        return finish(figure, {"grid": grid, "density": density})
+        return finish(figure, _draw_slq_density(ax, spectrum))
     values = _descending(spectrum["eigenvalues"])
     counts, edges = np.histogram(values.ravel(), bins=bins)
     counts = counts / values.shape[0]
-    k = min(top_k(run), values.shape[1])
-    top = values.mean(axis=0)[:k]
+    top = values.mean(axis=0)[:min(top_k(run), values.shape[1])]
     ax.stairs(counts, edges, fill=True, alpha=0.7, label="eigenvalues")
     ax.set_yscale("log")
     level = counts.max() * 3
-    ax.plot(top, np.full(k, level), "v", color="C3", ms=5, label=f"top {k}")
-    for i, lam in enumerate(top):
-        ax.annotate(str(i + 1), (lam, level), xytext=(0, 4 + 8 * (i % 2)),
-                    textcoords="offset points", ha="center", fontsize=7, color="C3")
+    _mark_top(ax, top, level)
     ax.set(xlabel=r"eigenvalue $\lambda$", ylabel="count", ylim=(0.5 / values.shape[0],
                                                                   level * 20),
            title=f"full Hessian spectrum (p = {values.shape[1]})")
     ax.legend(fontsize="small", loc="center right")
     return finish(figure, {"eigenvalues": values, "counts": counts, "edges": edges, "top": top})
+
+
+def _draw_slq_density(ax: Any, spectrum: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Fig. 4 from SLQ nodes and weights: the broadened density on a log axis."""
+    grid, density = _slq_density(spectrum)
+    ax.plot(grid, density)
+    ax.set(yscale="log", xlabel=r"eigenvalue $\lambda$", ylabel="density (SLQ)",
+           ylim=(density.max() * 1e-7, density.max() * 3),
+           title="Hessian spectral density (stochastic Lanczos quadrature)")
+    return {"grid": grid, "density": density}
+
+
+def _mark_top(ax: Any, top: np.ndarray, level: float) -> None:
+    """Triangles at the top eigenvalues at height ``level``, numbered 1, 2, … above them."""
+    ax.plot(top, np.full(top.size, level), "v", color="C3", ms=5, label=f"top {top.size}")
+    for i, lam in enumerate(top):
+        ax.annotate(str(i + 1), (lam, level), xytext=(0, 4 + 8 * (i % 2)),
+                    textcoords="offset points", ha="center", fontsize=7, color="C3")
 
 
 def _slq_top_edge(spectrum: dict[str, Any], n_top: int) -> tuple[np.ndarray, np.ndarray, str]:
@@ -130,12 +137,7 @@ def figure_top_edge_density(run: RunLike, n_top: int = 1000, bins: int = 60) -> 
         logs = np.log10(values[values > 0])
         weights = np.full(logs.shape, 1.0 / values.shape[0])
         unit = r"eigenvalues per unit $\log_{10}\lambda$ (per realization)"
-        k = top_k(run)
-        if k <= values.shape[1] and (values[:, k - 1] > 0).all():
-            data["lambda_k"] = float(np.mean(values[:, k - 1]))
-            ax.axvline(np.log10(data["lambda_k"]), color="C3", ls=":",
-                       label=fr"mean $\lambda_{{{k}}}$")
-            ax.legend(fontsize="small")
+        data.update(_mark_lambda_k(ax, values, top_k(run)))
     else:
         logs, weights, unit = _slq_top_edge(spectrum, n_top)
     if logs.size == 0:
@@ -149,6 +151,17 @@ def figure_top_edge_density(run: RunLike, n_top: int = 1000, bins: int = 60) -> 
     return finish(figure, data)
 
 
+def _mark_lambda_k(ax: Any, values: np.ndarray, k: int) -> dict[str, float]:
+    """A dotted line at the mean ``log10 λ_k`` over realizations, where every ``λ_k`` is
+    positive; returns ``{"lambda_k": mean}`` (empty if not drawn)."""
+    if k > values.shape[1] or not (values[:, k - 1] > 0).all():
+        return {}
+    lambda_k = float(np.mean(values[:, k - 1]))
+    ax.axvline(np.log10(lambda_k), color="C3", ls=":", label=fr"mean $\lambda_{{{k}}}$")
+    ax.legend(fontsize="small")
+    return {"lambda_k": lambda_k}
+
+
 # ------------------------------------------------------------------------ Figs. 6 and 7
 def _vector_steps(run: Run, steps: Sequence[int] | None, default: Sequence[int]) -> list[int]:
     saved = list(run.eigenvector_steps)
@@ -158,14 +171,15 @@ def _vector_steps(run: Run, steps: Sequence[int] | None, default: Sequence[int])
     return choose_steps(saved, steps if steps is not None else default)
 
 
-def top_eigenvector(run: Run, step: int) -> tuple[np.ndarray, list]:
+def top_eigenvector(run: Run, step: int) -> tuple[np.ndarray, list[ParameterGroup]]:
     """``v_1`` saved at ``step`` with its sign fixed (largest-magnitude entry positive), and its
-    parameter groups."""
+    parameter groups (:func:`~tinysubspace.models.label_parameters` of the saved names and
+    shapes)."""
     saved = run.eigenvectors(step)
     v = np.asarray(saved["vectors"][:, 0], dtype=float)
     if v[np.argmax(np.abs(v))] < 0:
         v = -v
-    return v, parameter_groups(saved["param_names"], saved["param_shapes"])
+    return v, label_parameters(saved["param_names"], saved["param_shapes"])
 
 
 def _eigenvector_panels(run: Run, chosen: list[int], top_layer_only: bool,

@@ -1,10 +1,10 @@
 """What every figure of :mod:`tinysubspace.plots` shares: reading a run, building a headless
-figure, attaching the plotted arrays, choosing steps, naming parameter groups by layer."""
+figure, attaching the plotted arrays, choosing steps. (Parameter groups by layer:
+:func:`tinysubspace.models.label_parameters`.)"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,12 +15,10 @@ from .store import Run, load_run
 
 __all__ = [
     "MissingDataError",
-    "ParameterGroup",
     "as_run",
     "choose_steps",
     "finish",
     "new_figure",
-    "parameter_groups",
     "plotted_data",
     "require_columns",
     "run_label",
@@ -53,7 +51,14 @@ def finish(figure: Figure, data: dict[Any, Any]) -> Figure:
 
 def new_figure(panels: int, width: float = 4.2, height: float = 3.2,
                rows: int = 1) -> tuple[Figure, list]:
-    """A pyplot-free figure with ``panels`` axes on ``rows`` rows (unused cells hidden)."""
+    """A pyplot-free figure with ``panels`` axes on ``rows`` rows (unused cells hidden).
+
+    Raises:
+        ValueError: ``panels`` or ``rows`` below 1 (e.g. an empty list of steps to draw).
+    """
+    if panels < 1 or rows < 1:
+        raise ValueError(f"a figure needs at least one panel and one row, got {panels} panels "
+                         f"on {rows} rows")
     cols = -(-panels // rows)
     figure = Figure(figsize=(width * cols, height * rows), layout="constrained")
     axes = figure.subplots(rows, cols, squeeze=False).ravel().tolist()
@@ -65,7 +70,7 @@ def new_figure(panels: int, width: float = 4.2, height: float = 3.2,
 def run_label(run: Run) -> str:
     """The experiment's name from the config, else the folder's name."""
     config = run.config
-    name = config.get("name") or config.get("experiment", {}).get("name")
+    name = config.get("name") or (config.get("experiment") or {}).get("name")
     return str(name) if name else Path(run.path).name
 
 
@@ -75,7 +80,7 @@ def top_k(run: Run) -> int:
     Raises:
         MissingDataError: neither is there.
     """
-    k = run.config.get("tracker", {}).get("k")
+    k = (run.config.get("tracker") or {}).get("k")
     if k:
         return int(k)
     count = sum(1 for c in run.metrics.columns if str(c).startswith("hessian/eig_"))
@@ -114,41 +119,3 @@ def choose_steps(available: Sequence[int], wanted: Sequence[int]) -> list[int]:
         if best not in chosen:
             chosen.append(best)
     return chosen
-
-
-@dataclass(frozen=True)
-class ParameterGroup:
-    """A contiguous range ``[start, stop)`` of the flat parameter vector and its label."""
-
-    label: str
-    start: int
-    stop: int
-
-
-_KINDS = {"weight": "weights", "bias": "biases"}
-
-
-def parameter_groups(names: Sequence[str], shapes: Sequence[Sequence[int]]) -> list[ParameterGroup]:
-    """Label each parameter by layer: ``"layer i weights"``, ``"layer i biases"``; the last
-    module holding parameters is the ``"top layer"`` (Fig. 6's colouring).
-
-    Layer ``i`` is the ``i``-th module (1-based, in ``named_parameters()`` order) that holds
-    parameters, so a batch-norm or convolution counts as a layer of its own.
-
-    >>> [g.label for g in parameter_groups(
-    ...     ["layers.0.weight", "layers.0.bias", "layers.2.weight", "layers.2.bias"],
-    ...     [[3, 2], [3], [1, 3], [1]])]
-    ['layer 1 weights', 'layer 1 biases', 'top layer weights', 'top layer biases']
-    """
-    if len(names) != len(shapes):
-        raise ValueError(f"{len(names)} parameter names but {len(shapes)} shapes")
-    modules = [name.rsplit(".", 1)[0] if "." in name else "" for name in names]
-    order = list(dict.fromkeys(modules))
-    groups, start = [], 0
-    for name, module, shape in zip(names, modules, shapes, strict=True):
-        kind = name.rsplit(".", 1)[-1]
-        layer = "top layer" if module == order[-1] else f"layer {order.index(module) + 1}"
-        size = int(np.prod(shape)) if len(shape) else 1
-        groups.append(ParameterGroup(f"{layer} {_KINDS.get(kind, kind)}", start, start + size))
-        start += size
-    return groups

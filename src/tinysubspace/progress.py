@@ -9,6 +9,11 @@ from typing import TextIO
 __all__ = ["Progress"]
 
 
+# metrics column, title, format: what a measurement line shows
+_SHOWN = (("train/loss", "loss", "{:.4f}"), ("hessian/f_top", "f_top", "{:.3f}"),
+          ("hessian/overlap_g_Hg", "overlap(g,Hg)", "{:.3f}"), ("hessian/eig_1", "λ1", "{:.4g}"))
+
+
 def _duration(seconds: float) -> str:
     seconds = int(max(seconds, 0))
     minutes, seconds = divmod(seconds, 60)
@@ -41,11 +46,11 @@ class Progress:
         self.done = done
         self._draw()
 
-    def measured(self, row: dict[str, float]) -> None:
-        self.latest = (f"step {int(row['step'])}: loss {row['train/loss']:.4f}  "
-                       f"f_top {row['hessian/f_top']:.3f}  "
-                       f"overlap(g,Hg) {row['hessian/overlap_g_Hg']:.3f}  "
-                       f"λ1 {row['hessian/eig_1']:.4g}")
+    def measured(self, row: dict[str, float | None]) -> None:
+        """Show the loss, ``f_top``, overlap(g, Hg) and ``λ_1`` of a metrics row (those it has)."""
+        shown = "  ".join(f"{title} {fmt.format(float(row[key]))}" for key, title, fmt in _SHOWN
+                          if row.get(key) is not None)
+        self.latest = f"step {int(row['step'])}: {shown}"
         self._draw(force=not self.interactive)
 
     def message(self, text: str) -> None:

@@ -11,7 +11,9 @@ from __future__ import annotations
 import io
 import json
 import math
+import numbers
 import os
+import pickle
 import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -61,10 +63,17 @@ def atomic_write_bytes(path: Path, payload: bytes) -> None:
 
 
 def _format(value: Any) -> str:
+    """One CSV cell: integers as such, other numbers (numpy and one-element tensors too) as the
+    shortest repr of the float64 (bools as 0.0 / 1.0), NaN and ``None`` as empty cells."""
     if value is None:
         return ""
-    if isinstance(value, float):
-        return "" if math.isnan(value) else repr(value)
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return str(int(value))
+    if isinstance(value, numbers.Real):
+        number = float(value)
+        return "" if math.isnan(number) else repr(number)
     return str(value)
 
 
@@ -78,6 +87,12 @@ class _CsvTable:
         atomic_write_bytes(self.path, (",".join(self.columns) + "\n").encode())
 
     def append(self, rows: Iterable[dict[str, Any]]) -> None:
+        """Append ``rows`` (missing columns left empty), flushed and fsynced.
+
+        Raises:
+            RunStoreError: a row with a column that is not in the header.
+        """
+        rows = list(rows)
         unknown = {key for row in rows for key in row} - set(self.columns)
         if unknown:
             raise RunStoreError(f"columns {sorted(unknown)} are not in {self.path.name}")
@@ -205,12 +220,23 @@ class Run:
         return sorted(int(f.stem.split("_")[1]) for f in folder.glob("step_*.pt"))
 
     def eigenvectors(self, step: int) -> dict[str, Any]:
-        """The saved ``values``, ``vectors``, ``param_names``, ``param_shapes`` at ``step``."""
+        """The saved ``values``, ``vectors``, ``param_names``, ``param_shapes`` at ``step``.
+
+        Read with ``weights_only=True``: a file that asks for anything but tensors and plain
+        containers is refused, so plotting someone else's run cannot run code.
+
+        Raises:
+            RunStoreError: nothing saved at ``step``, or a file with other objects.
+        """
         path = self.path / VECTORS / f"step_{step:08d}.pt"
         if not path.exists():
             raise RunStoreError(f"no eigenvectors saved at step {step} in {self.path}; saved "
                                 f"steps: {self.eigenvector_steps}")
-        return torch.load(path, map_location="cpu", weights_only=False)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as error:
+            raise RunStoreError(f"{path} holds more than tensors and plain containers; "
+                                f"refusing to load it ({str(error).splitlines()[0]})") from error
 
     def spectrum(self) -> dict[str, Any] | None:
         import numpy as np

@@ -8,23 +8,34 @@ from .store import Run
 
 __all__ = ["summary_table"]
 
-COLUMNS = [("step", "step", "{:.0f}"), ("train/loss", "loss", "{:.4f}"),
-           ("train/accuracy", "acc", "{:.3f}"), ("hessian/f_top", "f_top", "{:.3f}"),
-           ("hessian/overlap_g_Hg", "overlap(g,Hg)", "{:+.3f}"),
-           ("hessian/eig_1", "λ1", "{:.4g}"), ("hessian/eig_2", "λ2", "{:.4g}"),
-           ("hessian/eig_10", "λ10", "{:.4g}"), ("hessian/eig_11", "λ11", "{:.4g}"),
-           ("cost/matvecs", "matvecs", "{:.0f}"), ("cost/seconds", "seconds", "{:.2f}")]
+
+def _columns(k: int) -> list[tuple[str, str, str]]:
+    """``(metrics column, title, format)`` of the table: ``λ_1, λ_2, λ_k, λ_{k+1}``."""
+    eigen = dict.fromkeys([1, 2, k, k + 1])
+    return [("step", "step", "{:.0f}"), ("train/loss", "loss", "{:.4f}"),
+            ("train/accuracy", "acc", "{:.3f}"), ("hessian/f_top", "f_top", "{:.3f}"),
+            ("hessian/overlap_g_Hg", "overlap(g,Hg)", "{:+.3f}"),
+            *((f"hessian/eig_{i}", f"λ{i}", "{:.4g}") for i in eigen),
+            ("cost/matvecs", "matvecs", "{:.0f}"), ("cost/seconds", "seconds", "{:.2f}")]
 
 
 def summary_table(run: Run, max_rows: int = 30) -> str:
-    """f_top, overlap(g, Hg) and the top eigenvalues over time, as an aligned text table.
+    """f_top, overlap(g, Hg) and the eigenvalues ``λ_1, λ_2, λ_k, λ_{k+1}`` (``k``: the run's
+    ``tracker.k``, 10 if unset) over time, as an aligned text table; columns the run lacks are
+    left out.
 
     At most ``max_rows`` rows, evenly spread over the run (the first and last always shown).
+
+    Raises:
+        ValueError: ``max_rows < 2``.
     """
+    if max_rows < 2:
+        raise ValueError(f"max_rows must be at least 2 (the first and last rows), got {max_rows}")
     table = run.metrics
     if table.empty:
         return "(no measurements)"
-    columns = [(key, title, fmt) for key, title, fmt in COLUMNS if key in table.columns]
+    k = int((run.config.get("tracker") or {}).get("k") or 10)
+    columns = [(key, title, fmt) for key, title, fmt in _columns(k) if key in table.columns]
     picks = list(range(len(table)))
     if len(picks) > max_rows:
         stride = (len(picks) - 1) / (max_rows - 1)

@@ -124,7 +124,7 @@ def window_mean(table: pd.DataFrame, column: str, last_n: int,
 def table1_row_id(run: Run) -> str | None:
     """The run's ``table1_row`` (top level of config.json, or under ``"experiment"``)."""
     config = run.config
-    return config.get("table1_row") or config.get("experiment", {}).get("table1_row")
+    return config.get("table1_row") or (config.get("experiment") or {}).get("table1_row")
 
 
 def _has_values(table: pd.DataFrame, column: str) -> bool:

@@ -13,7 +13,7 @@ import torch
 from matplotlib.figure import Figure
 
 from .metrics import subspace_overlap
-from .toy import LateTimeSolution, ToySimulation
+from .toy import LateTimeSolution, ToySimulation, sigma_sweep
 
 __all__ = ["alignment_figure", "eigenvalue_figure", "f_top_figure", "sigma_sweep_figure"]
 
@@ -35,8 +35,9 @@ def eigenvalue_figure(sim: ToySimulation, fit: LateTimeSolution | None = None,
     for i in range(m):
         ax.plot(x, sim.eigenvalues[late, i].numpy(), "o^sDv<>ph*"[i % 10], ms=4, mfc="none",
                 label=f"λ_{i + 1} simulated")
-    bulk = sim.eigenvalues[late, m].abs().clamp_min(1e-300).numpy()
-    ax.plot(x, bulk, "x", ms=4, color="gray", label=f"|λ_{m + 1}| (bulk)")
+    if sim.eigenvalues.shape[1] > m:  # a run with bulk = 0 recorded no bulk eigenvalue
+        bulk = sim.eigenvalues[late, m].abs().clamp_min(1e-300).numpy()
+        ax.plot(x, bulk, "x", ms=4, color="gray", label=f"|λ_{m + 1}| (bulk)")
     ax.plot(x, x, "k-", lw=1, label="1/(ηt)  (eq. 9)")
     if limit is not None:
         for a in sorted({round(float(v), 4) for v in limit if v > 1e-12} - {1.0}):
@@ -100,16 +101,14 @@ def sigma_sweep_figure(sims: Sequence[ToySimulation]) -> Figure:
     fig = Figure(figsize=(9, 3.8), layout="constrained")
     left, right = fig.subplots(1, 2)
     m = sims[0].config.num_top
-    sigma = torch.tensor([s.config.sigma for s in sims], dtype=torch.float64)
+    sigma, bulk, defect = sigma_sweep(sims)
     floor = torch.finfo(torch.float64).eps
-    bulk = torch.stack([s.eigenvalues[-1, m] / s.eigenvalues[-1, 0] for s in sims])
     bulk = bulk.abs().clamp_min(floor)  # exactly-zero bulks sit at the floor
     left.plot(sigma.numpy(), bulk.numpy(), "o-", label=f"λ_{m + 1}/λ_1")
     left.plot(sigma.numpy(), (bulk[0] * (sigma / sigma[0]) ** 2).numpy(), "k--", lw=1,
               label="∝ σ²")
     left.set(xscale="log", yscale="log", xlabel="σ", ylabel="bulk / top eigenvalue")
     left.legend(fontsize=7)
-    defect = torch.stack([(1 - s.f_top[-1]).abs() for s in sims])
     right.plot(sigma.numpy(), defect.clamp_min(floor).numpy(), "o-")
     right.set(xscale="log", yscale="log", xlabel="σ", ylabel="1 − f_top (last step)")
     fig.suptitle(f"σ sweep at step {int(sims[0].steps[-1])}")

@@ -7,12 +7,15 @@ import argparse
 import sys
 from pathlib import Path
 
+from matplotlib.figure import Figure
+
 from ..plots import DEFAULT_FIGURES, FIGURES, MissingDataError, figure_f_top, figure_filename
 from ..plots_common import as_run
 from ..store import RunStoreError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``tinysubspace plot``."""
     parser.add_argument("runs", nargs="+", metavar="RUN", help="run folder(s)")
     parser.add_argument("--figure", "-f", action="append", choices=list(FIGURES), metavar="N",
                         help="figure of the paper to draw: 1-12, or 'overlap' (Table 1's "
@@ -26,7 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dpi", type=int, default=150)
 
 
-def _save(figure, stem: Path, pdf: bool, dpi: int) -> list[Path]:
+def _save(figure: Figure, stem: Path, pdf: bool, dpi: int) -> list[Path]:
+    """Write ``stem.png`` (and ``stem.pdf``); returns the paths written."""
     stem.parent.mkdir(parents=True, exist_ok=True)
     paths = [stem.with_suffix(".png")] + ([stem.with_suffix(".pdf")] if pdf else [])
     for path in paths:
@@ -35,14 +39,20 @@ def _save(figure, stem: Path, pdf: bool, dpi: int) -> list[Path]:
 
 
 def main(args: argparse.Namespace) -> int:
+    """Draw and save the figures; 0: done, 1: an asked-for figure had no data, 2: not a run."""
     try:
         runs = [as_run(path) for path in args.runs]
     except RunStoreError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if args.overlay:
+        try:
+            figure = figure_f_top(runs)
+        except MissingDataError as error:
+            print(f"error: Fig. 12 (overlay): {error}", file=sys.stderr)
+            return 1
         out = args.out or Path(runs[0].path) / "figures"
-        for path in _save(figure_f_top(runs), out / "fig12_f_top_overlay", args.pdf, args.dpi):
+        for path in _save(figure, out / "fig12_f_top_overlay", args.pdf, args.dpi):
             print(path)
         return 0
     explicit = bool(args.figure)

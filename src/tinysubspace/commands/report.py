@@ -12,6 +12,7 @@ from ..store import RunStoreError, load_run
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``tinysubspace report``."""
     parser.add_argument("run", type=Path, metavar="RUN", help="run folder")
     parser.add_argument("--out", type=Path, default=None,
                         help="HTML file to write (default: RUN/report.html)")
@@ -19,6 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    """Write the page and print its path; 2: not a run folder."""
     try:
         run = load_run(args.run)
     except RunStoreError as error:

@@ -12,6 +12,7 @@ from ..table1 import table1, table1_csv, table1_markdown, table1_row_id
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``tinysubspace table1``."""
     parser.add_argument("runs", nargs="*", type=Path, default=[Path("runs")], metavar="RUN",
                         help="run folders, or folders holding run folders (default: runs/)")
     parser.add_argument("--last", type=int, default=1000, metavar="N",
@@ -31,7 +32,12 @@ def find_runs(paths: list[Path]) -> list[Path]:
 
 
 def main(args: argparse.Namespace) -> int:
+    """Print Table 1; 0: done, 2: no run folder found, or a run that cannot be placed."""
     folders = find_runs(args.runs)
+    if not folders:
+        print(f"error: no run folders in {', '.join(map(str, args.runs))} (a run folder holds "
+              "config.json)", file=sys.stderr)
+        return 2
     runs = [load_run(folder) for folder in folders]
     rows = [run for run in runs if table1_row_id(run)]
     if len(rows) < len(runs):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import sys
 from pathlib import Path
 
 import torch
@@ -51,21 +52,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    """Simulate, print the tables, write the plots; returns the exit status."""
-    config = toy.ToyConfig(k=args.k, d=args.d, n=args.n, sigma=args.sigma, eta=args.eta,
-                           steps=args.steps, biases=args.biases,
-                           orthogonal=not args.random_means, init_std=args.init_std,
-                           seed=args.seed, measurements=args.measurements)
+    """Simulate, print the tables, write the plots; returns the exit status (2: bad options)."""
     sigmas = _parse_sigmas(args.sweep_sigma)
-    sim = toy.simulate(config)
+    try:
+        config = toy.ToyConfig(k=args.k, d=args.d, n=args.n, sigma=args.sigma, eta=args.eta,
+                               steps=args.steps, biases=args.biases,
+                               orthogonal=not args.random_means, init_std=args.init_std,
+                               seed=args.seed, measurements=args.measurements)
+        if args.fit_from is not None and not 1 <= args.fit_from <= config.steps:
+            raise ValueError(f"--fit-from must lie in [1, --steps = {config.steps}], got "
+                             f"{args.fit_from}")
+        sim = toy.simulate(config)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     print(f"tinysubspace toy: {_describe(config)}\n")
-    fit = None
-    if config.k == 2 and config.sigma == 0 and not config.biases and config.orthogonal:
-        fit = _print_analytic(sim, args.fit_from)
+    fit = _print_analytic(sim, args.fit_from) if toy.is_analytic_case(config) else None
     _print_structure(sim)
-    sweep = []
-    if sigmas:
-        sweep = [toy.simulate(dataclasses.replace(config, sigma=s)) for s in sigmas]
+    sweep = [toy.simulate(dataclasses.replace(config, sigma=s)) for s in sigmas]
+    if sweep:
         _print_sweep(sweep)
     if args.out is not None:
         _write_plots(args.out, sim, fit, sweep)
@@ -97,14 +102,24 @@ def _table_steps(sim: toy.ToySimulation, first: int = 1) -> list[int]:
 
 
 def _print_analytic(sim: toy.ToySimulation, fit_from: int | None) -> toy.LateTimeSolution:
-    eta = sim.config.eta
+    """Fit eqs. 15–19 (with and without the drift term), print both comparison tables."""
     fit = toy.fit_late_time(sim, t_min=fit_from)
-    refined = toy.fit_late_time(sim, t_min=fit_from, drift=toy.discrete_drift(eta))
+    refined = toy.fit_late_time(sim, t_min=fit_from, drift=toy.discrete_drift(sim.config.eta))
     t_min = fit_from if fit_from is not None else max(1, sim.config.steps // 10)
     print(RESOLVED)
     print(f"Fitted on t ≥ {t_min}: c_1 = {float(fit.c[0]):.4f}  c_2 = {float(fit.c[1]):.4f}"
           f"   (with the drift term: c_1 = {float(refined.c[0]):.4f}  "
           f"c_2 = {float(refined.c[1]):.4f})\n")
+    _print_eigenvalue_table(sim, fit, refined)
+    _print_gradient_table(sim, fit)
+    return fit
+
+
+def _print_eigenvalue_table(sim: toy.ToySimulation, fit: toy.LateTimeSolution,
+                            refined: toy.LateTimeSolution) -> None:
+    """``λ_i`` along ``(μ_i, −μ_i)/√2``: simulated, eq. 18 (fitted ``c_i``, with and without
+    the drift), and ``ηt λ_i`` (eq. 9 predicts 1)."""
+    eta = sim.config.eta
     lam = toy.mean_direction_eigenvalues(sim)
     print("Eigenvalues along (μ_i, −μ_i)/√2: simulated vs eq. 18 with fitted c_i (rel. error, "
           "and with the drift term) vs eq. 9")
@@ -121,25 +136,34 @@ def _print_analytic(sim: toy.ToySimulation, fit_from: int | None) -> toy.LateTim
                          f"{sim_value / float(a[j]) - 1:8.1e} {sim_value / float(b[j]) - 1:8.1e}")
         print(f"{t:>6} | {cells[0]} | {cells[1]} | {float(lam[i, 0]) * eta * t:7.4f} "
               f"{float(lam[i, 1]) * eta * t:7.4f}")
-    print("\nGradient, Hessian and parameters: simulated vs eqs. 15–18 (fitted c_i) and the "
+
+
+def _relative_error(x: torch.Tensor, reference: torch.Tensor) -> float:
+    """``‖x − reference‖ / ‖reference‖``."""
+    return float((x - reference).norm() / reference.norm())
+
+
+def _print_gradient_table(sim: toy.ToySimulation, fit: toy.LateTimeSolution) -> None:
+    """Gradient, Hessian (on ``R² ⊗ span μ``) and parameters: simulated vs eqs. 15–18 with the
+    fitted ``c_i`` and vs the leading order (eqs. 9, 17)."""
+    eta, means = sim.config.eta, sim.data.means
+    B = _mean_basis(sim)
+    print("Gradient, Hessian and parameters: simulated vs eqs. 15–18 (fitted c_i) and the "
           "leading order (eq. 17 corrected, eq. 9)")
     print(f"{'t':>6} | {'‖g‖ sim':>10} {'‖g‖ eq.17':>10} {'Δg eq.17':>9} {'Δg lead':>9} "
           f"{'ηt‖g‖':>7} | {'ΔH eq.18':>9} {'ΔH eq.9':>9} | {'‖Δθ‖ eq.15':>10}")
     for t in _table_steps(sim, first=10):
         i = sim.index(t)
         g, theta = sim.gradients[i], sim.parameters[i]
-        H = _reduced_hessian(theta, sim)
-        B = _mean_basis(sim)
-        rel = lambda x, ref: float((x - ref).norm() / ref.norm())  # noqa: E731
-        lead = toy.leading_gradient(sim.data.means, eta, t)
+        H = B.T @ (toy.SoftmaxHessian(theta, sim.data) @ B)
         print(f"{t:>6} | {float(g.norm()):10.4e} {float(fit.gradient(t).norm()):10.4e} "
-              f"{rel(fit.gradient(t), g):9.1e} {rel(lead, g):9.1e} "
+              f"{_relative_error(fit.gradient(t), g):9.1e} "
+              f"{_relative_error(toy.leading_gradient(means, eta, t), g):9.1e} "
               f"{float(g.norm()) * eta * t:7.4f} | "
-              f"{rel(B.T @ fit.hessian(t) @ B, H):9.1e} "
-              f"{rel(B.T @ toy.leading_hessian(sim.data.means, eta, t) @ B, H):9.1e} | "
+              f"{_relative_error(B.T @ fit.hessian(t) @ B, H):9.1e} "
+              f"{_relative_error(B.T @ toy.leading_hessian(means, eta, t) @ B, H):9.1e} | "
               f"{float((fit.parameters(t) - theta).norm()):10.1e}")
     print("(Δx = ‖x_formula − x_sim‖/‖x_sim‖; H compared on R² ⊗ span(μ), where all of it lives)\n")
-    return fit
 
 
 def _mean_basis(sim: toy.ToySimulation) -> torch.Tensor:
@@ -147,11 +171,6 @@ def _mean_basis(sim: toy.ToySimulation) -> torch.Tensor:
     M = sim.data.means.T
     zero = torch.zeros_like(M)
     return torch.cat([torch.cat([M, zero], 1), torch.cat([zero, M], 1)], 0)
-
-
-def _reduced_hessian(theta: torch.Tensor, sim: toy.ToySimulation) -> torch.Tensor:
-    B = _mean_basis(sim)
-    return B.T @ (toy.SoftmaxHessian(theta, sim.data) @ B)
 
 
 def _rank(sim: toy.ToySimulation, i: int) -> str:
@@ -190,26 +209,29 @@ def _print_structure(sim: toy.ToySimulation) -> None:
 
 
 def _print_sweep(sims: list[toy.ToySimulation]) -> None:
+    """The bulk ``λ_{m+1}/λ_1`` and ``1 − f_top`` at the last step against ``σ``, with the
+    power-law exponents between neighbours and over the whole sweep."""
     m = sims[0].config.num_top
     T = int(sims[0].steps[-1])
     print(f"σ sweep at t = {T} (same means, noise directions and start; bulk = λ_{m + 1}/λ_1)")
     print(f"{'σ':>8} | {'ηt·λ_1':>7} {'ηt·λ_m':>7} | {'bulk':>9} {'exponent':>8} | "
           f"{'1−f_top':>8} {'exponent':>8} | c_m²")
-    sigma = torch.tensor([s.config.sigma for s in sims], dtype=torch.float64)
-    bulk = torch.stack([s.eigenvalues[-1, m] / s.eigenvalues[-1, 0] for s in sims])
-    defect = torch.stack([(1 - s.f_top[-1]).abs() for s in sims])
+    sigma, bulk, defect = toy.sigma_sweep(sims)
+    # power laws need positive values: an exactly-zero bulk or defect sits at a tiny floor
+    fitted = [v.abs().clamp_min(1e-300) for v in (bulk, defect)]
     for j, s in enumerate(sims):
         et = s.config.eta * T
         slopes = ["", ""]
         if j:
             slopes = [f"{toy.power_law_exponent(sigma[j - 1:j + 1], v[j - 1:j + 1]):8.2f}"
-                      for v in (bulk, defect)]
+                      for v in fitted]
         print(f"{s.config.sigma:8.4g} | {float(s.eigenvalues[-1, 0]) * et:7.4f} "
               f"{float(s.eigenvalues[-1, m - 1]) * et:7.4f} | {float(bulk[j]):9.2e} "
               f"{slopes[0]:>8} | {float(defect[j]):8.1e} {slopes[1]:>8} | "
               f"{float(s.alignment[-1, m - 1]):.4f}")
-    print(f"fitted exponents over the sweep: bulk ∝ σ^{toy.power_law_exponent(sigma, bulk):.2f}"
-          f", 1 − f_top ∝ σ^{toy.power_law_exponent(sigma, defect.clamp_min(1e-300)):.2f}\n")
+    exponents = [toy.power_law_exponent(sigma, v) for v in fitted]
+    print(f"fitted exponents over the sweep: bulk ∝ σ^{exponents[0]:.2f}, "
+          f"1 − f_top ∝ σ^{exponents[1]:.2f}\n")
 
 
 def _write_plots(out: Path, sim: toy.ToySimulation, fit: toy.LateTimeSolution | None,
