@@ -82,6 +82,25 @@ def timeit(fn: Callable[[], object], repeat: int = 5, warmup: int = 1,
     return float(min(times))
 
 
+def timeit_interleaved(fns: dict[str, Callable[[], object]], repeat: int = 5, warmup: int = 1,
+                       sync: Callable[[], None] | None = None) -> dict[str, float]:
+    """Best wall time of each function, the calls interleaved round-robin.
+
+    Interleaving spreads the load of other users of a shared machine over every variant alike,
+    so the ratios between them stay meaningful when the absolute times do not.
+    """
+    sync = sync or (lambda: None)
+    best = {name: float("inf") for name in fns}
+    for round_ in range(warmup + repeat):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            sync()
+            if round_ >= warmup:
+                best[name] = min(best[name], time.perf_counter() - start)
+    return best
+
+
 def machine_line() -> str:
     load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
     cuda = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA"

@@ -8,7 +8,8 @@ Each configuration holds the same data set; with ``R`` processes each holds a co
 
 Reported per row: best wall time of one H·V with a block of ``b = 10`` (float64, as the
 tracker measures), of the loss and gradient, a cold top-10 solve (tol 1e-4, seed 0) and its
-products, the cost of the all-reduce alone (a ``p × b`` float64 block), and rank 0's H·V on its
+products, rank 0's CPU seconds per H·V (its share of the work, unaffected by other load on
+the machine), the cost of the all-reduce alone (a ``p × b`` float64 block), and rank 0's H·V on its
 shard without any collective (the compute a perfect all-reduce would leave).
 
 Run: ``python benchmarks/distributed.py [--problem digits|synthetic] [--worlds 1,2]
@@ -48,6 +49,18 @@ def _problem(name: str):
     return digits_problem() if name == "digits" else synthetic_mnist_problem()
 
 
+def cpu_seconds(fn, repeat: int) -> float:
+    """Smallest CPU time of this process over ``repeat`` calls (after one warm-up): the work a
+    rank does, whatever else shares the cores (wall time also counts waiting for them)."""
+    fn()
+    times = []
+    for _ in range(repeat):
+        start = time.process_time()
+        fn()
+        times.append(time.process_time() - start)
+    return min(times)
+
+
 def measure(problem_name: str, device: str, chunk: int, repeat: int) -> dict:
     """Timings on this rank (every rank runs it; the collectives keep them in step)."""
     problem = _problem(problem_name)
@@ -61,6 +74,7 @@ def measure(problem_name: str, device: str, chunk: int, repeat: int) -> dict:
                     dtype=torch.float64).to(device)
     sync = torch.cuda.synchronize if device.startswith("cuda") else None
     hv = timeit(lambda: op @ V, repeat=repeat, sync=sync)
+    hv_cpu = cpu_seconds(lambda: op @ V, repeat) if sync is None else float("nan")
     local = HessianOperator(model, problem.loss_fn, data, dtype=torch.float64, device=device,
                             batch_size=chunk, distributed=False)  # this shard, no collectives
     hv_local = timeit(lambda: local @ V, repeat=repeat, sync=sync)
@@ -70,7 +84,8 @@ def measure(problem_name: str, device: str, chunk: int, repeat: int) -> dict:
     start = time.perf_counter()
     eig = top_eigenpairs(op, K, tol=1e-4, seed=0)
     solve = time.perf_counter() - start
-    return {"p": p, "N": op.num_examples, "hv": hv, "hv_local": hv_local, "grad": grad,
+    return {"p": p, "N": op.num_examples, "hv": hv, "hv_cpu": hv_cpu, "hv_local": hv_local,
+            "grad": grad,
             "reduce": reduce, "solve": solve, "matvecs": eig.matvecs,
             "lambda1": float(eig.values[0])}
 
@@ -125,13 +140,15 @@ def main() -> None:
     for world, threads in configurations:
         r = run(world, threads, measure_args)
         base = base or r
-        rows.append([world, threads, r["hv"], base["hv"] / r["hv"], r["hv_local"], r["grad"],
+        rows.append([world, threads, r["hv"], base["hv"] / r["hv"], r["hv_cpu"], r["hv_local"],
+                     r["grad"],
                      base["grad"] / r["grad"], r["solve"], r["matvecs"], r["reduce"],
                      f"{r['lambda1']:.6f}"])
     print(f"{machine_line()}\n{args.problem}: N = {base['N']}, p = {base['p']}, device "
           f"{args.device}, chunk {args.chunk}")
     print_table("processes × threads: H·V (b = 10), gradient, top-10 solve",
-                ["processes", "threads each", "H·V s", "H·V speed-up", "rank 0's part alone s",
+                ["processes", "threads each", "H·V s", "H·V speed-up", "H·V CPU s (rank 0)",
+                 "rank 0's part alone s",
                  "gradient s",
                  "gradient speed-up", "top-10 s", "products", "all-reduce s", "λ1"], rows)
 

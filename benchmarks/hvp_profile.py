@@ -26,9 +26,11 @@ from common import (
     machine_line,
     print_table,
     synthetic_mnist_problem,
-    timeit,
+    timeit_interleaved,
 )
 from tinysubspace import HessianOperator
+
+HVP_METHODS = ("loop", "batched", "jvp")
 
 
 def make_op(problem: Problem, method: str, chunk: int | None, device: str = "cpu",
@@ -41,29 +43,34 @@ def make_op(problem: Problem, method: str, chunk: int | None, device: str = "cpu
 
 def check_exact(problem: Problem) -> float:
     """Largest relative difference between the methods on a block (float64)."""
-    ops = {m: make_op(problem, m, None, dtype=torch.float64) for m in ("loop", "batched", "jvp")}
+    ops = {m: make_op(problem, m, None, dtype=torch.float64) for m in HVP_METHODS}
     V = torch.randn(ops["loop"].shape[0], 3, generator=torch.Generator().manual_seed(0),
                     dtype=torch.float64)
     ref = ops["loop"] @ V
     return max(float((ops[m] @ V - ref).norm() / ref.norm()) for m in ("batched", "jvp"))
 
 
-def profile(problem: Problem, chunks: list[int | None], block: int, repeat: int) -> None:
+def profile(problem: Problem, chunks: list[int | None], block: int, repeat: int,
+            methods: tuple[str, ...] = HVP_METHODS) -> None:
     p = make_op(problem, "loop", None).shape[0]
     gen = torch.Generator().manual_seed(0)
     v = torch.randn(p, generator=gen)
     V = torch.randn(p, block, generator=gen)
+    fns = {}
+    for chunk in chunks:
+        fns[(chunk, "grad")] = make_op(problem, "loop", chunk).loss_and_gradient
+        for method in methods:
+            op = make_op(problem, method, chunk)
+            fns[(chunk, method, 1)] = lambda op=op: op @ v
+            fns[(chunk, method, block)] = lambda op=op: op @ V
+    best = timeit_interleaved(fns, repeat=repeat)
     rows = []
     for chunk in chunks:
-        base = make_op(problem, "loop", chunk)
-        t_grad = timeit(base.loss_and_gradient, repeat=repeat)
-        for method in ("loop", "batched", "jvp"):
-            op = make_op(problem, method, chunk)
-            t_one = timeit(lambda op=op: op @ v, repeat=repeat)
-            t_blk = timeit(lambda op=op: op @ V, repeat=max(1, repeat // 2))
+        t_grad = best[(chunk, "grad")]
+        for method in methods:
+            t_one, t_blk = best[(chunk, method, 1)], best[(chunk, method, block)] / block
             rows.append([str(chunk or problem.X.shape[0]), method, 1e3 * t_grad, 1e3 * t_one,
-                         t_one / t_grad, 1e3 * t_blk / block, t_blk / block / t_grad,
-                         t_blk / block / t_one])
+                         t_one / t_grad, 1e3 * t_blk, t_blk / t_grad, t_blk / t_one])
     print_table(f"{problem.name}, p = {p}, N = {problem.X.shape[0]}, block of {block} "
                 f"({machine_line()})",
                 ["chunk", "method", "grad ms", "H·v ms", "H·v / grad", "block ms/vec",

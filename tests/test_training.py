@@ -129,3 +129,13 @@ def test_run_without_a_folder_and_training_leaves_global_rng(tmp_path):
     outcome = run_experiment(tiny_config(train__steps=4), None)
     assert outcome.state == "finished"
     assert torch.equal(state, torch.get_rng_state())
+
+
+def test_epochs_set_the_number_of_steps():
+    from tinysubspace.experiment import with_steps_from_epochs
+
+    config = tiny_config(train__epochs=2.5)  # 120 examples, batches of 16: 7.5 steps an epoch
+    assert with_steps_from_epochs(config, 120).train.steps == 19
+    assert with_steps_from_epochs(tiny_config(), 120).train.steps == 24  # epochs unset
+    with pytest.raises(ValueError, match=r"train\.epochs must be positive"):
+        with_steps_from_epochs(tiny_config(train__epochs=0), 120)

@@ -14,6 +14,7 @@ from .datasets import (
     subset,
 )
 from .density import SpectralDensity, broadened_density, exact_spectrum, spectral_density
+from .distributed import DistributedError
 from .eigen import Eigenpairs, top_eigenpairs
 from .hessian import HessianOperator, NonDeterministicError, NonFiniteError
 from .krylov import lanczos_tridiagonal
@@ -34,6 +35,7 @@ __version__ = "0.1.0"
 __all__ = [
     "DatasetNotFoundError",
     "DenseOperator",
+    "DistributedError",
     "Eigenpairs",
     "HessianOperator",
     "NonDeterministicError",

@@ -94,6 +94,7 @@ class TrainConfig:
     """Length, loss, seed and where to compute."""
 
     steps: int = 1500
+    epochs: float | None = None  # if set, train this many epochs instead (steps derived from it)
     loss: str = "cross_entropy"  # cross_entropy | mse
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N

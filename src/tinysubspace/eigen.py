@@ -198,16 +198,15 @@ def _next_block(Q: torch.Tensor, R: torch.Tensor, res: torch.Tensor, threshold: 
 
     With at most ``b`` unconverged pairs these are their residuals (for a Krylov basis all
     residuals lie in the next Krylov block, so this *is* block Lanczos). With more (a warm start),
-    they are the ``b`` leading left singular vectors of ``(I − QQᵀ) [r_i]``: the ``b``-dimensional
-    subspace closest to all residuals, instead of the ``b`` largest ones (fewer products for the
-    same accuracy, measured in docs/performance.md).
+    they are the ``b`` leading left singular vectors of ``[r_i]`` (each ``r_i ⊥ Q``): the
+    ``b``-dimensional subspace closest to all residuals, instead of the ``b`` largest ones (fewer
+    products for the same accuracy, measured in docs/performance.md).
     """
     active = res > threshold
     if not bool(active.any()):
         active = res == res.max()
     block = R[:, active]
-    if block.shape[1] > b:
-        block = block - Q @ (Q.T @ block)
+    if block.shape[1] > b:  # Rayleigh–Ritz residuals are already orthogonal to Q
         _, Z = torch.linalg.eigh(block.T @ block)  # thin SVD through the small Gram matrix
         block = block @ Z[:, -b:].flip(1)
     block = orthonormalize_against(block, Q)

@@ -6,7 +6,9 @@ nothing about Lanczos.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -162,6 +164,16 @@ def _projected_registry() -> dict[str, Callable[..., torch.optim.Optimizer]]:
     except ModuleNotFoundError:
         return {}
     return dict(getattr(module, "OPTIMIZERS", {}))
+
+
+def with_steps_from_epochs(config: ExperimentConfig, n: int) -> ExperimentConfig:
+    """``train.steps`` derived from ``train.epochs`` (``ceil(epochs · n / batch_size)``), if set."""
+    if config.train.epochs is None:
+        return config
+    if not config.train.epochs > 0:
+        raise ValueError(f"train.epochs must be positive, got {config.train.epochs}")
+    steps = math.ceil(config.train.epochs * n / config.optim.batch_size)
+    return dataclasses.replace(config, train=dataclasses.replace(config.train, steps=steps))
 
 
 def batch_indices(n: int, batch_size: int, seed: int, step: int) -> torch.Tensor:

@@ -134,4 +134,4 @@ def _krylov_start(block: torch.Tensor, seed: int) -> torch.Tensor:
     if block.shape[1] == 0:  # previous vectors all zero: nothing to start from
         return g
     v = block.sum(dim=1)
-    return v / v.norm() + 0.1 * g / g.norm()
+    return v / v.norm() + 1e-3 * g / g.norm()

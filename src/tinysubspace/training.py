@@ -32,7 +32,14 @@ import torch
 from . import distributed as tsdist
 from .batches import call_model
 from .config import ExperimentConfig, config_to_dict
-from .experiment import Problem, batch_indices, build_optimizer, build_problem, epochs_of
+from .experiment import (
+    Problem,
+    batch_indices,
+    build_optimizer,
+    build_problem,
+    epochs_of,
+    with_steps_from_epochs,
+)
 from .hessian import NonFiniteError
 from .progress import Progress
 from .store import RunStore
@@ -264,6 +271,7 @@ def run_experiment(config: ExperimentConfig, out: str | Path | None, *, resume: 
         measurements made so far are kept).
     """
     problem = build_problem(config, data_root)
+    config = with_steps_from_epochs(config, len(problem.train))
     resolved = {**config_to_dict(config), "meta": run_meta(config, problem.device)}
     progress = progress if tsdist.is_main() else None
     with torch.random.fork_rng(devices=_cuda_devices(problem.device)):

@@ -44,6 +44,6 @@ def main(args: argparse.Namespace) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(out, dpi=args.dpi)
     print(compare_markdown(table, target) if args.format == "markdown" else compare_csv(table),
-          end="\n" if args.format == "markdown" else "")
+          end="\n" if args.format == "markdown" else "", flush=True)
     print(f"figure: {out}", file=sys.stderr)
     return 0

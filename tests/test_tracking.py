@@ -1,0 +1,266 @@
+"""track_eigenpairs: the same answer as a cold solve, along sequences of slowly changing operators.
+
+References are independent: ``torch.linalg.eigh`` of the dense matrix, and for a small MLP the
+dense float64 Hessian of ``reference.reference_hessian`` (autograd on a flat-parameter loss,
+itself checked against finite differences in test_hessian.py). Residuals are recomputed here.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import tinysubspace as ts
+from reference import FlatLoss, reference_hessian
+from tinysubspace.models import build_model
+from tinysubspace.tracking import WARM_STARTS, track_eigenpairs, warm_block_size
+
+pytestmark = pytest.mark.usefixtures("global_rng_untouched")
+
+F64 = torch.float64
+
+
+# ------------------------------------------------------------------------------------ helpers
+def hessian_like_spectrum(p: int, outliers: list[float], edge_ratio: float | None,
+                          seed: int) -> torch.Tensor:
+    """Outliers, then a bulk in [0, 1] (evenly spaced, so every gap is ≥ 1/p), descending.
+
+    ``edge_ratio``: if given, the last outlier is put at ``edge_ratio × (top of the bulk)`` —
+    the λ10 ≈ λ11 case of a 10-class cross-entropy Hessian.
+    """
+    bulk = torch.linspace(1.0, 0.0, p - len(outliers), dtype=F64)
+    values = torch.tensor(outliers, dtype=F64)
+    if edge_ratio is not None:
+        values[-1] = edge_ratio * bulk[0]
+    return torch.cat([values, bulk])
+
+
+def moving_sequence(values: torch.Tensor, steps: int, rate: float, seed: int = 0,
+                    drift: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """``A_t = Q_t diag(λ + t·drift) Q_tᵀ`` with ``Q_{t+1} = exp(rate·S) Q_t`` (``S`` skew,
+    ``‖S‖₂ = 1``): eigenvectors rotate by about ``rate`` radians per step."""
+    p = values.shape[0]
+    gen = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(p, p, generator=gen, dtype=F64))
+    S = torch.randn(p, p, generator=gen, dtype=F64)
+    S = (S - S.T) / 2
+    R = torch.linalg.matrix_exp(rate * S / torch.linalg.matrix_norm(S, 2))
+    drift = torch.zeros_like(values) if drift is None else drift
+    matrices = []
+    for t in range(steps):
+        A = (Q * (values + t * drift)) @ Q.T
+        matrices.append((A + A.T) / 2)
+        Q = R @ Q
+    return matrices
+
+
+def top_of(A: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    w, U = torch.linalg.eigh(A)
+    return w.flip(0)[:k], U.flip(1)[:, :k]
+
+
+def overlap(V: torch.Tensor, W: torch.Tensor) -> float:
+    """Subspace overlap (eq. 5), recomputed here: ‖VᵀW‖_F² / k for orthonormal bases."""
+    return float((V.T @ W).pow(2).sum() / V.shape[1])
+
+
+def check_against(result: ts.Eigenpairs, A: torch.Tensor, k: int, tol: float,
+                  min_overlap: float = 0.999) -> None:
+    """Converged, residuals recomputed ≤ tol·λ1, eigenvalues within tol·λ1, overlap with eigh."""
+    values, vectors = top_of(A, k)
+    scale = float(values.abs().max())
+    assert result.converged
+    assert result.values.shape == (k,) and result.vectors.shape == (A.shape[0], k)
+    residuals = (A @ result.vectors - result.vectors * result.values).norm(dim=0)
+    assert float(residuals.max()) <= tol * scale * 1.01
+    assert torch.allclose(result.vectors.T @ result.vectors, torch.eye(k, dtype=A.dtype),
+                          atol=1e-6 if A.dtype == torch.float32 else 1e-10)
+    assert float((result.values - values).abs().max()) <= tol * scale
+    assert overlap(result.vectors, vectors) >= min_overlap
+
+
+def track_along(matrices: list[torch.Tensor], k: int, tol: float,
+                **kwargs) -> tuple[list[ts.Eigenpairs], list[ts.Eigenpairs]]:
+    """Warm-tracked and cold results at every matrix (the first warm one is cold too)."""
+    warm, cold, previous = [], [], None
+    for A in matrices:
+        previous = track_eigenpairs(ts.DenseOperator(A), k, previous, tol=tol, **kwargs)
+        warm.append(previous)
+        cold.append(ts.top_eigenpairs(ts.DenseOperator(A), k, tol=tol))
+    return warm, cold
+
+
+OUTLIERS = [10.0, 9.0, 8.0, 7.0, 6.0, 5.0, 4.0, 3.0, 2.0, 1.02]
+
+
+# ------------------------------------------------------------------------- same answer as cold
+@pytest.mark.parametrize("warm", WARM_STARTS)
+def test_bulk_edge_sequence_matches_eigh_and_cold(warm):
+    """Ten outliers, the tenth at 1.02 × the bulk's top (λ10/λ11 = 1.02): top-10 and top-20."""
+    values = hessian_like_spectrum(200, OUTLIERS, edge_ratio=1.02, seed=0)
+    matrices = moving_sequence(values, steps=4, rate=3e-3)
+    for k in (10, 20):
+        tracked, cold = track_along(matrices, k, tol=1e-9, warm=warm)
+        for A, w, c in zip(matrices, tracked, cold, strict=True):
+            check_against(w, A, k, 1e-9)
+            assert overlap(w.vectors, c.vectors) >= 0.999
+            assert float((w.values - c.values).abs().max()) <= 1e-9 * float(c.values[0])
+
+
+def test_subspace_warm_start_uses_fewer_products_than_cold_when_little_moves():
+    """Slowly moving: the previous basis is one Rayleigh–Ritz away from the answer."""
+    values = hessian_like_spectrum(300, OUTLIERS, edge_ratio=1.02, seed=0)
+    matrices = moving_sequence(values, steps=5, rate=1e-4)
+    tracked, cold = track_along(matrices, 20, tol=1e-5)
+    for A, w in zip(matrices, tracked, strict=True):
+        check_against(w, A, 20, 1e-5)
+    warm_products = sum(w.matvecs for w in tracked[1:])
+    cold_products = sum(c.matvecs for c in cold[1:])
+    assert warm_products < 0.5 * cold_products
+
+
+def test_krylov_warm_start_uses_fewer_products_than_cold_at_tight_tolerance():
+    values = hessian_like_spectrum(300, OUTLIERS, edge_ratio=1.02, seed=0)
+    matrices = moving_sequence(values, steps=5, rate=1e-4)
+    tracked, cold = track_along(matrices, 10, tol=1e-10, warm="krylov")
+    for A, w in zip(matrices, tracked, strict=True):
+        check_against(w, A, 10, 1e-10)
+    assert sum(w.matvecs for w in tracked[1:]) < 0.75 * sum(c.matvecs for c in cold[1:])
+
+
+def test_unchanged_operator_takes_one_pass():
+    values = hessian_like_spectrum(120, OUTLIERS, edge_ratio=None, seed=0)
+    (A,) = moving_sequence(values, steps=1, rate=0.0)
+    first = track_eigenpairs(ts.DenseOperator(A), 10, None, tol=1e-10)
+    again = track_eigenpairs(ts.DenseOperator(A), 10, first, tol=1e-8)
+    assert again.matvecs == 10  # Rayleigh–Ritz on the previous basis only
+    check_against(again, A, 10, 1e-8)
+
+
+def test_repeated_eigenvalue_inside_the_top_k():
+    """λ3 = λ4 = λ5 exactly: the previous basis holds every copy, and the warm start keeps it
+    (a single-vector cold start would see one copy only)."""
+    outliers = [10.0, 9.0, 7.0, 7.0, 7.0, 5.0, 4.0, 3.0]
+    values = hessian_like_spectrum(150, outliers, edge_ratio=None, seed=0)
+    matrices = moving_sequence(values, steps=4, rate=2e-3)
+    previous = track_eigenpairs(ts.DenseOperator(matrices[0]), 8, None, tol=1e-10, block_size=3)
+    check_against(previous, matrices[0], 8, 1e-10)
+    for A in matrices[1:]:
+        previous = track_eigenpairs(ts.DenseOperator(A), 8, previous, tol=1e-10)
+        check_against(previous, A, 8, 1e-10)
+        assert torch.allclose(previous.values[2:5], torch.full((3,), 7.0, dtype=F64), atol=1e-8)
+
+
+@pytest.mark.parametrize("warm", WARM_STARTS)
+def test_eigenvalue_crossing_into_the_top_k(warm):
+    """λ11 rises past λ10 between measurements (its eigenvector was outside the previous
+    top-10 basis): the tracker must swap it in, as a cold solve does."""
+    values = hessian_like_spectrum(150, [*OUTLIERS[:9], 1.6], edge_ratio=None, seed=0)
+    values[10] = 1.3  # the eleventh, rising by 0.2 a step while the tenth stays
+    drift = torch.zeros_like(values)
+    drift[10] = 0.2
+    matrices = moving_sequence(values, steps=4, rate=2e-3, drift=drift)
+    tracked, _ = track_along(matrices, 10, tol=1e-9, warm=warm)
+    for A, w in zip(matrices, tracked, strict=True):
+        check_against(w, A, 10, 1e-9)
+    assert float(tracked[-1].values[9]) == pytest.approx(1.3 + 3 * 0.2, abs=1e-8)
+
+
+def test_next_k_with_skip_warm_started_from_the_whole_basis():
+    values = hessian_like_spectrum(150, OUTLIERS, edge_ratio=None, seed=0)
+    matrices = moving_sequence(values, steps=3, rate=2e-3)
+    previous = track_eigenpairs(ts.DenseOperator(matrices[0]), 20, None, tol=1e-10)
+    for A in matrices[1:]:
+        both = track_eigenpairs(ts.DenseOperator(A), 20, previous, tol=1e-10)
+        nxt = track_eigenpairs(ts.DenseOperator(A), 10, previous, tol=1e-10, skip=10)
+        w, U = top_of(A, 20)
+        assert nxt.skip == 10 and nxt.converged
+        assert float((nxt.values - w[10:]).abs().max()) <= 1e-9
+        assert overlap(nxt.vectors, U[:, 10:]) >= 0.999
+        previous = both
+
+
+@pytest.mark.parametrize("form", ["eigenpairs", "matrix", "vector", "fewer", "more"])
+def test_every_form_of_previous_gives_the_answer(form):
+    values = hessian_like_spectrum(120, OUTLIERS, edge_ratio=1.05, seed=0)
+    first, second = moving_sequence(values, steps=2, rate=3e-3)
+    cold = track_eigenpairs(ts.DenseOperator(first), 12, None, tol=1e-10)
+    previous = {"eigenpairs": cold, "matrix": cold.vectors, "vector": cold.vectors[:, 0],
+                "fewer": cold.vectors[:, :4], "more": cold.vectors}[form]
+    k = 10 if form == "more" else 12
+    result = track_eigenpairs(ts.DenseOperator(second), k, previous, tol=1e-9)
+    check_against(result, second, k, 1e-9)
+
+
+def test_float32_operator_converges_at_the_default_tolerance():
+    values = hessian_like_spectrum(200, OUTLIERS, edge_ratio=1.1, seed=0)
+    matrices = [A.float() for A in moving_sequence(values, steps=3, rate=3e-3)]
+    previous = None
+    for A in matrices:
+        previous = track_eigenpairs(ts.DenseOperator(A), 10, previous)
+        assert previous.vectors.dtype == torch.float32
+        check_against(previous, A.double().float(), 10, 1e-4, min_overlap=0.99)
+
+
+# --------------------------------------------------------------- a small MLP during training
+def test_mlp_hessian_tracked_along_sgd_matches_dense_reference():
+    """A 4-class MLP (6 → 12 → 4, p = 136), a few SGD steps between measurements; float64
+    operator on the float32 model, against the dense reference Hessian's eigh."""
+    gen = torch.Generator().manual_seed(0)
+    means = 2.0 * torch.randn(4, 6, generator=gen)
+    Y = torch.arange(120) % 4
+    X = means[Y] + torch.randn(120, 6, generator=gen)
+    model = build_model("fc", (6,), 4, seed=0, widths=(12,), activation="tanh")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.2)
+    loss_fn = nn.functional.cross_entropy
+    previous, k, products = None, 8, []
+    for _ in range(4):
+        op = ts.HessianOperator(model, loss_fn, (X, Y), dtype=F64)
+        H = reference_hessian(FlatLoss(model, loss_fn, X, Y))
+        previous = track_eigenpairs(op, k, previous, tol=1e-9)
+        check_against(previous, H, k, 1e-9)
+        cold = ts.top_eigenpairs(op, k, tol=1e-9)
+        assert overlap(previous.vectors, cold.vectors) >= 0.999
+        products.append(previous.matvecs)
+        for _ in range(3):  # SGD steps on minibatches of 32
+            index = torch.randint(0, 120, (32,), generator=gen)
+            optimizer.zero_grad()
+            loss_fn(model(X[index]), Y[index]).backward()
+            optimizer.step()
+    assert all(p > 0 for p in products)
+
+
+# ------------------------------------------------------------------------------- bad input
+def test_previous_of_wrong_shape_is_rejected():
+    op = ts.DenseOperator(torch.eye(30, dtype=F64))
+    with pytest.raises(ValueError, match=r"previous vectors must have shape \(30,\) or \(30, m\)"):
+        track_eigenpairs(op, 3, torch.zeros(20, 3, dtype=F64))
+    with pytest.raises(ValueError, match="previous vectors must have shape"):
+        track_eigenpairs(op, 3, torch.zeros(30, 0, dtype=F64))
+
+
+def test_previous_of_wrong_kind_is_rejected():
+    op = ts.DenseOperator(torch.eye(30, dtype=F64))
+    with pytest.raises(TypeError, match="previous must be Eigenpairs, a \\(p, m\\) tensor or None"):
+        track_eigenpairs(op, 3, [[0.0] * 30])
+
+
+def test_unknown_warm_start_is_rejected():
+    op = ts.DenseOperator(torch.eye(30, dtype=F64))
+    with pytest.raises(ValueError, match=r"warm must be one of \('subspace', 'krylov'\)"):
+        track_eigenpairs(op, 3, None, warm="lobpcg")
+
+
+def test_zero_previous_falls_back_to_a_random_start():
+    values = hessian_like_spectrum(60, [5.0, 4.0, 3.0], edge_ratio=None, seed=0)
+    (A,) = moving_sequence(values, steps=1, rate=0.0)
+    for warm in WARM_STARTS:
+        result = track_eigenpairs(ts.DenseOperator(A), 3, torch.zeros(60, 3, dtype=F64),
+                                  tol=1e-10, warm=warm)
+        check_against(result, A, 3, 1e-10)
+
+
+def test_warm_block_size():
+    assert [warm_block_size(n, n) for n in (1, 4, 5, 10, 20)] == [1, 1, 2, 3, 5]
+    assert warm_block_size(20, 2) == 2
