@@ -107,3 +107,28 @@ def test_bad_tracker_config():
         Tracker(TrackerConfig(k=0), None, None)
     with pytest.raises(ValueError, match=r"tracker.dtype must be one of \['float32', 'float64'\]"):
         Tracker(TrackerConfig(dtype="half"), None, None)
+
+
+def test_warm_tracking_agrees_with_cold_solves(problem):
+    """The default (warm-started) solver returns the cold solver's subspace and eigenvalues."""
+    warm, cold = _tracker(problem), _tracker(problem, solver="cold")
+    model = problem.model
+    saved = [p.detach().clone() for p in model.parameters()]
+    try:
+        for step in range(3):
+            a, b = warm.measure(model, step), cold.measure(model, step)
+            for i in range(1, 7):
+                assert a.row[f"hessian/eig_{i}"] == pytest.approx(b.row[f"hessian/eig_{i}"],
+                                                                 rel=1e-7)
+            assert ts.subspace_overlap(a.eigenpairs.vectors[:, :3],
+                                       b.eigenpairs.vectors[:, :3]) > 0.9999
+            with torch.no_grad():
+                gen = torch.Generator().manual_seed(step)
+                for p in model.parameters():
+                    p.add_(0.02 * torch.randn(p.shape, generator=gen))
+    finally:
+        with torch.no_grad():
+            for p, s in zip(model.parameters(), saved, strict=True):
+                p.copy_(s)
+    with pytest.raises(ValueError, match=r"tracker\.solver must be one of \['cold', 'track'\]"):
+        Tracker(TrackerConfig(solver="magic"), None, None)

@@ -24,6 +24,7 @@ from .config import TrackerConfig
 from .eigen import Eigenpairs, top_eigenpairs
 from .hessian import HessianOperator, module_mode
 from .metrics import eigenvector_overlaps, gradient_overlap, subspace_overlap, top_fraction
+from .tracking import track_eigenpairs
 
 __all__ = ["Measurement", "Tracker", "measurement_steps"]
 
@@ -67,8 +68,8 @@ class Tracker:
         train: ``(X, Y)`` of the whole training set.
         test: optional ``(X, Y)`` of the test set (``test/...`` columns).
         classification: whether accuracy is defined (targets are class labels).
-        solver: ``solver(op, n, init, tol, seed) -> Eigenpairs`` for the top ``n`` pairs
-            (default: warm-started :func:`top_eigenpairs`).
+        solver: ``solver(op, n, previous, tol, seed) -> Eigenpairs`` for the top ``n`` pairs
+            (default: ``SOLVERS[config.solver]``, the warm-started :func:`track_eigenpairs`).
         distributed: ``train`` and ``test`` are this process's shards and every measurement is
             a collective over the ranks of ``torch.distributed`` (every rank calls
             :meth:`measure` at the same steps and gets the same row). ``None``: on iff
@@ -84,7 +85,10 @@ class Tracker:
             raise ValueError(f"tracker.dtype must be one of {sorted(DTYPES)}, got {config.dtype!r}")
         self.config, self.loss_fn = config, loss_fn
         self.train, self.test, self.classification = train, test, classification
-        self.solver = solver or _warm_lanczos
+        if config.solver not in SOLVERS:
+            raise ValueError(f"tracker.solver must be one of {sorted(SOLVERS)}, got "
+                             f"{config.solver!r}")
+        self.solver = solver or SOLVERS[config.solver]
         self.distributed = tsdist.is_distributed() if distributed is None else bool(distributed)
         self.state = _State()
 
@@ -208,5 +212,10 @@ def _gradient_metrics(g: torch.Tensor, Hg: torch.Tensor, V: torch.Tensor,
     return row
 
 
-def _warm_lanczos(op, n: int, init: torch.Tensor | None, tol: float, seed: int) -> Eigenpairs:
-    return top_eigenpairs(op, n, tol=tol, init=init, seed=seed)
+SOLVERS: dict[str, Callable[..., Eigenpairs]] = {
+    # warm-started from the previous measurement (tracking.py); cold Lanczos at the first one
+    "track": lambda op, n, previous, tol, seed: track_eigenpairs(op, n, previous, tol=tol,
+                                                                   seed=seed),
+    # a cold single-vector Lanczos at every measurement (the reference)
+    "cold": lambda op, n, previous, tol, seed: top_eigenpairs(op, n, tol=tol, seed=seed),
+}
