@@ -5,8 +5,9 @@ A model is trained with SGD (batch 64, η = 0.1, the paper's setting); at ``coun
 
 (a) ``scipy.sparse.linalg.eigsh`` (ARPACK, ``which="LA"``) on ``op.to_scipy()``, cold;
 (b) :func:`tinysubspace.top_eigenpairs`, cold (single-vector thick-restart Lanczos);
-(c) :func:`tinysubspace.tracking.track_eigenpairs`, warm-started from (c) of the previous
-    measurement (the first measurement is a cold start and is left out of the ratios).
+(c) :func:`tinysubspace.tracking.track_eigenpairs`, warm-started from its own answer at the
+    previous measurement (the first measurement is a cold start and is left out of the ratios),
+    once per ``warm`` start (``subspace`` and ``krylov``).
 
 Every solve runs on the same operator; columns give products (matvecs), data passes and seconds,
 the largest residual ``max ‖Hv − θv‖ / θ_1`` and the subspace overlap (eq. 5) with (a)'s answer.
@@ -125,12 +126,19 @@ def unit_costs(op: HessianOperator, block: int, repeat: int) -> dict[str, float]
 
 
 def run(problem: Problem, k: int, tol: float, start: int, every: int, count: int,
-        chunk: int | None, repeat: int, warm: str = "subspace",
-        block_size: int | None = None) -> dict[str, float]:
+        chunk: int | None, repeat: int, warms: tuple[str, ...] = ("subspace", "krylov"),
+        block_size: int | None = None, deadline: float | None = None) -> dict[str, float]:
+    """One table: ``count`` measurements; (c) once per warm start in ``warms``, each tracking
+    its own previous answer. Stops early (keeping what it has) after ``deadline`` (a
+    ``time.perf_counter()`` value)."""
     states = trajectory(problem, start, every, count)
-    rows, sums, previous = [], {"a": 0.0, "b": 0.0, "c": 0.0}, None
+    rows, sums = [], dict.fromkeys(("a", "b", *warms), 0.0)
+    previous: dict[str, object] = dict.fromkeys(warms)
     costs = None
     for index, state in enumerate(states):
+        if deadline is not None and time.perf_counter() > deadline and index > 1:
+            print(f"(deadline: stopped after {index} measurements)", flush=True)
+            break
         problem.model.load_state_dict(state)
         op = HessianOperator(problem.model, problem.loss_fn, (problem.X, problem.Y),
                              batch_size=chunk, device=problem.device)
@@ -138,26 +146,30 @@ def run(problem: Problem, k: int, tol: float, start: int, every: int, count: int
             costs = unit_costs(op, 20, repeat)
         a, _ = timed(op, partial(scipy_top, k=k, tol=tol, seed=index))
         b, _ = timed(op, partial(top_eigenpairs, k=k, tol=tol, seed=index))
-        c, result = timed(op, partial(track_eigenpairs, k=k, previous=previous, tol=tol,
-                                      seed=index, warm=warm, block_size=block_size))
-        moved = subspace_overlap(previous.vectors, a.vectors) if previous is not None else 1.0
-        previous = result
-        rows.append([index, f"{moved:.3f}",
-                     a.matvecs, f"{a.seconds:.2f}", f"{a.residual:.0e}",
-                     b.matvecs, f"{b.seconds:.2f}", f"{b.residual:.0e}",
-                     f"{subspace_overlap(b.vectors, a.vectors):.4f}",
-                     f"{c.matvecs}/{c.passes}", f"{c.seconds:.2f}", f"{c.residual:.0e}",
-                     f"{subspace_overlap(c.vectors, a.vectors):.4f}",
-                     f"{c.seconds / a.seconds:.2f}"])
+        moved = (subspace_overlap(previous[warms[0]].vectors, a.vectors)
+                 if previous[warms[0]] is not None else 1.0)
+        row = [index, f"{moved:.3f}", a.matvecs, f"{a.seconds:.2f}", f"{a.residual:.0e}",
+               b.matvecs, f"{b.seconds:.2f}", f"{subspace_overlap(b.vectors, a.vectors):.4f}"]
+        times = {"a": a.seconds, "b": b.seconds}
+        for warm in warms:
+            c, previous[warm] = timed(op, partial(track_eigenpairs, k=k, previous=previous[warm],
+                                                  tol=tol, seed=index, warm=warm,
+                                                  block_size=block_size))
+            row += [f"{c.matvecs}/{c.passes}", f"{c.seconds:.2f}",
+                    f"{subspace_overlap(c.vectors, a.vectors):.4f}", f"{c.seconds / a.seconds:.2f}"]
+            times[warm] = c.seconds
+        rows.append(row)
+        print("  measured", row, flush=True)
         if index > 0:
-            sums = {"a": sums["a"] + a.seconds, "b": sums["b"] + b.seconds,
-                    "c": sums["c"] + c.seconds}
+            sums = {key: sums[key] + times[key] for key in sums}
     title = (f"{problem.name}, p = {op.shape[0]}, k = {k}, tol = {tol:g}, steps {start}+{every}j, "
-             f"warm={warm}, block={block_size or 'default'}, {op.dtype}, {machine_line()}")
-    print_table(title, ["#", "ov(prev, a)", "(a) mv", "(a) s", "(a) res", "(b) mv", "(b) s",
-                        "(b) res", "ov(b, a)", "(c) mv/passes", "(c) s", "(c) res", "ov(c, a)",
-                        "(c)/(a)"], rows)
-    summary = {"(b)/(a) time": sums["b"] / sums["a"], "(c)/(a) time": sums["c"] / sums["a"],
+             f"block={block_size or 'default'}, {op.dtype}, {machine_line()}")
+    header = ["#", "ov(prev, a)", "(a) mv", "(a) s", "(a) res", "(b) mv", "(b) s", "ov(b, a)"]
+    for warm in warms:
+        header += [f"{warm} mv/passes", f"{warm} s", f"ov({warm}, a)", f"{warm}/(a)"]
+    print_table(title, header, rows)
+    summary = {"(b)/(a) time": sums["b"] / sums["a"],
+               **{f"{warm}/(a) time": sums[warm] / sums["a"] for warm in warms},
                "H·v / grad": costs["single"] / costs["grad"],
                "block per-vector / H·v": costs["per_vector"] / costs["single"],
                "grad ms": 1e3 * costs["grad"]}
@@ -177,7 +189,7 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=2)
     parser.add_argument("--count", type=int, default=10)
     parser.add_argument("--chunk", type=int, default=None)
-    parser.add_argument("--warm", default="subspace")
+    parser.add_argument("--warm", nargs="*", default=["subspace", "krylov"])
     parser.add_argument("--block-size", type=int, default=None)
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
@@ -187,7 +199,8 @@ def main() -> None:
     for k, tol in zip(args.k, args.tol, strict=True):  # a fresh model each: training mutates it
         problem = digits_problem() if args.problem == "digits" else fashion_problem(args.n)
         run(problem, k, tol, args.start, args.every, args.count, args.chunk,
-            repeat=1 if args.quick else 5, warm=args.warm, block_size=args.block_size)
+            repeat=1 if args.quick else 5, warms=tuple(args.warm),
+            block_size=args.block_size)
 
 
 if __name__ == "__main__":

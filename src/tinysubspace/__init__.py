@@ -27,23 +27,40 @@ from .metrics import (
     top_fraction,
 )
 from .models import build_model, model_names, parameter_groups
+from .optim import (
+    BulkProjection,
+    HessianSubspace,
+    LowRankNewton,
+    SubspaceSGD,
+    SwitchOnTopFraction,
+    TopProjection,
+    lowrank_newton_direction,
+    project_bulk,
+    project_top,
+)
 from .store import Run, load_run
 from .tracker import Tracker
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BulkProjection",
     "DatasetNotFoundError",
     "DenseOperator",
     "DistributedError",
     "Eigenpairs",
     "HessianOperator",
+    "HessianSubspace",
+    "LowRankNewton",
     "NonDeterministicError",
     "NonFiniteError",
     "Run",
     "SpectralDensity",
+    "SubspaceSGD",
+    "SwitchOnTopFraction",
     "SymmetricOperator",
     "TensorData",
+    "TopProjection",
     "Tracker",
     "broadened_density",
     "build_model",
@@ -55,9 +72,12 @@ __all__ = [
     "lanczos_tridiagonal",
     "load_dataset",
     "load_run",
+    "lowrank_newton_direction",
     "model_names",
     "parameter_groups",
     "project",
+    "project_bulk",
+    "project_top",
     "random_labels",
     "spectral_density",
     "standardize",

@@ -50,13 +50,27 @@ class Eigenpairs:
     skip: int = 0
 
 
-@dataclass
 class _Krylov:
-    """The solver's working state: basis, its image and the projected matrix."""
+    """The solver's working state: basis ``Q``, its image ``HQ``, the projected matrix ``T`` and
+    ``G = HQᵀ HQ``. ``Q`` and ``HQ`` are views of row buffers holding ``capacity`` vectors, so a
+    step copies no old vectors (and every view is a contiguous block, transposed).
+    """
 
-    Q: torch.Tensor  # (p, m)
-    HQ: torch.Tensor  # (p, m)
-    T: torch.Tensor  # (m, m)
+    def __init__(self, like: torch.Tensor, capacity: int) -> None:
+        p = like.shape[0]
+        self._Q = like.new_empty(capacity, p)  # row i is the basis vector q_i
+        self._HQ = like.new_empty(capacity, p)
+        self.size = 0
+        self.T = like.new_zeros(0, 0)
+        self.G = like.new_zeros(0, 0)
+
+    @property
+    def Q(self) -> torch.Tensor:  # (p, m)
+        return self._Q[: self.size].T
+
+    @property
+    def HQ(self) -> torch.Tensor:  # (p, m)
+        return self._HQ[: self.size].T
 
     def extend(self, block: torch.Tensor, image: torch.Tensor) -> None:
         cross = self.Q.T @ image  # (m, b): Qᵀ H Qn (the old-new entries of T)
@@ -64,8 +78,17 @@ class _Krylov:
         corner = (corner + corner.T) / 2
         self.T = torch.cat([torch.cat([self.T, cross], 1),
                             torch.cat([cross.T, corner], 1)], 0)
-        self.Q = torch.cat([self.Q, block], 1)
-        self.HQ = torch.cat([self.HQ, image], 1)
+        g_cross, g_corner = self.HQ.T @ image, image.T @ image
+        self.G = torch.cat([torch.cat([self.G, g_cross], 1),
+                            torch.cat([g_cross.T, g_corner], 1)], 0)
+        end = self.size + block.shape[1]
+        if end > self._Q.shape[0]:  # (only a start block wider than the basis size)
+            grow = end - self._Q.shape[0]
+            self._Q = torch.cat([self._Q, self._Q.new_empty(grow, self._Q.shape[1])])
+            self._HQ = torch.cat([self._HQ, self._HQ.new_empty(grow, self._HQ.shape[1])])
+        self._Q[self.size:end] = block.T
+        self._HQ[self.size:end] = image.T
+        self.size = end
 
     def ritz(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Ritz values (descending) and coefficient vectors ``y`` of the projected matrix."""
@@ -74,7 +97,28 @@ class _Krylov:
 
     def restart(self, Y: torch.Tensor, theta: torch.Tensor) -> None:
         """Keep only the Ritz vectors ``Q Y`` (thick restart)."""
-        self.Q, self.HQ, self.T = self.Q @ Y, self.HQ @ Y, torch.diag(theta)
+        keep = Y.shape[1]
+        self._Q[:keep] = Y.T @ self._Q[: self.size]
+        self._HQ[:keep] = Y.T @ self._HQ[: self.size]
+        self.size = keep
+        self.T, self.G = torch.diag(theta), Y.T @ self.G @ Y
+
+    def residual_gram(self, theta: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+        """``RᵀR`` of the Ritz residuals ``R = HQ Y − Q Y diag(θ)``, from small matrices only:
+        ``Yᵀ G Y − diag(θ²)`` (``QᵀHQ = T``, ``TY = Yθ``), in float64. Cancellation leaves an
+        error of about ``eps · ‖H‖²`` (see :func:`_estimate_floor`)."""
+        Y64, G64 = Y.double(), self.G.double()
+        M = Y64.T @ G64 @ Y64 - torch.diag(theta.double() ** 2)
+        return (M + M.T) / 2
+
+    def residual_directions(self, theta: torch.Tensor, Y: torch.Tensor, b: int) -> torch.Tensor:
+        """The ``b`` leading left singular directions of ``R = HQ Y − Q Y diag(θ)`` (all of
+        ``R`` if it has at most ``b`` columns), computed as ``R Z`` without forming ``R``."""
+        if Y.shape[1] > b:
+            _, Z = torch.linalg.eigh(self.residual_gram(theta, Y))
+            Z = Z[:, -b:].flip(1).to(Y.dtype)
+            return self.HQ @ (Y @ Z) - self.Q @ (Y @ (theta[:, None] * Z))
+        return self.HQ @ Y - self.Q @ (Y * theta)
 
 
 def _validate(op, k: int, skip: int, tol: float, init: torch.Tensor | None,
@@ -150,7 +194,7 @@ def top_eigenpairs(op, k: int, tol: float = 1e-6, init: torch.Tensor | None = No
     m = min(p, max(basis_size or max(2 * n + 2 * b, n + 20), n + b))
     budget = max_matvecs if max_matvecs is not None else 50 * p
     used = 0
-    state = _Krylov(start[:, :0], start[:, :0], start.new_zeros(0, 0))
+    state = _Krylov(start, capacity=m)
     block = start
     while True:
         image = op @ block
@@ -160,20 +204,40 @@ def top_eigenpairs(op, k: int, tol: float = 1e-6, init: torch.Tensor | None = No
                                      "products)")
         state.extend(block, image)
         theta, Y = state.ritz()
-        V = state.Q @ Y[:, :n]
-        R = state.HQ @ Y[:, :n] - V * theta[:n]
-        res = R.norm(dim=0)
         scale = max(float(theta.abs().max()), float(torch.finfo(theta.dtype).tiny))
-        # fewer than n basis vectors give fewer than n Ritz pairs: never "converged" then
-        done = ((state.Q.shape[1] >= n and bool((res <= tol * scale).all()))
-                or state.Q.shape[1] >= p)
-        if done or used >= budget:
-            return Eigenpairs(theta[skip:n].clone(), V[:, skip:].clone(), res[skip:].clone(),
-                              used, done, skip)
+        threshold = tol * scale
+        # residual norms from the small Gram matrix first: p-sized work only where needed
+        estimate = state.residual_gram(theta[:n], Y[:, :n]).diagonal().clamp_min(0).sqrt()
+        floor = _estimate_floor(op, max(scale, float(state.G.diagonal().max()) ** 0.5))
+        maybe = bool((estimate <= threshold + floor).all())
+        full = state.Q.shape[1] >= p
+        if (maybe and state.Q.shape[1] >= n) or full or used >= budget:
+            V = state.Q @ Y[:, :n]
+            R = state.HQ @ Y[:, :n] - V * theta[:n]
+            res = R.norm(dim=0)
+            # fewer than n basis vectors give fewer than n Ritz pairs: never "converged" then
+            done = (state.Q.shape[1] >= n and bool((res <= threshold).all())) or full
+            if done or used >= budget:
+                return Eigenpairs(theta[skip:n].clone(), V[:, skip:].clone(),
+                                  res[skip:].clone(), used, done, skip)
+            directions = _next_block(R, res, threshold, b)
+        else:  # some pair is certainly unconverged: its residual direction, without R
+            active = estimate > threshold
+            if not bool(active.any()):
+                active = estimate == estimate.max()
+            directions = state.residual_directions(theta[:n][active], Y[:, :n][:, active], b)
         if state.Q.shape[1] + b > m:
             keep = min(max(n + b, (m + n) // 2), m - b)
             state.restart(Y[:, :keep], theta[:keep])
-        block = _next_block(state.Q, R, res, tol * scale, b, gen)[:, : budget - used]
+        block = _orthonormal_fill(directions, state.Q, b, gen)[:, : budget - used]
+
+
+def _estimate_floor(op, norm: float) -> float:
+    """How far a residual norm from :meth:`_Krylov.residual_gram` may be off: the Gram
+    entries are ``p``-term sums in the operator's precision, so ``yᵀGy − θ²`` carries an error
+    of about ``√p · eps · ‖H‖²`` (taken 10 times larger; ``norm`` ≥ the largest ``‖Hq‖`` seen)."""
+    eps = torch.finfo(op.dtype).eps
+    return (10 * eps * op.shape[0] ** 0.5) ** 0.5 * norm
 
 
 def _start_block(op, init: torch.Tensor | None, n: int, block_size: int | None,
@@ -191,10 +255,8 @@ def _start_block(op, init: torch.Tensor | None, n: int, block_size: int | None,
     return columns
 
 
-def _next_block(Q: torch.Tensor, R: torch.Tensor, res: torch.Tensor, threshold: float,
-                b: int, gen: torch.Generator) -> torch.Tensor:
-    """``b`` orthonormal directions outside ``span(Q)`` that carry most of the unconverged
-    wanted residuals, then random directions for any that are already spanned.
+def _next_block(R: torch.Tensor, res: torch.Tensor, threshold: float, b: int) -> torch.Tensor:
+    """Up to ``b`` directions that carry most of the unconverged wanted residuals ``R``.
 
     With at most ``b`` unconverged pairs these are their residuals (for a Krylov basis all
     residuals lie in the next Krylov block, so this *is* block Lanczos). With more (a warm start),
@@ -209,6 +271,12 @@ def _next_block(Q: torch.Tensor, R: torch.Tensor, res: torch.Tensor, threshold: 
     if block.shape[1] > b:  # Rayleigh–Ritz residuals are already orthogonal to Q
         _, Z = torch.linalg.eigh(block.T @ block)  # thin SVD through the small Gram matrix
         block = block @ Z[:, -b:].flip(1)
+    return block
+
+
+def _orthonormal_fill(block: torch.Tensor, Q: torch.Tensor, b: int,
+                      gen: torch.Generator) -> torch.Tensor:
+    """``block`` made orthonormal to ``Q``; random directions replace any already spanned."""
     block = orthonormalize_against(block, Q)
     p = Q.shape[0]
     while block.shape[1] < min(b, p - Q.shape[1]):

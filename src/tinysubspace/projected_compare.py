@@ -163,7 +163,7 @@ def _cell(value: Any, fmt: str) -> str:
 
 
 MARKDOWN_COLUMNS = [("label", "run", "{}"), ("optimizer", "optimizer", "{}"),
-                    ("final_loss", "final loss", "{:.4f}"), ("best_loss", "best loss", "{:.4f}"),
+                    ("final_loss", "final loss", "{:.4g}"), ("best_loss", "best loss", "{:.4g}"),
                     ("final_accuracy", "final acc.", "{:.3f}"),
                     ("steps_to_target", "steps to target", "{:.0f}"),
                     ("switched_at", "switched at", "{:.0f}"),

@@ -1,30 +1,36 @@
 """Eigenpairs along a training run: each solve warm-started from the previous measurement's.
 
-The tracker measures the top ``n = skip + k`` eigenpairs of a Hessian ``H_t`` that changes a
-little between measurements (PAPER.txt section 3: the top subspace "freezes" early, so
-``V_t`` is a good first guess for ``V_{t+1}``). :func:`track_eigenpairs` runs the thick-restart
-block Lanczos of :func:`tinysubspace.top_eigenpairs` with
+The tracker measures the top ``n = skip + k`` eigenpairs of a Hessian ``H_t`` that changes
+between measurements (PAPER.txt section 3: the top subspace "freezes" early, so ``V_t`` is a
+first guess for ``V_{t+1}``). :func:`track_eigenpairs` runs the thick-restart Lanczos of
+:func:`tinysubspace.top_eigenpairs` from ``V_t`` in one of two ways:
 
-1. the previous vectors as the first block: one data pass of ``m0`` products gives Rayleigh–Ritz
-   pairs ``θ_i, V Y`` of ``span(V_t)`` with exact residuals ``r_i = H V y_i − θ_i V y_i``; if
-   every ``‖r_i‖ ≤ tol · |θ_1|`` that single pass is the whole solve;
-2. then blocks of ``b ≈ n/4`` new directions per pass (:func:`warm_block_size`): the ``b``
-   leading left singular vectors of the unconverged residuals ``(I − QQᵀ)[r_i]``, the
-   ``b``-dimensional subspace closest to all of them.
+``warm="subspace"``: fewest passes over the data.
+    1. The previous vectors are the first block: one pass of ``m0`` products gives the
+       Rayleigh–Ritz pairs of ``span(V_t)`` with exact residuals ``r_i = H v_i − θ_i v_i``; if
+       every ``‖r_i‖ ≤ tol · |θ_1|`` that single pass is the whole solve.
+    2. Then blocks of ``b = ⌈n/4⌉`` directions per pass (:func:`warm_block_size`): the ``b``
+       leading left singular vectors of the unconverged residuals, the ``b``-dimensional
+       subspace closest to all of them. (``b = n``, every residual every pass, costs 2–3 times
+       the products for the same accuracy: a block Krylov space gains one polynomial degree per
+       pass whatever ``b`` is.)
 
-Why not ``b = n`` (every residual, every pass, as ``top_eigenpairs(init=...)`` does by default)?
-A block Krylov space gains one polynomial degree per pass whatever ``b`` is, so ``b = n`` spends
-2–3 times the products of ``b = n/4`` for the same accuracy, and a pass costs a gradient graph
-(``c0``) plus ``c1`` per product with ``c0 ≈ 1.5–2 c1`` on a CPU. Measured choices and the cost
-model are in docs/performance.md. Where a pass costs far more than its products (a small model on
-a GPU) pass a larger ``block_size``.
+``warm="krylov"``: fewest products.
+    Single-vector Lanczos from ``Σ_i v_i`` (plus a ``10⁻³`` random part): a Krylov space
+    corrects all ``n`` directions at once, one product per pass. Like any single-vector start
+    it finds one copy of an exactly repeated eigenvalue.
 
-The answer is the same as a cold solve's: every returned pair meets ``‖H v − λ v‖ ≤ tol · |λ_1|``
-(checked on exact residuals, not on estimates). What no Krylov method can promise without
-converging every pair: an eigenvector that enters the top ``n`` from a direction orthogonal to
-``span(V_t)`` *and* to every residual is invisible to the warm start (a random start sees it with
-probability one). After an optimizer step ``H`` changes in every direction, so this does not
-happen in practice; the tests check crossings that do.
+``warm="auto"`` (default) picks ``subspace`` on a GPU and ``krylov`` elsewhere: a pass costs
+``c0 + c1 b`` (a gradient graph, then ``c1`` per product). On a GPU ``c1 ≪ c0`` (a 20-column
+block costs 0.06 (FC) to 0.3 (ResNet-18) of a single product per column), so passes are what
+count; on a CPU ``c1 ≈ c0`` (0.6–1.0), so products are. Numbers: docs/performance.md.
+
+The answer is the same as a cold solve's: every returned pair meets ``‖H v − λ v‖ ≤ tol · |λ_1|``,
+checked on exact residuals. What no Krylov method can promise without converging every pair: an
+eigenvector that enters the top ``n`` from a direction orthogonal to ``span(V_t)`` *and* to every
+residual is invisible to a ``subspace`` warm start (a random start sees it with probability
+one). After an optimizer step ``H`` changes in every direction, so this does not happen in
+practice; the tests check crossings that do happen.
 """
 
 from __future__ import annotations
@@ -36,17 +42,35 @@ from .krylov import orthonormalize_against, random_block
 
 __all__ = ["WARM_STARTS", "track_eigenpairs", "warm_block_size"]
 
-WARM_STARTS = ("subspace", "krylov")
+WARM_STARTS = ("auto", "subspace", "krylov")
 """How :func:`track_eigenpairs` uses the previous vectors (see its ``warm`` argument)."""
+
+KRYLOV_RANDOM_PART = 1e-3
+"""Weight of the random part of the ``krylov`` start vector (relative to the previous part)."""
 
 
 def warm_block_size(n: int, previous_columns: int) -> int:
-    """Default block size of a warm start: ``⌈n/4⌉``, at most ``previous_columns``, at least 1.
+    """Default block size of a ``subspace`` warm start: ``⌈n/4⌉``, at most ``previous_columns``,
+    at least 1.
 
     >>> warm_block_size(20, 20), warm_block_size(10, 10), warm_block_size(1, 1)
     (5, 3, 1)
     """
     return max(1, min(-(-n // 4), previous_columns))
+
+
+def resolve_warm_start(warm: str, device: torch.device | str) -> str:
+    """``subspace`` or ``krylov``: what ``warm`` means on ``device`` (``auto``: ``subspace`` on a
+    GPU, ``krylov`` elsewhere).
+
+    Raises:
+        ValueError: an unknown ``warm`` (the known ones are listed).
+    """
+    if warm not in WARM_STARTS:
+        raise ValueError(f"warm must be one of {WARM_STARTS}, got {warm!r}")
+    if warm != "auto":
+        return warm
+    return "subspace" if torch.device(device).type == "cuda" else "krylov"
 
 
 def _previous_block(previous: Eigenpairs | torch.Tensor, p: int) -> torch.Tensor:
@@ -72,7 +96,7 @@ def _previous_block(previous: Eigenpairs | torch.Tensor, p: int) -> torch.Tensor
 def track_eigenpairs(op, k: int, previous: Eigenpairs | torch.Tensor | None = None,
                      tol: float = 1e-4, seed: int = 0, max_matvecs: int | None = None,
                      skip: int = 0, block_size: int | None = None,
-                     basis_size: int | None = None, warm: str = "subspace") -> Eigenpairs:
+                     basis_size: int | None = None, warm: str = "auto") -> Eigenpairs:
     """The ``k`` largest eigenpairs of ``op``, warm-started from a previous measurement.
 
     Args:
@@ -80,9 +104,9 @@ def track_eigenpairs(op, k: int, previous: Eigenpairs | torch.Tensor | None = No
             :class:`tinysubspace.HessianOperator` at the current parameters.
         k: number of eigenpairs wanted (the tracker asks for ``2 × k_top``: top and next).
         previous: the previous measurement (:class:`Eigenpairs`, or its ``(p, m0)`` vectors);
-            ``None`` for a cold start (single-vector Lanczos from a random vector of ``seed``:
-            the fewest products when nothing is known). Any number of columns works; fewer
-            than ``skip + k`` are completed by the Krylov expansion.
+            ``None`` for a cold start (single-vector Lanczos from a random vector of ``seed``).
+            Any number of columns works; fewer than ``skip + k`` are completed by the Krylov
+            expansion.
         tol: relative residual tolerance: ``‖H v − λ v‖ ≤ tol · |λ_1|`` for every returned (and
             every skipped) pair. The default ``1e-4`` resolves a 20-dimensional Hessian
             subspace whose edge sits in the bulk (``λ_20 − λ_21 ≈ 10⁻³ λ_1``) and is reachable
@@ -90,15 +114,11 @@ def track_eigenpairs(op, k: int, previous: Eigenpairs | torch.Tensor | None = No
         seed: seed of any random directions (identical on every device).
         max_matvecs: stop (``converged=False``) after this many products.
         skip: leave out the ``skip`` largest pairs (computed all the same).
-        block_size: directions added per pass (``warm="subspace"`` and cold starts). Default:
-            1 cold, :func:`warm_block_size` warm.
+        block_size: directions added per pass. Default: 1, except :func:`warm_block_size` for a
+            ``subspace`` warm start.
         basis_size: largest basis before a thick restart (see :func:`top_eigenpairs`).
-        warm: how ``previous`` is used. ``"subspace"`` (default): Rayleigh–Ritz on
-            ``span(previous)`` first, then blocks of residual directions (fewest passes over
-            the data; one pass when nothing moved). ``"krylov"``: single-vector Lanczos from
-            ``Σ_i v_i`` (plus a 10% random part), which needs fewer products when ``tol`` is
-            far below the change between measurements, but one pass per product, and (like any
-            single-vector start) finds one copy of a repeated eigenvalue only.
+        warm: ``"auto"`` (default), ``"subspace"`` or ``"krylov"``: how ``previous`` is used
+            (module docstring).
 
     Returns:
         :class:`Eigenpairs`: values descending, orthonormal vectors, exact residuals, the
@@ -110,8 +130,7 @@ def track_eigenpairs(op, k: int, previous: Eigenpairs | torch.Tensor | None = No
             ``skip``, ``tol``, ``block_size``, ``basis_size`` or ``max_matvecs`` (see
             :func:`top_eigenpairs`).
     """
-    if warm not in WARM_STARTS:
-        raise ValueError(f"warm must be one of {WARM_STARTS}, got {warm!r}")
+    warm = resolve_warm_start(warm, op.device)
     if previous is None:
         return top_eigenpairs(op, k, tol=tol, seed=seed, max_matvecs=max_matvecs, skip=skip,
                               block_size=block_size or 1, basis_size=basis_size)
@@ -126,12 +145,13 @@ def track_eigenpairs(op, k: int, previous: Eigenpairs | torch.Tensor | None = No
 
 
 def _krylov_start(block: torch.Tensor, seed: int) -> torch.Tensor:
-    """``Σ_i v_i / ‖·‖ + 0.1 g / ‖g‖`` (``g`` Gaussian from ``seed``): every previous direction
-    with equal weight, and a little of every other direction (a random start's guarantee)."""
+    """``Σ_i v_i / ‖·‖ + 10⁻³ g / ‖g‖`` for an orthonormal basis ``v_i`` of ``block`` (``g``
+    Gaussian from ``seed``): every previous direction with equal weight, and a little of every
+    other direction (a random start's guarantee to see all of them)."""
     g = random_block(block.shape[0], 1, block.dtype, block.device,
                      torch.Generator().manual_seed(seed))[:, 0]
     block = orthonormalize_against(block, None)
     if block.shape[1] == 0:  # previous vectors all zero: nothing to start from
         return g
     v = block.sum(dim=1)
-    return v / v.norm() + 1e-3 * g / g.norm()
+    return v / v.norm() + KRYLOV_RANDOM_PART * g / g.norm()

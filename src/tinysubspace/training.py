@@ -152,7 +152,7 @@ class _Loop:
         self.tracker = Tracker(config.tracker, problem.loss_fn, tsdist.shard(self.train_xy),
                                tsdist.shard(problem.tensors("test")), problem.classification,
                                distributed=self.distributed)
-        context = {"problem": problem, "tracker": self.tracker}
+        context = {"problem": problem, "tracker": self.tracker, "seed": config.train.seed}
         self.optimizer = build_optimizer(config.optim, problem.model, context)
         self.schedule = set(measurement_steps(config.tracker, config.train.steps))
         self.pending_minibatch: list[dict[str, float]] = []
@@ -201,6 +201,7 @@ class _Loop:
         m = self.tracker.measure(self.problem.model, step, seed=self.config.train.seed)
         m.row["epoch"] = epochs_of(step, len(self.problem.train), self.config.optim.batch_size)
         m.row["wall_time"] = time.perf_counter() - self.started
+        m.row["optim/matvecs"] = getattr(self.optimizer, "matvecs", 0)  # projected optimizers
         if self.store is not None:
             self.store.append_metrics(m.row)
             if m.vectors_to_save is not None:
@@ -281,7 +282,7 @@ def run_experiment(config: ExperimentConfig, out: str | Path | None, *, resume: 
         if out is not None:  # rank 0 owns the run folder; every rank gets the checkpoint
             loop.keeps_files = True
             if tsdist.is_main():
-                loop.store = RunStore(out, loop.tracker.columns())
+                loop.store = RunStore(out, [*loop.tracker.columns(), "optim/matvecs"])
             checkpoint = tsdist.run_on_main(
                 lambda: loop.store.resume(resolved) if resume else loop.store.create(resolved))
             if checkpoint is not None:

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# One GPU session: the GPU tests, then the ResNet-18 H·v and tracking tables.
+# Usage (repository root): bash benchmarks/gpu.sh [budget seconds for the tables, default 270]
+# Logs go to $OUT (or /tmp/gpu-out): pytest.log, gpu.log.
+set -uo pipefail
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/gpu-out}
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$OUT/gpu.log"
+python3 -c "import torch; print('torch', torch.__version__)" 2>&1 | tee -a "$OUT/gpu.log"
+timeout 120 python3 -m pytest -m gpu tests/test_gpu.py -q -rfE -p no:cacheprovider \
+    >"$OUT/pytest.log" 2>&1
+echo "pytest exit $?" | tee -a "$OUT/gpu.log"
+tail -n 25 "$OUT/pytest.log"
+python3 benchmarks/gpu.py --budget "${1:-270}" ${GPU_ARGS:-} 2>&1 | tee -a "$OUT/gpu.log"
