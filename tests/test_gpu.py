@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import tinysubspace as ts
+from tinysubspace.hessian import HVP_METHODS
 from tinysubspace.models import build_model
 from tinysubspace.tracking import WARM_STARTS, track_eigenpairs
 
@@ -20,7 +21,6 @@ pytestmark = [
 ]
 
 F64 = torch.float64
-HVP_METHODS = ("loop", "batched", "jvp")
 
 
 @pytest.fixture(autouse=True)

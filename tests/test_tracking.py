@@ -13,10 +13,18 @@ from torch import nn
 
 import tinysubspace as ts
 from reference import FlatLoss, reference_hessian
+from tinysubspace.hessian import HVP_METHODS
 from tinysubspace.models import build_model
-from tinysubspace.tracking import WARM_STARTS, track_eigenpairs, warm_block_size
+from tinysubspace.tracking import (
+    WARM_STARTS,
+    resolve_warm_start,
+    track_eigenpairs,
+    warm_block_size,
+)
 
 pytestmark = pytest.mark.usefixtures("global_rng_untouched")
+
+STARTS = tuple(w for w in WARM_STARTS if w != "auto")  # auto is one of these (tested below)
 
 F64 = torch.float64
 
@@ -95,7 +103,7 @@ OUTLIERS = [10.0, 9.0, 8.0, 7.0, 6.0, 5.0, 4.0, 3.0, 2.0, 1.02]
 
 
 # ------------------------------------------------------------------------- same answer as cold
-@pytest.mark.parametrize("warm", WARM_STARTS)
+@pytest.mark.parametrize("warm", STARTS)
 def test_bulk_edge_sequence_matches_eigh_and_cold(warm):
     """Ten outliers, the tenth at 1.02 × the bulk's top (λ10/λ11 = 1.02): top-10 and top-20."""
     values = hessian_like_spectrum(200, OUTLIERS, edge_ratio=1.02, seed=0)
@@ -112,7 +120,7 @@ def test_subspace_warm_start_uses_fewer_products_than_cold_when_little_moves():
     """Slowly moving: the previous basis is one Rayleigh–Ritz away from the answer."""
     values = hessian_like_spectrum(300, OUTLIERS, edge_ratio=1.02, seed=0)
     matrices = moving_sequence(values, steps=5, rate=1e-4)
-    tracked, cold = track_along(matrices, 20, tol=1e-5)
+    tracked, cold = track_along(matrices, 20, tol=1e-5, warm="subspace")
     for A, w in zip(matrices, tracked, strict=True):
         check_against(w, A, 20, 1e-5)
     warm_products = sum(w.matvecs for w in tracked[1:])
@@ -133,26 +141,27 @@ def test_unchanged_operator_takes_one_pass():
     values = hessian_like_spectrum(120, OUTLIERS, edge_ratio=None, seed=0)
     (A,) = moving_sequence(values, steps=1, rate=0.0)
     first = track_eigenpairs(ts.DenseOperator(A), 10, None, tol=1e-10)
-    again = track_eigenpairs(ts.DenseOperator(A), 10, first, tol=1e-8)
+    again = track_eigenpairs(ts.DenseOperator(A), 10, first, tol=1e-8, warm="subspace")
     assert again.matvecs == 10  # Rayleigh–Ritz on the previous basis only
     check_against(again, A, 10, 1e-8)
 
 
 def test_repeated_eigenvalue_inside_the_top_k():
     """λ3 = λ4 = λ5 exactly: the previous basis holds every copy, and the warm start keeps it
-    (a single-vector cold start would see one copy only)."""
+    (a single-vector start, cold or ``krylov``, would see one copy only)."""
     outliers = [10.0, 9.0, 7.0, 7.0, 7.0, 5.0, 4.0, 3.0]
     values = hessian_like_spectrum(150, outliers, edge_ratio=None, seed=0)
     matrices = moving_sequence(values, steps=4, rate=2e-3)
     previous = track_eigenpairs(ts.DenseOperator(matrices[0]), 8, None, tol=1e-10, block_size=3)
     check_against(previous, matrices[0], 8, 1e-10)
     for A in matrices[1:]:
-        previous = track_eigenpairs(ts.DenseOperator(A), 8, previous, tol=1e-10)
+        previous = track_eigenpairs(ts.DenseOperator(A), 8, previous, tol=1e-10,
+                                    warm="subspace")
         check_against(previous, A, 8, 1e-10)
         assert torch.allclose(previous.values[2:5], torch.full((3,), 7.0, dtype=F64), atol=1e-8)
 
 
-@pytest.mark.parametrize("warm", WARM_STARTS)
+@pytest.mark.parametrize("warm", STARTS)
 def test_eigenvalue_crossing_into_the_top_k(warm):
     """λ11 rises past λ10 between measurements (its eigenvector was outside the previous
     top-10 basis): the tracker must swap it in, as a cold solve does."""
@@ -204,7 +213,8 @@ def test_float32_operator_converges_at_the_default_tolerance():
 
 
 # --------------------------------------------------------------- a small MLP during training
-def test_mlp_hessian_tracked_along_sgd_matches_dense_reference():
+@pytest.mark.parametrize("warm", ["subspace", "krylov"])
+def test_mlp_hessian_tracked_along_sgd_matches_dense_reference(warm):
     """A 4-class MLP (6 → 12 → 4, p = 136), a few SGD steps between measurements; float64
     operator on the float32 model, against the dense reference Hessian's eigh."""
     gen = torch.Generator().manual_seed(0)
@@ -218,7 +228,7 @@ def test_mlp_hessian_tracked_along_sgd_matches_dense_reference():
     for _ in range(4):
         op = ts.HessianOperator(model, loss_fn, (X, Y), dtype=F64)
         H = reference_hessian(FlatLoss(model, loss_fn, X, Y))
-        previous = track_eigenpairs(op, k, previous, tol=1e-9)
+        previous = track_eigenpairs(op, k, previous, tol=1e-9, warm=warm)
         check_against(previous, H, k, 1e-9)
         cold = ts.top_eigenpairs(op, k, tol=1e-9)
         assert overlap(previous.vectors, cold.vectors) >= 0.999
@@ -248,14 +258,20 @@ def test_previous_of_wrong_kind_is_rejected():
 
 def test_unknown_warm_start_is_rejected():
     op = ts.DenseOperator(torch.eye(30, dtype=F64))
-    with pytest.raises(ValueError, match=r"warm must be one of \('subspace', 'krylov'\)"):
+    with pytest.raises(ValueError, match=r"warm must be one of \('auto', 'subspace', 'krylov'\)"):
         track_eigenpairs(op, 3, None, warm="lobpcg")
+
+
+def test_auto_warm_start_is_subspace_on_a_gpu_and_krylov_elsewhere():
+    assert resolve_warm_start("auto", "cuda") == "subspace"
+    assert resolve_warm_start("auto", torch.device("cpu")) == "krylov"
+    assert resolve_warm_start("krylov", "cuda") == "krylov"
 
 
 def test_zero_previous_falls_back_to_a_random_start():
     values = hessian_like_spectrum(60, [5.0, 4.0, 3.0], edge_ratio=None, seed=0)
     (A,) = moving_sequence(values, steps=1, rate=0.0)
-    for warm in WARM_STARTS:
+    for warm in STARTS:
         result = track_eigenpairs(ts.DenseOperator(A), 3, torch.zeros(60, 3, dtype=F64),
                                   tol=1e-10, warm=warm)
         check_against(result, A, 3, 1e-10)
@@ -264,3 +280,30 @@ def test_zero_previous_falls_back_to_a_random_start():
 def test_warm_block_size():
     assert [warm_block_size(n, n) for n in (1, 4, 5, 10, 20)] == [1, 1, 2, 3, 5]
     assert warm_block_size(20, 2) == 2
+
+
+# ------------------------------------------------- the operator's H·V methods (used by tracking)
+@pytest.mark.parametrize("method", HVP_METHODS)
+def test_every_hvp_method_matches_the_dense_reference(method):
+    """``op.hvp_method`` (loop, batched, jvp, auto) against ``H @ V`` of the reference Hessian,
+    for a single vector and a block, over several batches."""
+    gen = torch.Generator().manual_seed(3)
+    X = torch.randn(40, 6, generator=gen)
+    Y = torch.randint(0, 4, (40,), generator=gen)
+    model = build_model("fc", (6,), 4, seed=1, widths=(12,), activation="tanh")
+    loss_fn = nn.functional.cross_entropy
+    op = ts.HessianOperator(model, loss_fn, (X, Y), dtype=F64, batch_size=15)
+    op.hvp_method = method
+    H = reference_hessian(FlatLoss(model, loss_fn, X, Y))
+    V = torch.randn(op.shape[0], 3, generator=gen, dtype=F64)
+    assert torch.allclose(op @ V, H @ V, rtol=0, atol=1e-10 * float(H.abs().max()))
+    assert torch.allclose(op @ V[:, 0], H @ V[:, 0], rtol=0, atol=1e-10 * float(H.abs().max()))
+
+
+def test_unknown_hvp_method_is_rejected():
+    model = build_model("fc", (3,), 2, seed=0, widths=(4,))
+    op = ts.HessianOperator(model, nn.functional.cross_entropy,
+                            (torch.zeros(5, 3), torch.zeros(5, dtype=torch.long)))
+    op.hvp_method = "finite-differences"
+    with pytest.raises(ValueError, match=r"hvp_method must be one of \('auto', 'loop'"):
+        op @ torch.zeros(op.shape[0])
