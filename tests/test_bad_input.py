@@ -290,3 +290,18 @@ def test_non_finite_hessian_vector_product_names_the_parameter():
     with pytest.raises(ts.NonFiniteError):
         ts.top_eigenpairs(op, k=1)
     assert issubclass(ts.NonFiniteError, FloatingPointError)
+
+
+def test_unknown_hvp_method_is_rejected_at_construction():
+    gen = torch.Generator().manual_seed(0)
+    with torch.random.fork_rng(devices=[]):  # nn.Linear's init draws from the global RNG
+        model = torch.nn.Linear(3, 2)
+    data = (torch.randn(4, 3, generator=gen), torch.tensor([0, 1, 0, 1]))
+    with pytest.raises(ValueError, match="hvp_method must be one of"):
+        ts.HessianOperator(model, torch.nn.functional.cross_entropy, data, hvp_method="magic")
+    op = ts.HessianOperator(model, torch.nn.functional.cross_entropy, data, hvp_method="jvp",
+                            dtype=torch.float64)
+    reference = ts.HessianOperator(model, torch.nn.functional.cross_entropy, data,
+                                   dtype=torch.float64)
+    v = torch.randn(op.shape[0], dtype=torch.float64, generator=gen)
+    assert torch.allclose(op @ v, reference @ v, rtol=1e-12, atol=1e-14)

@@ -16,7 +16,7 @@ from .datasets import (
 from .density import SpectralDensity, broadened_density, exact_spectrum, spectral_density
 from .distributed import DistributedError
 from .eigen import Eigenpairs, top_eigenpairs
-from .hessian import HessianOperator, NonDeterministicError, NonFiniteError
+from .hessian import HVP_METHODS, HessianOperator, NonDeterministicError, NonFiniteError
 from .krylov import lanczos_tridiagonal
 from .linear_operator import DenseOperator, SymmetricOperator
 from .metrics import (
@@ -40,10 +40,13 @@ from .optim import (
 )
 from .store import Run, load_run
 from .tracker import Tracker
+from .tracking import WARM_STARTS, track_eigenpairs
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "HVP_METHODS",
+    "WARM_STARTS",
     "BulkProjection",
     "DatasetNotFoundError",
     "DenseOperator",
@@ -86,4 +89,5 @@ __all__ = [
     "top_eigenpairs",
     "top_fraction",
     "toy",
+    "track_eigenpairs",
 ]

@@ -76,9 +76,14 @@ class HessianOperator(SymmetricOperator):
             process. Every rank must then build the operator and call each method together
             (collectively); results are identical on every rank. Ranks holding the whole data
             set (instead of shards) also get the right mean, with redundant work.
+        hvp_method: how ``∇²ℓ V`` is computed, all exact (``HVP_METHODS``): ``"loop"`` (double
+            backprop through one retained graph per batch), ``"batched"`` (one vmapped backward),
+            ``"jvp"`` (forward-over-reverse, vmapped), or ``"auto"`` (default: ``jvp`` on CUDA in
+            eval mode, ``loop`` otherwise — the fastest measured, docs/performance.md).
 
     Raises:
-        ValueError: bad ``mode``, an empty data set, or a bad parameter selection.
+        ValueError: bad ``mode`` or ``hvp_method``, an empty data set, or a bad parameter
+            selection.
         TypeError: ``data`` of an unusable kind.
         DistributedError: (distributed) ranks hold different parameters or another rank failed.
     """
@@ -87,9 +92,10 @@ class HessianOperator(SymmetricOperator):
                  params: Iterable[str | torch.Tensor] | None = None,
                  dtype: torch.dtype | None = None, device: torch.device | str | None = None,
                  mode: str = "eval", batch_size: int | None = None,
-                 distributed: bool | None = None) -> None:
+                 distributed: bool | None = None, hvp_method: str = "auto") -> None:
         if mode not in ("eval", "train"):
             raise ValueError(f"mode must be 'eval' or 'train', got {mode!r}")
+        _hvp_method(hvp_method, torch.device(device or "cpu"), mode)  # validate early
         if distributed and not (torch.distributed.is_available()
                                 and torch.distributed.is_initialized()):
             raise ValueError("distributed=True needs torch.distributed initialised "
@@ -102,6 +108,7 @@ class HessianOperator(SymmetricOperator):
         self.model = model
         self.loss_fn = loss_fn
         self.mode = mode
+        self.hvp_method = hvp_method
         self.layout = ParameterLayout(tuple(name for name, _ in chosen),
                                       tuple(p.shape for _, p in chosen))
         self.batches = BatchSource(data, device=device, dtype=dtype, batch_size=batch_size)
