@@ -64,7 +64,8 @@ def test_resume_after_kill_9_reproduces_the_uninterrupted_run(uninterrupted, tmp
     sets += ["--set", "train.checkpoint_every=4", "--set", "train.steps=24"]
     command = [sys.executable, "-m", "tinysubspace", "run", "fig1-fc-digits", "--out", str(path),
                "--quiet", *sets]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # the same torch thread count as this process: reductions then add in the same order
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
