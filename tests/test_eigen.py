@@ -14,6 +14,7 @@ import torch
 import tinysubspace as ts
 from cases import CASES, ten_class_problem
 from reference import FlatLoss, reference_hessian
+from tinysubspace.krylov import lanczos_tridiagonal, random_block
 
 pytestmark = pytest.mark.usefixtures("global_rng_untouched")
 
@@ -156,6 +157,50 @@ def test_seed_gives_reproducible_results():
     assert torch.allclose(first.values, other.values, rtol=0, atol=1e-7)
     with pytest.raises(dataclasses.FrozenInstanceError):
         first.values = other.values  # type: ignore[misc]
+
+
+# ------------------------------------------------------------------ the Krylov–Schur path (block 1)
+def test_single_vector_ritz_values_equal_plain_lanczos():
+    """Without restarts the single-vector solver's Ritz values after ``j`` products are the
+    eigenvalues of the textbook Lanczos tridiagonal ``T_j`` from the same start vector."""
+    A, _ = spectrum_matrix(torch.cat([torch.tensor([10.0, 9.99], dtype=F64), bulk(78, 0.0, 9.9)]))
+    op = ts.DenseOperator(A)
+    start = random_block(80, 1, F64, torch.device("cpu"), torch.Generator().manual_seed(4))
+    steps = 12
+    result = ts.top_eigenpairs(op, k=3, tol=1e-14, seed=4, max_matvecs=steps, basis_size=40)
+    assert not result.converged and result.matvecs == steps
+    ritz = torch.linalg.eigvalsh(lanczos_tridiagonal(op, start[:, 0], steps).matrix()).flip(0)
+    assert torch.allclose(result.values, ritz[:3], rtol=0, atol=1e-12)
+    check_pairs(result, A, 1e-14)  # stated residuals are the exact ones
+
+
+@pytest.mark.parametrize("basis_size", [6, 9, 25])
+def test_single_vector_thick_restarts_converge_to_eigh(basis_size):
+    """Small bases force many thick restarts; the answer is still eigh's, and the residual
+    estimates that decide when to stop do not stop it early or late."""
+    A, _ = spectrum_matrix(GAPPED)
+    op = ts.DenseOperator(A)
+    result = ts.top_eigenpairs(op, k=5, tol=1e-10, basis_size=basis_size)
+    assert result.converged and result.matvecs == op.matvecs
+    check_pairs(result, A, 1e-10)
+    check_against_eigh(result, A)
+    # one more product than needed at most: a solve capped one short must not have converged
+    capped = ts.top_eigenpairs(ts.DenseOperator(A), k=5, tol=1e-10, basis_size=basis_size,
+                               max_matvecs=result.matvecs - 1)
+    assert not capped.converged
+
+
+def test_single_vector_invariant_krylov_space_is_continued_at_random():
+    """A rank-3 operator: the Krylov space of any start is at most 3-dimensional; the solver
+    must go on from random directions to return k = 5 orthonormal pairs (the last two at 0)."""
+    A, Q = spectrum_matrix(torch.cat([torch.tensor([3.0, 2.0, 1.0], dtype=F64),
+                                      torch.zeros(47, dtype=F64)]))
+    result = ts.top_eigenpairs(ts.DenseOperator(A), k=5, tol=1e-10)
+    assert result.converged
+    check_pairs(result, A, 1e-10)
+    assert torch.allclose(result.values, torch.tensor([3.0, 2.0, 1.0, 0.0, 0.0], dtype=F64),
+                          rtol=0, atol=1e-12)
+    assert overlap(result.vectors[:, :3], Q[:, :3]) > 1 - 1e-12
 
 
 # ------------------------------------------------------------------ warm starts and budgets

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from .krylov import orthonormalize_against, random_block
+from .krylov_schur import krylov_schur
 
 __all__ = ["Eigenpairs", "top_eigenpairs"]
 
@@ -193,6 +194,10 @@ def top_eigenpairs(op, k: int, tol: float = 1e-6, init: torch.Tensor | None = No
     b = block_size or (1 if init is None else max(1, min(n, start.shape[1])))
     m = min(p, max(basis_size or max(2 * n + 2 * b, n + 20), n + b))
     budget = max_matvecs if max_matvecs is not None else 50 * p
+    if b == 1 and start.shape[1] == 1:  # a Krylov basis: Krylov–Schur, residuals for free
+        values, V, res, used, done = krylov_schur(op, start, n, tol, m, budget, gen)
+        return Eigenpairs(values[skip:].clone(), V[:, skip:].clone(), res[skip:].clone(),
+                          used, done, skip)
     used = 0
     state = _Krylov(start, capacity=m)
     block = start
