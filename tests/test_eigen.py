@@ -174,7 +174,7 @@ def test_single_vector_ritz_values_equal_plain_lanczos():
     check_pairs(result, A, 1e-14)  # stated residuals are the exact ones
 
 
-@pytest.mark.parametrize("basis_size", [6, 9, 25])
+@pytest.mark.parametrize("basis_size", [6, 9, 12])
 def test_single_vector_thick_restarts_converge_to_eigh(basis_size):
     """Small bases force many thick restarts; the answer is still eigh's, and the residual
     estimates that decide when to stop do not stop it early or late."""
@@ -182,12 +182,44 @@ def test_single_vector_thick_restarts_converge_to_eigh(basis_size):
     op = ts.DenseOperator(A)
     result = ts.top_eigenpairs(op, k=5, tol=1e-10, basis_size=basis_size)
     assert result.converged and result.matvecs == op.matvecs
+    assert result.matvecs > basis_size  # restarted
     check_pairs(result, A, 1e-10)
     check_against_eigh(result, A)
     # one more product than needed at most: a solve capped one short must not have converged
     capped = ts.top_eigenpairs(ts.DenseOperator(A), k=5, tol=1e-10, basis_size=basis_size,
                                max_matvecs=result.matvecs - 1)
     assert not capped.converged
+
+
+def test_single_vector_float32_with_restarts():
+    A, Q = spectrum_matrix(GAPPED, dtype=torch.float32)
+    result = ts.top_eigenpairs(ts.DenseOperator(A), k=5, tol=1e-4, basis_size=8)
+    assert result.converged and result.matvecs > 8 and result.values.dtype == torch.float32
+    check_pairs(result, A, 1e-4)
+    assert torch.allclose(result.values.double(), GAPPED[:5], rtol=1e-5, atol=0)
+    assert overlap(result.vectors.double(), Q[:, :5].double()) > 0.9999
+
+
+@pytest.mark.parametrize("basis_size", [4, 20])
+def test_single_vector_exactly_invariant_start_goes_on_at_random(basis_size, monkeypatch):
+    """``H e_5 = 26 e_5`` exactly: the residual is zero after one product, and the solver must
+    go on from random directions — with the smallest basis (n + 1 = 4: a restart every product
+    from the fourth on) as with a roomy one."""
+    from tinysubspace import krylov_schur
+
+    calls = []
+    original = krylov_schur._random_direction
+    monkeypatch.setattr(krylov_schur, "_random_direction",
+                        lambda basis, gen: calls.append(basis.shape[0]) or original(basis, gen))
+    A = torch.diag(torch.arange(30, 0, -1, dtype=F64))
+    e5 = torch.zeros(30, dtype=F64)
+    e5[4] = 1.0
+    result = ts.top_eigenpairs(ts.DenseOperator(A), k=3, tol=1e-10, init=e5,
+                               basis_size=basis_size)
+    assert calls and calls[0] == 1  # continued at random right after the first product
+    assert result.converged
+    check_pairs(result, A, 1e-10)
+    check_against_eigh(result, A)
 
 
 def test_single_vector_invariant_krylov_space_is_continued_at_random():

@@ -11,6 +11,10 @@ projected matrix ``T = Qᵀ H Q``. Each iteration
    block, so this *is* block Lanczos, with block size ``b``; ``b = 1`` is plain Lanczos);
 4. when ``Q`` is full, restarts thick: keeps the best Ritz vectors (and their ``HQ``) only.
 
+With block size 1 and a one-vector start (every cold solve by default) the same iteration runs
+in Krylov–Schur form (:mod:`tinysubspace.krylov_schur`): the basis is a Krylov basis, so the
+residual norms come from the Krylov relation and each step reads the basis half as often.
+
 Memory is ``2 m`` vectors of length ``p`` (``m`` = ``basis_size``), whatever ``p`` is.
 A warm start ``init`` (``p × m0``) is the first block: with the previous step's eigenvectors the
 first Rayleigh–Ritz already holds nearly converged pairs. Block size ``b`` at least the

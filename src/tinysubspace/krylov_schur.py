@@ -38,7 +38,7 @@ def krylov_schur(op, start: torch.Tensor, n: int, tol: float, basis_size: int, b
         n: pairs wanted (``n < p``).
         tol: converged when every ``‖H v_i − θ_i v_i‖ ≤ tol · max |θ|``.
         basis_size: largest basis (``n < basis_size ≤ p``); a full basis restarts thick with
-            the best ``max(n + 1, (basis_size + n) // 2)`` Ritz vectors.
+            the best ``min(max(n + 1, (basis_size + n) // 2), basis_size − 1)`` Ritz vectors.
         budget: most products to use.
         gen: source of random directions (when the Krylov space becomes invariant early).
 
@@ -64,7 +64,7 @@ def krylov_schur(op, start: torch.Tensor, n: int, tol: float, basis_size: int, b
                                      "products)")
         HQ[j] = w
         f, h = _orthogonal_part(w, Q[: j + 1])
-        column = h.double().cpu()  # Qᵀ H q_j: column j of T
+        column = h.cpu().double()  # Qᵀ H q_j: column j of T
         T[: j + 1, j] = column
         T[j, : j + 1] = column
         j += 1
