@@ -222,9 +222,11 @@ def test_single_vector_exactly_invariant_start_goes_on_at_random(basis_size, mon
     check_against_eigh(result, A)
 
 
-def test_single_vector_invariant_krylov_space_is_continued_at_random():
-    """A rank-3 operator: the Krylov space of any start is at most 3-dimensional; the solver
-    must go on from random directions to return k = 5 orthonormal pairs (the last two at 0)."""
+def test_single_vector_rank_deficient_operator_returns_k_pairs():
+    """A rank-3 operator: the Krylov space of any start is at most 4-dimensional (3 outliers and
+    the null space's one direction); the solver must go on past it (from the rounding-level
+    residual, or a random direction when that is exactly zero) to return k = 5 orthonormal pairs,
+    the last two at 0."""
     A, Q = spectrum_matrix(torch.cat([torch.tensor([3.0, 2.0, 1.0], dtype=F64),
                                       torch.zeros(47, dtype=F64)]))
     result = ts.top_eigenpairs(ts.DenseOperator(A), k=5, tol=1e-10)
