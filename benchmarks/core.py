@@ -22,6 +22,7 @@ import argparse
 import torch
 
 from common import (
+    EXACT_HVP_METHODS,
     Problem,
     digits_problem,
     machine_line,
@@ -32,8 +33,6 @@ from common import (
 from tinysubspace import HessianOperator, subspace_overlap, top_eigenpairs
 from tracking import scipy_top, timed, trajectory
 
-HVP_METHODS = ("loop", "batched", "jvp")
-
 
 def unit_rows(problem: Problem, block: int, repeat: int) -> list[list[object]]:
     """Gradient, single H·v and block per-vector times, every method interleaved."""
@@ -42,14 +41,14 @@ def unit_rows(problem: Problem, block: int, repeat: int) -> list[list[object]]:
     v = torch.randn(op.shape[0], generator=gen)
     V = torch.randn(op.shape[0], block, generator=gen)
     fns = {"grad": op.loss_and_gradient}
-    for method in HVP_METHODS:
+    for method in EXACT_HVP_METHODS:
         m_op = HessianOperator(problem.model, problem.loss_fn, (problem.X, problem.Y))
         m_op.hvp_method = method
         fns[(method, 1)] = lambda m_op=m_op: m_op @ v
         fns[(method, block)] = lambda m_op=m_op: m_op @ V
     best = timeit_interleaved(fns, repeat=repeat)
     rows = []
-    for method in HVP_METHODS:
+    for method in EXACT_HVP_METHODS:
         single, per_vector = best[(method, 1)], best[(method, block)] / block
         rows.append([problem.name, method, 1e3 * best["grad"], 1e3 * single,
                      single / best["grad"], 1e3 * per_vector, per_vector / single])

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from common import (
+    EXACT_HVP_METHODS,
     Problem,
     machine_line,
     print_table,
@@ -31,8 +32,6 @@ from common import (
 from tinysubspace import HessianOperator
 from tinysubspace.models import build_model
 from tracking import run
-
-HVP_METHODS = ("loop", "batched", "jvp")
 
 
 def cifar_problem(n: int, device: str, width: int = 64, seed: int = 0) -> Problem:
@@ -52,7 +51,7 @@ def hvp_table(problem: Problem, chunk: int | None, block: int, repeat: int) -> t
     device = torch.device(problem.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else None
     ops = {}
-    for method in HVP_METHODS:
+    for method in EXACT_HVP_METHODS:
         ops[method] = HessianOperator(problem.model, problem.loss_fn, (problem.X, problem.Y),
                                       batch_size=chunk, device=device)
         ops[method].hvp_method = method
@@ -66,7 +65,7 @@ def hvp_table(problem: Problem, chunk: int | None, block: int, repeat: int) -> t
         fns[(method, block)] = lambda op=op: op @ V
     best = timeit_interleaved(fns, repeat=repeat, sync=sync)
     rows, score = [], {}
-    for method in HVP_METHODS:
+    for method in EXACT_HVP_METHODS:
         single, per_vector = best[(method, 1)], best[(method, block)] / block
         score[method] = single + per_vector
         rows.append([method, 1e3 * best["grad"], 1e3 * single, single / best["grad"],

@@ -21,6 +21,7 @@ import argparse
 import torch
 
 from common import (
+    EXACT_HVP_METHODS,
     Problem,
     digits_problem,
     machine_line,
@@ -29,8 +30,6 @@ from common import (
     timeit_interleaved,
 )
 from tinysubspace import HessianOperator
-
-HVP_METHODS = ("loop", "batched", "jvp")
 
 
 def make_op(problem: Problem, method: str, chunk: int | None, device: str = "cpu",
@@ -43,7 +42,7 @@ def make_op(problem: Problem, method: str, chunk: int | None, device: str = "cpu
 
 def check_exact(problem: Problem) -> float:
     """Largest relative difference between the methods on a block (float64)."""
-    ops = {m: make_op(problem, m, None, dtype=torch.float64) for m in HVP_METHODS}
+    ops = {m: make_op(problem, m, None, dtype=torch.float64) for m in EXACT_HVP_METHODS}
     V = torch.randn(ops["loop"].shape[0], 3, generator=torch.Generator().manual_seed(0),
                     dtype=torch.float64)
     ref = ops["loop"] @ V
@@ -51,7 +50,7 @@ def check_exact(problem: Problem) -> float:
 
 
 def profile(problem: Problem, chunks: list[int | None], block: int, repeat: int,
-            methods: tuple[str, ...] = HVP_METHODS) -> None:
+            methods: tuple[str, ...] = EXACT_HVP_METHODS) -> None:
     p = make_op(problem, "loop", None).shape[0]
     gen = torch.Generator().manual_seed(0)
     v = torch.randn(p, generator=gen)
