@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from tinysubspace import HVP_METHODS
-from tinysubspace.datasets import load_dataset
-from tinysubspace.models import build_model
+from tinysubspace.problems.datasets.catalog import load_dataset
+from tinysubspace.problems.models.networks import build_model
 
 EXACT_HVP_METHODS = tuple(m for m in HVP_METHODS if m != "auto")
 """The H·v methods a benchmark compares (``auto`` picks one of them)."""

@@ -40,7 +40,7 @@ from common import (
     timeit,
 )
 from tinysubspace import HessianOperator, top_eigenpairs
-from tinysubspace import distributed as tsdist
+from tinysubspace.runtime import distributed as tsdist
 
 BLOCK, K = 10, 10
 

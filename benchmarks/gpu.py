@@ -30,7 +30,7 @@ from common import (
     timeit_interleaved,
 )
 from tinysubspace import HessianOperator
-from tinysubspace.models import build_model
+from tinysubspace.problems.models.networks import build_model
 from tracking import run
 
 

@@ -5,7 +5,7 @@ A model is trained with SGD (batch 64, η = 0.1, the paper's setting); at ``coun
 
 (a) ``scipy.sparse.linalg.eigsh`` (ARPACK, ``which="LA"``) on ``op.to_scipy()``, cold;
 (b) :func:`tinysubspace.top_eigenpairs`, cold (single-vector thick-restart Lanczos);
-(c) :func:`tinysubspace.tracking.track_eigenpairs`, warm-started from its own answer at the
+(c) :func:`tinysubspace.linalg.warm_start.track_eigenpairs`, warm-started from its own answer at the
     previous measurement (the first measurement is a cold start and is left out of the ratios),
     once per ``warm`` start (``subspace`` and ``krylov``).
 
@@ -40,7 +40,7 @@ from common import (
     timeit,
 )
 from tinysubspace import HessianOperator, SymmetricOperator, subspace_overlap, top_eigenpairs
-from tinysubspace.tracking import track_eigenpairs
+from tinysubspace.linalg.warm_start import track_eigenpairs
 
 
 class PassCounter(SymmetricOperator):

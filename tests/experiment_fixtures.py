@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tinysubspace.config import ExperimentConfig, apply_overrides
+from tinysubspace.experiments.config import ExperimentConfig, apply_overrides
 
 TINY = {
     "data.n_train": 120,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from experiment_fixtures import TINY
-from tinysubspace.cli import COMMANDS, build_parser, main
-from tinysubspace.store import load_run
+from tinysubspace.cli.main import COMMANDS, build_parser, main
+from tinysubspace.results.store import load_run
 
 
 def _sets(**extra: object) -> list[str]:

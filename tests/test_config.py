@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from tinysubspace.config import (
+from tinysubspace.experiments.catalog import DEFAULT_EXPERIMENT, experiment_names, load_experiment
+from tinysubspace.experiments.config import (
     ConfigError,
     ExperimentConfig,
     apply_overrides,
@@ -14,7 +15,6 @@ from tinysubspace.config import (
     config_to_dict,
     parse_assignment,
 )
-from tinysubspace.experiments import DEFAULT_EXPERIMENT, experiment_names, load_experiment
 
 
 def test_overrides_coerce_strings_to_field_types():

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from tinysubspace import datasets
-from tinysubspace.datasets import (
+from tinysubspace.problems.datasets import catalog as datasets
+from tinysubspace.problems.datasets.catalog import (
     DatasetNotFoundError,
     TensorData,
     dataset_names,
@@ -27,7 +27,7 @@ from tinysubspace.datasets import (
     standardize,
     subset,
 )
-from tinysubspace.datasets_files import UnsafePickleError, read_idx, safe_unpickle
+from tinysubspace.problems.datasets.files import UnsafePickleError, read_idx, safe_unpickle
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 

@@ -9,12 +9,13 @@ import torch
 from scipy.stats import wasserstein_distance
 
 import tinysubspace as ts
-from tinysubspace.density import (
+from tinysubspace.linalg.density import (
     SpectralDensity,
     broadened_density,
     exact_spectrum,
     spectral_density,
 )
+from tinysubspace.results.spectrum import density_arrays
 
 # SLQ error bound used below: Wasserstein-1 distance between the SLQ quadrature measure and the
 # exact eigenvalue measure (1/p) Σ δ(λ_i), as a fraction of the spectral range max λ − min λ.
@@ -108,7 +109,7 @@ def test_invariant_krylov_space_is_padded_with_zero_weight():
 
 def test_to_arrays_has_the_run_store_keys():
     dens = spectral_density(ts.DenseOperator(wishart(20, 30, seed=4)), steps=8, probes=2)
-    arrays = dens.to_arrays(sigma=0.05)
+    arrays = density_arrays(dens, sigma=0.05)
     assert set(arrays) == {"nodes", "weights", "grid", "density", "sigma", "dimension"}
     assert arrays["nodes"].shape == (2, 8) and float(arrays["sigma"]) == 0.05
     assert int(arrays["dimension"]) == 20

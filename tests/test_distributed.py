@@ -29,10 +29,10 @@ import tinysubspace as ts
 from cases import Case
 from distributed_workers import launch
 from reference import FlatLoss, reference_gradient, reference_hessian, relative_error
-from tinysubspace import distributed as tsdist
-from tinysubspace.experiments import load_experiment
-from tinysubspace.store import load_run
-from tinysubspace.training import minibatch_step, run_experiment
+from tinysubspace.experiments.catalog import load_experiment
+from tinysubspace.experiments.training import minibatch_step, run_experiment
+from tinysubspace.results.store import load_run
+from tinysubspace.runtime import distributed as tsdist
 
 F64 = torch.float64
 needs_gloo = pytest.mark.skipif(

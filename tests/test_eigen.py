@@ -14,7 +14,8 @@ import torch
 import tinysubspace as ts
 from cases import CASES, ten_class_problem
 from reference import FlatLoss, reference_hessian
-from tinysubspace.krylov import lanczos_tridiagonal, random_block
+from tinysubspace.linalg.orthogonalize import random_block
+from tinysubspace.linalg.tridiagonal import lanczos_tridiagonal
 
 pytestmark = pytest.mark.usefixtures("global_rng_untouched")
 
@@ -205,7 +206,7 @@ def test_single_vector_exactly_invariant_start_goes_on_at_random(basis_size, mon
     """``H e_5 = 26 e_5`` exactly: the residual is zero after one product, and the solver must
     go on from random directions — with the smallest basis (n + 1 = 4: a restart every product
     from the fourth on) as with a roomy one."""
-    from tinysubspace import krylov_schur
+    from tinysubspace.linalg import krylov_schur
 
     calls = []
     original = krylov_schur._random_direction

@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 import tinysubspace as ts
-from tinysubspace.hessian import HVP_METHODS
-from tinysubspace.models import build_model
-from tinysubspace.tracking import WARM_STARTS, track_eigenpairs
+from tinysubspace.curvature.hvp import HVP_METHODS
+from tinysubspace.linalg.warm_start import WARM_STARTS, track_eigenpairs
+from tinysubspace.problems.models.networks import build_model
 
 pytestmark = [
     pytest.mark.gpu,

@@ -14,7 +14,7 @@ from torch.func import functional_call
 from torch.nn import functional
 
 from tinysubspace import HessianOperator
-from tinysubspace.models import (
+from tinysubspace.problems.models import (
     build_model,
     label_parameters,
     model_names,

@@ -1,4 +1,5 @@
-"""Projected SGD and low-rank Newton (tinysubspace.optim) against closed forms and dense references.
+"""Projected SGD and low-rank Newton (tinysubspace.optim.subspace_sgd) against closed forms and
+dense references.
 
 Projections are checked as linear algebra (idempotent, complementary); one optimizer step on a
 small network is checked against the dense float64 Hessian's eigenvectors and the reference
@@ -18,9 +19,9 @@ from torch import nn
 import tinysubspace as ts
 from cases import Case
 from reference import FlatLoss, reference_gradient, reference_hessian
-from tinysubspace.config import ExperimentConfig, apply_overrides
+from tinysubspace.experiments.config import ExperimentConfig, apply_overrides
+from tinysubspace.experiments.optimizers import OPTIMIZERS
 from tinysubspace.optim import (
-    OPTIMIZERS,
     BulkProjection,
     HessianSubspace,
     LowRankNewton,
@@ -372,8 +373,8 @@ COMMON_SUITE = [common_settings(name) for name in sorted(OPTIMIZERS)] + [
 def test_training_run_resumes_with_the_optimizer_state(tmp_path, optim):
     """The common suite: every registered optimizer trains (the loss falls), records its HVP
     cost, and a run stopped and resumed from its checkpoint reproduces the uninterrupted one."""
-    from tinysubspace.store import load_run
-    from tinysubspace.training import run_experiment
+    from tinysubspace.experiments.training import run_experiment
+    from tinysubspace.results.store import load_run
 
     config = tiny_config(**optim)
     whole = run_experiment(config, tmp_path / "whole")
@@ -401,8 +402,8 @@ def test_training_run_resumes_with_the_optimizer_state(tmp_path, optim):
     ({"name": "switch-lowrank-newton", "switch_lr": -1.0}, "optim.switch_lr must be positive"),
 ])
 def test_registry_rejects_bad_configs(optim, message):
-    from tinysubspace.experiment import build_optimizer, build_problem
-    from tinysubspace.tracker import Tracker
+    from tinysubspace.experiments.build import build_optimizer, build_problem
+    from tinysubspace.experiments.tracker import Tracker
 
     config = tiny_config(**optim)
     problem = build_problem(config)
@@ -412,7 +413,7 @@ def test_registry_rejects_bad_configs(optim, message):
 
 
 def test_experiment_files_name_known_optimizers():
-    from tinysubspace.experiments import experiment_names, load_experiment
+    from tinysubspace.experiments.catalog import experiment_names, load_experiment
 
     names = [name for name in experiment_names() if name.startswith("projected-")]
     assert len(names) >= 12
@@ -426,7 +427,7 @@ def test_experiment_files_name_known_optimizers():
 @pytest.fixture(scope="module")
 def tiny_runs(tmp_path_factory):
     """Two finished tiny runs: plain SGD and a switching Dom-SGD."""
-    from tinysubspace.training import run_experiment
+    from tinysubspace.experiments.training import run_experiment
 
     folder = tmp_path_factory.mktemp("compare")
     configs = {"projected-sgd-tiny": tiny_config(name="sgd"),
@@ -438,8 +439,8 @@ def tiny_runs(tmp_path_factory):
 
 
 def test_compare_table_reads_losses_steps_and_hvp_cost(tiny_runs):
-    from tinysubspace.projected_compare import compare_markdown, compare_table
-    from tinysubspace.store import load_run
+    from tinysubspace.results.projected import compare_markdown, compare_table
+    from tinysubspace.results.store import load_run
 
     sgd, dom = (load_run(path) for path in tiny_runs)
     target = float(sgd.metrics["train/loss"].iloc[2])  # SGD reaches it at its third measurement
@@ -458,7 +459,7 @@ def test_compare_table_reads_losses_steps_and_hvp_cost(tiny_runs):
 
 
 def test_compare_default_target_is_twice_the_best_final_loss(tiny_runs):
-    from tinysubspace.projected_compare import compare_table
+    from tinysubspace.results.projected import compare_table
 
     table, target = compare_table(tiny_runs)
     assert target == pytest.approx(2 * table["final_loss"].min())
@@ -468,9 +469,9 @@ def test_compare_default_target_is_twice_the_best_final_loss(tiny_runs):
 def test_compare_figure_and_command(tiny_runs, tmp_path, capsys):
     import argparse
 
-    from tinysubspace.commands import compare
-    from tinysubspace.plots_common import plotted_data
-    from tinysubspace.projected_compare import figure_compare
+    from tinysubspace.cli import compare
+    from tinysubspace.plots.common import plotted_data
+    from tinysubspace.plots.projected import figure_compare
 
     data = plotted_data(figure_compare(tiny_runs))
     assert set(data) == {"sgd", "dom-sgd"} and len(data["sgd"]["minibatch_loss"]) == 12
@@ -486,7 +487,7 @@ def test_compare_figure_and_command(tiny_runs, tmp_path, capsys):
 
 
 def test_short_labels_drop_shared_words():
-    from tinysubspace.projected_compare import short_labels
+    from tinysubspace.results.projected import short_labels
 
     assert short_labels(["projected-sgd-fashion", "projected-bulk-sgd-fashion"]) == [
         "sgd", "bulk-sgd"]

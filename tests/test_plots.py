@@ -9,11 +9,12 @@ import torch
 from matplotlib.figure import Figure
 
 from run_fixtures import ANCHORS, VECTOR_STEPS, K, P, write_run
-from tinysubspace import plots
-from tinysubspace.models import label_parameters
-from tinysubspace.plots import MissingDataError, plotted_data
-from tinysubspace.plots_common import choose_steps
-from tinysubspace.store import load_run
+from tinysubspace.plots import figures as plots
+from tinysubspace.plots.common import choose_steps
+from tinysubspace.plots.figures import MissingDataError, plotted_data
+from tinysubspace.problems.models import label_parameters
+from tinysubspace.results.spectrum import density_arrays
+from tinysubspace.results.store import load_run
 
 
 @pytest.fixture(scope="module")
@@ -239,12 +240,12 @@ def test_vector_steps_exist():
 
 
 def test_fig4_reads_what_spectral_density_stores(tmp_path):
-    from tinysubspace.density import spectral_density
-    from tinysubspace.linear_operator import DenseOperator
+    from tinysubspace.curvature.operator import DenseOperator
+    from tinysubspace.linalg.density import spectral_density
 
     run_dir = write_run(tmp_path / "stored", spectrum=False)
     A = torch.diag(torch.linspace(0, 1, 30, dtype=torch.float64))
-    arrays = spectral_density(DenseOperator(A), steps=10, probes=2).to_arrays(sigma=0.05)
+    arrays = density_arrays(spectral_density(DenseOperator(A), steps=10, probes=2), sigma=0.05)
     np.savez(run_dir / "spectrum.npz", **arrays)
     data = plotted_data(plots.figure_spectrum(run_dir))
     np.testing.assert_array_equal(data["grid"], arrays["grid"])

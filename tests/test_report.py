@@ -9,11 +9,11 @@ import re
 import pytest
 
 from run_fixtures import write_run
-from tinysubspace.cli import main as cli
-from tinysubspace.progress import Progress
-from tinysubspace.report import flatten_config, metrics_summary, render_report
-from tinysubspace.store import load_run
-from tinysubspace.summary import summary_table
+from tinysubspace.cli.main import main as cli
+from tinysubspace.experiments.progress import Progress
+from tinysubspace.plots.report import flatten_config, metrics_summary, render_report
+from tinysubspace.results.store import load_run
+from tinysubspace.results.summary import summary_table
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from tinysubspace.store import RunStore, RunStoreError, load_run
+from tinysubspace.results.store import RunStore, RunStoreError, load_run
 
 COLUMNS = ["step", "train/loss", "hessian/f_top"]
 

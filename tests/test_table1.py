@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 
 from run_fixtures import write_run
-from tinysubspace.store import load_run
-from tinysubspace.table1 import (
+from tinysubspace.results.store import load_run
+from tinysubspace.results.table1 import (
     TABLE1_ROWS,
     run_overlap,
     table1,

@@ -22,9 +22,10 @@ import pytest
 import torch
 
 import tinysubspace as ts
-from tinysubspace import toy, toy_plots
-from tinysubspace.commands import toy as toy_command
-from tinysubspace.toy import ToyConfig
+from tinysubspace.cli import toy as toy_command
+from tinysubspace.plots import toy as toy_plots
+from tinysubspace.problems import toy
+from tinysubspace.problems.toy import ToyConfig
 
 F64 = torch.float64
 EPS = torch.finfo(F64).eps
@@ -105,7 +106,8 @@ def test_power_law_exponent_closed_form_and_bad_input():
 
 
 def test_the_facade_reaches_every_public_name():
-    from tinysubspace import toy_analytic, toy_model
+    from tinysubspace.problems.toy import analytic as toy_analytic
+    from tinysubspace.problems.toy import model as toy_model
 
     for module in (toy_model, toy_analytic):
         for name in module.__all__:

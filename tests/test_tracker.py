@@ -9,9 +9,9 @@ import torch
 
 import tinysubspace as ts
 from experiment_fixtures import tiny_config
-from tinysubspace.config import TrackerConfig
-from tinysubspace.experiment import build_problem
-from tinysubspace.tracker import Tracker, _gradient_metrics, measurement_steps
+from tinysubspace.experiments.build import build_problem
+from tinysubspace.experiments.config import TrackerConfig
+from tinysubspace.experiments.tracker import Tracker, _gradient_metrics, measurement_steps
 
 
 @pytest.fixture(scope="module")

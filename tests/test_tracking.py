@@ -13,14 +13,14 @@ from torch import nn
 
 import tinysubspace as ts
 from reference import FlatLoss, reference_hessian
-from tinysubspace.hessian import HVP_METHODS
-from tinysubspace.models import build_model
-from tinysubspace.tracking import (
+from tinysubspace.curvature.hvp import HVP_METHODS
+from tinysubspace.linalg.warm_start import (
     WARM_STARTS,
     resolve_warm_start,
     track_eigenpairs,
     warm_block_size,
 )
+from tinysubspace.problems.models.networks import build_model
 
 pytestmark = pytest.mark.usefixtures("global_rng_untouched")
 

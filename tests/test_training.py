@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from experiment_fixtures import TINY, tiny_config
-from tinysubspace.experiment import batch_indices, build_problem
-from tinysubspace.store import load_run
-from tinysubspace.training import minibatch_step, run_experiment
+from tinysubspace.experiments.build import batch_indices, build_problem
+from tinysubspace.experiments.training import minibatch_step, run_experiment
+from tinysubspace.results.store import load_run
 
 VOLATILE = ["wall_time", "cost/seconds"]  # the only columns allowed to differ between runs
 
@@ -133,7 +133,7 @@ def test_run_without_a_folder_and_training_leaves_global_rng(tmp_path):
 
 
 def test_epochs_set_the_number_of_steps():
-    from tinysubspace.experiment import with_steps_from_epochs
+    from tinysubspace.experiments.build import with_steps_from_epochs
 
     config = tiny_config(train__epochs=2.5)  # 120 examples, batches of 16: 7.5 steps an epoch
     assert with_steps_from_epochs(config, 120).train.steps == 19

@@ -1,48 +1,107 @@
 """tinysubspace: where gradient descent moves — the Hessian's top eigen-subspace and the
 gradient's share of it (Gur-Ari, Roberts, Dyer 2018, "Gradient Descent Happens in a Tiny
-Subspace")."""
+Subspace").
 
-from . import toy
-from .datasets import (
-    DatasetNotFoundError,
-    TensorData,
-    dataset_names,
-    even_odd,
-    load_dataset,
-    random_labels,
-    standardize,
-    subset,
+``import tinysubspace`` loads the math core only (curvature operators, eigensolvers, the paper's
+metrics: torch, numpy and scipy). Every other public name — data sets, models, optimizers, the
+tracker, the run store, the toy model — is imported on first use (module ``__getattr__``), so
+that the core never pulls in pandas, matplotlib or the experiment layer. docs/architecture.md
+shows the layers.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from tinysubspace.curvature import (
+    HVP_METHODS,
+    DenseOperator,
+    DistributedError,
+    HessianOperator,
+    NonDeterministicError,
+    NonFiniteError,
+    SymmetricOperator,
 )
-from .density import SpectralDensity, broadened_density, exact_spectrum, spectral_density
-from .distributed import DistributedError
-from .eigen import Eigenpairs, top_eigenpairs
-from .hessian import HVP_METHODS, HessianOperator, NonDeterministicError, NonFiniteError
-from .krylov import lanczos_tridiagonal
-from .linear_operator import DenseOperator, SymmetricOperator
-from .metrics import (
+from tinysubspace.linalg import (
+    WARM_STARTS,
+    Eigenpairs,
+    SpectralDensity,
+    broadened_density,
+    exact_spectrum,
+    lanczos_tridiagonal,
+    spectral_density,
+    top_eigenpairs,
+    track_eigenpairs,
+)
+from tinysubspace.metrics import (
     eigenvector_overlaps,
     gradient_overlap,
     project,
     subspace_overlap,
     top_fraction,
 )
-from .models import build_model, model_names, parameter_groups
-from .optim import (
-    BulkProjection,
-    HessianSubspace,
-    LowRankNewton,
-    SubspaceSGD,
-    SwitchOnTopFraction,
-    TopProjection,
-    lowrank_newton_direction,
-    project_bulk,
-    project_top,
-)
-from .store import Run, load_run
-from .tracker import Tracker
-from .tracking import WARM_STARTS, track_eigenpairs
 
 __version__ = "0.1.0"
+
+_LAZY: dict[str, str] = {
+    # problems: what is studied
+    "DatasetNotFoundError": "tinysubspace.problems.datasets",
+    "TensorData": "tinysubspace.problems.datasets",
+    "dataset_names": "tinysubspace.problems.datasets",
+    "even_odd": "tinysubspace.problems.datasets",
+    "load_dataset": "tinysubspace.problems.datasets",
+    "random_labels": "tinysubspace.problems.datasets",
+    "standardize": "tinysubspace.problems.datasets",
+    "subset": "tinysubspace.problems.datasets",
+    "build_model": "tinysubspace.problems.models",
+    "model_names": "tinysubspace.problems.models",
+    "parameter_groups": "tinysubspace.problems.models",
+    # optim: training in (or out of) the top subspace
+    "BulkProjection": "tinysubspace.optim",
+    "HessianSubspace": "tinysubspace.optim",
+    "LowRankNewton": "tinysubspace.optim",
+    "SubspaceSGD": "tinysubspace.optim",
+    "SwitchOnTopFraction": "tinysubspace.optim",
+    "TopProjection": "tinysubspace.optim",
+    "lowrank_newton_direction": "tinysubspace.optim",
+    "project_bulk": "tinysubspace.optim",
+    "project_top": "tinysubspace.optim",
+    # experiments and results
+    "Tracker": "tinysubspace.experiments.tracker",
+    "Run": "tinysubspace.results.store",
+    "load_run": "tinysubspace.results.store",
+}
+_LAZY_MODULES: dict[str, str] = {
+    "toy": "tinysubspace.problems.toy",
+    "curvature": "tinysubspace.curvature",
+    "linalg": "tinysubspace.linalg",
+    "optim": "tinysubspace.optim",
+    "problems": "tinysubspace.problems",
+    "experiments": "tinysubspace.experiments",
+    "integrations": "tinysubspace.integrations",
+    "results": "tinysubspace.results",
+    "plots": "tinysubspace.plots",
+    "runtime": "tinysubspace.runtime",
+    "cli": "tinysubspace.cli",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Import the layer that defines ``name`` on first use (PEP 562)."""
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+    elif name in _LAZY_MODULES:
+        value = importlib.import_module(_LAZY_MODULES[name])
+    else:
+        raise AttributeError(f"module 'tinysubspace' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY) | set(_LAZY_MODULES))
+
 
 __all__ = [
     "HVP_METHODS",

@@ -1,0 +1,55 @@
+"""The ``tinysubspace`` command: one sub-command per module, imported only when used.
+
+Each sub-command module defines ``add_arguments(parser)`` and ``main(args) -> int``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "run": ("tinysubspace.cli.run", "train a paper experiment while tracking the Hessian"),
+    "list": ("tinysubspace.cli.list_experiments", "list the experiments with descriptions"),
+    "plot": ("tinysubspace.cli.plot", "draw the paper's figures from a saved run"),
+    "table1": ("tinysubspace.cli.table1", "print Table 1 from saved runs"),
+    "report": ("tinysubspace.cli.report", "write one offline HTML page for a run"),
+    "toy": ("tinysubspace.cli.toy", "the solvable toy model of Section 3 vs. its closed form"),
+    "compare": ("tinysubspace.cli.compare",
+                "compare runs (e.g. SGD vs. projected SGD): curves and a summary table"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tinysubspace",
+        description="Gradient descent happens in a tiny subspace: measure it on your own run.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        command = sub.add_parser(name, help=help_text, description=help_text)
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as error:  # a sub-command not built yet
+            if error.name != module_name:
+                raise
+            command.set_defaults(_unavailable=name)
+            continue
+        module.add_arguments(command)
+        command.set_defaults(_main=module.main)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:  # `tinysubspace` alone runs the default experiment
+        args = parser.parse_args(["run", *(argv or [])])
+    if getattr(args, "_unavailable", None):
+        parser.error(f"the '{args._unavailable}' command is not available in this build")
+    return int(args._main(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

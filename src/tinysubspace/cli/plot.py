@@ -1,0 +1,78 @@
+"""``tinysubspace plot RUN [RUN ...] [--figure N]``: the paper's figures of saved runs, as PNG
+(and PDF with ``--pdf``) in ``RUN/figures/`` (or ``--out``). Reads runs only; never trains."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from matplotlib.figure import Figure
+
+from tinysubspace.plots.common import as_run
+from tinysubspace.plots.figures import (
+    DEFAULT_FIGURES,
+    FIGURES,
+    MissingDataError,
+    figure_f_top,
+    figure_filename,
+)
+from tinysubspace.results.store import RunStoreError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``tinysubspace plot``."""
+    parser.add_argument("runs", nargs="+", metavar="RUN", help="run folder(s)")
+    parser.add_argument("--figure", "-f", action="append", choices=list(FIGURES), metavar="N",
+                        help="figure of the paper to draw: 1-12, or 'overlap' (Table 1's "
+                             "overlap(g, Hg) over training); repeatable (default: every "
+                             "figure the run has data for)")
+    parser.add_argument("--overlay", action="store_true",
+                        help="draw Fig. 1/12 once with every RUN overlaid (variants)")
+    parser.add_argument("--pdf", action="store_true", help="also write PDF files")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output folder (default: RUN/figures)")
+    parser.add_argument("--dpi", type=int, default=150)
+
+
+def _save(figure: Figure, stem: Path, pdf: bool, dpi: int) -> list[Path]:
+    """Write ``stem.png`` (and ``stem.pdf``); returns the paths written."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    paths = [stem.with_suffix(".png")] + ([stem.with_suffix(".pdf")] if pdf else [])
+    for path in paths:
+        figure.savefig(path, dpi=dpi)
+    return paths
+
+
+def main(args: argparse.Namespace) -> int:
+    """Draw and save the figures; 0: done, 1: an asked-for figure had no data, 2: not a run."""
+    try:
+        runs = [as_run(path) for path in args.runs]
+    except RunStoreError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if args.overlay:
+        try:
+            figure = figure_f_top(runs)
+        except MissingDataError as error:
+            print(f"error: Fig. 12 (overlay): {error}", file=sys.stderr)
+            return 1
+        out = args.out or Path(runs[0].path) / "figures"
+        for path in _save(figure, out / "fig12_f_top_overlay", args.pdf, args.dpi):
+            print(path)
+        return 0
+    explicit = bool(args.figure)
+    status = 0
+    for run in runs:
+        out = args.out or Path(run.path) / "figures"
+        for key in dict.fromkeys(args.figure or DEFAULT_FIGURES):
+            try:
+                figure = FIGURES[key].draw(run)
+            except MissingDataError as error:
+                print(f"{'error' if explicit else 'skipped'}: Fig. {key}: {error}",
+                      file=sys.stderr)
+                status = 1 if explicit else status
+                continue
+            for path in _save(figure, out / figure_filename(key), args.pdf, args.dpi):
+                print(path)
+    return status

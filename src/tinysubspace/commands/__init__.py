@@ -1,1 +1,0 @@
-"""Sub-commands of the ``tinysubspace`` CLI (one module each)."""

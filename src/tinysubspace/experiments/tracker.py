@@ -1,0 +1,226 @@
+"""The subspace tracker: when to measure during training, and what each measurement holds.
+
+At each scheduled step the tracker measures on the *full* training set (PAPER.txt section 2):
+loss, accuracy, gradient ``g``, the top ``2k`` Hessian eigenpairs (warm-started from the previous
+measurement), and from them ``f_top`` (eq. 2) for the top-k and next-k subspaces,
+``overlap(g, Hg)`` (eq. 3), ``c_i²`` (eq. 12) and the overlap (eq. 5) of the current subspaces with
+those kept at anchor steps ``t1`` (Figs. 2, 3, 9, 10). It returns flat scalar dicts
+(STYLE.md point 13) and hands big arrays back to the caller to store; it writes nothing.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from tinysubspace.curvature.data import call_model
+from tinysubspace.curvature.hessian import HessianOperator, module_mode
+from tinysubspace.experiments.config import TrackerConfig
+from tinysubspace.linalg.lanczos import Eigenpairs, top_eigenpairs
+from tinysubspace.linalg.warm_start import track_eigenpairs
+from tinysubspace.metrics import (
+    eigenvector_overlaps,
+    gradient_overlap,
+    subspace_overlap,
+    top_fraction,
+)
+from tinysubspace.runtime import distributed as tsdist
+
+__all__ = ["Measurement", "Tracker", "measurement_steps"]
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def measurement_steps(config: TrackerConfig, total_steps: int) -> list[int]:
+    """Steps at which to measure: every ``dense_every`` up to ``dense_until``, then every
+    ``sparse_every``, plus ``extra_steps``, anchors, ``save_vectors_at`` and the last step."""
+    steps = set(range(0, min(config.dense_until, total_steps) + 1, max(config.dense_every, 1)))
+    steps.update(range(0, total_steps + 1, max(config.sparse_every, 1)))
+    steps.update(config.extra_steps)
+    steps.update(config.anchors)
+    steps.update(config.save_vectors_at)
+    steps.add(total_steps)
+    return sorted(s for s in steps if 0 <= s <= total_steps)
+
+
+@dataclass
+class Measurement:
+    """One measurement: the flat row for ``metrics.csv`` and the arrays worth keeping."""
+
+    row: dict[str, float]
+    eigenpairs: Eigenpairs
+    gradient: torch.Tensor
+    vectors_to_save: dict[str, Any] | None = None
+
+
+@dataclass
+class _State:
+    previous: torch.Tensor | None = None  # (p, 2k) basis of the last measurement (warm start)
+    anchors: dict[int, torch.Tensor] = field(default_factory=dict)  # t1 -> (p, 2k) basis
+
+
+class Tracker:
+    """Measures the Hessian's top subspace and the gradient on the full training set.
+
+    Args:
+        config: what and when to measure.
+        loss_fn: mean-reduced ``loss_fn(outputs, targets)``.
+        train: ``(X, Y)`` of the whole training set.
+        test: optional ``(X, Y)`` of the test set (``test/...`` columns).
+        classification: whether accuracy is defined (targets are class labels).
+        solver: ``solver(op, n, previous, tol, seed) -> Eigenpairs`` for the top ``n`` pairs
+            (default: ``SOLVERS[config.solver]``, the warm-started :func:`track_eigenpairs`).
+        distributed: ``train`` and ``test`` are this process's shards and every measurement is
+            a collective over the ranks of ``torch.distributed`` (every rank calls
+            :meth:`measure` at the same steps and gets the same row). ``None``: on iff
+            ``torch.distributed`` runs more than one process (as :class:`HessianOperator`).
+    """
+
+    def __init__(self, config: TrackerConfig, loss_fn: Callable, train: tuple, test=None,
+                 classification: bool = True, solver: Callable | None = None,
+                 distributed: bool | None = None) -> None:
+        if config.k < 1:
+            raise ValueError(f"tracker.k must be at least 1, got {config.k}")
+        if config.dtype not in DTYPES:
+            raise ValueError(f"tracker.dtype must be one of {sorted(DTYPES)}, got {config.dtype!r}")
+        self.config, self.loss_fn = config, loss_fn
+        self.train, self.test, self.classification = train, test, classification
+        if config.solver not in SOLVERS:
+            raise ValueError(f"tracker.solver must be one of {sorted(SOLVERS)}, got "
+                             f"{config.solver!r}")
+        self.solver = solver or SOLVERS[config.solver]
+        self.distributed = tsdist.is_distributed() if distributed is None else bool(distributed)
+        self.state = _State()
+
+    # ----------------------------------------------------------------- columns
+    def columns(self) -> list[str]:
+        """Every column a measurement row can have, in order (the run's ``metrics.csv``)."""
+        k = self.config.k
+        cols = ["step", "epoch", "wall_time", "train/loss", "train/accuracy", "train/grad_norm"]
+        cols += [f"hessian/eig_{i}" for i in range(1, 2 * k + 1)]
+        cols += ["hessian/f_top", "hessian/f_next", "hessian/overlap_g_Hg"]
+        cols += [f"hessian/c2_{i}" for i in range(1, 2 * k + 1)]
+        cols += ["hessian/residual_max", "hessian/converged"]
+        for t1 in sorted(self.config.anchors):
+            cols += [f"overlap/top/t1={t1}", f"overlap/next/t1={t1}"]
+            cols += [f"overlap/d={d}/t1={t1}" for d in range(2, 2 * k + 1)]
+        cols += ["cost/matvecs", "cost/seconds"]
+        if self.test is not None:
+            cols += ["test/loss", "test/accuracy", "test/f_top", "test/overlap_g_Hg"]
+        return cols
+
+    # ------------------------------------------------------------- measurement
+    def operator(self, model: torch.nn.Module, data: tuple) -> HessianOperator:
+        return HessianOperator(model, self.loss_fn, data, dtype=DTYPES[self.config.dtype],
+                               mode=self.config.mode, batch_size=self.config.hvp_batch_size,
+                               distributed=self.distributed)
+
+    def measure(self, model: torch.nn.Module, step: int, seed: int = 0) -> Measurement:
+        """Measure at ``step`` (``model`` is read, never changed) and update the warm start and
+        anchors."""
+        started = time.perf_counter()
+        k = self.config.k
+        op = self.operator(model, self.train)
+        loss, g = op.loss_and_gradient()
+        eig = self.solver(op, 2 * k, self.state.previous, self.config.tol, seed + step)
+        Hg = op @ g
+        V = eig.vectors
+        row: dict[str, float] = {"step": step, "train/loss": loss,
+                                 "train/grad_norm": float(g.norm())}
+        row["train/accuracy"] = self._accuracy(model, self.train)
+        row.update({f"hessian/eig_{i + 1}": float(v) for i, v in enumerate(eig.values)})
+        scale = max(float(eig.values.abs().max()), 1e-300)
+        row["hessian/residual_max"] = float(eig.residuals.max()) / scale
+        row["hessian/converged"] = float(eig.converged)
+        row.update(_gradient_metrics(g, Hg, V, k))
+        row.update(self._anchor_overlaps(V, step))
+        if self.test is not None:
+            row.update(self._test_metrics(model, V[:, :k]))
+        row["cost/matvecs"] = op.matvecs
+        row["cost/seconds"] = time.perf_counter() - started
+        self.state.previous = V.detach().clone()
+        save = None
+        if step in self.config.save_vectors_at or step in self.config.anchors:
+            save = {"step": step, "values": eig.values.cpu(), "vectors": V.float().cpu(),
+                    "param_names": list(op.layout.names),
+                    "param_shapes": [list(s) for s in op.layout.shapes]}
+        return Measurement(row, eig, g, save)
+
+    def _anchor_overlaps(self, V: torch.Tensor, step: int) -> dict[str, float]:
+        k = self.config.k
+        if step in self.config.anchors:
+            self.state.anchors[step] = V.detach().float().cpu()
+        row: dict[str, float] = {}
+        now = V.detach().float().cpu()
+        for t1, W in sorted(self.state.anchors.items()):
+            row[f"overlap/top/t1={t1}"] = subspace_overlap(W[:, :k], now[:, :k], atol=1e-4)
+            row[f"overlap/next/t1={t1}"] = subspace_overlap(W[:, k:], now[:, k:], atol=1e-4)
+            for d in range(2, 2 * k + 1):
+                row[f"overlap/d={d}/t1={t1}"] = subspace_overlap(W[:, :d], now[:, :d], atol=1e-4)
+        return row
+
+    def _test_metrics(self, model: torch.nn.Module, V_top: torch.Tensor) -> dict[str, float]:
+        op = self.operator(model, self.test)
+        loss, g = op.loss_and_gradient()
+        return {"test/loss": loss, "test/accuracy": self._accuracy(model, self.test),
+                "test/f_top": _safe(lambda: top_fraction(g, V_top)),
+                "test/overlap_g_Hg": _safe(lambda: gradient_overlap(g, op @ g))}
+
+    @torch.no_grad()
+    def _accuracy(self, model: torch.nn.Module, data: tuple) -> float:
+        if not self.classification:
+            return math.nan
+        X, Y = data
+        chunk = self.config.hvp_batch_size or max(len(X), 1)
+        with module_mode(model, train=self.config.mode == "train"):
+            correct = sum(int((call_model(model, x).argmax(dim=1) == y).sum())
+                          for x, y in zip(X.split(chunk), Y.split(chunk), strict=True))
+        if not self.distributed:
+            return correct / len(X)
+        counts = tsdist.sum_across_ranks(
+            lambda: torch.tensor([float(correct), float(len(X))], dtype=torch.float64,
+                                 device=X.device), X.device)
+        return float(counts[0] / counts[1])
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        return {"previous": self.state.previous, "anchors": dict(self.state.anchors)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.state = _State(state["previous"], dict(state["anchors"]))
+
+
+def _safe(fn: Callable[[], float]) -> float:
+    """The value, or NaN where it is undefined (a zero gradient)."""
+    try:
+        return fn()
+    except ValueError:
+        return math.nan
+
+
+def _gradient_metrics(g: torch.Tensor, Hg: torch.Tensor, V: torch.Tensor,
+                      k: int) -> dict[str, float]:
+    """f_top (eq. 2) for the top-k and next-k bases, overlap(g, Hg) (eq. 3), c_i² (eq. 12)."""
+    row = {"hessian/f_top": _safe(lambda: top_fraction(g, V[:, :k])),
+           "hessian/f_next": _safe(lambda: top_fraction(g, V[:, k:])),
+           "hessian/overlap_g_Hg": _safe(lambda: gradient_overlap(g, Hg))}
+    try:
+        c2 = eigenvector_overlaps(g, V)
+        row.update({f"hessian/c2_{i + 1}": float(c) for i, c in enumerate(c2)})
+    except ValueError:
+        row.update({f"hessian/c2_{i + 1}": math.nan for i in range(V.shape[1])})
+    return row
+
+
+SOLVERS: dict[str, Callable[..., Eigenpairs]] = {
+    # warm-started from the previous measurement (tracking.py); cold Lanczos at the first one
+    "track": lambda op, n, previous, tol, seed: track_eigenpairs(op, n, previous, tol=tol,
+                                                                   seed=seed),
+    # a cold single-vector Lanczos at every measurement (the reference)
+    "cold": lambda op, n, previous, tol, seed: top_eigenpairs(op, n, tol=tol, seed=seed),
+}

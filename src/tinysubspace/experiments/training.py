@@ -1,0 +1,341 @@
+"""The training loop: SGD or Adam on mini-batches, a tracker measuring on the full data set, a
+run store that survives crashes.
+
+``run_experiment(config, out)`` trains ``config.train.steps`` steps. At every scheduled step it
+measures (before that step's update, so step 0 is the initialisation); at every step it records
+the mini-batch ``overlap(g, Hg)`` (one extra Hessian-vector product, Table 1). A checkpoint is
+written atomically every ``train.checkpoint_every`` steps; ``resume=True`` continues from it and
+reproduces the numbers of an uninterrupted run.
+
+Under ``torchrun`` (``torch.distributed`` with several processes) every rank runs this loop: each
+measures on its shard of the training set (the tracker's operators all-reduce), each computes its
+part of every global mini-batch and the parts' gradients (and ``H g``) are averaged with their
+sizes, so all ranks take the single-process step; only rank 0 writes the run folder
+(docs/distributed.md).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import platform
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tinysubspace.curvature.data import call_model
+from tinysubspace.curvature.hessian import NonFiniteError
+from tinysubspace.experiments.build import (
+    Problem,
+    batch_indices,
+    build_optimizer,
+    build_problem,
+    epochs_of,
+    with_steps_from_epochs,
+)
+from tinysubspace.experiments.config import ExperimentConfig, config_to_dict
+from tinysubspace.experiments.progress import Progress
+from tinysubspace.experiments.tracker import Tracker, measurement_steps
+from tinysubspace.results.store import RunStore
+from tinysubspace.runtime import distributed as tsdist
+
+__all__ = ["RunOutcome", "minibatch_step", "run_experiment"]
+
+RANK_SEED_STRIDE = 1_000_003  # rank r draws dropout masks from seed + r * stride
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    """How a run ended."""
+
+    path: Path
+    state: str  # finished | diverged | stopped
+    step: int
+    message: str = ""
+
+
+def run_meta(config: ExperimentConfig, device: torch.device) -> dict[str, Any]:
+    import numpy
+
+    from tinysubspace import __version__
+
+    return {"versions": {"python": platform.python_version(), "torch": torch.__version__,
+                         "numpy": numpy.__version__, "tinysubspace": __version__},
+            "seed": config.train.seed, "device": str(device), "host": socket.gethostname(),
+            "world_size": tsdist.world_size(),
+            "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def minibatch_step(model: torch.nn.Module, loss_fn: Callable, inputs: Any, targets: Any,
+                   with_overlap: bool, average: Callable | None = None) -> tuple[float, float]:
+    """Forward/backward on one mini-batch, leaving the gradient in ``p.grad``.
+
+    With ``with_overlap`` the gradient graph is kept for one Hessian-vector product and the
+    mini-batch ``overlap(g, H g)`` (eq. 3) is returned (NaN otherwise, or if ``g = 0``).
+
+    ``average`` (under ``torch.distributed``): ``inputs, targets`` are this rank's part of the
+    mini-batch (possibly empty) and ``average(tensors) -> tensors`` turns means over the part
+    into means over the whole mini-batch (:func:`tinysubspace.runtime.distributed.weighted_mean`
+    with
+    the part's size), so the loss, ``g`` and ``H g`` are those of the whole mini-batch on every
+    rank (a parameter the loss does not reach gets a zero gradient instead of ``None``).
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    if average is not None:
+        return _shared_minibatch_step(params, model, loss_fn, inputs, targets, with_overlap,
+                                      average)
+    loss = loss_fn(call_model(model, inputs), targets)
+    if not with_overlap:
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        overlap = math.nan
+    else:
+        grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+        live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+        hv = torch.autograd.grad([grads[i] for i in live], [params[i] for i in live],
+                                 grad_outputs=[grads[i].detach() for i in live],
+                                 allow_unused=True) if live else []
+        g_dot_hg = sum(float((grads[i].detach() * h).sum()) for i, h in zip(live, hv, strict=True)
+                       if h is not None)
+        g_norm = math.sqrt(sum(float(g.detach().square().sum()) for g in grads if g is not None))
+        hg_norm = math.sqrt(sum(float(h.square().sum()) for h in hv if h is not None))
+        overlap = g_dot_hg / (g_norm * hg_norm) if g_norm > 0 and hg_norm > 0 else math.nan
+    for p, g in zip(params, grads, strict=True):
+        p.grad = None if g is None else g.detach()
+    return float(loss.detach()), overlap
+
+
+def _shared_minibatch_step(params: list[torch.Tensor], model: torch.nn.Module, loss_fn: Callable,
+                           inputs: Any, targets: Any, with_overlap: bool,
+                           average: Callable) -> tuple[float, float]:
+    """:func:`minibatch_step` on this rank's part, averaged over the parts of all ranks."""
+    if len(targets) == 0:  # an empty part: nothing to add but its (zero) weight
+        loss, grads = params[0].new_zeros(()), [None] * len(params)
+    else:
+        loss = loss_fn(call_model(model, inputs), targets)
+        grads = list(torch.autograd.grad(loss, params, create_graph=with_overlap,
+                                         allow_unused=True))
+    mean_loss, *g = average([loss.detach()] + [torch.zeros_like(p) if d is None else d.detach()
+                                               for p, d in zip(params, grads, strict=True)])
+    overlap = math.nan
+    if with_overlap:
+        live = [i for i, d in enumerate(grads) if d is not None and d.requires_grad]
+        hv = torch.autograd.grad([grads[i] for i in live], [params[i] for i in live],
+                                 grad_outputs=[g[i] for i in live],
+                                 allow_unused=True) if live else []
+        local = [torch.zeros_like(p) for p in params]
+        for i, h in zip(live, hv, strict=True):
+            local[i] = local[i] if h is None else h
+        hg = average(local)
+        g_dot_hg = sum(float((a * b).sum()) for a, b in zip(g, hg, strict=True))
+        g_norm = math.sqrt(sum(float(a.square().sum()) for a in g))
+        hg_norm = math.sqrt(sum(float(b.square().sum()) for b in hg))
+        overlap = g_dot_hg / (g_norm * hg_norm) if g_norm > 0 and hg_norm > 0 else math.nan
+    for p, d in zip(params, g, strict=True):
+        p.grad = d
+    return float(mean_loss), overlap
+
+
+class _Loop:
+    """One run's mutable pieces, so that the loop body stays short."""
+
+    def __init__(self, config: ExperimentConfig, problem: Problem, store: RunStore | None,
+                 progress: Progress | None) -> None:
+        self.config, self.problem, self.store, self.progress = config, problem, store, progress
+        self.distributed = tsdist.is_distributed()
+        self.keeps_files = store is not None  # on every rank (only rank 0 has the store)
+        self.train_xy = problem.tensors("train")  # the whole set: mini-batches index into it
+        self.tracker = Tracker(config.tracker, problem.loss_fn, tsdist.shard(self.train_xy),
+                               tsdist.shard(problem.tensors("test")), problem.classification,
+                               distributed=self.distributed)
+        context = {"problem": problem, "tracker": self.tracker, "seed": config.train.seed}
+        self.optimizer = build_optimizer(config.optim, problem.model, context)
+        self.schedule = set(measurement_steps(config.tracker, config.train.steps))
+        self.pending_minibatch: list[dict[str, float]] = []
+        self.started = time.perf_counter()
+
+    # ---------------------------------------------------------------- state
+    def checkpoint(self, step: int) -> None:
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        every_rank = tsdist.gather_objects(rng) if self.distributed else None  # collective
+        if self.store is None:
+            return
+        self.flush_minibatch()
+        state = {"step": step, "model": self.problem.model.state_dict(),
+                 "optimizer": self.optimizer.state_dict(),
+                 "tracker": self.tracker.state_dict(), "rng": rng}
+        if every_rank is not None:
+            state["rng_ranks"] = every_rank
+        self.store.save_checkpoint(state)
+
+    def restore(self, checkpoint: dict[str, Any]) -> int:
+        self.problem.model.load_state_dict(checkpoint["model"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.tracker.load_state_dict(checkpoint["tracker"])
+        rng = checkpoint["rng"]
+        ranks = checkpoint.get("rng_ranks") or [rng]
+        if len(ranks) == tsdist.world_size():
+            rng = ranks[tsdist.rank()]
+        elif tsdist.rank() > 0:  # another number of processes: fresh streams for ranks > 0
+            rng = {"cpu": torch.Generator().manual_seed(
+                self.config.train.seed + RANK_SEED_STRIDE * tsdist.rank()
+                + int(checkpoint["step"])).get_state()}
+        torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        return int(checkpoint["step"])
+
+    def flush_minibatch(self) -> None:
+        if self.store is not None:
+            self.store.append_minibatch(self.pending_minibatch)
+        self.pending_minibatch = []
+
+    # ----------------------------------------------------------------- work
+    def measure(self, step: int) -> dict[str, float]:
+        m = self.tracker.measure(self.problem.model, step, seed=self.config.train.seed)
+        m.row["epoch"] = epochs_of(step, len(self.problem.train), self.config.optim.batch_size)
+        m.row["wall_time"] = time.perf_counter() - self.started
+        m.row["optim/matvecs"] = getattr(self.optimizer, "matvecs", 0)  # projected optimizers
+        if self.store is not None:
+            self.store.append_metrics(m.row)
+            if m.vectors_to_save is not None:
+                self.store.save_eigenvectors(step, m.vectors_to_save)
+            self.flush_minibatch()
+        return m.row
+
+    def save_spectrum(self) -> None:
+        """The final Hessian's spectrum (``tracker.spectrum``): exact eigenvalues, or SLQ."""
+        kind = self.config.tracker.spectrum
+        if kind == "none" or not self.keeps_files:
+            return
+        from tinysubspace.linalg.density import exact_spectrum, spectral_density
+        from tinysubspace.results.spectrum import density_arrays
+
+        op = self.tracker.operator(self.problem.model, self.tracker.train)  # collective
+        if kind == "exact":
+            arrays = {"eigenvalues": exact_spectrum(op).cpu().numpy()}
+        elif kind == "slq":
+            arrays = density_arrays(spectral_density(
+                op, steps=self.config.tracker.spectrum_steps,
+                probes=self.config.tracker.spectrum_probes, seed=self.config.train.seed))
+        else:
+            raise ValueError(f"tracker.spectrum must be none, exact or slq, got {kind!r}")
+        if self.store is not None:
+            self.store.save_spectrum(arrays)
+
+    def train_step(self, step: int) -> float:
+        cfg = self.config
+        X, Y = self.train_xy
+        index = batch_indices(len(X), cfg.optim.batch_size, cfg.train.seed, step).to(X.device)
+        every = cfg.tracker.minibatch_every
+        with_overlap = every > 0 and step % every == 0
+        model = self.problem.model
+        model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        average = None
+        if self.distributed:  # this rank's part of the global mini-batch
+            index = index[tsdist.shard_slice(len(index))]
+            average = functools.partial(tsdist.weighted_mean, weight=len(index))
+        loss, overlap = minibatch_step(model, self.problem.loss_fn, X[index], Y[index],
+                                       with_overlap, average)
+        if not math.isfinite(loss):
+            return loss
+        self.optimizer.step()
+        tsdist.average_buffers(model, len(index))
+        if with_overlap:
+            self.pending_minibatch.append({"step": step, "minibatch/loss": loss,
+                                           "minibatch/overlap_g_Hg": overlap})
+        return loss
+
+
+def run_experiment(config: ExperimentConfig, out: str | Path | None, *, resume: bool = False,
+                   data_root: str | None = None, progress: Progress | None = None,
+                   stop_after: int | None = None) -> RunOutcome:
+    """Train and track one experiment, storing everything in the run folder ``out``.
+
+    Args:
+        config: the resolved experiment.
+        out: the run folder (``None``: keep nothing on disk, e.g. for a quick look).
+        resume: continue the run in ``out`` from its last checkpoint.
+        data_root: folder with data files when ``config.data.root`` is unset.
+        progress: where to report progress (``None``: silent).
+        stop_after: stop as if killed (no final checkpoint) after this many training steps —
+            for tests of ``resume``.
+
+    Returns:
+        :class:`RunOutcome`: ``finished``, or ``diverged`` with the step and message (all
+        measurements made so far are kept).
+    """
+    problem = build_problem(config, data_root)
+    config = with_steps_from_epochs(config, len(problem.train))
+    resolved = {**config_to_dict(config), "meta": run_meta(config, problem.device)}
+    progress = progress if tsdist.is_main() else None
+    with torch.random.fork_rng(devices=_cuda_devices(problem.device)):
+        torch.manual_seed(config.train.seed + RANK_SEED_STRIDE * tsdist.rank())
+        loop = _Loop(config, problem, None, progress)
+        start, skip_measure = 0, False
+        if out is not None:  # rank 0 owns the run folder; every rank gets the checkpoint
+            loop.keeps_files = True
+            if tsdist.is_main():
+                loop.store = RunStore(out, [*loop.tracker.columns(), "optim/matvecs"])
+            checkpoint = tsdist.run_on_main(
+                lambda: loop.store.resume(resolved) if resume else loop.store.create(resolved))
+            if checkpoint is not None:
+                start, skip_measure = loop.restore(checkpoint), True
+        outcome = _train(loop, start, skip_measure, stop_after, Path(out) if out else None)
+    if loop.store is not None:
+        loop.store.write_status(outcome.state, outcome.step, outcome.message)
+    if progress is not None:
+        progress.close()
+    return outcome
+
+
+def _train(loop: _Loop, start: int, skip_measure: bool, stop_after: int | None,
+           path: Path | None) -> RunOutcome:
+    cfg = loop.config
+    total = cfg.train.steps
+    if loop.progress is not None:
+        loop.progress.start(total, start)
+    for step in range(start, total + 1):
+        if step in loop.schedule and not (skip_measure and step == start):
+            try:
+                row = loop.measure(step)
+            except NonFiniteError as error:
+                return _diverged(loop, path, step,
+                                 f"non-finite measurement at step {step}: {error}")
+            if loop.progress is not None:
+                loop.progress.measured(row)
+        if step > start and step % cfg.train.checkpoint_every == 0:
+            loop.checkpoint(step)
+        if step == total:
+            break
+        if stop_after is not None and step - start >= stop_after:  # a crash, for tests
+            loop.flush_minibatch()
+            return RunOutcome(path or Path(), "stopped", step)
+        loss = loop.train_step(step)
+        if not math.isfinite(loss):
+            return _diverged(loop, path, step, f"the training loss became {loss} at step {step} "
+                             "(diverged); lower optim.lr. Measurements so far are kept.")
+        if loop.progress is not None:
+            loop.progress.step(step + 1, loss)
+    loop.checkpoint(total)
+    loop.save_spectrum()
+    return RunOutcome(path or Path(), "finished", total)
+
+
+def _diverged(loop: _Loop, path: Path | None, step: int, message: str) -> RunOutcome:
+    loop.flush_minibatch()
+    return RunOutcome(path or Path(), "diverged", step, message)
+
+
+def _cuda_devices(device: torch.device) -> list[int]:
+    if device.type != "cuda":
+        return []
+    return [device.index if device.index is not None else torch.cuda.current_device()]

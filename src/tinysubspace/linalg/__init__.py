@@ -1,0 +1,29 @@
+"""The solver core: algorithms that see only an operator (``shape``, ``dtype``, ``device``, ``@``).
+
+``orthogonalize`` (Gram–Schmidt, random blocks), ``tridiagonal`` (textbook Lanczos, for SLQ),
+``lanczos`` (:func:`top_eigenpairs`: thick-restart block Lanczos with exact Rayleigh–Ritz
+residuals), ``krylov_schur`` (its single-vector form), ``warm_start`` (:func:`track_eigenpairs`
+between training steps), ``density`` (stochastic Lanczos quadrature, exact spectra).
+"""
+
+from tinysubspace.linalg.density import (
+    SpectralDensity,
+    broadened_density,
+    exact_spectrum,
+    spectral_density,
+)
+from tinysubspace.linalg.lanczos import Eigenpairs, top_eigenpairs
+from tinysubspace.linalg.tridiagonal import lanczos_tridiagonal
+from tinysubspace.linalg.warm_start import WARM_STARTS, track_eigenpairs
+
+__all__ = [
+    "WARM_STARTS",
+    "Eigenpairs",
+    "SpectralDensity",
+    "broadened_density",
+    "exact_spectrum",
+    "lanczos_tridiagonal",
+    "spectral_density",
+    "top_eigenpairs",
+    "track_eigenpairs",
+]

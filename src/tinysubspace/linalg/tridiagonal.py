@@ -1,0 +1,76 @@
+"""The plain Lanczos tridiagonalisation (PAPER.txt, Appendix A).
+
+``lanczos_tridiagonal`` is the textbook three-term recurrence with full reorthogonalisation:
+after ``m`` steps from ``q_1``, ``Q_mᵀ A Q_m = T_m`` is tridiagonal with diagonal ``α`` and
+off-diagonal ``β``. Stochastic Lanczos quadrature (:mod:`tinysubspace.linalg.density`) and the
+full-dimension test use it directly; the restarted eigensolver is in
+:mod:`tinysubspace.linalg.lanczos`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["Tridiagonal", "lanczos_tridiagonal"]
+
+
+@dataclass(frozen=True)
+class Tridiagonal:
+    """The result of ``m`` Lanczos steps: ``T = tridiag(beta, alpha, beta)`` and the basis."""
+
+    alpha: torch.Tensor  # (m,)
+    beta: torch.Tensor  # (m - 1,)
+    basis: torch.Tensor | None  # (p, m) if kept
+
+    def matrix(self) -> torch.Tensor:
+        """The dense ``(m, m)`` tridiagonal matrix."""
+        return (torch.diag(self.alpha) + torch.diag(self.beta, 1) + torch.diag(self.beta, -1))
+
+
+def lanczos_tridiagonal(op, start: torch.Tensor, steps: int,
+                        keep_basis: bool = False) -> Tridiagonal:
+    """``steps`` Lanczos iterations from ``start`` with full reorthogonalisation.
+
+    .. math::  \\beta_j q_{j+1} = A q_j - \\alpha_j q_j - \\beta_{j-1} q_{j-1},
+               \\quad \\alpha_j = q_j^T A q_j
+
+    Stops early (returning fewer steps) when the Krylov space becomes invariant
+    (``β_j ≈ 0``), which gives exact eigenvalues of ``A`` restricted to it.
+
+    Args:
+        op: a symmetric operator (``op @ v``, ``op.shape``).
+        start: ``(p,)`` non-zero start vector (normalised here).
+        steps: number of iterations, ``1 ≤ steps ≤ p``.
+        keep_basis: return the ``(p, m)`` Lanczos basis too.
+
+    Raises:
+        ValueError: ``steps`` out of range, or a zero start vector.
+    """
+    p = op.shape[0]
+    if not 1 <= steps <= p:
+        raise ValueError(f"steps must be between 1 and p = {p}, got {steps}")
+    norm = start.norm()
+    if not norm > 0:
+        raise ValueError("the start vector of Lanczos must be non-zero")
+    Q = torch.zeros(p, steps, dtype=start.dtype, device=start.device)
+    Q[:, 0] = start / norm
+    alpha, beta = [], []
+    for j in range(steps):
+        w = op @ Q[:, j]
+        alpha.append(Q[:, j] @ w)
+        for _ in range(2):  # full reorthogonalisation against every previous vector
+            w = w - Q[:, : j + 1] @ (Q[:, : j + 1].T @ w)
+        if j == steps - 1:
+            break
+        b = w.norm()
+        scale = max(float(torch.stack(alpha).abs().max()), float(torch.finfo(start.dtype).tiny))
+        if b <= 1e3 * torch.finfo(start.dtype).eps * scale:  # invariant subspace found
+            break
+        beta.append(b)
+        Q[:, j + 1] = w / b
+    m = len(alpha)
+    alpha_t = torch.stack(alpha)
+    beta_t = torch.stack(beta) if beta else alpha_t.new_zeros(0)
+    return Tridiagonal(alpha_t, beta_t[: m - 1], Q[:, :m] if keep_basis else None)

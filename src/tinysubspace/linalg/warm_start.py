@@ -1,0 +1,166 @@
+"""Eigenpairs along a training run: each solve warm-started from the previous measurement's.
+
+The tracker measures the top ``n = skip + k`` eigenpairs of a Hessian ``H_t`` that changes
+between measurements (PAPER.txt section 3: the top subspace "freezes" early, so ``V_t`` is a
+first guess for ``V_{t+1}``). :func:`track_eigenpairs` runs the thick-restart Lanczos of
+:func:`tinysubspace.top_eigenpairs` from ``V_t`` in one of two ways:
+
+``warm="subspace"``: fewest passes over the data.
+    1. The previous vectors are the first block: one pass of ``m0`` products gives the
+       Rayleigh–Ritz pairs of ``span(V_t)`` with exact residuals ``r_i = H v_i − θ_i v_i``; if
+       every ``‖r_i‖ ≤ tol · |θ_1|`` that single pass is the whole solve.
+    2. Then blocks of ``b = ⌈n/4⌉`` directions per pass (:func:`warm_block_size`): the ``b``
+       leading left singular vectors of the unconverged residuals, the ``b``-dimensional
+       subspace closest to all of them. (``b = n``, every residual every pass, costs 2–3 times
+       the products for the same accuracy: a block Krylov space gains one polynomial degree per
+       pass whatever ``b`` is.)
+
+``warm="krylov"``: fewest products.
+    Single-vector Lanczos (Krylov–Schur, :mod:`tinysubspace.linalg.krylov_schur`) from ``Σ_i v_i``
+    plus a random part of relative weight ``10⁻²``: a Krylov space corrects all ``n`` directions
+    at once, one product per pass. Like any single-vector start it finds one copy of an exactly
+    repeated eigenvalue.
+
+``warm="auto"`` (default) picks ``subspace`` on a GPU and ``krylov`` elsewhere: a pass costs
+``c0 + c1 b`` (a gradient graph, then ``c1`` per product). On a GPU ``c1 ≪ c0`` (a 20-column
+block costs 0.06 (FC) to 0.3 (ResNet-18) of a single product per column), so passes are what
+count; on a CPU ``c1 ≈ c0`` (0.6–1.0), so products are. Numbers: docs/performance.md.
+
+The answer is the same as a cold solve's: every returned pair meets ``‖H v − λ v‖ ≤ tol · |λ_1|``,
+checked on exact residuals. What no Krylov method can promise without converging every pair: an
+eigenvector that enters the top ``n`` from a direction orthogonal to ``span(V_t)`` *and* to every
+residual is invisible to a ``subspace`` warm start (a random start sees it with probability
+one). After an optimizer step ``H`` changes in every direction, so this does not happen in
+practice; the tests check crossings that do happen.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tinysubspace.linalg.lanczos import Eigenpairs, top_eigenpairs
+from tinysubspace.linalg.orthogonalize import orthonormalize_against, random_block
+
+__all__ = ["WARM_STARTS", "track_eigenpairs", "warm_block_size"]
+
+WARM_STARTS = ("auto", "subspace", "krylov")
+"""How :func:`track_eigenpairs` uses the previous vectors (see its ``warm`` argument)."""
+
+KRYLOV_RANDOM_PART = 0.01
+"""Weight of the random part of the ``krylov`` start vector (relative to the previous part).
+
+Measured on digits (k = 20, tol 1e-4, ten measurements two SGD steps apart): with ``10⁻³`` the
+solve once stopped with λ21 in place of a λ20 it had not yet resolved (overlap 0.950 with
+eigsh); ``10⁻²``, ``10⁻¹`` and ``1`` did not, at the same products (857, 851, 859, 866 over nine
+measurements). A larger part costs products when nothing moves (a dense test at tol 1e-10: 211,
+240, 272 products for ``10⁻³, 10⁻², 10⁻¹``; cold 340). No start can exclude such a miss at a
+loose tolerance — a cold Lanczos can make it too; docs/performance.md."""
+
+
+def warm_block_size(n: int, previous_columns: int) -> int:
+    """Default block size of a ``subspace`` warm start: ``⌈n/4⌉``, at most ``previous_columns``,
+    at least 1.
+
+    >>> warm_block_size(20, 20), warm_block_size(10, 10), warm_block_size(1, 1)
+    (5, 3, 1)
+    """
+    return max(1, min(-(-n // 4), previous_columns))
+
+
+def resolve_warm_start(warm: str, device: torch.device | str) -> str:
+    """``subspace`` or ``krylov``: what ``warm`` means on ``device`` (``auto``: ``subspace`` on a
+    GPU, ``krylov`` elsewhere).
+
+    Raises:
+        ValueError: an unknown ``warm`` (the known ones are listed).
+    """
+    if warm not in WARM_STARTS:
+        raise ValueError(f"warm must be one of {WARM_STARTS}, got {warm!r}")
+    if warm != "auto":
+        return warm
+    return "subspace" if torch.device(device).type == "cuda" else "krylov"
+
+
+def _previous_block(previous: Eigenpairs | torch.Tensor, p: int) -> torch.Tensor:
+    """The ``(p, m0)`` start block held by ``previous``.
+
+    Raises:
+        TypeError: ``previous`` is neither :class:`Eigenpairs`, a tensor nor ``None``.
+        ValueError: its vectors have the wrong shape (another model's, say).
+    """
+    if isinstance(previous, Eigenpairs):
+        block = previous.vectors
+    elif isinstance(previous, torch.Tensor):
+        block = previous
+    else:
+        raise TypeError(f"previous must be Eigenpairs, a (p, m) tensor or None, got "
+                        f"{type(previous).__name__}")
+    if block.ndim not in (1, 2) or block.shape[0] != p or block.numel() == 0:
+        raise ValueError(f"previous vectors must have shape ({p},) or ({p}, m) with m >= 1 (the "
+                         f"operator's dimension is p = {p}), got {tuple(block.shape)}")
+    return block.reshape(p, -1)
+
+
+def track_eigenpairs(op, k: int, previous: Eigenpairs | torch.Tensor | None = None,
+                     tol: float = 1e-4, seed: int = 0, max_matvecs: int | None = None,
+                     skip: int = 0, block_size: int | None = None,
+                     basis_size: int | None = None, warm: str = "auto") -> Eigenpairs:
+    """The ``k`` largest eigenpairs of ``op``, warm-started from a previous measurement.
+
+    Args:
+        op: symmetric operator (``shape``, ``dtype``, ``device``, ``@``), e.g. a
+            :class:`tinysubspace.HessianOperator` at the current parameters.
+        k: number of eigenpairs wanted (the tracker asks for ``2 × k_top``: top and next).
+        previous: the previous measurement (:class:`Eigenpairs`, or its ``(p, m0)`` vectors);
+            ``None`` for a cold start (single-vector Lanczos from a random vector of ``seed``).
+            Any number of columns works; fewer than ``skip + k`` are completed by the Krylov
+            expansion.
+        tol: relative residual tolerance: ``‖H v − λ v‖ ≤ tol · |λ_1|`` for every returned (and
+            every skipped) pair. The default ``1e-4`` resolves a 20-dimensional Hessian
+            subspace whose edge sits in the bulk (``λ_20 − λ_21 ≈ 10⁻³ λ_1``) and is reachable
+            in float32.
+        seed: seed of any random directions (identical on every device).
+        max_matvecs: stop (``converged=False``) after this many products.
+        skip: leave out the ``skip`` largest pairs (computed all the same).
+        block_size: directions added per pass. Default: 1, except :func:`warm_block_size` for a
+            ``subspace`` warm start.
+        basis_size: largest basis before a thick restart (see :func:`top_eigenpairs`).
+        warm: ``"auto"`` (default), ``"subspace"`` or ``"krylov"``: how ``previous`` is used
+            (module docstring).
+
+    Returns:
+        :class:`Eigenpairs`: values descending, orthonormal vectors, exact residuals, the
+        number of products used and whether every pair converged.
+
+    Raises:
+        TypeError: ``previous`` of an unusable kind.
+        ValueError: ``previous`` of the wrong shape, an unknown ``warm``, or a bad ``k``,
+            ``skip``, ``tol``, ``block_size``, ``basis_size`` or ``max_matvecs`` (see
+            :func:`top_eigenpairs`).
+    """
+    warm = resolve_warm_start(warm, op.device)
+    if previous is None:
+        return top_eigenpairs(op, k, tol=tol, seed=seed, max_matvecs=max_matvecs, skip=skip,
+                              block_size=block_size or 1, basis_size=basis_size)
+    init = _previous_block(previous, op.shape[0]).to(device=op.device, dtype=op.dtype)
+    if warm == "krylov":
+        init = _krylov_start(init, seed)
+        b = block_size or 1
+    else:
+        b = block_size or warm_block_size(k + skip, init.shape[1])
+    return top_eigenpairs(op, k, tol=tol, init=init, seed=seed, max_matvecs=max_matvecs,
+                          skip=skip, block_size=b, basis_size=basis_size)
+
+
+def _krylov_start(block: torch.Tensor, seed: int) -> torch.Tensor:
+    """``Σ_i v_i / ‖·‖ + ρ g / ‖g‖`` (``ρ`` = :data:`KRYLOV_RANDOM_PART`) for an orthonormal
+    basis ``v_i`` of ``block`` (``g`` Gaussian from ``seed``): every previous direction with
+    equal weight, and some of every other direction (a random start's guarantee to see all of
+    them)."""
+    g = random_block(block.shape[0], 1, block.dtype, block.device,
+                     torch.Generator().manual_seed(seed))[:, 0]
+    block = orthonormalize_against(block, None)
+    if block.shape[1] == 0:  # previous vectors all zero: nothing to start from
+        return g
+    v = block.sum(dim=1)
+    return v / v.norm() + KRYLOV_RANDOM_PART * g / g.norm()

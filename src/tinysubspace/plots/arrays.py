@@ -1,0 +1,229 @@
+"""Figures drawn from a run's stored arrays rather than its metrics table (PAPER.txt, Appendix B):
+the spectrum (Figs. 4, 5: ``spectrum.npz``) and the top eigenvector (Figs. 6, 7:
+``eigenvectors/step_*.pt``). Nothing is recomputed from a model."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+
+from tinysubspace.linalg.density import broadened_density, default_sigma, density_grid
+from tinysubspace.plots.common import (
+    MissingDataError,
+    RunLike,
+    as_run,
+    choose_steps,
+    finish,
+    new_figure,
+    top_k,
+)
+from tinysubspace.problems.models.anatomy import ParameterGroup, label_parameters
+from tinysubspace.results.store import Run
+
+__all__ = [
+    "figure_spectrum",
+    "figure_top_edge_density",
+    "figure_top_eigenvector",
+    "figure_top_layer_eigenvector",
+]
+
+
+def _spectrum(run: Run, figure: str) -> dict[str, Any]:
+    spectrum = run.spectrum()
+    if not spectrum or not ({"eigenvalues", "nodes"} & set(spectrum)):
+        raise MissingDataError(f"{figure} needs spectrum.npz with 'eigenvalues' or SLQ 'nodes' "
+                               f"and 'weights'; {run.path} has none (tracker.spectrum = exact "
+                               "or slq)")
+    return spectrum
+
+
+def _descending(eigenvalues: np.ndarray) -> np.ndarray:
+    """``(realizations, n)`` eigenvalues, each row descending."""
+    values = np.atleast_2d(np.asarray(eigenvalues, dtype=float))
+    return -np.sort(-values, axis=1)
+
+
+def _slq_density(spectrum: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """The stored ``grid``/``density``, else the broadened density of the stored quadrature."""
+    if "grid" in spectrum and "density" in spectrum:
+        return np.asarray(spectrum["grid"], float), np.asarray(spectrum["density"], float)
+    nodes = torch.as_tensor(np.asarray(spectrum["nodes"], dtype=float))
+    weights = torch.as_tensor(np.asarray(spectrum["weights"], dtype=float))
+    sigma = float(spectrum["sigma"]) if "sigma" in spectrum else default_sigma(nodes)
+    grid = density_grid(nodes, sigma)
+    return grid.numpy(), broadened_density(nodes, weights, grid, sigma).numpy()
+
+
+def figure_spectrum(run: RunLike, bins: int = 100) -> Figure:
+    """Fig. 4: the full Hessian spectrum (histogram of the exact eigenvalues, log count axis),
+    the top ``k`` eigenvalues marked and numbered at the right edge; averaged over realizations
+    when ``eigenvalues`` is ``(realizations, p)``. With SLQ only: the broadened density.
+
+    Data: ``{"eigenvalues", "counts", "edges", "top"}`` (exact) or ``{"grid", "density"}`` (SLQ).
+    """
+    run = as_run(run)
+    spectrum = _spectrum(run, "Fig. 4 (spectrum)")
+    figure, (ax,) = new_figure(1, width=6.0, height=3.6)
+    if "eigenvalues" not in spectrum:
+        return finish(figure, _draw_slq_density(ax, spectrum))
+    values = _descending(spectrum["eigenvalues"])
+    counts, edges = np.histogram(values.ravel(), bins=bins)
+    counts = counts / values.shape[0]
+    top = values.mean(axis=0)[:min(top_k(run), values.shape[1])]
+    ax.stairs(counts, edges, fill=True, alpha=0.7, label="eigenvalues")
+    ax.set_yscale("log")
+    level = counts.max() * 3
+    _mark_top(ax, top, level)
+    ax.set(xlabel=r"eigenvalue $\lambda$", ylabel="count", ylim=(0.5 / values.shape[0],
+                                                                  level * 20),
+           title=f"full Hessian spectrum (p = {values.shape[1]})")
+    ax.legend(fontsize="small", loc="center right")
+    return finish(figure, {"eigenvalues": values, "counts": counts, "edges": edges, "top": top})
+
+
+def _draw_slq_density(ax: Any, spectrum: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Fig. 4 from SLQ nodes and weights: the broadened density on a log axis."""
+    grid, density = _slq_density(spectrum)
+    ax.plot(grid, density)
+    ax.set(yscale="log", xlabel=r"eigenvalue $\lambda$", ylabel="density (SLQ)",
+           ylim=(density.max() * 1e-7, density.max() * 3),
+           title="Hessian spectral density (stochastic Lanczos quadrature)")
+    return {"grid": grid, "density": density}
+
+
+def _mark_top(ax: Any, top: np.ndarray, level: float) -> None:
+    """Triangles at the top eigenvalues at height ``level``, numbered 1, 2, … above them."""
+    ax.plot(top, np.full(top.size, level), "v", color="C3", ms=5, label=f"top {top.size}")
+    for i, lam in enumerate(top):
+        ax.annotate(str(i + 1), (lam, level), xytext=(0, 4 + 8 * (i % 2)),
+                    textcoords="offset points", ha="center", fontsize=7, color="C3")
+
+
+def _slq_top_edge(spectrum: dict[str, Any], n_top: int) -> tuple[np.ndarray, np.ndarray, str]:
+    """``log10`` of the positive SLQ nodes and their masses; with ``dimension`` stored, masses
+    in eigenvalues and only the nodes holding the top ``n_top`` of them (the top edge)."""
+    order = np.argsort(-np.asarray(spectrum["nodes"], float).ravel())
+    nodes = np.asarray(spectrum["nodes"], float).ravel()[order]
+    mass = np.asarray(spectrum["weights"], float).ravel()[order]
+    keep = nodes > 0
+    if "dimension" in spectrum:
+        mass = mass * float(spectrum["dimension"])
+        keep &= np.concatenate([[0.0], np.cumsum(mass)[:-1]]) < n_top
+        unit = r"eigenvalues per unit $\log_{10}\lambda$ (SLQ)"
+    else:
+        unit = r"fraction of the spectrum per unit $\log_{10}\lambda$ (SLQ)"
+    return np.log10(nodes[keep]), mass[keep], unit
+
+
+def figure_top_edge_density(run: RunLike, n_top: int = 1000, bins: int = 60) -> Figure:
+    """Fig. 5: density of the top edge of the spectrum on a log-eigenvalue axis, averaged over
+    realizations: the ``n_top`` largest positive eigenvalues of each row of ``eigenvalues``, in
+    eigenvalues per unit of ``log10 λ`` per realization; the dotted line marks the mean ``λ_k``.
+    With SLQ only: the weighted histogram of the positive nodes; where ``dimension`` is stored,
+    masses are counted in eigenvalues and only the nodes holding the top ``n_top`` are kept.
+
+    Data: ``{"edges", "density"}`` (+ ``"lambda_k"`` from exact eigenvalues).
+    """
+    run = as_run(run)
+    spectrum = _spectrum(run, "Fig. 5 (top-edge density)")
+    figure, (ax,) = new_figure(1, width=5.5, height=3.6)
+    data: dict[str, Any] = {}
+    if "eigenvalues" in spectrum:
+        values = _descending(spectrum["eigenvalues"])[:, :n_top]
+        logs = np.log10(values[values > 0])
+        weights = np.full(logs.shape, 1.0 / values.shape[0])
+        unit = r"eigenvalues per unit $\log_{10}\lambda$ (per realization)"
+        data.update(_mark_lambda_k(ax, values, top_k(run)))
+    else:
+        logs, weights, unit = _slq_top_edge(spectrum, n_top)
+    if logs.size == 0:
+        raise MissingDataError(f"Fig. 5: {run.path} stored no positive eigenvalue")
+    counts, edges = np.histogram(logs, bins=bins, weights=weights)
+    density = counts / np.diff(edges)
+    ax.stairs(density, edges, fill=True, alpha=0.7)
+    ax.set(xlabel=r"$\log_{10} \lambda$", ylabel=unit,
+           title="top edge of the Hessian spectrum")
+    data.update({"edges": edges, "density": density})
+    return finish(figure, data)
+
+
+def _mark_lambda_k(ax: Any, values: np.ndarray, k: int) -> dict[str, float]:
+    """A dotted line at the mean ``log10 λ_k`` over realizations, where every ``λ_k`` is
+    positive; returns ``{"lambda_k": mean}`` (empty if not drawn)."""
+    if k > values.shape[1] or not (values[:, k - 1] > 0).all():
+        return {}
+    lambda_k = float(np.mean(values[:, k - 1]))
+    ax.axvline(np.log10(lambda_k), color="C3", ls=":", label=fr"mean $\lambda_{{{k}}}$")
+    ax.legend(fontsize="small")
+    return {"lambda_k": lambda_k}
+
+
+# ------------------------------------------------------------------------ Figs. 6 and 7
+def _vector_steps(run: Run, steps: Sequence[int] | None, default: Sequence[int]) -> list[int]:
+    saved = list(run.eigenvector_steps)
+    if not saved:
+        raise MissingDataError(f"Figs. 6/7 need eigenvectors/step_*.pt files; {run.path} saved "
+                               "none (tracker.save_vectors_at)")
+    return choose_steps(saved, steps if steps is not None else default)
+
+
+def top_eigenvector(run: Run, step: int) -> tuple[np.ndarray, list[ParameterGroup]]:
+    """``v_1`` saved at ``step`` with its sign fixed (largest-magnitude entry positive), and its
+    parameter groups (:func:`~tinysubspace.problems.models.anatomy.label_parameters` of the saved
+    names and
+    shapes)."""
+    saved = run.eigenvectors(step)
+    v = np.asarray(saved["vectors"][:, 0], dtype=float)
+    if v[np.argmax(np.abs(v))] < 0:
+        v = -v
+    return v, label_parameters(saved["param_names"], saved["param_shapes"])
+
+
+def _eigenvector_panels(run: Run, chosen: list[int], top_layer_only: bool,
+                        title: str) -> Figure:
+    figure, axes = new_figure(len(chosen), width=4.6, height=3.0,
+                              rows=2 if len(chosen) > 2 else 1)
+    data: dict[int, Any] = {}
+    for ax, step, letter in zip(axes, chosen, "abcdefgh", strict=False):
+        v, groups = top_eigenvector(run, step)
+        if top_layer_only:
+            groups = [g for g in groups if g.label.startswith("top layer")]
+        entries = {}
+        for index, group in enumerate(groups):
+            values = v[group.start:group.stop]
+            ax.plot(np.arange(group.start, group.stop), values, "-", lw=0.6,
+                    marker="o" if values.size <= 200 else None, ms=2,
+                    color=f"C{index % 10}", label=group.label)
+            entries[group.label] = values
+        ax.axhline(0, color="0.6", lw=0.5)
+        ax.set(xlabel="parameter index", ylabel="entry of $v_1$", title=f"({letter}) step {step}")
+        data[step] = {"vector": v, "groups": entries}
+    axes[0].legend(fontsize="x-small", ncol=1 if len(data[chosen[0]]["groups"]) <= 6 else 2)
+    figure.suptitle(title)
+    return finish(figure, data)
+
+
+def figure_top_eigenvector(run: RunLike, steps: Sequence[int] | None = None) -> Figure:
+    """Fig. 6: entries of the top Hessian eigenvector ``v_1`` at chosen steps (default the
+    paper's 0, 100, 200, 400, nearest saved ones), coloured by layer: the weights and biases of
+    each layer, the last one labelled "top layer". Sign fixed: the largest entry is positive.
+
+    Data: ``{step: {"vector": v_1 (p,), "groups": {label: entries}}}``.
+    """
+    run = as_run(run)
+    chosen = _vector_steps(run, steps, (0, 100, 200, 400))
+    return _eigenvector_panels(run, chosen, False, r"top Hessian eigenvector $v_1$ by layer")
+
+
+def figure_top_layer_eigenvector(run: RunLike, steps: Sequence[int] | None = None) -> Figure:
+    """Fig. 7: Fig. 6 zoomed on the top layer's weights and biases (default steps 0 and 400).
+
+    Data: as :func:`figure_top_eigenvector`, ``groups`` holding the top layer only.
+    """
+    run = as_run(run)
+    chosen = _vector_steps(run, steps, (0, 400))
+    return _eigenvector_panels(run, chosen, True, r"top eigenvector $v_1$: top layer only")

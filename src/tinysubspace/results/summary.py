@@ -1,0 +1,58 @@
+"""A plain-text table of a run's measurements over time (printed at the end of a run)."""
+
+from __future__ import annotations
+
+import math
+
+from tinysubspace.results.store import Run
+
+__all__ = ["summary_table"]
+
+
+def _columns(k: int) -> list[tuple[str, str, str]]:
+    """``(metrics column, title, format)`` of the table: ``λ_1, λ_2, λ_k, λ_{k+1}``."""
+    eigen = dict.fromkeys([1, 2, k, k + 1])
+    return [("step", "step", "{:.0f}"), ("train/loss", "loss", "{:.4f}"),
+            ("train/accuracy", "acc", "{:.3f}"), ("hessian/f_top", "f_top", "{:.3f}"),
+            ("hessian/overlap_g_Hg", "overlap(g,Hg)", "{:+.3f}"),
+            *((f"hessian/eig_{i}", f"λ{i}", "{:.4g}") for i in eigen),
+            ("cost/matvecs", "matvecs", "{:.0f}"), ("cost/seconds", "seconds", "{:.2f}")]
+
+
+def summary_table(run: Run, max_rows: int = 30) -> str:
+    """f_top, overlap(g, Hg) and the eigenvalues ``λ_1, λ_2, λ_k, λ_{k+1}`` (``k``: the run's
+    ``tracker.k``, 10 if unset) over time, as an aligned text table; columns the run lacks are
+    left out.
+
+    At most ``max_rows`` rows, evenly spread over the run (the first and last always shown).
+
+    Raises:
+        ValueError: ``max_rows < 2``.
+    """
+    if max_rows < 2:
+        raise ValueError(f"max_rows must be at least 2 (the first and last rows), got {max_rows}")
+    table = run.metrics
+    if table.empty:
+        return "(no measurements)"
+    k = int((run.config.get("tracker") or {}).get("k") or 10)
+    columns = [(key, title, fmt) for key, title, fmt in _columns(k) if key in table.columns]
+    picks = list(range(len(table)))
+    if len(picks) > max_rows:
+        stride = (len(picks) - 1) / (max_rows - 1)
+        picks = sorted({round(i * stride) for i in range(max_rows)})
+    cells = [[title for _, title, _ in columns]]
+    for i in picks:
+        row = table.iloc[i]
+        cells.append([_cell(row[key], fmt) for key, _, fmt in columns])
+    widths = [max(len(line[j]) for line in cells) for j in range(len(columns))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(line, widths, strict=True)) for line in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _cell(value: float, fmt: str) -> str:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    return "-" if math.isnan(number) else fmt.format(number)

@@ -1,0 +1,1 @@
+"""Process-level concerns: process groups (``distributed``), thread counts."""
