@@ -407,3 +407,18 @@ def test_tensor_data_validation():
         TensorData(x, torch.zeros(3), 2, "t")
     with pytest.raises(ValueError, match="regression targets must be floating"):
         TensorData(x, torch.zeros(3, dtype=torch.int64), None, "t")
+
+
+def test_gaussian_mixture_is_the_toy_models_data_for_the_same_seed():
+    """One generator: the data set's training split is the toy model's data, test shares μ."""
+    from tinysubspace.problems import toy
+
+    data = toy.make_toy_data(k=3, d=7, n=12, sigma=0.3, seed=4, orthogonal=True)
+    train = load_dataset("gaussian-mixture", n=12, k=3, d=7, sigma=0.3, seed=4,
+                         orthogonal_means=True)
+    assert torch.equal(train.inputs, data.inputs.float())
+    assert torch.equal(train.targets, data.labels)
+    assert torch.equal(gaussian_mixture_means(3, 7, seed=4, orthogonal=True), data.means)
+    test = load_dataset("gaussian-mixture", split="test", n=12, k=3, d=7, sigma=0.0, seed=4,
+                        orthogonal_means=True)
+    assert torch.equal(test.inputs, data.means[test.targets].float())

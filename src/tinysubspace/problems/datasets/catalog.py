@@ -44,6 +44,7 @@ from tinysubspace.problems.datasets.files import (
     read_cifar_batch,
     read_idx,
 )
+from tinysubspace.problems.datasets.mixture import gaussian_mixture_means, sample_gaussian_mixture
 from tinysubspace.problems.datasets.tensors import (
     TensorData,
     even_odd,
@@ -242,37 +243,15 @@ def _load_cifar100(root: Path | None, split: str, *, labels: str = "fine") -> Te
 _SPLIT_STREAM = {"train": 1, "test": 2}
 
 
-def gaussian_mixture_means(k: int, d: int, seed: int = 0, orthogonal: bool = False
-                           ) -> torch.Tensor:
-    """The class means ``μ_1 … μ_k`` (rows of a ``(k, d)`` float64 tensor) of
-    ``gaussian-mixture`` with this seed: random unit vectors in R^d (Section 3, footnote 13), or
-    orthonormal ones if asked."""
-    if k < 1 or d < 1:
-        raise ValueError(f"k (classes) and d (dimension) must be positive, got k={k}, d={d}")
-    if orthogonal and k > d:
-        raise ValueError(f"{k} orthogonal means do not fit in dimension {d}")
-    draws = np.random.default_rng([seed, 0]).standard_normal((k, d))
-    if orthogonal:
-        q, r = np.linalg.qr(draws.T)
-        means = (q * np.sign(np.diag(r))).T
-    else:
-        means = draws / np.linalg.norm(draws, axis=1, keepdims=True)
-    return torch.from_numpy(np.ascontiguousarray(means))
-
-
 def _load_gaussian_mixture(root: Path | None, split: str, *, n: int = 1000, k: int = 2,
                            d: int = 1000, sigma: float = 0.0, seed: int = 0,
                            orthogonal_means: bool = False) -> TensorData:
     """``k`` classes in R^``d``: ``x = μ_y + σ ε``, ε ~ N(0, I_d); classes balanced (``n // k``
-    or one more each), in random order. The means depend on ``seed`` only, so the train and test
-    splits of one seed share them (and differ in their samples)."""
-    if n < 1 or not sigma >= 0:
-        raise ValueError(f"n must be positive and sigma non-negative, got n={n}, sigma={sigma}")
-    means = gaussian_mixture_means(k, d, seed, orthogonal_means).numpy()
-    rng = np.random.default_rng([seed, _SPLIT_STREAM[split]])
-    labels = rng.permutation(np.arange(n) % k)
-    x = means[labels] + sigma * rng.standard_normal((n, d))
-    return TensorData(torch.from_numpy(x.astype(np.float32)), torch.from_numpy(labels), k,
+    or one more each, labels ``a mod k``). The means depend on ``seed`` only, so the train and
+    test splits of one seed share them (and differ in their samples); the train split is the toy
+    model's data for the same seed (:mod:`tinysubspace.problems.datasets.mixture`)."""
+    x, labels, _ = sample_gaussian_mixture(k, d, n, sigma, seed, orthogonal_means, split)
+    return TensorData(x.float(), labels, k,
                       f"gaussian-mixture-k{k}-d{d}-{split}")
 
 

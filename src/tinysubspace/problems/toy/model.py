@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from tinysubspace.curvature.operator import SymmetricOperator
+from tinysubspace.problems.datasets.mixture import sample_gaussian_mixture
 
 __all__ = [
     "SoftmaxHessian",
@@ -84,7 +85,9 @@ def make_toy_data(k: int, d: int, n: int, sigma: float, seed: int = 0,
     """Draw ``n`` samples (``n/k`` per class) of the mixture ``N(μ_y, σ² I)`` in float64.
 
     The noise ``ε_a`` is drawn whatever ``σ`` is, so runs with the same seed and different ``σ``
-    share ``μ`` and ``ε`` (a clean ``σ`` sweep).
+    share ``μ`` and ``ε`` (a clean ``σ`` sweep). The generator is
+    :func:`tinysubspace.problems.datasets.mixture.sample_gaussian_mixture`: the same seed gives
+    the ``gaussian-mixture`` data set's training split.
 
     Raises:
         ValueError: ``k < 2``, ``d < k`` with ``orthogonal``, ``n`` not a positive multiple of
@@ -99,12 +102,8 @@ def make_toy_data(k: int, d: int, n: int, sigma: float, seed: int = 0,
                          f"eq. 13's weights 1/k assume), got {n}")
     if not sigma >= 0:
         raise ValueError(f"sigma must be non-negative, got {sigma}")
-    gen = torch.Generator().manual_seed(seed)
-    raw = torch.randn(d, k, generator=gen, dtype=torch.float64)
-    means = (torch.linalg.qr(raw).Q if orthogonal else raw / raw.norm(dim=0)).T.contiguous()
-    labels = torch.arange(n) % k
-    noise = torch.randn(n, d, generator=gen, dtype=torch.float64)
-    return ToyData(means[labels] + sigma * noise, labels, means, float(sigma))
+    inputs, labels, means = sample_gaussian_mixture(k, d, n, sigma, seed, orthogonal)
+    return ToyData(inputs, labels, means, float(sigma))
 
 
 def _check_theta(theta: torch.Tensor, data: ToyData, biases: bool) -> None:
