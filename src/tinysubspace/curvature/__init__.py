@@ -1,26 +1,44 @@
 """The curvature core: exact operators over a whole data set (H·V, never the matrix).
 
-``operator`` (the operator protocol, dense operators), ``hessian`` (:class:`HessianOperator`),
+``operator`` (the operator protocol, dense operators, ``A − B``), ``hessian``
+(:class:`HessianOperator`), ``ggn`` and ``fisher`` (Gauss–Newton and Fisher matrices),
+``preconditioned`` (``P^{-1/2} A P^{-1/2}`` for an optimizer's diagonal ``P``),
 ``hvp`` (the exact H·V strategies), ``data`` (batches and calling the model), ``layout``
 (parameters, flattening), ``collectives`` (what the operator needs of ``torch.distributed``).
 Imports nothing above it: no pandas, matplotlib, configs or files.
 """
 
 from tinysubspace.curvature.collectives import DistributedError
+from tinysubspace.curvature.fisher import FisherOperator
+from tinysubspace.curvature.ggn import GaussNewtonResidual, GGNOperator
 from tinysubspace.curvature.hessian import (
     HessianOperator,
     NonDeterministicError,
     NonFiniteError,
 )
 from tinysubspace.curvature.hvp import HVP_METHODS
-from tinysubspace.curvature.operator import DenseOperator, SymmetricOperator
+from tinysubspace.curvature.operator import (
+    DenseOperator,
+    DifferenceOperator,
+    SymmetricOperator,
+)
+from tinysubspace.curvature.preconditioned import (
+    PreconditionedOperator,
+    preconditioner_diagonal,
+)
 
 __all__ = [
     "HVP_METHODS",
     "DenseOperator",
+    "DifferenceOperator",
     "DistributedError",
+    "FisherOperator",
+    "GGNOperator",
+    "GaussNewtonResidual",
     "HessianOperator",
     "NonDeterministicError",
     "NonFiniteError",
+    "PreconditionedOperator",
     "SymmetricOperator",
+    "preconditioner_diagonal",
 ]

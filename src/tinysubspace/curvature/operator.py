@@ -12,7 +12,7 @@ import abc
 import numpy as np
 import torch
 
-__all__ = ["DenseOperator", "SymmetricOperator"]
+__all__ = ["DenseOperator", "DifferenceOperator", "SymmetricOperator"]
 
 
 class SymmetricOperator(abc.ABC):
@@ -72,6 +72,12 @@ class SymmetricOperator(abc.ABC):
     def _matmat(self, block: torch.Tensor) -> torch.Tensor:
         """Return ``A @ block`` for a validated ``(p, b)`` block, ``b >= 1``."""
 
+    def __sub__(self, other: SymmetricOperator) -> DifferenceOperator:
+        """``A - B`` as an operator (:class:`DifferenceOperator`), e.g. Hessian minus GGN."""
+        if not isinstance(other, SymmetricOperator):
+            return NotImplemented
+        return DifferenceOperator(self, other)
+
     def to_scipy(self):
         """This operator as a :class:`scipy.sparse.linalg.LinearOperator` (numpy in and out).
 
@@ -119,3 +125,29 @@ class DenseOperator(SymmetricOperator):
 
     def _matmat(self, block: torch.Tensor) -> torch.Tensor:
         return self.matrix @ block
+
+
+class DifferenceOperator(SymmetricOperator):
+    """``A − B`` of two symmetric operators of the same shape: ``(A − B) V = A V − B V``.
+
+    Each product costs one product with ``A`` and one with ``B`` (each counted by its own
+    operator too). Dtype and device are ``A``'s; ``B``'s products are converted to them.
+
+    Raises:
+        TypeError: an argument is not a :class:`SymmetricOperator`.
+        ValueError: the shapes differ.
+    """
+
+    def __init__(self, a: SymmetricOperator, b: SymmetricOperator) -> None:
+        for name, op in (("a", a), ("b", b)):
+            if not isinstance(op, SymmetricOperator):
+                raise TypeError(f"DifferenceOperator needs two SymmetricOperators; {name} is a "
+                                f"{type(op).__name__}")
+        if a.shape != b.shape:
+            raise ValueError(f"cannot subtract operators of different shapes: {a.shape} and "
+                             f"{b.shape}")
+        super().__init__(a.shape[0], a.dtype, a.device)
+        self.a, self.b = a, b
+
+    def _matmat(self, block: torch.Tensor) -> torch.Tensor:
+        return self.a @ block - (self.b @ block).to(dtype=self.dtype, device=self.device)

@@ -1,0 +1,267 @@
+"""GGNOperator and the Gauss–Newton residual H − G against dense float64 references.
+
+References (``reference_outputs.py``): ``G = Jᵀ ∇²_z L J`` with ``J`` from
+``torch.autograd.functional.jacobian`` and ``∇²_z L`` in closed form, itself checked against
+autograd; ``H`` from ``torch.autograd.functional.hessian`` (``reference.py``). Every case of
+``cases.CASES`` (unequal batches in every layout) to 1e-10 relative, one data pass per block,
+the residual's closed form for a linear model, parameter subsets, train-mode batch norm, the
+caller's model untouched, distributed against single-process, and bad input.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import tinysubspace as ts
+from cases import CASES, Case
+from distributed_workers import launch
+from reference import FlatLoss, reference_hessian, relative_error
+from reference_outputs import (
+    closed_form_output_hessian,
+    output_hessian,
+    reference_ggn,
+)
+
+pytestmark = pytest.mark.usefixtures("global_rng_untouched")
+
+F64 = torch.float64
+MODEL_LOSS = sorted({(case.model, case.loss) for case in CASES})
+TOL = 1e-10
+
+
+def _flat(problem, train: bool = False) -> FlatLoss:
+    return FlatLoss(problem.model, problem.loss_fn, problem.inputs, problem.targets, train=train)
+
+
+def _dense(op) -> torch.Tensor:
+    return op @ torch.eye(op.shape[0], dtype=F64)
+
+
+class CountingData:
+    """A re-iterable list of batches that counts the passes made over it."""
+
+    def __init__(self, batches: list) -> None:
+        self.batches, self.passes = batches, 0
+
+    def __iter__(self):
+        self.passes += 1
+        return iter(self.batches)
+
+
+# ------------------------------------------------------------------ the references themselves
+@pytest.mark.parametrize(("model", "loss"), MODEL_LOSS, ids=[f"{m}-{l}" for m, l in MODEL_LOSS])
+def test_closed_form_output_hessian_agrees_with_autograd(model, loss):
+    f = _flat(Case(model, loss, "tuple").build())
+    assert relative_error(closed_form_output_hessian(f, loss), output_hessian(f)) < 1e-13
+
+
+def test_reference_ggn_is_the_hessian_for_a_linear_model_and_psd():
+    """Softmax regression is linear in θ: ∇²z = 0, so H = G exactly; G ⪰ 0 always (convex ℓ)."""
+    f = _flat(Case("softmax_regression", "ce", "tuple").build())
+    assert relative_error(reference_ggn(f, "ce"), reference_hessian(f)) < 1e-13
+    f = _flat(Case("mlp_softplus", "ce", "tuple").build())
+    G, H = reference_ggn(f, "ce"), reference_hessian(f)
+    assert float(torch.linalg.eigvalsh(G).min()) > -1e-12 * float(G.norm())
+    assert relative_error(G, H) > 1e-2  # the nonlinear net has a residual: the test can fail
+
+
+# ------------------------------------------------------------------ products
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_ggn_matches_reference(case):
+    problem = case.build()
+    G = reference_ggn(_flat(problem), case.loss)
+    op = ts.GGNOperator(problem.model, problem.loss_fn, problem.data, dtype=F64,
+                        **problem.data_kwargs)
+    assert op.shape == G.shape and op.dtype == F64
+    dense = _dense(op)
+    assert relative_error(dense, G) < TOL
+    v = torch.randn(G.shape[0], generator=torch.Generator().manual_seed(3), dtype=F64)
+    assert relative_error(op @ v, G @ v) < TOL
+    assert op.matvecs == G.shape[0] + 1
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.seed == 0 and c.data == "batches"],
+                         ids=str)
+def test_residual_is_hessian_minus_ggn(case):
+    problem = case.build()
+    f = _flat(problem)
+    H, G = reference_hessian(f), reference_ggn(f, case.loss)
+    kwargs = {"dtype": F64, **problem.data_kwargs}
+    one_pass = ts.GaussNewtonResidual(problem.model, problem.loss_fn, problem.data, **kwargs)
+    arithmetic = (ts.HessianOperator(problem.model, problem.loss_fn, problem.data, **kwargs)
+                  - ts.GGNOperator(problem.model, problem.loss_fn, problem.data, **kwargs))
+    assert isinstance(arithmetic, ts.DifferenceOperator)
+    scale = float(H.norm())
+    for op in (one_pass, arithmetic):
+        assert float((_dense(op) - (H - G)).norm()) < TOL * scale
+
+
+def test_residual_vanishes_for_a_linear_model():
+    problem = Case("softmax_regression", "ce", "batches").build()
+    op = ts.GaussNewtonResidual(problem.model, problem.loss_fn, problem.data, dtype=F64)
+    H = reference_hessian(_flat(problem))
+    assert float(_dense(op).norm()) < 1e-13 * float(H.norm())
+
+
+def test_a_block_takes_one_pass_over_the_data():
+    problem = Case("mlp_relu", "ce", "batches").build()
+    data = CountingData(list(problem.data))
+    op = ts.GGNOperator(problem.model, problem.loss_fn, data, dtype=F64)
+    passes = data.passes  # construction counts the examples once
+    op @ torch.ones(op.shape[0], 6, dtype=F64)
+    assert data.passes == passes + 1
+
+
+def test_unequal_batches_are_weighted_by_size():
+    """Averaging the per-batch GGNs with equal weights (a plausible bug) is far off."""
+    problem = Case("mlp_softplus", "mse", "batches").build()
+    per_batch = [reference_ggn(FlatLoss(problem.model, problem.loss_fn, X, Y), "mse")
+                 for X, Y in problem.data]
+    G = reference_ggn(_flat(problem), "mse")
+    assert relative_error(sum(per_batch) / len(per_batch), G) > 1e-3
+    op = ts.GGNOperator(problem.model, problem.loss_fn, problem.data, dtype=F64)
+    assert relative_error(_dense(op), G) < TOL
+
+
+def test_parameter_subset_is_the_principal_submatrix():
+    problem = Case("mlp_layernorm", "ce", "loader").build()
+    G = reference_ggn(_flat(problem), "ce")
+    names = [name for name, _ in problem.model.named_parameters()]
+    chosen = [names[0], names[-1]]
+    sizes = [p.numel() for p in problem.model.parameters()]
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    index = torch.cat([torch.arange(starts[0], starts[0] + sizes[0]),
+                       torch.arange(starts[-1], starts[-1] + sizes[-1])])
+    op = ts.GGNOperator(problem.model, problem.loss_fn, problem.data, params=chosen, dtype=F64)
+    assert relative_error(_dense(op), G[index][:, index]) < TOL
+
+
+def test_train_mode_batch_norm_with_one_batch():
+    """Train-mode batch norm: the GGN of the batch-statistics network (one batch = reference)."""
+    problem = Case("cnn_batchnorm", "ce", "tuple").build()
+    before = {k: v.clone() for k, v in problem.model.state_dict().items()}
+    op = ts.GGNOperator(problem.model, problem.loss_fn, (problem.inputs, problem.targets),
+                        dtype=F64, mode="train")
+    G = reference_ggn(_flat(problem, train=True), "ce")
+    assert relative_error(_dense(op), G) < TOL
+    assert relative_error(G, reference_ggn(_flat(problem), "ce")) > 1e-3  # modes differ
+    after = problem.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # running stats untouched
+    assert not problem.model.training
+
+
+def test_float32_model_is_measured_in_float64_and_left_untouched():
+    problem = Case("mlp_softplus", "ce", "tuple").build()
+    snapshot = copy.deepcopy(problem.model.state_dict())
+    problem.model.train()
+    op = ts.GGNOperator(problem.model, problem.loss_fn, problem.data, dtype=F64,
+                        **problem.data_kwargs)
+    with torch.no_grad():  # later training does not change the snapshot
+        for p in problem.model.parameters():
+            p.add_(1.0)
+    problem.model.load_state_dict(snapshot)
+    dense = _dense(op)
+    assert dense.dtype == F64 and problem.model.training
+    assert next(problem.model.parameters()).dtype == torch.float32
+    assert all(p.grad is None for p in problem.model.parameters())
+    assert relative_error(dense, reference_ggn(_flat(problem), "ce")) < TOL
+    f32 = ts.GGNOperator(problem.model, problem.loss_fn, problem.data, **problem.data_kwargs)
+    assert f32.dtype == torch.float32
+    assert relative_error(_dense_f32(f32), dense) < 1e-5
+
+
+def _dense_f32(op) -> torch.Tensor:
+    return op @ torch.eye(op.shape[0], dtype=torch.float32)
+
+
+def test_eigenpairs_of_the_ggn():
+    problem = Case("mlp_relu", "mse", "batches", 1).build()
+    G = reference_ggn(_flat(problem), "mse")
+    op = ts.GGNOperator(problem.model, problem.loss_fn, problem.data, dtype=F64)
+    eig = ts.top_eigenpairs(op, 3, tol=1e-10)
+    expected = torch.linalg.eigvalsh(G).flip(0)[:3]
+    assert relative_error(eig.values, expected) < 1e-9
+
+
+# ------------------------------------------------------------------ bad input
+class _TupleModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.linear(x), x
+
+
+def test_a_model_without_tensor_outputs_is_refused():
+    gen = torch.Generator().manual_seed(0)
+    X, Y = torch.randn(5, 4, generator=gen), torch.randint(3, (5,), generator=gen)
+    with torch.random.fork_rng():
+        model = _TupleModel()
+    op = ts.GGNOperator(model, nn.CrossEntropyLoss(), (X, Y))
+    with pytest.raises(TypeError, match="returns a tensor with a batch dimension, got tuple"):
+        op @ torch.ones(op.shape[0])
+
+
+def test_a_loss_that_is_not_mean_reduced_is_refused():
+    problem = Case("mlp_relu", "ce", "tuple").build()
+    op = ts.GGNOperator(problem.model, nn.CrossEntropyLoss(reduction="none"), problem.data)
+    with pytest.raises(ValueError, match=r"scalar \(mean-reduced\)"):
+        op @ torch.ones(op.shape[0])
+
+
+def test_a_non_finite_loss_is_reported():
+    problem = Case("mlp_relu", "mse", "tuple").build()
+    X = problem.inputs.clone()
+    X[2] = float("nan")
+    op = ts.GGNOperator(problem.model, problem.loss_fn, (X, problem.targets))
+    with pytest.raises(ts.NonFiniteError, match="the loss of batch 0"):
+        op @ torch.ones(op.shape[0])
+
+
+def test_difference_of_mismatched_operators_is_refused():
+    a, b = ts.DenseOperator(torch.eye(3)), ts.DenseOperator(torch.eye(4))
+    with pytest.raises(ValueError, match="different shapes"):
+        a - b
+    with pytest.raises(TypeError, match="needs two SymmetricOperators"):
+        ts.DifferenceOperator(a, torch.eye(3))
+    assert torch.equal((a - a) @ torch.ones(3), torch.zeros(3))
+
+
+# ------------------------------------------------------------------ distributed
+BOUNDS = (0, 7, 23)  # rank 0 holds 7 examples, rank 1 16 (of 23)
+DIST_CASE = Case("mlp_layernorm", "ce", "tuple")
+
+
+def _ggn_worker(rank: int, world: int, folder: Path) -> dict:
+    problem = DIST_CASE.build()
+    part = slice(BOUNDS[rank], BOUNDS[rank + 1])
+    data = (problem.inputs[part], problem.targets[part])
+    out = {}
+    for name, cls in (("ggn", ts.GGNOperator), ("residual", ts.GaussNewtonResidual)):
+        op = cls(problem.model, problem.loss_fn, data, dtype=F64, batch_size=4)
+        out[name] = (op.distributed, op.num_examples, _dense(op))
+    return out
+
+
+@pytest.mark.distributed
+@pytest.mark.skipif(not (torch.distributed.is_available()
+                         and torch.distributed.is_gloo_available()), reason="needs gloo")
+def test_distributed_ggn_equals_the_single_process_one(tmp_path):
+    results = launch(_ggn_worker, tmp_path, timeout_s=10)
+    problem = DIST_CASE.build()
+    f = _flat(problem)
+    G = reference_ggn(f, "ce")
+    R = reference_hessian(f) - G
+    for result in results:
+        assert "ok" in result, result.get("error")
+        (dist_g, n, dense_g), (_, _, dense_r) = result["ok"]["ggn"], result["ok"]["residual"]
+        assert dist_g and n == 23
+        assert relative_error(dense_g, G) < TOL
+        assert float((dense_r - R).norm()) < TOL * float((R + G).norm())
+    assert torch.equal(results[0]["ok"]["ggn"][2], results[1]["ok"]["ggn"][2])
