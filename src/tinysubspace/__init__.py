@@ -41,8 +41,10 @@ from tinysubspace.linalg import (
     track_eigenpairs,
 )
 from tinysubspace.metrics import (
+    eigenvector_displacement,
     eigenvector_overlaps,
     gradient_overlap,
+    principal_angles,
     project,
     subspace_overlap,
     top_fraction,
@@ -138,6 +140,7 @@ __all__ = [
     "broadened_density",
     "build_model",
     "dataset_names",
+    "eigenvector_displacement",
     "eigenvector_overlaps",
     "even_odd",
     "exact_spectrum",
@@ -149,6 +152,7 @@ __all__ = [
     "model_names",
     "parameter_groups",
     "preconditioner_diagonal",
+    "principal_angles",
     "project",
     "project_bulk",
     "project_top",

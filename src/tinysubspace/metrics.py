@@ -14,9 +14,11 @@ import math
 import torch
 
 __all__ = [
+    "eigenvector_displacement",
     "eigenvector_overlaps",
     "gradient_overlap",
     "orthonormality_error",
+    "principal_angles",
     "project",
     "subspace_overlap",
     "top_fraction",
@@ -129,3 +131,68 @@ def subspace_overlap(V1: torch.Tensor, V2: torch.Tensor, atol: float | None = No
                          f"{V2.shape[0]} rows")
     k1, k2 = V1.shape[1], V2.shape[1]
     return float((V1.T @ V2).square().sum()) / math.sqrt(k1 * k2)
+
+
+def principal_angles(V1: torch.Tensor, V2: torch.Tensor, atol: float | None = None) -> torch.Tensor:
+    """All principal angles ``0 ≤ θ_1 ≤ … ≤ θ_m`` (radians, ``m = min(k1, k2)``) between
+    ``span(V1)`` and ``span(V2)`` (Björck & Golub 1973).
+
+    .. math::  \\cos\\theta_i = \\sigma_i(V_1^T V_2), \\qquad
+               \\sin\\theta_{m+1-i} = \\sigma_i\\big((I - V_1 V_1^T) V_2\\big)
+               \\quad (k_2 \\le k_1;\\ \\text{else swap})
+
+    Angles with ``cos² θ ≥ 1/2`` come from the sines, the others from the cosines, so small
+    angles keep full relative accuracy (Knyazev & Argentati 2002). Eq. 5 is their mean squared
+    cosine when ``k1 = k2 = k``: ``overlap(V1, V2) = (1/k) Σ_i cos² θ_i``.
+
+    >>> V1 = torch.eye(3, dtype=torch.float64)[:, :1]
+    >>> V2 = torch.tensor([[0.6], [0.8], [0.0]], dtype=torch.float64)
+    >>> round(float(principal_angles(V1, V2)[0]), 6) == round(math.acos(0.6), 6)
+    True
+
+    Raises:
+        ValueError: wrong shapes, columns not orthonormal (to ``atol``), or bases of different
+            row counts.
+    """
+    _check_basis(V1, "V1", atol)
+    _check_basis(V2, "V2", atol)
+    if V1.shape[0] != V2.shape[0]:
+        raise ValueError(f"V1 and V2 live in spaces of different dimension: {V1.shape[0]} and "
+                         f"{V2.shape[0]} rows")
+    big, small = (V1, V2) if V1.shape[1] >= V2.shape[1] else (V2, V1)
+    cross = big.T @ small
+    cosines = torch.linalg.svdvals(cross).clamp(0.0, 1.0)  # descending: angles ascending
+    sines = torch.linalg.svdvals(small - big @ cross).flip(0).clamp(0.0, 1.0)
+    return torch.where(cosines.square() >= 0.5, torch.arcsin(sines), torch.arccos(cosines))
+
+
+def eigenvector_displacement(V_old: torch.Tensor, V_new: torch.Tensor) -> torch.Tensor:
+    """How far each eigenvector moved between two measurements, ignoring its sign.
+
+    .. math::  d_i = \\min_{s = \\pm 1} \\|v_i^{new} - s\\, v_i^{old}\\|
+               = \\sqrt{2 - 2\\,|\\langle v_i^{old}, v_i^{new} \\rangle|}
+               = 2 \\sin(\\phi_i / 2),
+
+    ``φ_i`` the angle between the two lines. ``0`` for the same direction (either sign),
+    ``√2`` for orthogonal ones. Columns are paired by index (eigenvalue order): a crossing of
+    two eigenvalues shows as two displacements near ``√2``.
+
+    Args:
+        V_old, V_new: ``(p, k)`` matrices of unit columns, in the same order.
+
+    Returns:
+        ``(k,)`` tensor of ``d_i``.
+
+    Raises:
+        ValueError: shapes differ, not 2-D, or a column is not a unit vector (to 1e-6).
+    """
+    if V_old.ndim != 2 or V_old.shape != V_new.shape:
+        raise ValueError(f"V_old and V_new must be (p, k) matrices of the same shape, got "
+                         f"{tuple(V_old.shape)} and {tuple(V_new.shape)}")
+    for name, V in (("V_old", V_old), ("V_new", V_new)):
+        error = float((V.norm(dim=0) - 1).abs().max()) if V.shape[1] else 0.0
+        if not error <= 1e-6:
+            raise ValueError(f"the columns of {name} must be unit vectors (max | ‖v‖ − 1 | = "
+                             f"{error:.2e})")
+    sign = torch.where((V_old * V_new).sum(0) < 0, -1.0, 1.0).to(V_old.dtype)
+    return (V_new - sign * V_old).norm(dim=0)
