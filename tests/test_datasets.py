@@ -387,7 +387,7 @@ def test_synthetic_sets_refuse_a_nan_noise(name, option):
 # -------------------------------------------------------------------------- registry, checks
 def test_registry_and_argument_errors():
     assert dataset_names() == ["cifar10", "cifar100", "digits", "fashion-mnist",
-                               "gaussian-mixture", "mnist", "sine"]
+                               "gaussian-mixture", "mnist", "pydoc-chars", "sine", "text"]
     assert load_dataset("Gaussian_Mixture", n=4, d=3).input_shape == (3,)
     with pytest.raises(ValueError, match="unknown data set 'svhn'; known: cifar10"):
         load_dataset("svhn")

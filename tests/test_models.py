@@ -124,7 +124,7 @@ def test_glorot_init_zero_biases_and_bounded_weights():
 
 
 def test_model_names():
-    assert model_names() == ["convnet", "fc", "resnet18", "softmax"]
+    assert model_names() == ["convnet", "fc", "gpt", "resnet18", "softmax"]
 
 
 @pytest.mark.parametrize(("call", "message"), [

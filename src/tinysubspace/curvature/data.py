@@ -3,6 +3,17 @@
 The Hessian operator accepts a ``DataLoader``, any re-iterable of ``(inputs, targets)`` pairs,
 or a tuple ``(X, Y)`` of tensors (split into chunks). This module turns each into one thing:
 a :class:`BatchSource` whose iteration yields :class:`Batch` objects on the right device and dtype.
+
+A batch's *size* ``n_j`` weights its mean loss ``ℓ_j`` in the data-set mean
+``L = Σ_j n_j ℓ_j / Σ_j n_j``. By default it is the batch dimension (examples). When ``ℓ_j`` is
+a mean over something else — tokens of a language model, non-padding labels — say so with the
+size hook: yield :class:`Batch` objects whose ``size`` is that count (e.g.
+:func:`count_tokens` of the labels); then ``L`` is the mean over all tokens of the data set.
+Items that are dicts (a Hugging Face style ``DataLoader``) are keyword inputs with their
+``"labels"`` as targets.
+
+Every forward pass goes through :func:`call_model`, which runs attention by its exact,
+twice-differentiable kernel (:mod:`tinysubspace.curvature.attention`).
 """
 
 from __future__ import annotations
@@ -13,16 +24,35 @@ from typing import Any
 
 import torch
 
-__all__ = ["Batch", "BatchSource", "call_model"]
+from tinysubspace.curvature.attention import exact_attention
+
+__all__ = ["Batch", "BatchSource", "call_model", "count_tokens"]
 
 
 @dataclass(frozen=True)
 class Batch:
-    """One batch: model inputs, targets and the number of examples it holds."""
+    """One batch: model inputs, targets and its size ``n_j``, the number of terms its mean loss
+    averages (examples by default; tokens for a language model — the size hook, see the module
+    docstring). A data set may yield :class:`Batch` objects directly to set ``size``."""
 
     inputs: Any
     targets: Any
     size: int
+
+
+def count_tokens(labels: torch.Tensor, ignore_index: int = -100, shift: bool = False) -> int:
+    """The number of labels a token-level mean cross-entropy averages: entries of ``labels``
+    other than ``ignore_index``; with ``shift`` (Hugging Face causal LMs, which predict
+    ``labels[..., 1:]`` from the positions before) the first position of each row is left out.
+
+    >>> count_tokens(torch.tensor([[5, 6, -100], [7, 8, 9]]))
+    5
+    >>> count_tokens(torch.tensor([[5, 6, -100], [7, 8, 9]]), shift=True)
+    3
+    """
+    if shift:
+        labels = labels[..., 1:]
+    return int((labels != ignore_index).sum())
 
 
 def _leading_size(obj: Any) -> int | None:
@@ -53,12 +83,18 @@ def _convert(obj: Any, device: torch.device, dtype: torch.dtype | None) -> Any:
 
 
 def call_model(model: torch.nn.Module | Any, inputs: Any) -> Any:
-    """``model(inputs)``; a tuple/list is spread as positional and a dict as keyword arguments."""
-    if isinstance(inputs, Mapping):
-        return model(**inputs)
-    if isinstance(inputs, (tuple, list)):
-        return model(*inputs)
-    return model(inputs)
+    """``model(inputs)``; a tuple/list is spread as positional and a dict as keyword arguments.
+
+    Attention (``F.scaled_dot_product_attention``, ``nn.MultiheadAttention``) runs by its math
+    kernel during the call, so that double backprop and ``torch.func.jvp`` work through it; the
+    caller's kernel choice is restored afterwards (:func:`~tinysubspace.curvature.attention.
+    exact_attention`)."""
+    with exact_attention():
+        if isinstance(inputs, Mapping):
+            return model(**inputs)
+        if isinstance(inputs, (tuple, list)):
+            return model(*inputs)
+        return model(inputs)
 
 
 class BatchSource:
@@ -66,7 +102,9 @@ class BatchSource:
 
     Args:
         data: a ``torch.utils.data.DataLoader``, a re-iterable of ``(inputs, targets)`` pairs
-            (e.g. a list of batches), or a tuple ``(X, Y)`` of tensors with equal first dimension.
+            (e.g. a list of batches), of :class:`Batch` objects (their ``size`` is kept: the
+            size hook) or of dicts (keyword inputs; targets ``item["labels"]``), or a tuple
+            ``(X, Y)`` of tensors with equal first dimension.
         device: where batches are moved.
         dtype: floating inputs and targets are cast to this dtype (``None``: kept).
         batch_size: chunk size used to split an ``(X, Y)`` tuple (``None``: one chunk).
@@ -100,14 +138,7 @@ class BatchSource:
 
     def __iter__(self) -> Iterator[Batch]:
         for index, item in enumerate(self.data):
-            if not isinstance(item, (tuple, list)) or len(item) != 2:
-                raise TypeError(f"batch {index} of data is not an (inputs, targets) pair "
-                                f"(got {type(item).__name__}); wrap inputs and targets as a pair")
-            inputs, targets = item
-            size = _leading_size(targets) or _leading_size(inputs)
-            if size is None:
-                raise TypeError(f"batch {index}: cannot tell its size; inputs or targets must be "
-                                "tensors with a batch dimension")
+            inputs, targets, size = _unpack(item, index)
             if size == 0:
                 continue
             yield Batch(_convert(inputs, self.device, self.dtype),
@@ -129,6 +160,31 @@ class BatchSource:
             reasons.append("the dataset applies a transform (random augmentation changes the data "
                            "between passes)")
         return reasons
+
+
+def _unpack(item: Any, index: int) -> tuple[Any, Any, int]:
+    """``(inputs, targets, size)`` of one item of the data (a pair, a Batch or a dict)."""
+    if isinstance(item, Batch):
+        size = item.size
+        if isinstance(size, torch.Tensor) and size.numel() == 1:
+            size = int(size)
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise TypeError(f"batch {index}: Batch.size must be a non-negative integer (the "
+                            f"number of terms its mean loss averages), got {size!r}")
+        return item.inputs, item.targets, size
+    if isinstance(item, Mapping):
+        inputs, targets = item, item.get("labels")
+    elif isinstance(item, (tuple, list)) and len(item) == 2:
+        inputs, targets = item
+    else:
+        raise TypeError(f"batch {index} of data is not an (inputs, targets) pair "
+                        f"(got {type(item).__name__}); wrap inputs and targets as a pair, or "
+                        "yield Batch(inputs, targets, size) objects")
+    size = _leading_size(targets) or _leading_size(inputs)
+    if size is None:
+        raise TypeError(f"batch {index}: cannot tell its size; inputs or targets must be "
+                        "tensors with a batch dimension")
+    return inputs, targets, size
 
 
 def _is_tensor_pair(data: Any) -> bool:

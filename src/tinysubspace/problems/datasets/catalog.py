@@ -18,6 +18,9 @@ name                      what
 ``cifar100``              ``cifar-100-python``; 100 fine (or 20 coarse) labels; 50,000 / 10,000
 ``gaussian-mixture``      ``k`` classes at random unit means in R^``d`` plus N(0, σ²) noise (Sec. 3)
 ``sine``                  regression: x ~ U[0, 2π), y = sin x + N(0, 0.1²) (Table 1, last row)
+``pydoc-chars``           characters of CPython's ``pydoc_data/topics.py`` (465,126 on Python 3.11):
+                          sequences of ``block_size`` token ids and their next tokens
+``text``                  the same from any UTF-8 file ``path`` (:mod:`.text`)
 ========================  ==========================================================================
 
 Where files are looked for: in ``root`` (and its torchvision layout, e.g. ``root/MNIST/raw``)
@@ -52,6 +55,7 @@ from tinysubspace.problems.datasets.tensors import (
     standardize,
     subset,
 )
+from tinysubspace.problems.datasets.text import load_pydoc_chars, load_text_file
 from tinysubspace.problems.registry import check_options, lookup
 
 __all__ = [
@@ -276,4 +280,6 @@ _REGISTRY: dict[str, _Spec] = {
     "cifar100": _Spec(_load_cifar100),
     "gaussian-mixture": _Spec(_load_gaussian_mixture),
     "sine": _Spec(_load_sine),
+    "pydoc-chars": _Spec(load_pydoc_chars),
+    "text": _Spec(load_text_file),
 }

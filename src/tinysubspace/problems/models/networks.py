@@ -10,6 +10,7 @@ name              what
                   conv32 same, conv32 valid, max-pool, conv64 same, conv64 valid, max-pool,
                   dense 512, top; ReLUs; optional dropout / batch norm / extra dense layer
 ``resnet18``      ResNet-18, CIFAR variant (see :mod:`tinysubspace.problems.models.resnet`)
+``gpt``           decoder-only transformer on token ids (:mod:`tinysubspace.problems.models.gpt`)
 ================  ==============================================================================
 
 Every model is an ``nn.Module`` whose layers are named children (``hidden1``, ``conv3``, ``top``
@@ -29,6 +30,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from tinysubspace.problems.models.gpt import build_gpt
 from tinysubspace.problems.models.resnet import ResNet18
 from tinysubspace.problems.registry import check_options, lookup
 
@@ -120,6 +122,7 @@ def _resnet18(input_shape: tuple[int, ...], num_outputs: int, *, width: int = 64
 
 _BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "softmax": _softmax, "fc": _fc, "convnet": _convnet, "resnet18": _resnet18,
+    "gpt": build_gpt,
 }
 
 
@@ -142,7 +145,8 @@ def build_model(name: str, input_shape: Sequence[int], num_outputs: int, *, seed
             Glorot-uniform weights of linear and convolution layers, zero biases).
         **options: the model's own options: ``fc``: ``widths``, ``activation`` (relu, softplus,
             tanh, linear); ``convnet``: ``channels``, ``dense``, ``dropout``, ``batchnorm``,
-            ``extra_dense``; ``resnet18``: ``width``.
+            ``extra_dense``; ``resnet18``: ``width``; ``gpt``: ``n_layer``, ``n_head``,
+            ``n_embd``, ``block_size``, ``vocab``, ``bias``, ``tie_weights``.
 
     Raises:
         ValueError: an unknown name or option (the known ones are listed), or a bad value.
