@@ -1,0 +1,298 @@
+"""Per-block curvature (issue 14): block spectra against ``eigh`` of the dense diagonal blocks,
+Hutchinson traces against exact traces, the heterogeneity score on synthetic block-diagonal
+operators with known spectra (identical blocks give 0; Gaussians far apart give 1; in between
+against an independent numerical integral), and the model-facing blocks of a GPT, an encoder
+layer, an FC net and a ConvNet."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import scipy.integrate
+import scipy.stats
+import torch
+from torch import nn
+
+import tinysubspace as ts
+from test_transformers import encoder_problem, gpt_problem, reference
+from tinysubspace.linalg.blocks import (
+    RestrictedOperator,
+    block_heterogeneity,
+    block_spectrum,
+    density_trace,
+    heterogeneity_matrix,
+    hutchinson_trace,
+    js_distance,
+)
+from tinysubspace.problems.models.blocks import BlockPart, parameter_blocks
+
+pytestmark = pytest.mark.usefixtures("global_rng_untouched")
+
+F64 = torch.float64
+
+
+def _orthogonal(n: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=F64))[0]
+
+
+def _block_diagonal(spectra: list[torch.Tensor], seeds: list[int]) -> torch.Tensor:
+    mats = [Q @ torch.diag(d) @ Q.T for d, Q in
+            zip(spectra, [_orthogonal(len(d), s) for d, s in zip(spectra, seeds, strict=True)],
+                strict=True)]
+    return torch.block_diag(*mats)
+
+
+def _ranges(sizes: list[int]) -> list[torch.Tensor]:
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    return [torch.arange(a, a + n) for a, n in zip(starts, sizes, strict=True)]
+
+
+# ------------------------------------------------------------------- the pure block maths
+def test_restricted_operator_is_the_diagonal_block():
+    A = _block_diagonal([torch.linspace(-1, 3, 7, dtype=F64)], [0])
+    idx = torch.tensor([5, 0, 2])
+    R = RestrictedOperator(ts.DenseOperator(A), idx)
+    assert R.shape == (3, 3)
+    assert torch.allclose(R @ torch.eye(3, dtype=F64), A[idx][:, idx], atol=1e-15)
+    with pytest.raises(ValueError, match=r"indices in \[0, 7\)"):
+        RestrictedOperator(ts.DenseOperator(A), [7])
+    with pytest.raises(ValueError, match="must not repeat"):
+        RestrictedOperator(ts.DenseOperator(A), [1, 1])
+
+
+@pytest.mark.parametrize("exact_size", [0, 1000])
+def test_block_eigenvalues_and_traces_of_a_block_diagonal_operator(exact_size):
+    spectra = [torch.linspace(0.1, 5.0, 80, dtype=F64), torch.logspace(-3, 1, 90, dtype=F64),
+               torch.cat([torch.tensor([20.0, 7.0], dtype=F64), torch.zeros(68, dtype=F64)])]
+    A = _block_diagonal(spectra, [1, 2, 3])
+    op = ts.DenseOperator(A)
+    for d, idx in zip(spectra, _ranges([80, 90, 70]), strict=True):
+        block = RestrictedOperator(op, idx)
+        result = block_spectrum(block, k=4, steps=40, probes=30, seed=5, tol=1e-10,
+                                exact_size=exact_size)
+        expected = torch.sort(d, descending=True).values[:4]
+        assert torch.allclose(result.eigenvalues, expected, rtol=1e-8, atol=1e-10)
+        true_trace = float(d.sum())
+        if exact_size:  # formed: exact
+            assert result.trace.value == pytest.approx(true_trace, rel=1e-12)
+            assert result.trace.stderr == 0 and result.density.probe == "exact"
+        else:  # the SLQ probes' Hutchinson samples are those of hutchinson_trace
+            direct = hutchinson_trace(ts.DenseOperator(A[idx][:, idx]), probes=30, seed=5)
+            assert torch.allclose(result.trace.samples, direct.samples, rtol=1e-9)
+            assert abs(result.trace.value - true_trace) < 5 * result.trace.stderr
+            assert result.trace.stderr > 0
+
+
+def test_hutchinson_trace_statistics():
+    A = _block_diagonal([torch.linspace(-2, 4, 50, dtype=F64)], [7])
+    est = hutchinson_trace(ts.DenseOperator(A), probes=400, seed=1)
+    # Var(zᵀAz) = 2 Σ_{i≠j} A_ij² for Rademacher z
+    var = 2 * float(A.square().sum() - A.diagonal().square().sum())
+    assert est.stderr == pytest.approx(math.sqrt(var / 400), rel=0.15)
+    assert abs(est.value - float(A.trace())) < 4 * est.stderr
+    assert math.isnan(hutchinson_trace(ts.DenseOperator(A), probes=1).stderr)
+    with pytest.raises(ValueError, match="probes must be at least 1"):
+        hutchinson_trace(ts.DenseOperator(A), probes=0)
+
+
+def test_density_trace_of_an_exact_density_is_the_trace():
+    d = torch.tensor([3.0, -1.0, 0.5], dtype=F64)
+    result = block_spectrum(ts.DenseOperator(torch.diag(d)), k=2)
+    assert density_trace(result.density).value == pytest.approx(2.5, rel=1e-14)
+    assert result.eigenvalues.tolist() == pytest.approx([3.0, 0.5])
+
+
+@pytest.mark.parametrize("exact_size", [0, 1000])
+def test_identical_blocks_have_zero_heterogeneity(exact_size):
+    d = torch.logspace(-2, 1, 60, dtype=F64)
+    A = torch.block_diag(*[_block_diagonal([d], [4])] * 3)  # three copies, same basis
+    op = ts.DenseOperator(A)
+    densities = [block_spectrum(RestrictedOperator(op, idx), k=2, steps=30, probes=3, seed=0,
+                                exact_size=exact_size).density for idx in _ranges([60] * 3)]
+    assert block_heterogeneity(densities) < 1e-12  # (the big product rounds a little apart)
+    same = [block_spectrum(ts.DenseOperator(A[:60, :60]), k=2, steps=30, probes=3, seed=0,
+                           exact_size=exact_size).density for _ in range(3)]
+    assert block_heterogeneity(same) == 0.0
+    if exact_size:  # exact densities depend on the spectrum only, not on the basis
+        other = _block_diagonal([d], [9])
+        twin = block_spectrum(ts.DenseOperator(other), exact_size=exact_size).density
+        assert block_heterogeneity([densities[0], twin]) < 1e-12
+
+
+def _gaussian_js(delta: float, sigma: float) -> float:
+    """JS distance (base 2) of N(0, σ²) and N(δ, σ²), by numerical integration (scipy)."""
+    p = scipy.stats.norm(0, sigma).pdf
+    q = scipy.stats.norm(delta, sigma).pdf
+
+    def integrand(t: float) -> float:
+        a, b = p(t), q(t)
+        m = (a + b) / 2
+        return sum(0.5 * x * math.log2(x / m) for x in (a, b) if x > 0)
+
+    value, _ = scipy.integrate.quad(integrand, -12 * sigma, delta + 12 * sigma, limit=200)
+    return math.sqrt(value)
+
+
+@pytest.mark.parametrize("delta", [0.5, 1.0, 2.5])
+def test_heterogeneity_of_two_point_spectra_matches_an_integral(delta):
+    """Blocks with all eigenvalues at 0 and at ``δ``: their broadened densities are two
+    Gaussians, whose JS distance is integrated independently."""
+    sigma = 0.4
+    blocks = [block_spectrum(ts.DenseOperator(torch.full((3,), x, dtype=F64).diag())).density
+              for x in (0.0, delta)]
+    matrix = heterogeneity_matrix(blocks, points=4000, sigma=sigma)
+    assert float(matrix[0, 1]) == pytest.approx(_gaussian_js(delta, sigma), rel=1e-3)
+    assert matrix[0, 0] == 0 and matrix[1, 0] == matrix[0, 1]
+
+
+def test_heterogeneity_is_the_mean_over_pairs():
+    dens = [block_spectrum(ts.DenseOperator(torch.diag(torch.tensor(v, dtype=F64)))).density
+            for v in ([0.0, 1.0], [0.0, 1.0], [50.0, 60.0])]
+    matrix = heterogeneity_matrix(dens)
+    assert float(matrix[0, 1]) == 0.0
+    assert float(matrix[0, 2]) == pytest.approx(1.0, abs=1e-9)  # far apart: disjoint supports
+    assert block_heterogeneity(dens) == pytest.approx((0 + 1 + 1) / 3, abs=1e-9)
+    with pytest.raises(ValueError, match="need at least 2, got 1"):
+        block_heterogeneity(dens[:1])
+
+
+def test_js_distance():
+    p, q = torch.tensor([0.5, 0.5, 0.0]), torch.tensor([0.0, 0.5, 0.5])
+    m = (p + q) / 2
+    kl = sum(0.5 * float(a * math.log2(a / b)) for a, b in zip(p, m, strict=True) if a > 0)
+    assert js_distance(p, q) == pytest.approx(math.sqrt(2 * kl), rel=1e-12)
+    assert js_distance(p, 3 * p) == 0.0
+    with pytest.raises(ValueError, match="different shapes"):
+        js_distance(p, q[:2])
+    with pytest.raises(ValueError, match="non-negative with a positive sum"):
+        js_distance(p, -q)
+
+
+# ------------------------------------------------------------------------ model blocks
+def _gpt():
+    return gpt_problem().model
+
+
+def test_gpt_blocks_by_module_layer_and_type():
+    model = _gpt()
+    auto = parameter_blocks(model, "auto")
+    assert list(auto)[:4] == ["wte", "wpe", "h.0.ln_1", "h.0.attn.query"]
+    assert [p.name for p in auto["h.0.attn.query"]] == ["h.0.attn.query.weight",
+                                                        "h.0.attn.query.bias"]
+    layers = parameter_blocks(model, "layers")
+    assert list(layers) == ["wte", "wpe", "h.0", "ln_f"]
+    types = parameter_blocks(model, "types")
+    assert list(types) == ["embeddings", "query_key", "value_output", "mlp", "norms"]
+    assert {p.name for p in types["value_output"]} == {
+        "h.0.attn.value.weight", "h.0.attn.value.bias", "h.0.attn.proj.weight",
+        "h.0.attn.proj.bias"}
+    every = [p.name for parts in types.values() for p in parts]
+    assert sorted(every) == sorted(n for n, _ in model.named_parameters())
+
+
+def test_fused_attention_projection_is_split_by_rows():
+    layer = encoder_problem().model
+    auto = parameter_blocks(layer, "auto")
+    assert auto["self_attn.key"] == (BlockPart("self_attn.in_proj_weight", (4, 8)),
+                                     BlockPart("self_attn.in_proj_bias", (4, 8)))
+    types = parameter_blocks(layer, "types")
+    assert [p.rows for p in types["query_key"]] == [(0, 4), (4, 8), (0, 4), (4, 8)]
+    assert types["value_output"][0] == BlockPart("self_attn.in_proj_weight", (8, 12))
+    assert "self_attn.out_proj.weight" in {p.name for p in types["value_output"]}
+
+
+def test_fc_and_convnet_blocks():
+    fc = ts.build_model("fc", (64,), 10)
+    assert list(parameter_blocks(fc)) == ["hidden1", "hidden2", "top"]
+    assert list(parameter_blocks(fc, "types")) == ["mlp"]
+    cnn = ts.build_model("convnet", (1, 12, 12), 10, batchnorm=True)
+    assert list(parameter_blocks(cnn, "types")) == ["mlp", "convolutions", "norms"]
+
+
+def test_explicit_blocks_are_validated():
+    model = _gpt()
+    blocks = parameter_blocks(model, {"e": ["wte.weight"], "q": [("h.0.attn.query.weight",
+                                                                   (0, 2))]})
+    assert blocks["q"] == (BlockPart("h.0.attn.query.weight", (0, 2)),)
+    with pytest.raises(ValueError, match=r"unknown parameter 'lm_head\.weight'"):
+        parameter_blocks(model, {"head": ["lm_head.weight"]})  # tied: listed as wte.weight
+    with pytest.raises(ValueError, match="already in another block"):
+        parameter_blocks(model, {"a": ["wte.weight"], "b": ["wte.weight"]})
+    with pytest.raises(ValueError, match="without '/'"):
+        parameter_blocks(model, {"query/key": ["wte.weight"]})
+    with pytest.raises(ValueError, match=r"rows \(3, 9\) outside"):
+        parameter_blocks(model, {"q": [("h.0.attn.query.weight", (3, 9))]})
+    with pytest.raises(ValueError, match="blocks must be one of"):
+        parameter_blocks(model, "heads")
+
+
+def _dense_block(name: str, model, blocks) -> dict[str, torch.Tensor]:
+    """The dense diagonal sub-blocks of the reference Hessian of problem ``name``."""
+    f, H = reference(name)
+    offsets, start = {}, 0
+    for pname, shape in zip(f.names, f.shapes, strict=True):
+        offsets[pname] = (start, shape)
+        start += shape.numel()
+    out = {}
+    for key, parts in parameter_blocks(model, blocks).items():
+        idx = []
+        for part in parts:
+            a, shape = offsets[part.name]
+            per_row = math.prod(shape[1:])
+            lo, hi = part.rows or (0, shape[0])
+            idx.append(torch.arange(a + lo * per_row, a + hi * per_row))
+        idx = torch.cat(idx)
+        out[key] = H[idx][:, idx]
+    return out
+
+
+@pytest.mark.parametrize(("problem", "blocks"), [("gpt", "auto"), ("gpt", "types"),
+                                                 ("encoder", "types")])
+def test_block_spectra_match_eigh_of_the_dense_diagonal_blocks(problem, blocks):
+    built = {"gpt": gpt_problem, "encoder": encoder_problem}[problem]()
+    result = ts.block_spectra(built.model, built.loss_fn, built.data, blocks, k=3, steps=12,
+                              probes=3, tol=1e-10, exact_size=20)
+    dense = _dense_block(problem, built.model, blocks)
+    assert list(result.blocks) == list(dense)
+    for key, Hbb in dense.items():
+        got = result.blocks[key]
+        expected = torch.linalg.eigvalsh(Hbb).flip(0)[:3]
+        assert got.size == Hbb.shape[0]
+        assert torch.allclose(got.eigenvalues, expected, rtol=1e-7, atol=1e-9), key
+        if got.density.probe == "exact":
+            assert got.trace.value == pytest.approx(float(Hbb.trace()), rel=1e-10, abs=1e-12)
+        else:  # the Hutchinson samples of the same probes on the dense block
+            direct = hutchinson_trace(ts.DenseOperator(Hbb), probes=3, seed=0)
+            assert torch.allclose(got.trace.samples, direct.samples, rtol=1e-8, atol=1e-10)
+    B = len(dense)
+    assert result.heterogeneity == pytest.approx(float(result.distances.sum()) / (B * (B - 1)))
+    assert 0 < result.heterogeneity <= 1
+
+
+def test_block_measurements_are_flat_columns():
+    built = gpt_problem()
+    row = ts.block_measurements(built.model, built.loss_fn, built.data, "layers", k=2,
+                                steps=8, probes=2, exact_size=40)
+    dense = _dense_block("gpt", built.model, "layers")
+    for key, Hbb in dense.items():
+        top = torch.linalg.eigvalsh(Hbb).flip(0)
+        assert row[f"block/{key}/eig_1"] == pytest.approx(float(top[0]), rel=1e-6)
+        assert row[f"block/{key}/size"] == Hbb.shape[0]
+        assert f"block/{key}/trace" in row and f"block/{key}/trace_se" in row
+    assert 0 < row["blocks/heterogeneity"] <= 1
+    single = ts.block_spectra(built.model, built.loss_fn, built.data, {"all": ["wte.weight"]},
+                              k=1, exact_size=40)
+    assert math.isnan(single.heterogeneity)
+
+
+def test_block_spectra_leave_the_model_unchanged():
+    with torch.random.fork_rng():
+        model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).train()
+    before = [p.detach().clone() for p in model.parameters()]
+    X = torch.randn(10, 3, generator=torch.Generator().manual_seed(0))
+    Y = torch.randint(2, (10,), generator=torch.Generator().manual_seed(1))
+    ts.block_spectra(model, nn.functional.cross_entropy, (X, Y), k=1)
+    assert model.training and all(torch.equal(a, b) for a, b in zip(before, model.parameters(),
+                                                                    strict=True))
