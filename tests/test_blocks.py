@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+import pandas as pd
 import pytest
 import scipy.integrate
 import scipy.stats
@@ -296,3 +298,107 @@ def test_block_spectra_leave_the_model_unchanged():
     ts.block_spectra(model, nn.functional.cross_entropy, (X, Y), k=1)
     assert model.training and all(torch.equal(a, b) for a, b in zip(before, model.parameters(),
                                                                     strict=True))
+
+
+# --------------------------------------------------------- a run's blocks, stored and drawn
+@pytest.fixture(scope="module")
+def gpt_run(tmp_path_factory):
+    """A tiny GPT run on pydoc-chars (seconds), with its block spectra at init and final."""
+    from experiment_fixtures import tiny_config
+    from tinysubspace.experiments.block_runs import measure_run_blocks
+    from tinysubspace.experiments.training import run_experiment
+
+    config = tiny_config(**{"data.name": "pydoc-chars", "data.n_train": None,
+                            "data.block_size": 8, "data.max_chars": 161, "model.name": "gpt",
+                            "model.n_layer": 1, "model.n_embd": 8, "train.loss":
+                            "token_cross_entropy", "optim.name": "adam", "optim.lr": 0.01,
+                            "optim.batch_size": 4, "train.steps": 8, "tracker.k": 2,
+                            "tracker.tol": 1e-6, "tracker.anchors": "0",
+                            "tracker.save_vectors_at": "0"})
+    path = tmp_path_factory.mktemp("runs") / "gpt"
+    with torch.random.fork_rng():
+        assert run_experiment(config, path).state == "finished"
+    files = measure_run_blocks(path, blocks="types", k=2, steps=6, probes=2, exact_size=20)
+    return path, config, files
+
+
+def test_run_blocks_are_those_of_the_runs_models(gpt_run):
+    from tinysubspace.experiments.build import build_problem
+    from tinysubspace.plots.blocks import block_steps, load_blocks
+
+    path, config, files = gpt_run
+    assert [f.name for f in files] == ["step_00000000.npz", "step_00000008.npz"]
+    assert block_steps(path) == [0, 8]
+    problem = build_problem(config)
+    X, Y = problem.tensors("train")
+    assert X.shape == (20, 8)
+    for step in (0, 8):
+        if step == 8:
+            state = torch.load(path / "checkpoint.pt", weights_only=False)["model"]
+            problem.model.load_state_dict(state)
+        direct = ts.block_spectra(problem.model, problem.loss_fn, (X, Y), "types", k=2,
+                                  steps=6, probes=2, exact_size=20, dtype=F64, batch_size=4096)
+        stored = load_blocks(path, step)
+        assert list(stored["names"]) == direct.names
+        for i, spectrum in enumerate(direct.blocks.values()):
+            assert stored["eigenvalues"][i].tolist() == pytest.approx(
+                spectrum.eigenvalues.tolist(), rel=1e-9)
+            assert stored["trace"][i] == pytest.approx(spectrum.trace.value, rel=1e-9)
+            nodes, weights = stored["densities"][i]
+            assert np.allclose(nodes, spectrum.density.nodes.reshape(-1).numpy())
+            assert weights.sum() == pytest.approx(1.0)
+        assert float(stored["heterogeneity"]) == pytest.approx(direct.heterogeneity, rel=1e-9)
+    table = pd.read_csv(path / "blocks.csv")
+    assert table["step"].tolist() == [0, 8]
+    assert table["block/embeddings/eig_1"].tolist() == pytest.approx(
+        [float(load_blocks(path, s)["eigenvalues"][0, 0]) for s in (0, 8)])
+
+
+def test_block_figures_draw_the_stored_arrays(gpt_run):
+    from tinysubspace.plots.blocks import (
+        figure_block_densities,
+        figure_block_heterogeneity,
+        figure_block_sharpness,
+        load_blocks,
+        plotted_data,
+    )
+
+    path, _, _ = gpt_run
+    densities = plotted_data(figure_block_densities(path))
+    assert set(densities) == {(n, s) for n in ts.parameter_blocks(gpt_problem().model, "types")
+                              for s in (0, 8)}
+    grid, values = densities[("mlp", 8)]
+    assert float(np.sum(values) * (grid[1] - grid[0])) == pytest.approx(1.0, rel=1e-3)
+    sharp = plotted_data(figure_block_sharpness(path))
+    assert sharp["norms"][0].tolist() == [0, 8]
+    assert sharp["norms"][1][1] == pytest.approx(float(load_blocks(path, 8)["eigenvalues"][4, 0]))
+    bars = plotted_data(figure_block_heterogeneity([path, path], labels=["a", "b"]))
+    assert bars["a"][0] == pytest.approx(float(load_blocks(path, 0)["heterogeneity"]))
+
+
+def test_run_blocks_errors(tmp_path, gpt_run):
+    from tinysubspace.experiments.block_runs import measure_run_blocks
+    from tinysubspace.plots.blocks import figure_block_densities, load_blocks
+    from tinysubspace.plots.common import MissingDataError
+    from tinysubspace.results.store import RunStoreError
+
+    with pytest.raises(RunStoreError, match="holds no run"):
+        measure_run_blocks(tmp_path)
+    with pytest.raises(ValueError, match="at must hold 'init' and/or 'final'"):
+        measure_run_blocks(gpt_run[0], at=("middle",))
+    with pytest.raises(MissingDataError, match="no block spectra at step 3"):
+        load_blocks(gpt_run[0], 3)
+    from run_fixtures import write_run
+
+    plain = write_run(tmp_path / "plain")
+    with pytest.raises(MissingDataError, match="tinysubspace blocks"):
+        figure_block_densities(plain)
+
+
+def test_blocks_command(gpt_run, capsys):
+    from tinysubspace.cli.main import main
+
+    assert main(["blocks", str(gpt_run[0]), "--at", "init", "--blocks", "layers", "--k", "1",
+                 "--steps", "4", "--probes", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "step 0, heterogeneity" in out and "h.0:" in out

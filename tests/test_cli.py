@@ -16,7 +16,8 @@ def _sets(**extra: object) -> list[str]:
 def test_every_command_is_available():
     parser = build_parser()
     for name in COMMANDS:
-        args = parser.parse_args([name, "x"] if name in ("plot", "report", "compare") else [name])
+        args = parser.parse_args([name, "x"] if name in ("plot", "report", "compare", "blocks")
+                                 else [name])
         assert getattr(args, "_unavailable", None) is None, name
 
 

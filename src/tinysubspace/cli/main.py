@@ -19,6 +19,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "toy": ("tinysubspace.cli.toy", "the solvable toy model of Section 3 vs. its closed form"),
     "compare": ("tinysubspace.cli.compare",
                 "compare runs (e.g. SGD vs. projected SGD): curves and a summary table"),
+    "blocks": ("tinysubspace.cli.blocks",
+               "per-block Hessian spectra of saved runs (init and final) and their heterogeneity"),
 }
 
 

@@ -17,6 +17,7 @@ import torch
 from torch.nn import functional
 
 from tinysubspace.experiments.config import DataConfig, ExperimentConfig, ModelConfig, OptimConfig
+from tinysubspace.problems.models.gpt import token_cross_entropy
 
 __all__ = ["LOSSES", "Problem", "build_optimizer", "build_problem", "resolve_device"]
 
@@ -24,6 +25,7 @@ CONV_MODELS = ("convnet", "resnet18")
 LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "cross_entropy": functional.cross_entropy,
     "mse": functional.mse_loss,
+    "token_cross_entropy": token_cross_entropy,  # logits (B, T, V), targets (B, T): token mean
 }
 
 
@@ -53,8 +55,8 @@ class Problem:
     device: torch.device
 
     @property
-    def classification(self) -> bool:
-        return self.train.num_classes is not None
+    def classification(self) -> bool:  # (per-example labels; token sequences: no accuracy)
+        return self.train.num_classes is not None and self.train.targets.ndim == 1
 
     def tensors(self, split: str = "train") -> tuple[torch.Tensor, torch.Tensor] | None:
         data = self.train if split == "train" else self.test
@@ -80,6 +82,9 @@ def load_data(config: DataConfig, data_root: str | None = None, images: bool = F
         options = {"n": config.n, "seed": config.seed}
     elif name == "digits":
         options = {"seed": config.seed, "images": images}
+    elif name in ("pydoc-chars", "text"):
+        options = {"block_size": config.block_size, "max_chars": config.max_chars}
+        options.update({"path": config.path} if name == "text" else {})
     elif config.fallback_to_test:
         options = {"fallback_to_test": True}
     root = config.root or data_root
@@ -123,6 +128,9 @@ def build_model(config: ModelConfig, train, seed: int) -> torch.nn.Module:
                    "extra_dense": config.extra_dense}
     elif name == "resnet18":
         options = {"width": config.width}
+    elif name == "gpt":
+        options = {"n_layer": config.n_layer, "n_head": config.n_head, "n_embd": config.n_embd,
+                   "tie_weights": config.tie_weights}
     return models.build_model(name, train.input_shape, train.num_outputs, seed=seed, **options)
 
 

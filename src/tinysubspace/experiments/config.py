@@ -52,6 +52,9 @@ class DataConfig:
     sigma: float = 0.1  # gaussian-mixture: cluster width
     n: int = 2000  # gaussian-mixture / sine: number of examples
     seed: int = 0
+    block_size: int = 64  # text data (pydoc-chars, text): tokens per sequence
+    max_chars: int | None = None  # text data: use the first characters of each split only
+    path: str | None = None  # text: the UTF-8 file
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,10 @@ class ModelConfig:
     batchnorm: bool = False
     extra_dense: bool = False
     width: int = 64  # resnet18: channels of the first stage
+    n_layer: int = 2  # gpt: transformer blocks
+    n_head: int = 2  # gpt: attention heads
+    n_embd: int = 32  # gpt: width
+    tie_weights: bool = True  # gpt: output layer shares the token embedding
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,146 @@
+"""Per-block Hessian spectra of a saved run, at initialisation and after training (issue 14).
+
+``measure_run_blocks(run)`` rebuilds the run's problem from its resolved ``config.json`` — the
+model at initialisation is seeded, so it is the run's step-0 model exactly — and, for
+``"final"``, loads the run's last checkpoint. At each point it measures
+:func:`tinysubspace.problems.block_curvature.block_spectra` on the run's whole training set with
+the tracker's operator settings (dtype, mode, chunk size) and stores, in the run folder:
+
+* ``blocks/step_SSSSSSSS.npz``: per block its name, size, top eigenvalues, trace and standard
+  error, SLQ nodes and weights (flat, with offsets), and the Jensen–Shannon distance matrix and
+  heterogeneity score (:func:`block_arrays`; read back by :mod:`tinysubspace.plots.blocks`);
+* ``blocks.csv``: one row per measured step, the flat columns of
+  :func:`~tinysubspace.problems.block_curvature.block_measurements` (``block/NAME/eig_1``,
+  ``block/NAME/trace`` …, ``blocks/heterogeneity``).
+
+Nothing is trained; the run's own files are not changed.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tinysubspace.experiments.build import build_problem
+from tinysubspace.experiments.config import config_from_dict
+from tinysubspace.problems.block_curvature import BlockSpectra, block_spectra
+from tinysubspace.results.store import CHECKPOINT, CONFIG, RunStoreError, atomic_write_bytes
+
+__all__ = ["BLOCKS_CSV", "BLOCKS_DIR", "block_arrays", "block_row", "measure_run_blocks"]
+
+BLOCKS_DIR = "blocks"
+BLOCKS_CSV = "blocks.csv"
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def block_arrays(result: BlockSpectra, step: int, blocking: str) -> dict[str, np.ndarray]:
+    """The arrays of ``blocks/step_*.npz``: ``names``, ``sizes``, ``eigenvalues`` (``B × k``,
+    NaN-padded), ``trace``, ``trace_se``, ``nodes`` / ``weights`` (every block's SLQ rule
+    flattened; block ``i`` is ``[offsets[i], offsets[i+1])``), ``probes``, ``distances``,
+    ``heterogeneity``, ``step``, ``blocking``."""
+    spectra = list(result.blocks.values())
+    k = max(s.eigenvalues.numel() for s in spectra)
+    eig = np.full((len(spectra), k), np.nan)
+    for i, s in enumerate(spectra):
+        eig[i, : s.eigenvalues.numel()] = s.eigenvalues.numpy()
+    nodes = [s.density.nodes.reshape(-1).numpy() for s in spectra]
+    weights = [s.density.weights.reshape(-1).numpy() for s in spectra]
+    return {"names": np.array(result.names), "sizes": np.array([s.size for s in spectra]),
+            "eigenvalues": eig, "trace": np.array([s.trace.value for s in spectra]),
+            "trace_se": np.array([s.trace.stderr for s in spectra]),
+            "nodes": np.concatenate(nodes), "weights": np.concatenate(weights),
+            "offsets": np.cumsum([0, *[n.size for n in nodes]]),
+            "probes": np.array([s.density.probe for s in spectra]),
+            "distances": result.distances.numpy(),
+            "heterogeneity": np.float64(result.heterogeneity), "step": np.int64(step),
+            "blocking": np.array(blocking)}
+
+
+def block_row(result: BlockSpectra, step: int) -> dict[str, float]:
+    """The flat ``blocks.csv`` row: ``step``, ``block/NAME/eig_i``, ``…/trace``, ``…/trace_se``,
+    ``…/size``, ``blocks/heterogeneity``."""
+    row: dict[str, float] = {"step": step}
+    for name, s in result.blocks.items():
+        row.update({f"block/{name}/eig_{i + 1}": float(v) for i, v in enumerate(s.eigenvalues)})
+        row.update({f"block/{name}/trace": s.trace.value, f"block/{name}/trace_se": s.trace.stderr,
+                    f"block/{name}/size": float(s.size)})
+    row["blocks/heterogeneity"] = result.heterogeneity
+    return row
+
+
+def measure_run_blocks(run: str | Path, at: tuple[str, ...] = ("init", "final"),
+                       blocks: str = "auto", data_root: str | None = None,
+                       **options: Any) -> list[Path]:
+    """Measure and store the block spectra of ``run`` at ``at`` (``"init"``, ``"final"``).
+
+    Args:
+        run: a run folder (written by ``tinysubspace run``).
+        at: which models: ``"init"`` (the seeded initialisation) and/or ``"final"`` (the last
+            checkpoint).
+        blocks: ``"auto"``, ``"layers"`` or ``"types"``.
+        data_root: where the data files are, if the run's config does not say.
+        **options: passed to :func:`~tinysubspace.problems.block_curvature.block_spectra`
+            (``k``, ``steps``, ``probes``, ``seed``, ``exact_size`` …).
+
+    Returns:
+        the ``.npz`` files written.
+
+    Raises:
+        RunStoreError: not a run folder, or ``"final"`` without a checkpoint.
+        ValueError: an unknown entry in ``at``.
+    """
+    path = Path(run)
+    if not (path / CONFIG).exists():
+        raise RunStoreError(f"{path} holds no run ({CONFIG} missing)")
+    unknown = set(at) - {"init", "final"}
+    if unknown:
+        raise ValueError(f"at must hold 'init' and/or 'final', got {sorted(unknown)}")
+    config = config_from_dict(json.loads((path / CONFIG).read_text()))
+    problem = build_problem(config, data_root)
+    tracker = config.tracker
+    settings = {"dtype": DTYPES[tracker.dtype], "mode": tracker.mode,
+                "batch_size": tracker.hvp_batch_size, **options}
+    written = []
+    for which in at:
+        step = 0 if which == "init" else _load_final(path, problem.model)
+        result = block_spectra(problem.model, problem.loss_fn, problem.tensors("train"), blocks,
+                               **settings)
+        target = path / BLOCKS_DIR / f"step_{step:08d}.npz"
+        target.parent.mkdir(exist_ok=True)
+        buffer = io.BytesIO()
+        np.savez(buffer, **block_arrays(result, step, blocks))
+        atomic_write_bytes(target, buffer.getvalue())
+        _append_row(path / BLOCKS_CSV, block_row(result, step))
+        written.append(target)
+    return written
+
+
+def _load_final(path: Path, model: torch.nn.Module) -> int:
+    file = path / CHECKPOINT
+    if not file.exists():
+        raise RunStoreError(f"{path} has no checkpoint, so no trained model to measure")
+    state = torch.load(file, map_location="cpu", weights_only=False)
+    model.load_state_dict(state["model"])
+    return int(state["step"])
+
+
+def _append_row(file: Path, row: dict[str, float]) -> None:
+    """Add ``row`` to the CSV (a row of the same step is replaced; columns are the union)."""
+    rows = []
+    if file.exists():
+        with file.open(newline="") as handle:
+            rows = [r for r in csv.DictReader(handle) if int(float(r["step"])) != row["step"]]
+    rows.append({k: repr(v) if isinstance(v, float) else v for k, v in row.items()})
+    rows.sort(key=lambda r: int(float(r["step"])))
+    columns = list(dict.fromkeys(["step", *(key for r in rows for key in r)]))
+    out = io.StringIO()
+    writer = csv.DictWriter(out, columns, restval="")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_bytes(file, out.getvalue().encode())
