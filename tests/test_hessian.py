@@ -104,9 +104,10 @@ def test_loss_and_gradient_match_reference(case, reference_of):
 
 
 def test_one_data_pass_per_block():
+    """Without kept graphs (``graph_memory=0``); with them: tests/test_graph_reuse.py."""
     problem = Case("mlp_relu", "ce", "batches").build()
     data = CountingData(problem.data)
-    op = ts.HessianOperator(problem.model, problem.loss_fn, data, dtype=F64)
+    op = ts.HessianOperator(problem.model, problem.loss_fn, data, dtype=F64, graph_memory=0)
     before = data.passes
     op @ _randn(op.shape[0], 5)
     assert data.passes - before == 1
