@@ -83,6 +83,9 @@ _LAZY: dict[str, str] = {
     "stability_row": "tinysubspace.optim.stability",
     # experiments and results
     "Tracker": "tinysubspace.experiments.tracker",
+    "SubspaceTracker": "tinysubspace.experiments.subspace_tracker",
+    "measurement_steps": "tinysubspace.experiments.schedules",
+    "RunStore": "tinysubspace.results.store",
     "Run": "tinysubspace.results.store",
     "load_run": "tinysubspace.results.store",
 }
@@ -136,8 +139,10 @@ __all__ = [
     "NonFiniteError",
     "PreconditionedOperator",
     "Run",
+    "RunStore",
     "SpectralDensity",
     "SubspaceSGD",
+    "SubspaceTracker",
     "SwitchOnTopFraction",
     "SymmetricOperator",
     "TensorData",
@@ -157,6 +162,7 @@ __all__ = [
     "load_dataset",
     "load_run",
     "lowrank_newton_direction",
+    "measurement_steps",
     "model_names",
     "parameter_blocks",
     "parameter_groups",

@@ -6,21 +6,31 @@ measurement), and from them ``f_top`` (eq. 2) for the top-k and next-k subspaces
 ``overlap(g, Hg)`` (eq. 3), ``c_i²`` (eq. 12) and the overlap (eq. 5) of the current subspaces with
 those kept at anchor steps ``t1`` (Figs. 2, 3, 9, 10). It returns flat scalar dicts
 (STYLE.md point 13) and hands big arrays back to the caller to store; it writes nothing.
+
+A measurement changes nothing of the caller's: the model's parameters, buffers (train-mode
+batch norm runs on copies) and train/eval flags, ``p.grad``, and the global random streams
+(torch CPU and CUDA, numpy, ``random``) are as they were before it. :class:`~tinysubspace.
+experiments.subspace_tracker.SubspaceTracker` is the user-facing API on top of this class.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy
 import torch
+from torch.func import functional_call
 
-from tinysubspace.curvature.data import call_model
+from tinysubspace.curvature.data import BatchSource, call_model
 from tinysubspace.curvature.hessian import HessianOperator, module_mode
 from tinysubspace.experiments.config import TrackerConfig
+from tinysubspace.experiments.schedules import measurement_steps
 from tinysubspace.linalg.lanczos import Eigenpairs, top_eigenpairs
 from tinysubspace.linalg.warm_start import track_eigenpairs
 from tinysubspace.metrics import (
@@ -34,18 +44,6 @@ from tinysubspace.runtime import distributed as tsdist
 __all__ = ["Measurement", "Tracker", "measurement_steps"]
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
-
-
-def measurement_steps(config: TrackerConfig, total_steps: int) -> list[int]:
-    """Steps at which to measure: every ``dense_every`` up to ``dense_until``, then every
-    ``sparse_every``, plus ``extra_steps``, anchors, ``save_vectors_at`` and the last step."""
-    steps = set(range(0, min(config.dense_until, total_steps) + 1, max(config.dense_every, 1)))
-    steps.update(range(0, total_steps + 1, max(config.sparse_every, 1)))
-    steps.update(config.extra_steps)
-    steps.update(config.anchors)
-    steps.update(config.save_vectors_at)
-    steps.add(total_steps)
-    return sorted(s for s in steps if 0 <= s <= total_steps)
 
 
 @dataclass
@@ -70,8 +68,9 @@ class Tracker:
     Args:
         config: what and when to measure.
         loss_fn: mean-reduced ``loss_fn(outputs, targets)``.
-        train: ``(X, Y)`` of the whole training set.
-        test: optional ``(X, Y)`` of the test set (``test/...`` columns).
+        train: the whole training set: anything :class:`HessianOperator` accepts (``(X, Y)``,
+            a list of batches, a ``DataLoader``; dict batches with ``"labels"``).
+        test: optional test set, the same kinds (``test/...`` columns).
         classification: whether accuracy is defined (targets are class labels).
         solver: ``solver(op, n, previous, tol, seed) -> Eigenpairs`` for the top ``n`` pairs
             (default: ``SOLVERS[config.solver]``, the warm-started :func:`track_eigenpairs`).
@@ -79,16 +78,18 @@ class Tracker:
             a collective over the ranks of ``torch.distributed`` (every rank calls
             :meth:`measure` at the same steps and gets the same row). ``None``: on iff
             ``torch.distributed`` runs more than one process (as :class:`HessianOperator`).
+        dtype: dtype of the measurement; ``None``: ``config.dtype``.
     """
 
     def __init__(self, config: TrackerConfig, loss_fn: Callable, train: tuple, test=None,
                  classification: bool = True, solver: Callable | None = None,
-                 distributed: bool | None = None) -> None:
+                 distributed: bool | None = None, dtype: torch.dtype | None = None) -> None:
         if config.k < 1:
             raise ValueError(f"tracker.k must be at least 1, got {config.k}")
         if config.dtype not in DTYPES:
             raise ValueError(f"tracker.dtype must be one of {sorted(DTYPES)}, got {config.dtype!r}")
         self.config, self.loss_fn = config, loss_fn
+        self.dtype = dtype if dtype is not None else DTYPES[config.dtype]
         self.train, self.test, self.classification = train, test, classification
         if config.solver not in SOLVERS:
             raise ValueError(f"tracker.solver must be one of {sorted(SOLVERS)}, got "
@@ -116,13 +117,17 @@ class Tracker:
 
     # ------------------------------------------------------------- measurement
     def operator(self, model: torch.nn.Module, data: tuple) -> HessianOperator:
-        return HessianOperator(model, self.loss_fn, data, dtype=DTYPES[self.config.dtype],
+        return HessianOperator(model, self.loss_fn, data, dtype=self.dtype,
                                mode=self.config.mode, batch_size=self.config.hvp_batch_size,
                                distributed=self.distributed)
 
     def measure(self, model: torch.nn.Module, step: int, seed: int = 0) -> Measurement:
         """Measure at ``step`` (``model`` is read, never changed) and update the warm start and
         anchors."""
+        with preserved_state(model):
+            return self._measure(model, step, seed)
+
+    def _measure(self, model: torch.nn.Module, step: int, seed: int) -> Measurement:
         started = time.perf_counter()
         k = self.config.k
         op = self.operator(model, self.train)
@@ -168,23 +173,32 @@ class Tracker:
         op = self.operator(model, self.test)
         loss, g = op.loss_and_gradient()
         return {"test/loss": loss, "test/accuracy": self._accuracy(model, self.test),
-                "test/f_top": _safe(lambda: top_fraction(g, V_top)),
-                "test/overlap_g_Hg": _safe(lambda: gradient_overlap(g, op @ g))}
+                "test/f_top": _defined(lambda: top_fraction(g, V_top), g),
+                "test/overlap_g_Hg": _overlap_with_hessian(op, g)}
 
     @torch.no_grad()
-    def _accuracy(self, model: torch.nn.Module, data: tuple) -> float:
+    def _accuracy(self, model: torch.nn.Module, data: Any) -> float:
+        """Share of examples whose largest output is the target (batch norm in train mode runs
+        on copies of the buffers, so the model's running statistics never move)."""
         if not self.classification:
             return math.nan
-        X, Y = data
-        chunk = self.config.hvp_batch_size or max(len(X), 1)
+        device = next(model.parameters()).device
+        buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            return functional_call(model, buffers, args, kwargs)
+
+        correct = total = 0
         with module_mode(model, train=self.config.mode == "train"):
-            correct = sum(int((call_model(model, x).argmax(dim=1) == y).sum())
-                          for x, y in zip(X.split(chunk), Y.split(chunk), strict=True))
+            for batch in BatchSource(data, device=device, batch_size=self.config.hvp_batch_size):
+                logits = output_logits(call_model(forward, batch.inputs))
+                correct += int((logits.argmax(dim=1) == batch.targets).sum())
+                total += int(batch.targets.shape[0])
         if not self.distributed:
-            return correct / len(X)
+            return correct / total
         counts = tsdist.sum_across_ranks(
-            lambda: torch.tensor([float(correct), float(len(X))], dtype=torch.float64,
-                                 device=X.device), X.device)
+            lambda: torch.tensor([float(correct), float(total)], dtype=torch.float64,
+                                 device=device), device)
         return float(counts[0] / counts[1])
 
     # ------------------------------------------------------------------ state
@@ -195,25 +209,69 @@ class Tracker:
         self.state = _State(state["previous"], dict(state["anchors"]))
 
 
-def _safe(fn: Callable[[], float]) -> float:
-    """The value, or NaN where it is undefined (a zero gradient)."""
+def output_logits(outputs: Any) -> torch.Tensor:
+    """The class scores of a model's outputs: the tensor itself, or ``outputs.logits`` /
+    ``outputs["logits"]`` (Hugging Face model outputs)."""
+    if isinstance(outputs, torch.Tensor):
+        return outputs
+    logits = getattr(outputs, "logits", None)
+    if logits is None and isinstance(outputs, dict):
+        logits = outputs.get("logits")
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"cannot read class scores from model outputs of type "
+                        f"{type(outputs).__name__}; return a tensor or an object with .logits")
+    return logits
+
+
+@contextlib.contextmanager
+def preserved_state(model: torch.nn.Module) -> Iterator[None]:
+    """Restore the global random streams (torch CPU and the model's CUDA device, numpy,
+    ``random``) and every ``p.grad`` of ``model`` on exit: a measurement that draws random
+    numbers (dropout in train mode, a ``DataLoader`` that shuffles) leaves training unchanged."""
+    device = next(model.parameters()).device
+    devices = [device.index if device.index is not None else torch.cuda.current_device()] \
+        if device.type == "cuda" else []
+    grads = [(p, p.grad) for p in model.parameters()]
+    np_state, py_state = numpy.random.get_state(), random.getstate()
     try:
-        return fn()
-    except ValueError:
+        with torch.random.fork_rng(devices=devices), torch.inference_mode(False), \
+                torch.enable_grad():
+            yield
+    finally:
+        numpy.random.set_state(np_state)
+        random.setstate(py_state)
+        for p, grad in grads:
+            p.grad = grad
+
+
+def _overlap_with_hessian(op: HessianOperator, g: torch.Tensor) -> float:
+    """overlap(g, Hg) (eq. 3); NaN for a zero gradient (then ``Hg`` is not computed)."""
+    if float(g.norm()) == 0.0:
         return math.nan
+    Hg = op @ g
+    return _defined(lambda: gradient_overlap(g, Hg), Hg)
+
+
+def _defined(fn: Callable[[], float], *vectors: torch.Tensor) -> float:
+    """``fn()``, or NaN where the quantity is undefined: one of ``vectors`` (the gradient, or
+    ``Hg``) is exactly zero. Any other error (a non-orthonormal basis, a length mismatch) is
+    raised."""
+    if any(float(v.norm()) == 0.0 for v in vectors):
+        return math.nan
+    return fn()
 
 
 def _gradient_metrics(g: torch.Tensor, Hg: torch.Tensor, V: torch.Tensor,
                       k: int) -> dict[str, float]:
     """f_top (eq. 2) for the top-k and next-k bases, overlap(g, Hg) (eq. 3), c_i² (eq. 12)."""
-    row = {"hessian/f_top": _safe(lambda: top_fraction(g, V[:, :k])),
-           "hessian/f_next": _safe(lambda: top_fraction(g, V[:, k:])),
-           "hessian/overlap_g_Hg": _safe(lambda: gradient_overlap(g, Hg))}
-    try:
+    row = {"hessian/f_top": _defined(lambda: top_fraction(g, V[:, :k]), g),
+           "hessian/f_next": _defined(lambda: top_fraction(g, V[:, k:]), g),
+           "hessian/overlap_g_Hg": _defined(lambda: gradient_overlap(g, Hg), g, Hg)}
+    if float(g.norm()) == 0.0:
+        row.update({f"hessian/c2_{i + 1}": math.nan for i in range(V.shape[1])})
+    else:
         c2 = eigenvector_overlaps(g, V)
         row.update({f"hessian/c2_{i + 1}": float(c) for i, c in enumerate(c2)})
-    except ValueError:
-        row.update({f"hessian/c2_{i + 1}": math.nan for i in range(V.shape[1])})
     return row
 
 

@@ -40,8 +40,10 @@ from tinysubspace.experiments.build import (
     with_steps_from_epochs,
 )
 from tinysubspace.experiments.config import ExperimentConfig, config_to_dict
+from tinysubspace.experiments.loggers import RunStoreLogger
 from tinysubspace.experiments.progress import Progress
-from tinysubspace.experiments.tracker import Tracker, measurement_steps
+from tinysubspace.experiments.schedules import measurement_steps
+from tinysubspace.experiments.subspace_tracker import SubspaceTracker
 from tinysubspace.results.store import RunStore
 from tinysubspace.runtime import distributed as tsdist
 
@@ -150,9 +152,12 @@ class _Loop:
         self.distributed = tsdist.is_distributed()
         self.keeps_files = store is not None  # on every rank (only rank 0 has the store)
         self.train_xy = problem.tensors("train")  # the whole set: mini-batches index into it
-        self.tracker = Tracker(config.tracker, problem.loss_fn, tsdist.shard(self.train_xy),
-                               tsdist.shard(problem.tensors("test")), problem.classification,
-                               distributed=self.distributed)
+        steps = measurement_steps(config.tracker, config.train.steps)
+        self.tracker = SubspaceTracker.from_config(  # the one measuring code path (issue 13)
+            config.tracker, problem.model, problem.loss_fn, tsdist.shard(self.train_xy), steps,
+            test=tsdist.shard(problem.tensors("test")), seed=config.train.seed,
+            classification=problem.classification, distributed=self.distributed)
+        self.metric_columns = [*self.tracker.engine.columns(), "optim/matvecs"]
         context = {"problem": problem, "tracker": self.tracker, "seed": config.train.seed}
         self.optimizer = build_optimizer(config.optim, problem.model, context)
         self.schedule = set(measurement_steps(config.tracker, config.train.steps))
@@ -199,16 +204,14 @@ class _Loop:
 
     # ----------------------------------------------------------------- work
     def measure(self, step: int) -> dict[str, float]:
-        m = self.tracker.measure(self.problem.model, step, seed=self.config.train.seed)
-        m.row["epoch"] = epochs_of(step, len(self.problem.train), self.config.optim.batch_size)
-        m.row["wall_time"] = time.perf_counter() - self.started
-        m.row["optim/matvecs"] = getattr(self.optimizer, "matvecs", 0)  # projected optimizers
+        """One measurement (rows and eigenvectors reach the store through the tracker's
+        :class:`RunStoreLogger`)."""
+        row = self.tracker.measure(  # optim/matvecs: products spent by a projected optimizer
+            step, epoch=epochs_of(step, len(self.problem.train), self.config.optim.batch_size),
+            extra={"optim/matvecs": getattr(self.optimizer, "matvecs", 0)})
         if self.store is not None:
-            self.store.append_metrics(m.row)
-            if m.vectors_to_save is not None:
-                self.store.save_eigenvectors(step, m.vectors_to_save)
             self.flush_minibatch()
-        return m.row
+        return row
 
     def save_spectrum(self) -> None:
         """The final Hessian's spectrum (``tracker.spectrum``): exact eigenvalues, or SLQ."""
@@ -284,7 +287,8 @@ def run_experiment(config: ExperimentConfig, out: str | Path | None, *, resume: 
         if out is not None:  # rank 0 owns the run folder; every rank gets the checkpoint
             loop.keeps_files = True
             if tsdist.is_main():
-                loop.store = RunStore(out, [*loop.tracker.columns(), "optim/matvecs"])
+                loop.store = RunStore(out, loop.metric_columns)
+                loop.tracker.loggers.append(RunStoreLogger(loop.store, loop.metric_columns))
             checkpoint = tsdist.run_on_main(
                 lambda: loop.store.resume(resolved) if resume else loop.store.create(resolved))
             if checkpoint is not None:

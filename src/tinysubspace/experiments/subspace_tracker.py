@@ -1,0 +1,413 @@
+"""Track the tiny subspace inside anyone's training loop (docs/own-loop.md).
+
+::
+
+    tracker = ts.SubspaceTracker(model, loss_fn, data, k=10, schedule="paper", out="runs/mine")
+    for step in range(steps):
+        row = tracker.on_step(step)      # measures when the schedule says so, before the update
+        ...                              # the user's own step
+    tracker.close()
+    run = ts.load_run("runs/mine")       # the CLI's run folder format
+
+At a measured step the whole data set gives the loss, the gradient ``g``, the top ``2k``
+eigenpairs of the Hessian (warm-started from the previous measurement) and from them ``f_top``
+(eq. 2), ``overlap(g, Hg)`` (eq. 3), ``c_i²`` (eq. 12) and the overlaps (eq. 5) with the bases
+kept at anchor steps — the same :class:`~tinysubspace.experiments.tracker.Tracker` as the CLI.
+Each row also carries its cost (``cost/seconds``, ``cost/matvecs``) and ``cost/overhead``, the
+seconds spent measuring over the wall seconds since the tracker was built; ``budget=b`` skips
+due steps that would push it over ``b`` (:class:`~tinysubspace.experiments.schedules.Budget`).
+
+A measurement leaves the model (parameters, buffers, flags, ``p.grad``), the optimizer, the
+global random streams and the data order exactly as they were. Under ``torchrun`` every rank
+passes its shard and calls :meth:`on_step` at the same steps; rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tinysubspace.experiments.config import TrackerConfig
+from tinysubspace.experiments.loggers import Logger, build_loggers
+from tinysubspace.experiments.schedules import Budget, as_schedule
+from tinysubspace.experiments.tracker import DTYPES, Tracker
+from tinysubspace.experiments.tracker_data import (
+    check_data_device,
+    check_mean_loss,
+    count_examples,
+    first_batch,
+    is_classification,
+    measurement_view,
+    subset_indices,
+    take_subset,
+)
+from tinysubspace.linalg.lanczos import top_eigenpairs
+from tinysubspace.metrics import subspace_overlap
+from tinysubspace.runtime import distributed as tsdist
+
+__all__ = ["PAPER_ANCHORS", "SubspaceTracker"]
+
+PAPER_ANCHORS = (0, 50, 100, 200, 400)  # t1 of Figs. 2 and 3 (the CLI's default)
+STATE_FILE = "tracker.pt"  # warm start, anchors and clocks of an own-loop run (for resume=True)
+SUBSET_COLUMNS = ("subset/overlap_top", "subset/eig_1_full")
+
+
+class SubspaceTracker:
+    """Measures the Hessian's top subspace during a training loop the caller owns.
+
+    Args:
+        model: the model being trained (read at each measurement, never changed).
+        loss_fn: ``loss_fn(outputs, targets)``, the *mean* loss of a batch (for Hugging Face
+            models ``lambda out, labels: out.loss``).
+        data: the data to measure on: ``(X, Y)``, a list of batches, a ``DataLoader`` (measured
+            through a sequential copy) or dict batches with ``"labels"``.
+        k: top-k; the next k (eigenpairs k+1 … 2k) are measured too.
+        schedule: ``"paper"``, an int (every n steps), a list of steps or ``fn(step) -> bool``.
+        out: the run folder (``None``: nothing written; rows are returned only).
+        loggers: ``"csv"`` (the run folder), ``"tensorboard"`` (``out/tensorboard``), callables
+            ``fn(row, step)``. Default: ``("csv",)`` with ``out``, else none.
+        tol: relative residual of the eigenpairs.
+        dtype: measurement dtype (``torch.float64`` to measure a float32 model in double);
+            ``None``: the parameters' dtype.
+        subset: measure on a seeded, fixed subset of this many examples (recorded in the run).
+        seed: seed of the subset and of the eigensolver's random start.
+        budget: at most this fraction of the wall time spent measuring (``None``: no limit).
+        test: optional test data (``test/...`` columns).
+        anchors: steps whose bases the later overlaps compare with (they are measured like
+            scheduled steps, also subject to the budget).
+        save_vectors_at: steps whose eigenvectors are saved in ``out/eigenvectors``.
+        mode: ``"eval"`` (dropout off, batch norm on running statistics) or ``"train"``.
+        batch_size: chunk size for an ``(X, Y)`` pair (``None``: one chunk).
+        solver: ``"track"`` (warm-started) or ``"cold"``.
+        resume: continue the run in ``out`` (or start it if ``out`` holds none).
+        check_subset: with ``subset``, compare once (at the first measurement) the subset's
+            top-k with the full data's: columns ``subset/overlap_top`` (eq. 5) and
+            ``subset/eig_1_full``.
+        name: the run's name (default: the folder's name).
+        classification: whether ``train/accuracy`` is defined (``None``: detected from the
+            outputs: ``(n, C)`` scores and integer labels).
+        distributed: as :class:`~tinysubspace.HessianOperator` (``None``: on under torchrun).
+
+    Raises:
+        ValueError: a loss that is not a scalar mean, data on another device than the model, a
+            bad schedule, budget or subset, an ``out`` that holds another run (or, with
+            ``resume``, a run of another configuration) — all before training starts.
+    """
+
+    def __init__(self, model: torch.nn.Module, loss_fn: Callable, data: Any, k: int = 10,
+                 schedule: Any = "paper", out: str | Path | None = None,
+                 loggers: Sequence[Any] | None = None, tol: float = 1e-4,
+                 dtype: torch.dtype | str | None = None, subset: int | None = None,
+                 seed: int = 0, *, budget: float | None = None, test: Any = None,
+                 anchors: Sequence[int] = PAPER_ANCHORS, save_vectors_at: Sequence[int] = (),
+                 mode: str = "eval", batch_size: int | None = None, solver: str = "track",
+                 resume: bool = False, check_subset: bool = False, name: str | None = None,
+                 classification: bool | None = None, distributed: bool | None = None) -> None:
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"k must be an integer >= 1, got {k!r}")
+        self.model, self.loss_fn, self.seed = model, loss_fn, int(seed)
+        self.schedule, self.schedule_spec = as_schedule(schedule), schedule
+        self.budget = None if budget is None else Budget(budget)
+        self.anchors = _steps("anchors", anchors)
+        self.save_vectors_at = _steps("save_vectors_at", save_vectors_at)
+        if mode not in ("eval", "train"):
+            raise ValueError(f"mode must be 'eval' or 'train', got {mode!r}")
+        if not (isinstance(tol, (int, float)) and tol > 0):
+            raise ValueError(f"tol must be a positive number, got {tol!r}")
+        data = measurement_view(data)
+        check_data_device(data, model)
+        self.total_examples = count_examples(data)
+        self.subset = None
+        self.full_data = data
+        if subset is not None:
+            part = tsdist.shard_slice(int(subset)) if tsdist.is_distributed() else None
+            n = len(range(int(subset))[part]) if part is not None else subset
+            index = subset_indices(self.total_examples, n, self.seed + tsdist.rank())
+            data = take_subset(data, index)
+            self.subset = {"n": int(subset), "seed": self.seed, "of": self.total_examples,
+                           "indices": index.tolist()}
+        self.check_subset = bool(check_subset and subset is not None)
+        test = None if test is None else measurement_view(test)
+        shared = tsdist.is_distributed() if distributed is None else bool(distributed)
+        batch = first_batch(data, next(model.parameters()).device)
+        if batch is None and not shared:  # under torchrun a rank may hold no examples
+            raise ValueError("the data set is empty: nothing to measure on")
+        outputs = None if batch is None else check_mean_loss(model, loss_fn, batch)
+        if classification is None:
+            classification = batch is not None and is_classification(outputs, batch.targets)
+            if shared:
+                classification = tsdist.broadcast_object(classification)
+        config = TrackerConfig(k=k, tol=tol, anchors=tuple(sorted(self.anchors)),
+                               save_vectors_at=tuple(sorted(self.save_vectors_at)),
+                               hvp_batch_size=batch_size, mode=mode, solver=solver)
+        self.engine = Tracker(config, loss_fn, data, test, classification,
+                              distributed=distributed, dtype=_dtype(dtype, model))
+        self.is_main = not self.engine.distributed or tsdist.is_main()
+        self.columns = [*self.engine.columns(), "cost/overhead"]
+        if self.check_subset:
+            self.columns += list(SUBSET_COLUMNS)
+        self.started = time.perf_counter()
+        self.clock = {"spent": 0.0, "elapsed": 0.0, "last_cost": 0.0}
+        self.last_step: int | None = None
+        self.skipped = 0
+        self.pending_trim = False
+        self.subset_report: dict[str, float] | None = None
+        self.out = None if out is None else Path(out)
+        self.store = None
+        if self.out is not None:
+            self._open_run(name, resume)
+        if loggers is None:
+            loggers = ("csv",) if self.out is not None else ()
+        self.loggers: list[Logger] = build_loggers(loggers, self.out, self.store,
+                                                     self.columns) if self.is_main else []
+
+    @classmethod
+    def from_config(cls, config: TrackerConfig, model: torch.nn.Module, loss_fn: Callable,
+                    data: Any, steps: Sequence[int], **options: Any) -> SubspaceTracker:
+        """A tracker as the CLI configures it (``tracker.*`` keys), measuring at ``steps``."""
+        return cls(model, loss_fn, data, k=config.k, schedule=list(steps), out=None,
+                   loggers=(), tol=config.tol, dtype=DTYPES.get(config.dtype, config.dtype),
+                   anchors=config.anchors, save_vectors_at=config.save_vectors_at,
+                   mode=config.mode, batch_size=config.hvp_batch_size, solver=config.solver,
+                   **options)
+
+    # ------------------------------------------------------------------ the loop
+    @property
+    def train(self) -> Any:
+        """The data measured on (after ``subset``)."""
+        return self.engine.train
+
+    def operator(self, model: torch.nn.Module | None = None, data: Any = None):
+        """The :class:`~tinysubspace.HessianOperator` a measurement uses (of ``model`` on
+        ``data``, default: the tracked model on the measured data)."""
+        return self.engine.operator(model or self.model, self.train if data is None else data)
+
+    def due(self, step: int) -> bool:
+        """Whether the schedule (or an anchor / save step) asks for a measurement at ``step``."""
+        return bool(self.schedule(step)) or step in self.anchors or step in self.save_vectors_at
+
+    def on_step(self, step: int, *, force: bool = False, epoch: float | None = None,
+                extra: dict[str, float] | None = None) -> dict[str, float] | None:
+        """Measure at ``step`` if due (and within the budget): returns the row, else ``None``.
+
+        Call it before the update of ``step`` (step 0 measures the initialisation). ``force``
+        measures whatever the schedule and budget say (e.g. the last step); a step already
+        measured is not measured again. ``epoch`` and ``extra`` (scalars) are added to the row.
+
+        Raises:
+            ValueError: ``step`` is not a non-negative integer.
+        """
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"step must be a non-negative integer, got {step!r}")
+        if self.pending_trim:
+            self._trim(step)
+        if step == self.last_step or not (force or self.due(step)):
+            return None
+        if self.budget is not None and not force:
+            allowed = self.budget.allows(self.clock["spent"], self._elapsed(),
+                                         self.clock["last_cost"])
+            if self.engine.distributed:  # every rank follows rank 0's clock
+                allowed = tsdist.broadcast_object(allowed)
+            if not allowed:
+                self.skipped += 1
+                return None
+        return self.measure(step, epoch=epoch, extra=extra)
+
+    def measure(self, step: int, *, epoch: float | None = None,
+                extra: dict[str, float] | None = None) -> dict[str, float]:
+        """Measure at ``step`` now (no schedule, no budget) and log the row."""
+        started = time.perf_counter()
+        m = self.engine.measure(self.model, step, seed=self.seed)
+        row = m.row
+        if self.check_subset and self.subset_report is None:
+            row.update(self._compare_with_full_data(m.eigenpairs.vectors))
+        spent = time.perf_counter() - started
+        row["epoch"], row["wall_time"] = epoch, self._elapsed()
+        row["cost/overhead"] = (self.clock["spent"] + spent) / max(row["wall_time"], 1e-12)
+        row.update(extra or {})
+        for logger in self.loggers:
+            logger.write(row, step, m.vectors_to_save)
+        if self.is_main and self.out is not None:
+            self._save_state(step)
+        cost = time.perf_counter() - started
+        self.clock["spent"] += cost
+        self.clock["last_cost"] = cost
+        self.last_step = step
+        return row
+
+    def close(self, state: str = "finished", message: str = "") -> None:
+        """Close the loggers and mark the run ``state`` in ``status.json``."""
+        for logger in self.loggers:
+            logger.close()
+        self.loggers = []
+        if self.store is not None:
+            self.store.write_status(state, self.last_step or 0, message)
+
+    def __enter__(self) -> SubspaceTracker:
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        self.close("finished" if kind is None else "stopped",
+                   "" if kind is None else f"{kind.__name__}: {error}")
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """Warm start, anchor bases, clocks: save it with your checkpoint for a resume that
+        reproduces the uninterrupted run."""
+        return {**self.engine.state_dict(), "clock": {**self.clock, "elapsed": self._elapsed()},
+                "last_step": self.last_step, "skipped": self.skipped}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.engine.load_state_dict(state)
+        self.clock = dict(state.get("clock") or {"spent": 0.0, "elapsed": 0.0, "last_cost": 0.0})
+        self.started = time.perf_counter()
+        self.last_step, self.skipped = state.get("last_step"), int(state.get("skipped", 0))
+
+    def _elapsed(self) -> float:
+        return self.clock["elapsed"] + time.perf_counter() - self.started
+
+    def _trim(self, step: int) -> None:
+        """First call after ``resume``: forget what was measured at ``step`` and later."""
+        self.pending_trim = False
+        if self.store is not None:
+            self.store.metrics.keep(lambda s: s < step)
+        anchors = self.engine.state.anchors
+        for t1 in [t for t in anchors if t >= step]:
+            del anchors[t1]
+        if self.last_step is not None and self.last_step >= step:
+            self.last_step = None
+
+    # ------------------------------------------------------------------ run folder
+    def _run_config(self, name: str | None) -> dict[str, Any]:
+        engine = self.engine.config
+        spec = self.schedule_spec
+        schedule = (spec if isinstance(spec, (str, int)) else sorted(spec) if isinstance(
+            spec, (list, tuple, set, frozenset, range)) else
+            f"callable {getattr(spec, '__qualname__', type(spec).__name__)}")
+        tracker = {**dataclasses.asdict(engine), "dtype": str(self.engine.dtype).split(".")[-1],
+                   "schedule": schedule, "budget": None if self.budget is None
+                   else self.budget.fraction, "seed": self.seed, "subset": self.subset,
+                   "check_subset": self.check_subset}
+        for key in ("dense_until", "dense_every", "sparse_every", "extra_steps",
+                    "minibatch_every", "spectrum", "spectrum_probes", "spectrum_steps"):
+            tracker.pop(key)
+        p = sum(t.numel() for t in self.model.parameters() if t.requires_grad)
+        return {"name": name or self.out.name, "table1_row": None, "source": "SubspaceTracker",
+                "description": "measured with ts.SubspaceTracker in the user's own loop",
+                "model": {"class": type(self.model).__name__, "parameters": p},
+                "data": {"examples": self.total_examples}, "train": {"seed": self.seed},
+                "tracker": tracker}
+
+    def _open_run(self, name: str | None, resume: bool) -> None:
+        from tinysubspace.results.store import RunStore
+
+        config = json.loads(json.dumps(self._run_config(name), default=str))
+        config["meta"] = _meta(next(self.model.parameters()).device)
+        store = RunStore(self.out, self.columns) if self.is_main else None
+        state = tsdist.run_on_main(lambda: _open(store, config, resume))
+        if self.is_main:
+            self.store = store
+        if state is not None:
+            self.load_state_dict(state)
+            self.pending_trim = True
+
+    def _save_state(self, step: int) -> None:
+        from tinysubspace.results.store import atomic_write_bytes
+
+        buffer = io.BytesIO()
+        torch.save({**self.state_dict(), "step": step}, buffer)
+        atomic_write_bytes(self.out / STATE_FILE, buffer.getvalue())
+
+    def _compare_with_full_data(self, V: torch.Tensor) -> dict[str, float]:
+        """Once per run: the subset's top-k against the full data's (eq. 5)."""
+        k = self.engine.config.k
+        op = self.engine.operator(self.model, self.full_data)
+        full = top_eigenpairs(op, k, tol=self.engine.config.tol, seed=self.seed)
+        self.subset_report = {
+            "subset/overlap_top": subspace_overlap(V[:, :k].to(full.vectors.dtype),
+                                                   full.vectors, atol=1e-4),
+            "subset/eig_1_full": float(full.values[0])}
+        return dict(self.subset_report)
+
+
+def _open(store: Any, config: dict[str, Any], resume: bool) -> dict[str, Any] | None:
+    """Create the run folder, or reopen it for ``resume``; returns the saved tracker state."""
+    from tinysubspace.results.store import CONFIG, RunStoreError
+
+    path = store.path
+    if path.exists() and not path.is_dir():
+        raise RunStoreError(f"out={str(path)!r} is a file, not a run folder")
+    if not (path / CONFIG).exists():
+        store.create(config)
+        return None
+    if not resume:
+        raise RunStoreError(f"out={str(path)!r} already holds a run; pass resume=True to "
+                            "continue it, or choose another folder")
+    saved = json.loads((path / CONFIG).read_text())
+    differ = sorted(_differing(
+        {k: v for k, v in config.items() if k != "meta"},
+        {k: v for k, v in saved.items() if k != "meta"}))
+    if differ:
+        raise RunStoreError(f"the run in {path} was made with other settings ({', '.join(differ)}"
+                            " differ); resume with the same ones, or choose another folder")
+    if store.metrics.path.read_text().splitlines()[0].split(",") != store.metrics.columns:
+        raise RunStoreError(f"{store.metrics.path} has other columns than this tracker writes")
+    store.write_status("running", 0)
+    state_path = path / STATE_FILE
+    return torch.load(state_path, map_location="cpu", weights_only=True) \
+        if state_path.exists() else None
+
+
+def _differing(mine: dict[str, Any], theirs: dict[str, Any], prefix: str = "") -> list[str]:
+    keys = set(mine) | set(theirs)
+    out = []
+    for key in keys:
+        a, b = mine.get(key), theirs.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differing(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}")
+    return out
+
+
+def _steps(what: str, steps: Sequence[int]) -> frozenset[int]:
+    steps = list(steps)
+    if any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in steps):
+        raise ValueError(f"{what} must be steps >= 0, got {steps}")
+    return frozenset(steps)
+
+
+def _dtype(dtype: torch.dtype | str | None, model: torch.nn.Module) -> torch.dtype:
+    if dtype is None:
+        return next(model.parameters()).dtype
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)} or a torch.dtype, got "
+                             f"{dtype!r}")
+        return DTYPES[dtype]
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+    return dtype
+
+
+def _meta(device: torch.device) -> dict[str, Any]:
+    import platform
+    import socket
+    from datetime import datetime, timezone
+
+    import numpy
+
+    from tinysubspace import __version__
+
+    return {"versions": {"python": platform.python_version(), "torch": torch.__version__,
+                         "numpy": numpy.__version__, "tinysubspace": __version__},
+            "device": str(device), "host": socket.gethostname(),
+            "world_size": tsdist.world_size(),
+            "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
