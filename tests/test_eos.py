@@ -191,3 +191,49 @@ def test_the_edge_of_stability_experiments_resolve():
     assert gd.optim.name == "sgd" and gd.optim.batch_size == 1437  # the digits training split
     assert adam.optim.name == "adam" and adam.optim.beta1 == 0.9
     assert dataclasses.replace(gd.tracker).k == 2 and gd.tracker.dense_every == 10
+
+
+# ------------------------------------------------------------------ the figure
+def _synthetic_run(path, preconditioned: bool):
+    from tinysubspace.results.store import RunStore
+
+    store = RunStore(path, eos_columns(2, preconditioned))
+    store.create({"name": "synthetic", "tracker": {"k": 2}})
+    prefix = "preconditioned" if preconditioned else "sharpness"
+    for step in range(0, 50, 10):
+        row = {"step": step, "train/loss": 2.0 / (1 + step), f"{prefix}/lambda_1": 1.0 + step,
+               f"{prefix}/lambda_2": 0.5 + step, f"{prefix}/threshold": 40.0}
+        if preconditioned:
+            row.update({"sharpness/lambda_1": 0.1 * step, "sharpness/threshold": float("nan")})
+        store.append_metrics(row)
+    return path
+
+
+@pytest.mark.parametrize("preconditioned", [False, True])
+def test_figure_draws_the_stored_numbers(tmp_path, preconditioned):
+    from tinysubspace.plots.common import plotted_data
+    from tinysubspace.plots.eos import figure_sharpness
+
+    run = _synthetic_run(tmp_path / "run", preconditioned)
+    figure = figure_sharpness(run, labels=["x"])
+    data = plotted_data(figure)["x"]
+    assert data["prefix"] == ("preconditioned" if preconditioned else "sharpness")
+    np.testing.assert_array_equal(data["step"], [0, 10, 20, 30, 40])
+    np.testing.assert_array_equal(data["lambda_1"], [1, 11, 21, 31, 41])
+    assert data["threshold"] == 40.0
+    line = figure.axes[1].get_lines()[0]
+    np.testing.assert_array_equal(line.get_ydata(), data["lambda_1"])
+    assert ("raw_lambda_1" in data) == preconditioned
+    figure.savefig(tmp_path / "eos.png", dpi=40)
+    assert (tmp_path / "eos.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_figure_of_a_run_without_sharpness_is_a_clear_error(tmp_path):
+    from tinysubspace.plots.eos import figure_sharpness
+    from tinysubspace.results.store import MissingDataError, RunStore
+
+    store = RunStore(tmp_path / "plain", ["step", "train/loss"])
+    store.create({"name": "plain"})
+    store.append_metrics({"step": 0, "train/loss": 1.0})
+    with pytest.raises(MissingDataError, match="no sharpness/threshold or preconditioned"):
+        figure_sharpness(tmp_path / "plain")

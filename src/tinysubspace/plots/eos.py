@@ -1,0 +1,92 @@
+"""Edge-of-stability figure: ``λ_max(t)`` against the optimizer's threshold, from run folders.
+
+Reads what :mod:`tinysubspace.experiments.edge_of_stability` writes: ``sharpness/*`` (the
+Hessian) and, for adaptive optimizers, ``preconditioned/*`` (``P^{-1/2} H P^{-1/2}``) columns of
+``metrics.csv``. Never trains or computes a Hessian.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from tinysubspace.plots.common import finish, new_figure, series
+from tinysubspace.results.store import MissingDataError, Run, RunLike, as_run, run_label
+
+__all__ = ["figure_sharpness", "sharpness_prefix"]
+
+
+def sharpness_prefix(run: Run) -> str:
+    """``"preconditioned"`` where the run has a finite preconditioned threshold, else
+    ``"sharpness"``: the quantity whose threshold is known.
+
+    Raises:
+        MissingDataError: the run has neither kind of column.
+    """
+    for prefix in ("preconditioned", "sharpness"):
+        column = f"{prefix}/threshold"
+        if column in run.metrics and np.isfinite(run.metrics[column].to_numpy(float)).any():
+            return prefix
+    raise MissingDataError(f"{run.path} has no sharpness/threshold or preconditioned/threshold "
+                           "column with values; run it with python -m "
+                           "tinysubspace.experiments.edge_of_stability")
+
+
+def figure_sharpness(runs: Sequence[RunLike] | RunLike, labels: Sequence[str] | None = None,
+                     log_sharpness: bool = False) -> Figure:
+    """Per run: training loss, and ``λ_1`` (and ``λ_2``) with the threshold as a dashed line.
+
+    For an adaptive optimizer the thresholded quantity is the preconditioned sharpness; the raw
+    Hessian's ``λ_1`` is drawn too (thin, right axis) to show how far it moves meanwhile.
+
+    Data: ``{label: {"prefix", "step", "lambda_1", "step2", "lambda_2", "threshold",
+    "loss_step", "loss", "raw_step", "raw_lambda_1"}}`` (``raw_*`` only for preconditioned
+    runs).
+
+    Raises:
+        MissingDataError: a run without sharpness columns.
+    """
+    loaded = [as_run(r) for r in (runs if isinstance(runs, (list, tuple)) else [runs])]
+    labels = list(labels) if labels is not None else [run_label(r) for r in loaded]
+    figure, axes = new_figure(2 * len(loaded), width=4.6, rows=len(loaded))
+    data: dict[str, Any] = {}
+    for index, (run, label) in enumerate(zip(loaded, labels, strict=True)):
+        ax_loss, ax_lam = axes[2 * index], axes[2 * index + 1]
+        curves = _curves(run)
+        ax_loss.plot(curves["loss_step"], curves["loss"], "-", color="C0")
+        ax_loss.set(yscale="log", xlabel="step", ylabel="training loss", title=label)
+        ax_lam.plot(curves["step"], curves["lambda_1"], "-", color="C1", label=r"$\lambda_1$")
+        if len(curves["lambda_2"]):
+            ax_lam.plot(curves["step2"], curves["lambda_2"], "-", color="C1", alpha=0.4, lw=0.8,
+                        label=r"$\lambda_2$")
+        ax_lam.axhline(curves["threshold"], color="k", ls="--", lw=1,
+                       label=f"threshold {curves['threshold']:.4g}")
+        name = "preconditioned sharpness" if curves["prefix"] == "preconditioned" else "sharpness"
+        ax_lam.set(xlabel="step", ylabel=name, title=f"{name} and its threshold")
+        if log_sharpness:
+            ax_lam.set_yscale("log")
+        if "raw_step" in curves:
+            twin = ax_lam.twinx()
+            twin.plot(curves["raw_step"], curves["raw_lambda_1"], "-", color="C2", lw=0.8)
+            twin.set_ylabel(r"$\lambda_1(H)$ (green)", color="C2")
+        ax_lam.legend(fontsize="small", loc="lower right")
+        data[label] = curves
+    return finish(figure, data)
+
+
+def _curves(run: Run) -> dict[str, Any]:
+    prefix = sharpness_prefix(run)
+    step, lam1 = series(run, f"{prefix}/lambda_1")
+    step2, lam2 = (series(run, f"{prefix}/lambda_2") if f"{prefix}/lambda_2" in run.metrics
+                   else (np.empty(0), np.empty(0)))
+    _, threshold = series(run, f"{prefix}/threshold")
+    loss_step, loss = series(run, "train/loss")
+    curves: dict[str, Any] = {"prefix": prefix, "step": step, "lambda_1": lam1, "step2": step2,
+                              "lambda_2": lam2, "threshold": float(threshold[-1]),
+                              "loss_step": loss_step, "loss": loss}
+    if prefix == "preconditioned":
+        curves["raw_step"], curves["raw_lambda_1"] = series(run, "sharpness/lambda_1")
+    return curves
