@@ -265,3 +265,55 @@ def test_distributed_ggn_equals_the_single_process_one(tmp_path):
         assert relative_error(dense_g, G) < TOL
         assert float((dense_r - R).norm()) < TOL * float((R + G).norm())
     assert torch.equal(results[0]["ok"]["ggn"][2], results[1]["ok"]["ggn"][2])
+
+
+# ------------------------------------------------------------------ class means (Papyan)
+def test_class_means_match_per_example_gradients():
+    from reference_outputs import per_example_gradients
+    from tinysubspace.curvature.class_means import class_gradient_means
+
+    problem = Case("mlp_layernorm", "ce", "batches").build()
+    op = ts.GGNOperator(problem.model, problem.loss_fn, problem.data, dtype=F64)
+    means = class_gradient_means(op, 3)
+    f, labels = _flat(problem), problem.targets
+    for c2 in range(3):
+        grads = per_example_gradients(f, torch.full_like(labels, c2))
+        for c in range(3):
+            assert relative_error(means.means[c, c2], grads[labels == c].mean(0)) < 1e-12
+    assert torch.equal(means.counts, torch.bincount(labels, minlength=3).to(F64))
+    assert abs(float(means.weights.sum()) - 1) < 1e-14
+    from reference import reference_gradient  # the true-label means average to the gradient
+    mean_gradient = means.true_label_means @ (means.counts / len(labels))
+    assert relative_error(mean_gradient, reference_gradient(f)) < 1e-12
+    diagonal_only = class_gradient_means(op, 3, cross_class=False)
+    assert torch.equal(diagonal_only.true_label_means, means.true_label_means)
+    assert diagonal_only.backward_passes * 3 == means.backward_passes
+
+
+def test_papyan_matrix_is_the_ggn_when_classes_are_points():
+    """If every example of a class has the same input, δ_{i,c'} = δ_{c,c'}: then M = G."""
+    from tinysubspace.curvature.class_means import class_gradient_means, papyan_basis
+
+    problem = Case("mlp_softplus", "ce", "tuple").build()
+    centres = problem.inputs[:3]
+    Y = torch.arange(12) % 3
+    X = centres[Y]
+    op = ts.GGNOperator(problem.model, problem.loss_fn, (X, Y), dtype=F64, batch_size=5)
+    values, vectors = papyan_basis(class_gradient_means(op, 3), 6)
+    G = _dense(op)
+    exact = torch.linalg.eigvalsh(G).flip(0)[:6]
+    assert relative_error(values, exact) < 1e-10
+    M = vectors @ torch.diag(values) @ vectors.T
+    assert relative_error(M, G) < 1e-10  # G has rank ≤ C(C − 1) = 6 here
+
+
+def test_class_means_bad_input():
+    from tinysubspace.curvature.class_means import class_gradient_means, papyan_basis
+
+    problem = Case("mlp_relu", "ce", "tuple").build()
+    op = ts.GGNOperator(problem.model, problem.loss_fn, problem.data, dtype=F64)
+    with pytest.raises(ValueError, match=r"outputs of shape \(batch, 4\)"):
+        class_gradient_means(op, 4)
+    means = class_gradient_means(op, 3, cross_class=False)
+    with pytest.raises(ValueError, match="k must be between 1 and"):
+        papyan_basis(means, 10)
