@@ -37,7 +37,7 @@ import torch
 from tinysubspace.experiments.config import TrackerConfig
 from tinysubspace.experiments.loggers import Logger, build_loggers
 from tinysubspace.experiments.schedules import Budget, as_schedule
-from tinysubspace.experiments.tracker import DTYPES, Tracker
+from tinysubspace.experiments.tracker import DTYPES, Tracker, preserved_state
 from tinysubspace.experiments.tracker_data import (
     check_data_device,
     check_mean_loss,
@@ -121,29 +121,9 @@ class SubspaceTracker:
             raise ValueError(f"mode must be 'eval' or 'train', got {mode!r}")
         if not (isinstance(tol, (int, float)) and tol > 0):
             raise ValueError(f"tol must be a positive number, got {tol!r}")
-        data = measurement_view(data)
-        check_data_device(data, model)
-        self.total_examples = count_examples(data)
-        self.subset = None
-        self.full_data = data
-        if subset is not None:
-            part = tsdist.shard_slice(int(subset)) if tsdist.is_distributed() else None
-            n = len(range(int(subset))[part]) if part is not None else subset
-            index = subset_indices(self.total_examples, n, self.seed + tsdist.rank())
-            data = take_subset(data, index)
-            self.subset = {"n": int(subset), "seed": self.seed, "of": self.total_examples,
-                           "indices": index.tolist()}
-        self.check_subset = bool(check_subset and subset is not None)
-        test = None if test is None else measurement_view(test)
-        shared = tsdist.is_distributed() if distributed is None else bool(distributed)
-        batch = first_batch(data, next(model.parameters()).device)
-        if batch is None and not shared:  # under torchrun a rank may hold no examples
-            raise ValueError("the data set is empty: nothing to measure on")
-        outputs = None if batch is None else check_mean_loss(model, loss_fn, batch)
-        if classification is None:
-            classification = batch is not None and is_classification(outputs, batch.targets)
-            if shared:
-                classification = tsdist.broadcast_object(classification)
+        with preserved_state(model):  # iterating a DataLoader draws from torch's RNG
+            data, test, classification = self._prepare(data, test, subset, check_subset,
+                                                       classification, distributed)
         config = TrackerConfig(k=k, tol=tol, anchors=tuple(sorted(self.anchors)),
                                save_vectors_at=tuple(sorted(self.save_vectors_at)),
                                hvp_batch_size=batch_size, mode=mode, solver=solver)
@@ -167,6 +147,36 @@ class SubspaceTracker:
             loggers = ("csv",) if self.out is not None else ()
         self.loggers: list[Logger] = build_loggers(loggers, self.out, self.store,
                                                      self.columns) if self.is_main else []
+
+    def _prepare(self, data: Any, test: Any, subset: int | None, check_subset: bool,
+                 classification: bool | None, distributed: bool | None) -> tuple:
+        """The data measured on, the test data, and whether accuracy is defined; checks the
+        data's device and that the loss is a scalar mean."""
+        model, loss_fn = self.model, self.loss_fn
+        data = measurement_view(data)
+        check_data_device(data, model)
+        self.total_examples = count_examples(data)
+        self.subset = None
+        self.full_data = data
+        if subset is not None:
+            part = tsdist.shard_slice(int(subset)) if tsdist.is_distributed() else None
+            n = len(range(int(subset))[part]) if part is not None else subset
+            index = subset_indices(self.total_examples, n, self.seed + tsdist.rank())
+            data = take_subset(data, index)
+            self.subset = {"n": int(subset), "seed": self.seed, "of": self.total_examples,
+                           "indices": index.tolist()}
+        self.check_subset = bool(check_subset and subset is not None)
+        test = None if test is None else measurement_view(test)
+        shared = tsdist.is_distributed() if distributed is None else bool(distributed)
+        batch = first_batch(data, next(model.parameters()).device)
+        if batch is None and not shared:  # under torchrun a rank may hold no examples
+            raise ValueError("the data set is empty: nothing to measure on")
+        outputs = None if batch is None else check_mean_loss(model, loss_fn, batch)
+        if classification is None:
+            classification = batch is not None and is_classification(outputs, batch.targets)
+            if shared:
+                classification = tsdist.broadcast_object(classification)
+        return data, test, classification
 
     @classmethod
     def from_config(cls, config: TrackerConfig, model: torch.nn.Module, loss_fn: Callable,
@@ -227,7 +237,8 @@ class SubspaceTracker:
         m = self.engine.measure(self.model, step, seed=self.seed)
         row = m.row
         if self.check_subset and self.subset_report is None:
-            row.update(self._compare_with_full_data(m.eigenpairs.vectors))
+            with preserved_state(self.model):
+                row.update(self._compare_with_full_data(m.eigenpairs.vectors))
         spent = time.perf_counter() - started
         row["epoch"], row["wall_time"] = epoch, self._elapsed()
         row["cost/overhead"] = (self.clock["spent"] + spent) / max(row["wall_time"], 1e-12)
