@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -317,3 +318,55 @@ def test_class_means_bad_input():
     means = class_gradient_means(op, 3, cross_class=False)
     with pytest.raises(ValueError, match="k must be between 1 and"):
         papyan_basis(means, 10)
+
+
+# ------------------------------------------------------------------ the outliers experiment
+OUTLIER_TINY = {"data.name": "gaussian-mixture", "data.classes": 3, "data.dim": 4, "data.n": 40,
+                "data.sigma": 1.0, "model.widths": "6", "optim.batch_size": 16,
+                "optim.lr": 0.5, "train.steps": 8, "tracker.k": 3, "tracker.tol": 1e-10,
+                "tracker.dense_until": 8, "tracker.dense_every": 4, "tracker.sparse_every": 8}
+
+
+def test_outliers_run_matches_dense_references(tmp_path):
+    from reference_outputs import per_example_gradients
+    from tinysubspace.experiments.build import build_optimizer, build_problem
+    from tinysubspace.experiments.catalog import load_experiment
+    from tinysubspace.experiments.config import apply_overrides
+    from tinysubspace.experiments.edge_of_stability import train_step
+    from tinysubspace.experiments.outliers import outlier_columns, run_outliers
+    from tinysubspace.plots.common import plotted_data
+    from tinysubspace.plots.ggn import figure_outliers
+    from tinysubspace.results.store import load_run
+
+    config = apply_overrides(load_experiment("ggn-fc-digits"), OUTLIER_TINY)
+    rows = run_outliers(config, tmp_path / "run")
+    assert [row["step"] for row in rows] == [0, 4, 8]
+    run = load_run(tmp_path / "run")
+    assert list(run.metrics.columns) == outlier_columns(3)
+    problem = build_problem(config)  # replay the training to the last measurement
+    with torch.random.fork_rng():
+        torch.manual_seed(config.train.seed)
+        optimizer = build_optimizer(config.optim, problem.model, {})
+        for step in range(8):
+            train_step(problem, optimizer, 16, config.train.seed, step)
+    X, labels = problem.tensors("train")
+    f = FlatLoss(problem.model, problem.loss_fn, X, labels)
+    H, G = reference_hessian(f), reference_ggn(f, "ce")
+    (h_values, h_vectors), (g_values, g_vectors) = torch.linalg.eigh(H), torch.linalg.eigh(G)
+    last = rows[-1]
+    for name, values in (("hessian", h_values), ("ggn", g_values)):
+        measured = torch.tensor([last[f"{name}/eig_{i}"] for i in range(1, 7)], dtype=F64)
+        assert relative_error(measured, values.flip(0)[:6]) < 1e-8
+    VH, VG = h_vectors[:, -3:], g_vectors[:, -3:]
+    assert last["overlap/hessian_ggn"] == pytest.approx(ts.subspace_overlap(VH, VG), abs=1e-7)
+    means = torch.stack([per_example_gradients(f)[labels == c].mean(0) for c in range(3)], 1)
+    span = torch.linalg.qr(means)[0]
+    assert last["overlap/classmeans_hessian"] == pytest.approx(ts.subspace_overlap(span, VH),
+                                                               abs=1e-7)
+    spectra = run.spectrum()
+    assert relative_error(torch.as_tensor(spectra["hessian"]), h_values.flip(0)) < 1e-10
+    assert relative_error(torch.as_tensor(spectra["ggn"]), g_values.flip(0)) < 1e-10
+    data = plotted_data(figure_outliers(tmp_path / "run", top=5))
+    assert data["spectra"] and np.allclose(data["hessian_top"], spectra["hessian"][:5])
+    np.testing.assert_array_equal(data["overlap/hessian_ggn"],
+                                  run.metrics["overlap/hessian_ggn"].to_numpy(float))

@@ -40,7 +40,7 @@ from tinysubspace.metrics import top_fraction
 from tinysubspace.optim.stability import sharpness, sharpness_threshold, stability_row
 from tinysubspace.results.store import RunStore
 
-__all__ = ["ADAPTIVE", "eos_columns", "eos_steps", "run_edge_of_stability"]
+__all__ = ["ADAPTIVE", "eos_columns", "eos_steps", "run_edge_of_stability", "train_step"]
 
 ADAPTIVE = ("Adam", "AdamW", "RMSprop", "Adagrad")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -124,7 +124,7 @@ def _step_shares(solved: dict[str, tuple[Any, Eigenpairs]],
     return row
 
 
-def _train_step(problem: Any, optimizer: torch.optim.Optimizer, batch_size: int, seed: int,
+def train_step(problem: Any, optimizer: torch.optim.Optimizer, batch_size: int, seed: int,
                 step: int) -> float:
     X, Y = problem.tensors("train")
     if batch_size < len(X):
@@ -194,7 +194,7 @@ def _loop(config: ExperimentConfig, problem: Any, optimizer: torch.optim.Optimiz
             measured = (row, solved)
         if step < steps:
             before = torch.cat([p.detach().reshape(-1) for p in params]).clone()
-            loss = _train_step(problem, optimizer, config.optim.batch_size, config.train.seed,
+            loss = train_step(problem, optimizer, config.optim.batch_size, config.train.seed,
                                step)
             if measured is not None:
                 delta = torch.cat([p.detach().reshape(-1) for p in params]) - before
