@@ -16,6 +16,7 @@ from typing import Any
 
 from tinysubspace.curvature import (
     HVP_METHODS,
+    ClassMeans,
     DenseOperator,
     DifferenceOperator,
     DistributedError,
@@ -27,6 +28,9 @@ from tinysubspace.curvature import (
     NonFiniteError,
     PreconditionedOperator,
     SymmetricOperator,
+    class_gradient_means,
+    class_mean_basis,
+    papyan_basis,
     preconditioner_diagonal,
 )
 from tinysubspace.linalg import (
@@ -124,6 +128,7 @@ __all__ = [
     "HVP_METHODS",
     "WARM_STARTS",
     "BulkProjection",
+    "ClassMeans",
     "DatasetNotFoundError",
     "DenseOperator",
     "DifferenceOperator",
@@ -152,6 +157,8 @@ __all__ = [
     "block_spectra",
     "broadened_density",
     "build_model",
+    "class_gradient_means",
+    "class_mean_basis",
     "dataset_names",
     "eigenvector_displacement",
     "eigenvector_overlaps",
@@ -164,6 +171,7 @@ __all__ = [
     "lowrank_newton_direction",
     "measurement_steps",
     "model_names",
+    "papyan_basis",
     "parameter_blocks",
     "parameter_groups",
     "preconditioner_diagonal",

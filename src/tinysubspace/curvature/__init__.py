@@ -3,11 +3,18 @@
 ``operator`` (the operator protocol, dense operators, ``A − B``), ``hessian``
 (:class:`HessianOperator`), ``ggn`` and ``fisher`` (Gauss–Newton and Fisher matrices),
 ``preconditioned`` (``P^{-1/2} A P^{-1/2}`` for an optimizer's diagonal ``P``),
+``class_means`` (Papyan's class means of per-example gradients),
 ``hvp`` (the exact H·V strategies), ``data`` (batches and calling the model), ``layout``
 (parameters, flattening), ``collectives`` (what the operator needs of ``torch.distributed``).
 Imports nothing above it: no pandas, matplotlib, configs or files.
 """
 
+from tinysubspace.curvature.class_means import (
+    ClassMeans,
+    class_gradient_means,
+    class_mean_basis,
+    papyan_basis,
+)
 from tinysubspace.curvature.collectives import DistributedError
 from tinysubspace.curvature.fisher import FisherOperator
 from tinysubspace.curvature.ggn import GaussNewtonResidual, GGNOperator
@@ -29,6 +36,7 @@ from tinysubspace.curvature.preconditioned import (
 
 __all__ = [
     "HVP_METHODS",
+    "ClassMeans",
     "DenseOperator",
     "DifferenceOperator",
     "DistributedError",
@@ -40,5 +48,8 @@ __all__ = [
     "NonFiniteError",
     "PreconditionedOperator",
     "SymmetricOperator",
+    "class_gradient_means",
+    "class_mean_basis",
+    "papyan_basis",
     "preconditioner_diagonal",
 ]
