@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from experiment_fixtures import TINY
@@ -31,12 +33,31 @@ def test_unknown_experiment_is_an_error_listing_known_ones(capsys, tmp_path):
     assert main(["run", "nope", "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
     assert "unknown experiment 'nope'; known experiments:" in err and "fig1-fc-digits" in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_misspelt_experiment_gets_did_you_mean(capsys, tmp_path):
+    assert main(["run", "fig1-fc-digit", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "unknown experiment 'fig1-fc-digit'; did you mean fig1-fc-digits" in err
+    assert "known experiments:" not in err  # not the whole list when a close name exists
+
+
+def test_a_value_out_of_range_is_refused_before_the_folder_is_made(capsys, tmp_path):
+    for key, value, message in [("train.steps", -5, "train.steps must be at least 0, got -5"),
+                                ("optim.batch_size", 0, "optim.batch_size must be at least 1"),
+                                ("train.checkpoint_every", 0, "train.checkpoint_every must be")]:
+        assert main(["run", "--set", f"{key}={value}", "--out", str(tmp_path / "r")]) == 2
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / "r").exists()
 
 
 def test_unknown_key_is_an_error_listing_known_keys(capsys, tmp_path):
     assert main(["run", "--set", "optim.learning_rate=1", "--out", str(tmp_path / "r")]) == 2
     assert "unknown key 'optim.learning_rate'; known keys: optim.name, optim.lr" in (
         capsys.readouterr().err)
+    assert main(["run", "--set", "optim.lrr=1", "--out", str(tmp_path / "r")]) == 2
+    assert capsys.readouterr().err.strip().endswith("did you mean optim.lr?")
 
 
 def test_missing_data_is_an_error_saying_where_it_looked(capsys, tmp_path):
@@ -77,3 +98,65 @@ def test_help(argv, capsys):
         main(argv)
     assert exit_info.value.code == 0
     assert "tinysubspace" in capsys.readouterr().out
+
+
+def test_run_help_says_how_to_see_every_key(capsys):
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "Every key and its default: `tinysubspace config EXPERIMENT`" in out
+    assert "--threads N" in out and "TINYSUBSPACE_THREADS" in out
+
+
+def test_no_arguments_prints_usage_and_starts_nothing(capsys, monkeypatch):
+    import tinysubspace.cli.run as run_command
+
+    monkeypatch.setattr(run_command, "run_experiment", lambda *a, **k: pytest.fail("trained"))
+    assert main([]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: tinysubspace") and "Start with `tinysubspace run`" in out
+
+
+def test_version(capsys):
+    from tinysubspace import __version__
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"tinysubspace {__version__}"
+
+
+def test_config_prints_every_key_with_its_value(capsys):
+    from dataclasses import fields
+
+    from tinysubspace.experiments.config import SECTIONS, ExperimentConfig
+
+    assert main(["config", "table1-fc-lr0.01-digits", "--set", "tracker.k=7"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    values = dict(line.split(" = ", 1) for line in lines[1:])
+    expected = {f"{section}.{f.name}" for section in SECTIONS
+                for f in fields(getattr(ExperimentConfig(), section))}
+    assert expected <= set(values)
+    assert values["tracker.k"] == "7  # default: 10"
+    assert values["optim.lr"] == "0.01  # default: 0.1" and values["optim.batch_size"] == "64"
+    assert main(["config", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["optim"]["lr"] == 0.1
+
+
+def test_config_of_a_run_folder_and_errors(capsys, tmp_path):
+    out = tmp_path / "run"
+    assert main(["run", *_sets(**{"train.steps": 2}), "--out", str(out), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["config", str(out)]) == 0
+    assert "train.steps = 2  # default: 1500" in capsys.readouterr().out
+    assert main(["config", "fig1-fc-digts"]) == 2
+    assert "did you mean fig1-fc-digits" in capsys.readouterr().err
+    assert main(["config", "--set", "optim.batch_size=0"]) == 2
+    assert "optim.batch_size must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_readme_starts_with_tinysubspace_run():
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    assert "&& tinysubspace run\n" in readme

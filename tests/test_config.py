@@ -91,3 +91,58 @@ def test_unknown_experiment_lists_the_known_ones():
     with pytest.raises(ConfigError, match=r"unknown experiment 'fig99'; known experiments: .*"
                                           r"fig1-fc-digits"):
         load_experiment("fig99")
+
+
+@pytest.mark.parametrize("update, message", [
+    ({"train.steps": -5}, r"train\.steps must be at least 0, got -5"),
+    ({"optim.batch_size": 0}, r"optim\.batch_size must be at least 1, got 0"),
+    ({"train.checkpoint_every": 0}, r"train\.checkpoint_every must be at least 1, got 0"),
+    ({"optim.lr": 0}, r"optim\.lr must be positive, got 0\.0"),
+    ({"optim.lr": -0.1}, r"optim\.lr must be positive, got -0\.1"),
+    ({"optim.momentum": 1.5}, r"optim\.momentum must be in \[0, 1\], got 1\.5"),
+    ({"optim.beta2": 1}, r"optim\.beta2 must be in \[0, 1\), got 1\.0"),
+    ({"tracker.tol": 0}, r"tracker\.tol must be in \(0, 1\), got 0\.0"),
+    ({"tracker.k": 0}, r"tracker\.k must be at least 1, got 0"),
+    ({"tracker.dense_every": 0}, r"tracker\.dense_every must be at least 1"),
+    ({"tracker.anchors": "0,-50"}, r"tracker\.anchors must be at least 0, got \(0, -50\)"),
+    ({"model.widths": "100,0"}, r"model\.widths must be at least 1, got \(100, 0\)"),
+    ({"data.n_train": 0}, r"data\.n_train must be at least 1, got 0"),
+    ({"train.epochs": 0}, r"train\.epochs must be positive, got 0\.0"),
+    ({"tracker.spectrum": "full"}, r"tracker\.spectrum must be one of none, exact, slq, got "
+                                   r"'full'"),
+    ({"tracker.mode": "training"}, r"tracker\.mode must be one of eval, train"),
+    ({"train.divergence_factor": 0.5}, r"train\.divergence_factor must be 0 \(no check\) or at "
+                                       r"least 1, got 0\.5"),
+])
+def test_values_out_of_range_are_refused_when_the_config_is_built(update, message):
+    with pytest.raises(ConfigError, match=message):
+        apply_overrides(ExperimentConfig(), update)
+    with pytest.raises(ConfigError, match=message):  # also from an experiment's name
+        load_experiment(DEFAULT_EXPERIMENT, {k: str(v) for k, v in update.items()})
+
+
+def test_values_at_the_edges_of_their_ranges_are_accepted():
+    config = apply_overrides(ExperimentConfig(), {
+        "train.steps": 0, "optim.batch_size": 1, "optim.momentum": 1.0, "tracker.k": 1,
+        "data.n_train": None, "train.divergence_factor": 0, "tracker.minibatch_every": 0})
+    assert config.train.steps == 0 and config.data.n_train is None
+
+
+def test_every_range_names_a_field():
+    from dataclasses import fields
+
+    from tinysubspace.experiments.config import CHOICES, RANGES, SECTIONS
+
+    known = {f"{section}.{f.name}" for section in SECTIONS
+             for f in fields(getattr(ExperimentConfig(), section))}
+    assert set(RANGES) <= known and set(CHOICES) <= known
+    assert {"train.steps", "optim.batch_size", "train.checkpoint_every", "optim.lr",
+            "tracker.k", "tracker.tol"} <= set(RANGES)
+
+
+def test_a_misspelt_key_gets_did_you_mean():
+    with pytest.raises(ConfigError, match=r"; did you mean optim\.batch_size\?$"):
+        apply_overrides(ExperimentConfig(), {"optim.batchsize": 3})
+    with pytest.raises(ConfigError, match=r"unknown experiment 'fig1-fc-digts'; did you mean "
+                                          r"fig1-fc-digits"):
+        load_experiment("fig1-fc-digts")

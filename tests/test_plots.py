@@ -113,7 +113,6 @@ def test_fig11_c2_bars_and_sums(run_dir, metrics, tmp_path):
     c2 = row[[f"hessian/c2_{i}" for i in range(1, 2 * K + 1)]].to_numpy(float)
     np.testing.assert_array_equal(data[50]["c2"], c2)
     assert data[50]["sum_top"] == pytest.approx(c2[:K].sum())
-    assert data[50]["sum_top"] == pytest.approx(row["hessian/f_top"])  # Σ top-k c_i² = f_top
     heights = [patch.get_height() for patch in figure.axes[1].patches]
     np.testing.assert_allclose(heights, c2)
     text = figure.axes[1].texts[0].get_text()
@@ -250,3 +249,62 @@ def test_fig4_reads_what_spectral_density_stores(tmp_path):
     data = plotted_data(plots.figure_spectrum(run_dir))
     np.testing.assert_array_equal(data["grid"], arrays["grid"])
     np.testing.assert_array_equal(data["density"], arrays["density"])
+
+
+def test_fig11_sums_the_c2_columns_not_f_top(tmp_path):
+    """The panel's Σ c_i² comes from the c_i² columns: with f_top set to another value the sums
+    do not move (the fixture's f_top equals Σ top-k c_i² by construction, so it cannot tell)."""
+    run_dir = write_run(tmp_path / "r", vectors=False, spectrum=False)
+    table = pd.read_csv(run_dir / "metrics.csv")
+    table["hessian/f_top"] = 0.123
+    table.to_csv(run_dir / "metrics.csv", index=False)
+    data = plotted_data(plots.figure_c2(run_dir, steps=(50,)))[50]
+    c2 = table.loc[table["step"] == 50, [f"hessian/c2_{i}" for i in range(1, 2 * K + 1)]]
+    c2 = c2.to_numpy(float)[0]
+    assert data["sum_top"] == pytest.approx(c2[:K].sum(), rel=1e-12)
+    assert data["sum_next"] == pytest.approx(c2[K:].sum(), rel=1e-12)
+    assert abs(data["sum_top"] - 0.123) > 0.1
+
+
+def test_measured_c2_sum_to_f_top_and_f_next():
+    """What Fig. 11 writes on its panels: Σ_{i≤k} c_i² = f_top and Σ_{k<i≤2k} c_i² = f_next
+    (eqs. 2 and 12), on a real measurement of a small float64 network."""
+    from tinysubspace.experiments.config import TrackerConfig
+    from tinysubspace.experiments.tracker import Tracker
+
+    gen = torch.Generator().manual_seed(0)
+    X, Y = torch.randn(40, 4, generator=gen, dtype=torch.float64), torch.arange(40) % 3
+    model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    model = model.double()
+    tracker = Tracker(TrackerConfig(k=3, tol=1e-10, anchors=(), save_vectors_at=()),
+                      torch.nn.functional.cross_entropy, (X, Y))
+    row = tracker.measure(model, 0).row
+    c2 = np.array([row[f"hessian/c2_{i}"] for i in range(1, 7)])
+    assert c2[:3].sum() == pytest.approx(row["hessian/f_top"], abs=1e-12)
+    assert c2[3:].sum() == pytest.approx(row["hessian/f_next"], abs=1e-12)
+    assert 0 < row["hessian/f_top"] < 1
+
+
+@pytest.mark.parametrize("rows", [0, 1])
+def test_runs_with_too_few_measurements_get_a_message_not_empty_panels(tmp_path, rows, capsys):
+    from tinysubspace.cli.main import main
+    from tinysubspace.plots.figures import too_few_measurements
+    from tinysubspace.plots.report import render_report
+
+    run_dir = write_run(tmp_path / "r", spectrum=False, minibatch=False)
+    table = pd.read_csv(run_dir / "metrics.csv").head(rows)
+    table.to_csv(run_dir / "metrics.csv", index=False)
+    message = too_few_measurements(load_run(run_dir))
+    assert message is not None and ("no measurements" if rows == 0 else
+                                    "one measurement (step 0)") in message
+    assert "need at least two" in message and "'finished' at step 300" in message
+    assert main(["plot", str(run_dir), "--figure", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "note: " in err and "error: Fig. 1: too few measurements" in err
+    assert not (run_dir / "figures" / "fig01_f_top.png").exists()
+    assert main(["plot", str(run_dir)]) == 0  # what can be drawn still is (Fig. 6: vectors)
+    assert (run_dir / "figures" / "fig06_top_eigenvector.png").exists()
+    assert not (run_dir / "figures" / "fig01_f_top.png").exists()
+    page = render_report(run_dir, figures=("1", "8"), dpi=20)
+    assert "Figures over training are not drawn" in page and "data:image/png" not in page
+    assert too_few_measurements(load_run(write_run(tmp_path / "full"))) is None

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
 import torch
 
-from tinysubspace.results.store import RunStore, RunStoreError, load_run
+from tinysubspace.results.store import (
+    RunStore,
+    RunStoreError,
+    check_out_folder,
+    config_differences,
+    load_run,
+)
 
 COLUMNS = ["step", "train/loss", "hessian/f_top"]
 
@@ -140,3 +147,120 @@ def test_eigenvector_files_load_tensors_only(tmp_path):
     with pytest.raises(RunStoreError, match=r"step_00000007\.pt holds more than tensors"):
         load_run(tmp_path / "run").eigenvectors(7)
     assert not marker.exists()
+
+
+def test_run_folder_files_honour_the_umask(tmp_path):
+    previous = os.umask(0o022)
+    try:
+        store = _store(tmp_path)
+        store.save_checkpoint({"step": 1, "w": torch.ones(2)})
+        store.save_eigenvectors(1, {"vectors": torch.eye(2)})
+        store.save_spectrum({"eigenvalues": np.ones(3)})
+        store.metrics.keep(lambda s: True)  # rewritten atomically, as on --resume
+        files = [p for p in store.path.rglob("*") if p.is_file()]
+        assert len(files) == 7
+        assert {p.name: oct(p.stat().st_mode & 0o777) for p in files} == {
+            p.name: "0o644" for p in files}
+        os.umask(0o077)
+        store.write_status("running", 2)
+        assert oct((store.path / "status.json").stat().st_mode & 0o777) == "0o600"
+    finally:
+        os.umask(previous)
+
+
+def test_a_crafted_checkpoint_is_refused_without_running_code(tmp_path):
+    store = _store(tmp_path)
+    marker = tmp_path / "pwned"
+    torch.save({"step": 3, "x": _Payload(marker)}, store.path / "checkpoint.pt")
+    with pytest.raises(RunStoreError, match=r"checkpoint\.pt holds more than tensors and plain "
+                                            r"containers; refusing to load it \(.*posix\.system"
+                       ) as error:
+        store.load_checkpoint()
+    assert "weights_only" not in str(error.value)
+    with pytest.raises(RunStoreError, match="holds more than tensors"):
+        store.resume({"name": "x"})
+    assert not marker.exists()
+    assert json.loads((store.path / "status.json").read_text())["state"] == "failed"
+
+
+def test_a_checkpoint_that_resume_could_not_read_is_refused_when_written(tmp_path):
+    with pytest.raises(RunStoreError, match=r"a checkpoint may hold only tensors and plain "
+                                            r"containers: .*numpy"):
+        _store(tmp_path).save_checkpoint({"step": 1, "rng": np.random.default_rng(0)})
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "damaged or incomplete"), (b"PK\x03\x04 cut", "damaged or incomplete"),
+    (None, "damaged or incomplete"), (b"[1, 2]", "damaged or incomplete")])
+def test_a_damaged_checkpoint_is_a_clear_error(tmp_path, content, message):
+    store = _store(tmp_path)
+    if content is None:  # a real checkpoint cut in half
+        store.save_checkpoint({"step": 4, "w": torch.ones(1000)})
+        data = (store.path / "checkpoint.pt").read_bytes()
+        content = data[: len(data) // 2]
+    (store.path / "checkpoint.pt").write_bytes(content)
+    with pytest.raises(RunStoreError, match=message):
+        store.load_checkpoint()
+
+
+def test_config_differences_name_the_keys():
+    saved = {"name": "x", "optim": {"lr": 0.1, "batch_size": 64}, "model": {"widths": [5]},
+             "meta": {"started": "then"}}
+    mine = {"name": "x", "optim": {"lr": 0.2, "batch_size": 64}, "model": {"widths": (5, 5)},
+            "meta": {"started": "now"}, "tracker": {"new_key": 1}}
+    assert config_differences(saved, mine) == ["model.widths: [5] in the run, [5, 5] now",
+                                               "optim.lr: 0.1 in the run, 0.2 now"]
+    assert config_differences(saved, saved) == []
+
+
+def test_broken_json_files(tmp_path):
+    store = _store(tmp_path)
+    (store.path / "status.json").write_text("{")
+    assert load_run(store.path).status["state"] == "unknown"  # still readable
+    (store.path / "config.json").write_text('{"name": ')
+    with pytest.raises(RunStoreError, match=r"config\.json is not valid JSON"):
+        load_run(store.path)
+    (store.path / "config.json").write_text("[1]")
+    with pytest.raises(RunStoreError, match=r"must hold a JSON object .* got list"):
+        load_run(store.path)
+
+
+def test_check_out_folder(tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(RunStoreError, match="is a file, not a folder"):
+        check_out_folder(tmp_path / "file")
+    with pytest.raises(RunStoreError, match="which is a file"):
+        check_out_folder(tmp_path / "file" / "run")
+    with pytest.raises(RunStoreError, match="nothing to resume"):
+        check_out_folder(tmp_path / "new", resume=True)
+    check_out_folder(tmp_path / "new" / "deeper")  # fine: nothing made
+    assert not (tmp_path / "new").exists()
+    from tinysubspace.results import folder
+
+    monkeypatch.setattr(folder.os, "access", lambda path, mode: False)
+    with pytest.raises(RunStoreError, match="cannot write in"):
+        check_out_folder(tmp_path / "new")
+
+
+def test_disk_full_status_is_written_in_place(tmp_path, monkeypatch):
+    store = _store(tmp_path)
+    from tinysubspace.results import store as store_module
+
+    def full(path, payload):
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(store_module, "atomic_write_bytes", full)
+    with pytest.raises(OSError):
+        store.write_status("failed", 3, "disk full")
+    assert store.write_status("failed", 3, "disk full", best_effort=True)
+    assert json.loads((store.path / "status.json").read_text())["message"] == "disk full"
+
+
+def test_resume_refuses_tables_with_other_columns(tmp_path):
+    store = _store(tmp_path)
+    store.append_metrics({"step": 0, "train/loss": 1.0})
+    other = RunStore(store.path, ["step", "train/loss", "hessian/f_top", "hessian/new"])
+    with pytest.raises(RunStoreError, match=r"other columns .*new: \['hessian/new'\]"):
+        other.resume({"name": "x"})
+    assert load_run(store.path).metrics["step"].tolist() == [0]

@@ -13,6 +13,8 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("tinysubspace.cli.run", "train a paper experiment while tracking the Hessian"),
     "list": ("tinysubspace.cli.list_experiments", "list the experiments with descriptions"),
+    "config": ("tinysubspace.cli.config", "print the resolved config of an experiment: every key "
+               "and its value"),
     "plot": ("tinysubspace.cli.plot", "draw the paper's figures from a saved run"),
     "table1": ("tinysubspace.cli.table1", "print Table 1 from saved runs"),
     "report": ("tinysubspace.cli.report", "write one offline HTML page for a run"),
@@ -25,9 +27,15 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from tinysubspace import __version__
+
     parser = argparse.ArgumentParser(
         prog="tinysubspace",
-        description="Gradient descent happens in a tiny subspace: measure it on your own run.")
+        description="Gradient descent happens in a tiny subspace: measure it on your own run.",
+        epilog="Start with `tinysubspace run` (the paper's Fig. 1 on digits, ~2 min); "
+               "`tinysubspace list` shows every experiment, `tinysubspace COMMAND --help` "
+               "the options of a command.")
+    parser.add_argument("--version", action="version", version=f"tinysubspace {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
         command = sub.add_parser(name, help=help_text, description=help_text)
@@ -46,8 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command is None:  # `tinysubspace` alone runs the default experiment
-        args = parser.parse_args(["run", *(argv or [])])
+    if args.command is None:  # `tinysubspace` alone: what it can do (`tinysubspace run` trains)
+        parser.print_help()
+        return 0
     if getattr(args, "_unavailable", None):
         parser.error(f"the '{args._unavailable}' command is not available in this build")
     return int(args._main(args) or 0)

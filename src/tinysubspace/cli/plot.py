@@ -13,9 +13,11 @@ from tinysubspace.plots.common import as_run
 from tinysubspace.plots.figures import (
     DEFAULT_FIGURES,
     FIGURES,
+    OVER_TIME,
     MissingDataError,
     figure_f_top,
     figure_filename,
+    too_few_measurements,
 )
 from tinysubspace.results.store import RunStoreError
 
@@ -54,6 +56,9 @@ def main(args: argparse.Namespace) -> int:
     if args.overlay:
         try:
             figure = figure_f_top(runs)
+            for run in runs:
+                if (why := too_few_measurements(run)) is not None:
+                    raise MissingDataError(why)
         except MissingDataError as error:
             print(f"error: Fig. 12 (overlay): {error}", file=sys.stderr)
             return 1
@@ -65,7 +70,15 @@ def main(args: argparse.Namespace) -> int:
     status = 0
     for run in runs:
         out = args.out or Path(run.path) / "figures"
+        few = too_few_measurements(run)
+        if few is not None:
+            print(f"note: {few}; figures over training are not drawn", file=sys.stderr)
         for key in dict.fromkeys(args.figure or DEFAULT_FIGURES):
+            if few is not None and key in OVER_TIME:
+                print(f"{'error' if explicit else 'skipped'}: Fig. {key}: too few measurements "
+                      "(see the note above)", file=sys.stderr)
+                status = 1 if explicit else status
+                continue
             try:
                 figure = FIGURES[key].draw(run)
             except MissingDataError as error:

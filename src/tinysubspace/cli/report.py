@@ -7,6 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from tinysubspace.plots.figures import too_few_measurements
 from tinysubspace.plots.report import write_report
 from tinysubspace.results.store import RunStoreError, load_run
 
@@ -26,5 +27,12 @@ def main(args: argparse.Namespace) -> int:
     except RunStoreError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(write_report(run, args.out, dpi=args.dpi))
+    if (few := too_few_measurements(run)) is not None:
+        print(f"note: {few}; the page says so instead of drawing figures over training",
+              file=sys.stderr)
+    try:
+        print(write_report(run, args.out, dpi=args.dpi))
+    except OSError as error:
+        print(f"error: cannot write the report: {error}", file=sys.stderr)
+        return 2
     return 0

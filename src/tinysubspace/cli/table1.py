@@ -7,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from tinysubspace.results.store import load_run
+from tinysubspace.results.store import RunStoreError, load_run
 from tinysubspace.results.table1 import table1, table1_csv, table1_markdown, table1_row_id
 
 
@@ -38,7 +38,11 @@ def main(args: argparse.Namespace) -> int:
         print(f"error: no run folders in {', '.join(map(str, args.runs))} (a run folder holds "
               "config.json)", file=sys.stderr)
         return 2
-    runs = [load_run(folder) for folder in folders]
+    try:
+        runs = [load_run(folder) for folder in folders]
+    except RunStoreError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     rows = [run for run in runs if table1_row_id(run)]
     if len(rows) < len(runs):
         print(f"note: {len(runs) - len(rows)} of {len(runs)} runs have no table1_row and are "

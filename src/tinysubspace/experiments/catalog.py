@@ -8,6 +8,7 @@ digits; not for the ConvNet, which needs larger images) and ``…-fashion`` (Fas
 
 from __future__ import annotations
 
+import difflib
 import sys
 from importlib import resources
 from typing import Any
@@ -77,15 +78,26 @@ def describe_experiments() -> list[tuple[str, str]]:
     return [(name, spec.get("description", "")) for name, spec in _all_specs().items()]
 
 
+def _one_of(names: list[str]) -> str:
+    """``"a"``, ``"a or b"``, ``"a, b or c"``."""
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
+
+
 def load_experiment(name: str = DEFAULT_EXPERIMENT,
                     overrides: dict[str, Any] | None = None) -> ExperimentConfig:
     """The resolved config of experiment ``name`` with ``overrides`` (``{"optim.lr": "0.01"}``).
 
     Raises:
-        ConfigError: an unknown experiment (the message lists the known ones), or a bad key.
+        ConfigError: an unknown experiment (the message suggests close names, else lists
+            the known ones), a bad key or a value out of range.
     """
     specs = _all_specs()
     if name not in specs:
+        close = difflib.get_close_matches(name, list(specs), n=3, cutoff=0.6)
+        if close:
+            raise ConfigError(f"unknown experiment {name!r}; did you mean "
+                              f"{_one_of(close)}? (`tinysubspace list` shows all "
+                              f"{len(specs)})")
         raise ConfigError(f"unknown experiment {name!r}; known experiments: "
                           + ", ".join(specs) + " (see `tinysubspace list`)")
     spec = {k: v for k, v in specs[name].items() if k != "variant_of"}

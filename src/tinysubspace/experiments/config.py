@@ -9,6 +9,7 @@ every run.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import types
 import typing
@@ -27,6 +28,7 @@ __all__ = [
     "config_from_dict",
     "config_to_dict",
     "parse_assignment",
+    "validate_config",
 ]
 
 
@@ -106,6 +108,8 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     checkpoint_every: int = 100  # steps between checkpoints (also written after measurements)
+    divergence_factor: float = 10.0  # diverged: full-data loss above this × its first value ...
+    divergence_patience: int = 3  # ... at this many measurements in a row (factor 0: never)
 
 
 @dataclass(frozen=True)
@@ -204,8 +208,10 @@ def _replace(section: Any, key_path: str, updates: dict[str, Any]) -> Any:
     changes = {}
     for key, value in updates.items():
         if key not in known:
+            close = difflib.get_close_matches(key, known, n=2)
+            hint = f"; did you mean {' or '.join(key_path + c for c in close)}?" if close else ""
             raise ConfigError(f"unknown key '{key_path}{key}'; known keys: "
-                              + ", ".join(f"{key_path}{k}" for k in known))
+                              + ", ".join(f"{key_path}{k}" for k in known) + hint)
         changes[key] = _coerce(value, hints[key], f"{key_path}{key}")
     return dataclasses.replace(section, **changes)
 
@@ -237,6 +243,7 @@ def apply_overrides(config: ExperimentConfig, updates: dict[str, Any]) -> Experi
     for section, values in flat.items():
         config = dataclasses.replace(
             config, **{section: _replace(getattr(config, section), f"{section}.", values)})
+    validate_config(config)
     return config
 
 
@@ -255,3 +262,76 @@ def parse_assignment(text: str) -> tuple[str, str]:
         raise ConfigError(f"--set expects KEY=VALUE (e.g. optim.lr=0.01), got {text!r}")
     key, value = text.split("=", 1)
     return key.strip(), value.strip()
+
+
+# ------------------------------------------------------------------------------ value ranges
+_INF = math.inf
+# key -> (lowest, lowest allowed?, highest, highest allowed?); ``None`` (unset) always passes
+# and each entry of a tuple is checked. Keys not listed take any value of their type.
+RANGES: dict[str, tuple[float, bool, float, bool]] = {
+    "data.n_train": (1, True, _INF, False), "data.n_test": (1, True, _INF, False),
+    "data.classes": (2, True, _INF, False), "data.dim": (1, True, _INF, False),
+    "data.sigma": (0, True, _INF, False), "data.n": (1, True, _INF, False),
+    "data.seed": (0, True, _INF, False), "data.block_size": (1, True, _INF, False),
+    "data.max_chars": (1, True, _INF, False),
+    "model.widths": (1, True, _INF, False), "model.width": (1, True, _INF, False),
+    "model.n_layer": (1, True, _INF, False), "model.n_head": (1, True, _INF, False),
+    "model.n_embd": (1, True, _INF, False),
+    "optim.lr": (0, False, _INF, False), "optim.batch_size": (1, True, _INF, False),
+    "optim.momentum": (0, True, 1, True), "optim.weight_decay": (0, True, _INF, False),
+    "optim.beta1": (0, True, 1, False), "optim.beta2": (0, True, 1, False),
+    "optim.k": (1, True, _INF, False), "optim.refresh_every": (1, True, _INF, False),
+    "optim.damping": (0, True, _INF, False), "optim.switch_threshold": (0, True, 1, True),
+    "optim.switch_window": (1, True, _INF, False), "optim.switch_lr": (0, False, _INF, False),
+    "optim.refresh_subset": (1, True, _INF, False), "optim.refresh_tol": (0, False, 1, False),
+    "train.steps": (0, True, _INF, False), "train.epochs": (0, False, _INF, False),
+    "train.seed": (0, True, _INF, False), "train.checkpoint_every": (1, True, _INF, False),
+    "train.divergence_factor": (0, True, _INF, False),
+    "train.divergence_patience": (1, True, _INF, False),
+    "tracker.k": (1, True, _INF, False), "tracker.tol": (0, False, 1, False),
+    "tracker.dense_until": (0, True, _INF, False), "tracker.dense_every": (1, True, _INF, False),
+    "tracker.sparse_every": (1, True, _INF, False), "tracker.extra_steps": (0, True, _INF, False),
+    "tracker.anchors": (0, True, _INF, False), "tracker.save_vectors_at": (0, True, _INF, False),
+    "tracker.hvp_batch_size": (1, True, _INF, False),
+    "tracker.minibatch_every": (0, True, _INF, False),
+    "tracker.spectrum_probes": (1, True, _INF, False),
+    "tracker.spectrum_steps": (1, True, _INF, False),
+}
+CHOICES: dict[str, tuple[str, ...]] = {
+    "tracker.mode": ("eval", "train"), "tracker.spectrum": ("none", "exact", "slq"),
+    "optim.project": ("minibatch", "fullbatch"),
+}
+
+
+def _range_text(low: float, low_in: bool, high: float, high_in: bool) -> str:
+    if high == _INF:
+        if low == 0 and not low_in:
+            return "positive"
+        return f"at least {low:g}" if low_in else f"greater than {low:g}"
+    return f"in {'[' if low_in else '('}{low:g}, {high:g}{']' if high_in else ')'}"
+
+
+def validate_config(config: ExperimentConfig) -> None:
+    """Check every value with a range (:data:`RANGES`) or a fixed set of choices
+    (:data:`CHOICES`), so that a bad value is refused before a run folder is made.
+
+    Raises:
+        ConfigError: the first value out of range, naming the key, the range and the value.
+    """
+    for section in SECTIONS:
+        values = dataclasses.asdict(getattr(config, section))
+        for name, value in values.items():
+            key = f"{section}.{name}"
+            if key in CHOICES and value not in CHOICES[key]:
+                raise ConfigError(f"{key} must be one of {', '.join(CHOICES[key])}, got {value!r}")
+            if key not in RANGES or value is None:
+                continue
+            low, low_in, high, high_in = RANGES[key]
+            for number in value if isinstance(value, (list, tuple)) else [value]:
+                if not ((number >= low if low_in else number > low)
+                        and (number <= high if high_in else number < high)):
+                    raise ConfigError(f"{key} must be {_range_text(*RANGES[key])}, got "
+                                      f"{value!r}")
+    if 0 < config.train.divergence_factor < 1:
+        raise ConfigError("train.divergence_factor must be 0 (no check) or at least 1, got "
+                          f"{config.train.divergence_factor!r}")

@@ -40,6 +40,7 @@ from tinysubspace.experiments.build import (
     with_steps_from_epochs,
 )
 from tinysubspace.experiments.config import ExperimentConfig, config_to_dict
+from tinysubspace.experiments.health import RunHealth, guarded
 from tinysubspace.experiments.loggers import RunStoreLogger
 from tinysubspace.experiments.progress import Progress
 from tinysubspace.experiments.schedules import measurement_steps
@@ -57,7 +58,7 @@ class RunOutcome:
     """How a run ended."""
 
     path: Path
-    state: str  # finished | diverged | stopped
+    state: str  # finished | diverged | stopped | interrupted (Ctrl-C) | failed (a write failed)
     step: int
     message: str = ""
 
@@ -70,7 +71,7 @@ def run_meta(config: ExperimentConfig, device: torch.device) -> dict[str, Any]:
     return {"versions": {"python": platform.python_version(), "torch": torch.__version__,
                          "numpy": numpy.__version__, "tinysubspace": __version__},
             "seed": config.train.seed, "device": str(device), "host": socket.gethostname(),
-            "world_size": tsdist.world_size(),
+            "world_size": tsdist.world_size(), "threads": torch.get_num_threads(),
             "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 
@@ -162,6 +163,7 @@ class _Loop:
         self.optimizer = build_optimizer(config.optim, problem.model, context)
         self.schedule = set(measurement_steps(config.tracker, config.train.steps))
         self.pending_minibatch: list[dict[str, float]] = []
+        self.health = RunHealth(config.train)  # divergence check; the step the loop is at
         self.started = time.perf_counter()
 
     # ---------------------------------------------------------------- state
@@ -175,7 +177,8 @@ class _Loop:
         self.flush_minibatch()
         state = {"step": step, "model": self.problem.model.state_dict(),
                  "optimizer": self.optimizer.state_dict(),
-                 "tracker": self.tracker.state_dict(), "rng": rng}
+                 "tracker": self.tracker.state_dict(), "rng": rng,
+                 "health": self.health.state_dict()}
         if every_rank is not None:
             state["rng_ranks"] = every_rank
         self.store.save_checkpoint(state)
@@ -184,6 +187,7 @@ class _Loop:
         self.problem.model.load_state_dict(checkpoint["model"])
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.tracker.load_state_dict(checkpoint["tracker"])
+        self.health.load_state_dict(checkpoint.get("health", {}))
         rng = checkpoint["rng"]
         ranks = checkpoint.get("rng_ranks") or [rng]
         if len(ranks) == tsdist.world_size():
@@ -293,9 +297,11 @@ def run_experiment(config: ExperimentConfig, out: str | Path | None, *, resume: 
                 lambda: loop.store.resume(resolved) if resume else loop.store.create(resolved))
             if checkpoint is not None:
                 start, skip_measure = loop.restore(checkpoint), True
-        outcome = _train(loop, start, skip_measure, stop_after, Path(out) if out else None)
-    if loop.store is not None:
-        loop.store.write_status(outcome.state, outcome.step, outcome.message)
+        path = Path(out) if out else None
+        outcome = guarded(lambda: _train(loop, start, skip_measure, stop_after, path),
+                          loop.health, path, functools.partial(RunOutcome, path or Path()))
+    if loop.store is not None:  # best effort: a full disk must not hide why the run stopped
+        loop.store.write_status(outcome.state, outcome.step, outcome.message, best_effort=True)
     if progress is not None:
         progress.close()
     return outcome
@@ -306,14 +312,17 @@ def _train(loop: _Loop, start: int, skip_measure: bool, stop_after: int | None,
     cfg = loop.config
     total = cfg.train.steps
     if loop.progress is not None:
-        loop.progress.start(total, start)
+        loop.progress.start(total, start, loop.schedule)
     for step in range(start, total + 1):
+        loop.health.step = step
         if step in loop.schedule and not (skip_measure and step == start):
             try:
                 row = loop.measure(step)
             except NonFiniteError as error:
                 return _diverged(loop, path, step,
                                  f"non-finite measurement at step {step}: {error}")
+            if (why := loop.health.observe(row)) is not None:
+                return _diverged(loop, path, step, why)
             if loop.progress is not None:
                 loop.progress.measured(row)
         if step > start and step % cfg.train.checkpoint_every == 0:

@@ -48,6 +48,7 @@ from tinysubspace.results.store import Run
 __all__ = [
     "DEFAULT_FIGURES",
     "FIGURES",
+    "OVER_TIME",
     "FigureSpec",
     "MissingDataError",
     "as_run",
@@ -64,6 +65,7 @@ __all__ = [
     "figure_top_eigenvector",
     "figure_top_layer_eigenvector",
     "plotted_data",
+    "too_few_measurements",
 ]
 
 
@@ -350,6 +352,25 @@ FIGURES: dict[str, FigureSpec] = {key: FigureSpec(key, name, draw, caption)
                                   for key, name, draw, caption in _SPECS}
 # Every distinct figure of one run (10 and 12 draw the same as 9 and 1).
 DEFAULT_FIGURES: tuple[str, ...] = ("1", "2", "3", "4", "5", "6", "7", "8", "9", "11", "overlap")
+
+
+# Figures drawn as curves of the measurements over training: empty panels for a run with fewer
+# than 2 measurements (Table 1's overlap figure also draws minibatch.csv, a row per step).
+OVER_TIME: frozenset[str] = frozenset({"1", "2", "3", "8", "9", "10", "12"})
+
+
+def too_few_measurements(run: Run) -> str | None:
+    """Why curves over training cannot be drawn for ``run`` (``None``: they can), for a run
+    with 0 or 1 measurements (stopped, or still at its start)."""
+    count = len(run.metrics)
+    if count >= 2:
+        return None
+    status = run.status or {}
+    measured = ("no measurements" if count == 0 or "step" not in run.metrics else
+                f"one measurement (step {int(run.metrics['step'].iloc[0])})")
+    return (f"{run.path} has {measured} in metrics.csv; curves over training need at least "
+            f"two (status.json: '{status.get('state', 'unknown')}' at step "
+            f"{status.get('step', '?')})")
 
 
 def figure_filename(key: str) -> str:

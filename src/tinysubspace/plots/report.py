@@ -16,7 +16,13 @@ from typing import Any
 from matplotlib.figure import Figure
 
 from tinysubspace.plots.common import RunLike, as_run, run_label
-from tinysubspace.plots.figures import DEFAULT_FIGURES, FIGURES, MissingDataError
+from tinysubspace.plots.figures import (
+    DEFAULT_FIGURES,
+    FIGURES,
+    OVER_TIME,
+    MissingDataError,
+    too_few_measurements,
+)
 from tinysubspace.results.store import Run
 from tinysubspace.results.table1 import TABLE1_ROWS, run_overlap, table1_row_id
 
@@ -104,6 +110,11 @@ def render_report(run: RunLike, figures: Sequence[str] = DEFAULT_FIGURES, dpi: i
     """The HTML page of ``run`` as a string (figures without data are listed as skipped)."""
     run = as_run(run)
     parts = ["<h2>Figures</h2>"]
+    few = too_few_measurements(run)
+    if few is not None:  # a message, not empty panels
+        parts.append(f"<p class=skip>Figures over training are not drawn: {html.escape(few)}"
+                     "</p>")
+        figures = [key for key in figures if key not in OVER_TIME]
     for key in figures:
         spec = FIGURES[key]
         try:

@@ -19,9 +19,16 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import torch
 
-from tinysubspace.results.store import CHECKPOINT, MissingDataError, Run, RunLike, as_run, run_label
+from tinysubspace.results.store import (
+    CHECKPOINT,
+    MissingDataError,
+    Run,
+    RunLike,
+    as_run,
+    run_label,
+    safe_torch_load,
+)
 
 __all__ = [
     "RunSummary",
@@ -100,8 +107,9 @@ def _subspace_state(run: Run) -> dict[str, Any] | None:
     path = Path(run.path) / CHECKPOINT
     if not path.exists():
         return None
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    return checkpoint.get("optimizer", {}).get("subspace_sgd")
+    checkpoint = safe_torch_load(path)  # tensors and plain containers only: RunStoreError else
+    optimizer = checkpoint.get("optimizer") if isinstance(checkpoint, dict) else None
+    return optimizer.get("subspace_sgd") if isinstance(optimizer, dict) else None
 
 
 def steps_to_target(metrics: pd.DataFrame, target: float) -> int | None:

@@ -8,59 +8,46 @@ a resumed run reproduces an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
 import numbers
 import os
 import pickle
-import tempfile
+import socket
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import torch
 
-__all__ = ["MissingDataError", "Run", "RunLike", "RunStore", "RunStoreError", "as_run", "load_run",
-           "run_label"]
+from tinysubspace.results.folder import (
+    CHECKPOINT,
+    CONFIG,
+    METRICS,
+    MINIBATCH,
+    SPECTRUM,
+    STATUS,
+    VECTORS,
+    RunStoreError,
+    atomic_write_bytes,
+    check_out_folder,
+    config_differences,
+    read_config,
+    refusal_reason,
+    safe_torch_load,
+    write_failed,
+)
 
-CONFIG, METRICS, MINIBATCH, STATUS = "config.json", "metrics.csv", "minibatch.csv", "status.json"
-CHECKPOINT, SPECTRUM, VECTORS = "checkpoint.pt", "spectrum.npz", "eigenvectors"
+__all__ = ["MissingDataError", "Run", "RunLike", "RunStore", "RunStoreError", "as_run",
+           "check_out_folder", "config_differences", "load_run", "read_config", "run_label",
+           "safe_torch_load"]
+
 MINIBATCH_COLUMNS = ("step", "minibatch/loss", "minibatch/overlap_g_Hg")
-
-
-class RunStoreError(RuntimeError):
-    """A run folder that cannot be created, resumed or read as asked."""
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, payload: bytes) -> None:
-    """Write ``payload`` to ``path`` so that a crash leaves either the old or the new file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(payload)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
 
 
 def _format(value: Any) -> str:
@@ -76,6 +63,14 @@ def _format(value: Any) -> str:
         number = float(value)
         return "" if math.isnan(number) else repr(number)
     return str(value)
+
+
+def _step_of(line: str) -> int | None:
+    """The step in the first cell of a CSV row (``None``: not a number, a damaged row)."""
+    try:
+        return int(float(line.split(",", 1)[0]))
+    except ValueError:
+        return None
 
 
 class _CsvTable:
@@ -108,12 +103,19 @@ class _CsvTable:
         with open(self.path, encoding="utf-8") as handle:
             text = handle.read()
         lines = text.splitlines(keepends=True)
-        header, body = lines[0], lines[1:]
+        header = ",".join(self.columns) + "\n"  # also for a file emptied by a crash
+        if lines and lines[0] != header:
+            theirs = lines[0].rstrip("\n").split(",")
+            added = [c for c in self.columns if c not in theirs]
+            gone = [c for c in theirs if c not in self.columns]
+            raise RunStoreError(f"cannot resume: {self.path} has other columns than this run "
+                                f"writes (new: {added}, missing: {gone}); nothing was changed")
+        body = lines[1:]
         if body and not body[-1].endswith("\n"):  # a row cut short by a crash
             body = body[:-1]
         kept = [line for line in body
                 if len(line.rstrip("\n").split(",")) == len(self.columns)
-                and predicate(int(float(line.split(",", 1)[0])))]
+                and _step_of(line) is not None and predicate(_step_of(line))]
         atomic_write_bytes(self.path, (header + "".join(kept)).encode())
 
 
@@ -131,36 +133,63 @@ class RunStore:
         self.minibatch = _CsvTable(self.path / MINIBATCH, MINIBATCH_COLUMNS)
 
     def create(self, config: dict[str, Any]) -> None:
-        """Start a new run: the folder must not hold a run already.
+        """Start a new run: the folder must not hold a run already. ``config.json`` is written
+        last, so a folder whose creation failed (and was cleaned up) never blocks a new try.
 
         Raises:
-            RunStoreError: ``path`` holds a run already.
+            RunStoreError: ``path`` holds a run already, or cannot be written.
         """
-        if (self.path / CONFIG).exists():
-            raise RunStoreError(f"{self.path} already holds a run; use --resume to continue it or "
-                                "--out to choose another folder")
-        self.path.mkdir(parents=True, exist_ok=True)
-        (self.path / VECTORS).mkdir(exist_ok=True)
-        atomic_write_bytes(self.path / CONFIG, json.dumps(config, indent=2, default=str).encode())
-        self.metrics.create()
-        self.minibatch.create()
-        self.write_status("running", 0)
+        check_out_folder(self.path)
+        made = not self.path.exists()
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            (self.path / VECTORS).mkdir(exist_ok=True)
+            self.metrics.create()
+            self.minibatch.create()
+            self.write_status("running", 0)
+            atomic_write_bytes(self.path / CONFIG,
+                               json.dumps(config, indent=2, default=str).encode())
+        except OSError as error:
+            self._remove_partial(made)
+            raise write_failed(self.path, error) from None
+
+    def _remove_partial(self, made: bool) -> None:
+        """Remove what a failed :meth:`create` wrote (best effort)."""
+        for name in (METRICS, MINIBATCH, STATUS, CONFIG):
+            with contextlib.suppress(OSError):
+                (self.path / name).unlink(missing_ok=True)
+        for folder in [self.path / VECTORS] + ([self.path] if made else []):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
 
     def resume(self, config: dict[str, Any]) -> dict[str, Any] | None:
         """Reopen a run for ``--resume``; returns its checkpoint (``None``: start from step 0).
 
         Raises:
-            RunStoreError: no run here, or its config differs from ``config``.
+            RunStoreError: no run here, a damaged ``config.json`` or ``checkpoint.pt``, or a
+                config that differs from ``config`` (the message names the keys).
         """
         if not (self.path / CONFIG).exists():
             raise RunStoreError(f"nothing to resume: {self.path} holds no run ({CONFIG} missing)")
-        saved = json.loads((self.path / CONFIG).read_text())
-        mine = {k: v for k, v in config.items() if k != "meta"}
-        theirs = {k: v for k, v in saved.items() if k != "meta"}
-        if json.loads(json.dumps(mine, default=str)) != theirs:
-            raise RunStoreError(f"the run in {self.path} was made with another config; resume it "
-                                "with the same experiment and --set options, or start a new run")
-        checkpoint = self.load_checkpoint()
+        saved = read_config(self.path)
+        differences = config_differences(saved, config)
+        if differences:
+            raise RunStoreError(f"the run in {self.path} was made with another config ("
+                                + "; ".join(differences) + "); resume it with the same "
+                                "experiment and --set options (or --resume --out alone), or "
+                                "start a new run")
+        try:
+            checkpoint = self.load_checkpoint()
+        except RunStoreError as error:
+            message = (f"cannot resume: {error}. The measurements in {METRICS} are intact; to "
+                       "train again, start a new run with another --out")
+            previous = _read_status(self.path)
+            self.write_status("failed", int(previous.get("step") or 0), message,
+                              best_effort=True)
+            raise RunStoreError(message) from None
+        for table in (self.metrics, self.minibatch):
+            if not table.path.exists():
+                raise RunStoreError(f"cannot resume: {table.path} is missing")
         step = checkpoint["step"] if checkpoint else 0
         measured = checkpoint["step"] if checkpoint else -1
         self.metrics.keep(lambda s: s <= measured)
@@ -188,19 +217,68 @@ class RunStore:
         atomic_write_bytes(self.path / SPECTRUM, buffer.getvalue())
 
     def save_checkpoint(self, state: dict[str, Any]) -> None:
+        """Write ``checkpoint.pt`` atomically and mark the run ``running`` at its step.
+
+        Raises:
+            RunStoreError: ``state`` holds objects that ``--resume`` would refuse to read
+                (only tensors and plain containers are allowed).
+        """
         buffer = io.BytesIO()
         torch.save(state, buffer)
+        try:  # what --resume will read back: refuse it now, not after a crash
+            torch.load(io.BytesIO(buffer.getvalue()), map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as error:
+            raise RunStoreError("a checkpoint may hold only tensors and plain containers: "
+                                f"{refusal_reason(error)}") from None
         atomic_write_bytes(self.path / CHECKPOINT, buffer.getvalue())
+        self.write_status("running", int(state.get("step", 0)))
 
     def load_checkpoint(self) -> dict[str, Any] | None:
+        """The checkpoint (``None``: none written yet), read with ``weights_only=True``.
+
+        Raises:
+            RunStoreError: a damaged checkpoint, or one that holds other objects.
+        """
         path = self.path / CHECKPOINT
         if not path.exists():
             return None
-        return torch.load(path, map_location="cpu", weights_only=False)
+        checkpoint = safe_torch_load(path)
+        if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("step"), int):
+            raise RunStoreError(f"{path} is not a tinysubspace checkpoint (no integer 'step')")
+        return checkpoint
 
-    def write_status(self, state: str, step: int, message: str = "") -> None:
-        payload = {"state": state, "step": int(step), "message": message}
-        atomic_write_bytes(self.path / STATUS, json.dumps(payload, indent=2).encode())
+    def write_status(self, state: str, step: int, message: str = "",
+                     best_effort: bool = False, **extra: Any) -> bool:
+        """Write ``status.json``: ``state``, ``step``, ``message``, when and by which process.
+
+        Args:
+            best_effort: return ``False`` instead of raising when the file cannot be written
+                (the disk is full, say), so that the reason the run stopped is not lost.
+        """
+        payload = {"state": state, "step": int(step), "message": message, **extra,
+                   "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                   "host": socket.gethostname(), "pid": os.getpid()}
+        data = json.dumps(payload, indent=2).encode()
+        try:
+            atomic_write_bytes(self.path / STATUS, data)
+        except OSError:
+            if not best_effort:
+                raise
+            return self._overwrite_status(data)
+        return True
+
+    def _overwrite_status(self, data: bytes) -> bool:
+        """Rewrite ``status.json`` in place: on a full disk the file's own block still takes a
+        few hundred bytes, where a new file cannot be made (not atomic: the last resort)."""
+        try:
+            with open(self.path / STATUS, "r+b") as handle:
+                handle.write(data)
+                handle.truncate()
+                handle.flush()
+                os.fsync(handle.fileno())
+        except OSError:
+            return False
+        return True
 
 
 @dataclass(frozen=True)
@@ -233,11 +311,7 @@ class Run:
         if not path.exists():
             raise RunStoreError(f"no eigenvectors saved at step {step} in {self.path}; saved "
                                 f"steps: {self.eigenvector_steps}")
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as error:
-            raise RunStoreError(f"{path} holds more than tensors and plain containers; "
-                                f"refusing to load it ({str(error).splitlines()[0]})") from error
+        return safe_torch_load(path)
 
     def spectrum(self) -> dict[str, Any] | None:
         import numpy as np
@@ -250,27 +324,45 @@ class Run:
 
 
 def _read_csv(path: Path) -> pd.DataFrame:
+    """A CSV table of the run (empty if missing); a last row cut short by a crash is dropped.
+
+    Raises:
+        RunStoreError: the file is not a readable CSV table.
+    """
     if not path.exists():
         return pd.DataFrame()
-    text = path.read_text(encoding="utf-8")
-    if text and not text.endswith("\n"):  # drop a row cut short by a crash
-        text = text[: text.rfind("\n") + 1]
-    return pd.read_csv(io.StringIO(text), on_bad_lines="skip")
+    try:
+        text = path.read_text(encoding="utf-8")
+        if text and not text.endswith("\n"):  # drop a row cut short by a crash
+            text = text[: text.rfind("\n") + 1]
+        return pd.read_csv(io.StringIO(text), on_bad_lines="skip") if text.strip() else \
+            pd.DataFrame()
+    except (UnicodeDecodeError, pd.errors.ParserError) as error:
+        raise RunStoreError(f"{path} is not a readable CSV table ({error})") from None
+
+
+def _read_status(path: Path) -> dict[str, Any]:
+    """``status.json`` (``{}`` if missing; a damaged one reads as state ``unknown``)."""
+    file = path / STATUS
+    if not file.exists():
+        return {}
+    try:
+        status = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        return {"state": "unknown", "message": f"{STATUS} is damaged ({error})"}
+    return status if isinstance(status, dict) else {"state": "unknown"}
 
 
 def load_run(path: str | Path) -> Run:
     """Read a run folder written by :class:`RunStore` (see docs/run-store.md).
 
     Raises:
-        RunStoreError: ``path`` holds no run.
+        RunStoreError: ``path`` holds no run, or a damaged ``config.json`` or table.
     """
     path = Path(path)
-    if not (path / CONFIG).exists():
-        raise RunStoreError(f"{path} is not a run folder ({CONFIG} missing)")
-    config = json.loads((path / CONFIG).read_text())
-    status_path = path / STATUS
-    status = json.loads(status_path.read_text()) if status_path.exists() else {}
-    return Run(path, config, _read_csv(path / METRICS), _read_csv(path / MINIBATCH), status)
+    config = read_config(path)
+    return Run(path, config, _read_csv(path / METRICS), _read_csv(path / MINIBATCH),
+               _read_status(path))
 
 
 # ------------------------------------------------------------------ runs given by folder or object

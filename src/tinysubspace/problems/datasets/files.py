@@ -169,8 +169,8 @@ def safe_unpickle(path: str | Path) -> Any:
     with io.BytesIO(Path(path).read_bytes()) as stream:
         try:
             return RestrictedUnpickler(stream, encoding="bytes").load()
-        except UnsafePickleError:
-            raise
+        except UnsafePickleError as error:  # name the file: a run may read many
+            raise UnsafePickleError(f"{path}: {error}") from None
         except (pickle.UnpicklingError, EOFError) as error:
             raise ValueError(f"{path}: not a complete pickle ({error})") from error
 
