@@ -1,0 +1,82 @@
+"""Track the tiny subspace in a Hugging Face ``Trainer`` run: ``SubspaceCallback`` (``pip install
+tinysubspace[transformers]``).
+
+::
+
+    from tinysubspace.integrations.transformers import SubspaceCallback
+
+    trainer = Trainer(model=model, args=args, train_dataset=train,
+                      callbacks=[SubspaceCallback(k=10, out="runs/hf")])
+    trainer.train()
+
+Batches are dicts with ``labels``; the model is called as ``model(**batch)`` and its own loss
+(``outputs.loss``, a mean over the labels) is the loss measured. At the beginning of each
+optimizer step (before its update) the callback calls
+:meth:`~tinysubspace.SubspaceTracker.on_step` with ``state.global_step``, and at the end of
+training it measures the final parameters. It measures on the trainer's train dataloader (a
+sequential copy: the training order is untouched) or on the ``data`` given.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+try:
+    from transformers import TrainerCallback
+except ImportError as error:
+    raise ImportError("tinysubspace.integrations.transformers needs transformers: "
+                      "pip install tinysubspace[transformers]") from error
+
+from tinysubspace.experiments.subspace_tracker import SubspaceTracker
+
+__all__ = ["SubspaceCallback", "model_loss"]
+
+
+def model_loss(outputs: Any, labels: Any) -> Any:
+    """The loss a Hugging Face model computed from the ``labels`` it was given."""
+    loss = outputs["loss"] if isinstance(outputs, dict) else getattr(outputs, "loss", None)
+    if loss is None:
+        raise ValueError("the model returned no loss: the batches need 'labels' (or pass "
+                         "loss_fn=)")
+    return loss
+
+
+class SubspaceCallback(TrainerCallback):
+    """A ``transformers.TrainerCallback`` that runs a :class:`~tinysubspace.SubspaceTracker`.
+
+    Args:
+        loss_fn: ``loss_fn(outputs, labels)`` (default: the model's own loss).
+        data: what to measure on (default: the trainer's train dataloader).
+        measure_last: also measure at the end of training.
+        **options: the tracker's arguments (``k``, ``schedule``, ``out``, ``loggers``,
+            ``budget``, ``subset``, ``dtype``, ...).
+    """
+
+    def __init__(self, loss_fn: Callable = model_loss, data: Any = None,
+                 measure_last: bool = True, **options: Any) -> None:
+        self.loss_fn, self.data, self.measure_last = loss_fn, data, measure_last
+        self.options = options
+        self.tracker: SubspaceTracker | None = None
+        self.rows: list[dict[str, float]] = []
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None,
+                       train_dataloader: Any = None, **kwargs: Any) -> None:
+        data = self.data if self.data is not None else train_dataloader
+        if data is None or model is None:
+            raise ValueError("SubspaceCallback: the trainer gave no model or train dataloader; "
+                             "pass data=")
+        self.tracker = SubspaceTracker(model, self.loss_fn, data, **self.options)
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._record(self.tracker.on_step(int(state.global_step)))
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.tracker is None:
+            return
+        self._record(self.tracker.on_step(int(state.global_step), force=self.measure_last))
+        self.tracker.close()
+
+    def _record(self, row: dict[str, float] | None) -> None:
+        if row is not None:
+            self.rows.append(row)
