@@ -76,7 +76,7 @@ def test_fig2_subspace_overlap_top_and_next(run_dir, metrics, tmp_path):
 
 
 def test_fig3_mean_overlap_against_dimension_by_hand(run_dir, metrics, tmp_path):
-    figure = plots.figure_overlap_vs_dimension(run_dir)
+    figure = plots.figure_overlap_vs_dimension(run_dir, average="measurements")
     assert_png(figure, tmp_path / "f.png")
     data = plotted_data(figure)
     for t1 in ANCHORS:

@@ -92,7 +92,7 @@ def test_table1_command(tmp_path, capsys):
     assert "| MNIST | FC | η = 0.01 | 0.96 |" in captured.out
     assert "1 of 2 runs have no table1_row" in captured.err
     assert cli(["table1", str(root / "one"), "--format", "csv"]) == 0
-    assert capsys.readouterr().out.startswith("row,dataset,model,comment,paper,train")
+    assert capsys.readouterr().out.startswith("row,dataset,model,comment,paper,full,full_std")
 
 
 def test_commands_reject_a_folder_that_is_no_run(tmp_path, capsys):

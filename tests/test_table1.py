@@ -1,4 +1,6 @@
-"""Table 1 aggregation against hand computations on synthetic tables."""
+"""Table 1: the full-data overlap(g, Hg) at every step against dense float64 references and the
+tracker's own column, in training (the default run unchanged, resume reproduced), and the
+aggregation against hand computations on synthetic tables."""
 
 from __future__ import annotations
 
@@ -8,17 +10,34 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
+from cases import Case
+from experiment_fixtures import tiny_config
+from reference import (
+    FlatLoss,
+    finite_difference_hessian,
+    reference_gradient,
+    reference_hessian,
+    relative_error,
+)
 from run_fixtures import write_run
+from tinysubspace.experiments.full_overlap import FullOverlap, full_data_overlap, overlap_steps
+from tinysubspace.experiments.training import run_experiment
 from tinysubspace.results.store import load_run
 from tinysubspace.results.table1 import (
+    FULL_OVERLAP_COLUMNS,
     TABLE1_ROWS,
+    full_overlap_table,
+    measured_functions,
     run_overlap,
     table1,
     table1_csv,
     table1_markdown,
     window_mean,
 )
+
+VOLATILE = ["wall_time", "cost/seconds"]  # the only metrics columns that differ between runs
 
 
 def test_rows_are_the_papers_table_1():
@@ -30,6 +49,115 @@ def test_rows_are_the_papers_table_1():
                                              0.99]
 
 
+# ----------------------------------------------------------- the measurement, against references
+def test_overlap_steps_are_the_last_steps_of_training():
+    assert overlap_steps(1000, 1, 3000) == list(range(2000, 3000))
+    assert overlap_steps(6, 3, 10) == [6, 9]  # the last training step (9) always measured
+    assert overlap_steps(0, 1, 10) == []
+    with pytest.raises(ValueError, match="every >= 1"):
+        overlap_steps(10, 0, 100)
+
+
+@pytest.mark.parametrize("case", [Case("mlp_layernorm", "ce", "tuple"),
+                                  Case("cnn_batchnorm", "mse", "batches", seed=1),
+                                  Case("softmax_regression", "ce", "loader")], ids=str)
+def test_full_data_overlap_equals_the_dense_hessian_formula(case):
+    """overlap(g, Hg) of the whole data set, with g and H from a dense float64 Hessian (itself
+    checked against finite differences of the gradient), on the train and the test split."""
+    problem = case.build()
+    test = Case(case.model, case.loss, "tuple", seed=case.seed + 7).build()
+    config = tiny_config(tracker__hvp_batch_size=9, tracker__overlap_last=5)
+    model = problem.model
+    before = [p.detach().clone() for p in model.parameters()]
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 0.5)
+    rng = torch.get_rng_state()
+    row = FullOverlap(config, problem.loss_fn, problem.data, (test.inputs, test.targets)
+                      ).measure(model, step=19)
+    for split, inputs, targets, prefix in (("train", problem.inputs, problem.targets, "full/"),
+                                           ("test", test.inputs, test.targets, "full/test_")):
+        f = FlatLoss(model, problem.loss_fn, inputs, targets)
+        H, g = reference_hessian(f), reference_gradient(f)
+        assert relative_error(H, finite_difference_hessian(f)) < 1e-6, split
+        Hg = H @ g
+        expected = float(g @ Hg / (g.norm() * Hg.norm()))
+        assert row[f"{prefix}overlap_g_Hg"] == pytest.approx(expected, abs=1e-10), split
+        assert row[f"{prefix}loss"] == pytest.approx(float(f(f.theta0)), rel=1e-12), split
+    assert row["full/grad_norm"] == pytest.approx(float(reference_gradient(
+        FlatLoss(model, problem.loss_fn, problem.inputs, problem.targets)).norm()), rel=1e-10)
+    assert row["step"] == 19
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    assert all(torch.equal(p.grad, torch.full_like(p, 0.5)) for p in model.parameters())
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_a_zero_gradient_gives_nan_not_an_error():
+    class Flat:  # the minimum: a loss, a zero gradient and a product that must not be needed
+        def loss_and_gradient(self):
+            return 0.25, torch.zeros(3, dtype=torch.float64)
+
+        def __matmul__(self, v):
+            raise AssertionError("H·g computed for g = 0")
+
+    loss, norm, overlap = full_data_overlap(Flat())
+    assert (loss, norm) == (0.25, 0.0) and math.isnan(overlap)
+
+
+# ------------------------------------------------------------------------ in the training loop
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The tiny run (steps 0..23, measurements at 0, 4, 8, 12, 16, 24) with the test split,
+    with and without the full-data overlap at every step."""
+    root = tmp_path_factory.mktemp("full-overlap")
+    on = run_experiment(tiny_config(tracker__overlap_last=24, data__test_set=True), root / "on")
+    off = run_experiment(tiny_config(data__test_set=True), root / "off")
+    assert on.state == off.state == "finished"
+    return root / "on", root / "off"
+
+
+def test_every_step_is_measured_and_agrees_with_the_trackers_column(runs):
+    on = load_run(runs[0])
+    every = full_overlap_table(on)
+    assert list(every.columns) == list(FULL_OVERLAP_COLUMNS)
+    assert every["step"].tolist() == list(range(24))
+    both = every.merge(on.metrics, on="step")
+    assert both["step"].tolist() == [0, 4, 8, 12, 16]  # same θ_t: the same numbers
+    np.testing.assert_allclose(both["full/overlap_g_Hg"], both["hessian/overlap_g_Hg"],
+                               rtol=0, atol=1e-12)
+    np.testing.assert_allclose(both["full/loss"], both["train/loss"], rtol=1e-12)
+    np.testing.assert_allclose(both["full/grad_norm"], both["train/grad_norm"], rtol=1e-10)
+    np.testing.assert_allclose(both["full/test_overlap_g_Hg"], both["test/overlap_g_Hg"],
+                               rtol=0, atol=1e-12)
+
+
+def test_the_option_changes_nothing_of_the_run(runs):
+    on, off = load_run(runs[0]), load_run(runs[1])
+    pd.testing.assert_frame_equal(on.metrics.drop(columns=VOLATILE),
+                                  off.metrics.drop(columns=VOLATILE), check_exact=True)
+    pd.testing.assert_frame_equal(on.minibatch, off.minibatch, check_exact=True)
+    assert not (runs[1] / "full_overlap.csv").exists()  # off: no new file
+
+
+def test_resume_reproduces_the_full_overlap_rows(runs, tmp_path):
+    config = tiny_config(tracker__overlap_last=24, data__test_set=True)
+    path = tmp_path / "crashed"
+    assert run_experiment(config, path, stop_after=13).state == "stopped"  # checkpoint at 8
+    assert full_overlap_table(load_run(path))["step"].max() == 12  # rows past the checkpoint
+    assert run_experiment(config, path, resume=True).state == "finished"
+    pd.testing.assert_frame_equal(full_overlap_table(load_run(path)),
+                                  full_overlap_table(load_run(runs[0])), check_exact=True)
+
+
+def test_table1_of_a_real_run_reads_every_step(runs):
+    result = run_overlap(load_run(runs[0]), last_n=10)
+    every = full_overlap_table(load_run(runs[0]))
+    assert result.every_step and result.full.count == 10
+    assert result.full.value == pytest.approx(every["full/overlap_g_Hg"].iloc[-10:].mean())
+    assert result.test.value == pytest.approx(every["full/test_overlap_g_Hg"].iloc[-10:].mean())
+    assert result.full.source == "full_overlap.csv:full/overlap_g_Hg"
+
+
+# ------------------------------------------------------------------ aggregation (synthetic)
 def test_window_mean_by_hand():
     table = pd.DataFrame({"step": [0, 2, 4, 6, 8, 10],
                           "x": [0.1, 0.2, 0.3, 0.4, math.nan, 0.6]})
@@ -43,7 +171,8 @@ def test_window_mean_by_hand():
         window_mean(table, "x", last_n=0)
 
 
-def _run(tmp_path, name, row, minibatch=None, full=None, test=None):
+def _run(tmp_path, name, row, minibatch=None, full=None, test=None, every=None,
+         every_test=None, model=None):
     path = write_run(tmp_path / name, name=name, table1_row=row, vectors=False,
                      spectrum=False, minibatch=False)
     if minibatch is not None:
@@ -57,38 +186,76 @@ def _run(tmp_path, name, row, minibatch=None, full=None, test=None):
         metrics["hessian/overlap_g_Hg"] = full
         metrics["test/overlap_g_Hg"] = test if test is not None else math.nan
     metrics.to_csv(path / "metrics.csv", index=False)
-    return load_run(path)
+    if every is not None:
+        table = pd.DataFrame({"step": np.arange(len(every)), "full/overlap_g_Hg": every})
+        if every_test is not None:
+            table["full/test_overlap_g_Hg"] = every_test
+        table.to_csv(path / "full_overlap.csv", index=False)
+    run = load_run(path)
+    if model is not None:
+        run = type(run)(run.path, {**run.config, "model": model}, run.metrics, run.minibatch,
+                        run.status)
+    return run
 
 
 def test_table1_on_synthetic_runs_equals_hand_computation(tmp_path):
-    # Two seeds of the softmax row, with mini-batch tables (steps 0..5, last 3 steps: 3, 4, 5).
-    a = _run(tmp_path, "a", "softmax-mnist", minibatch=[0.0, 0.0, 0.0, 0.9, 0.8, 0.7])
-    b = _run(tmp_path, "b", "softmax-mnist", minibatch=[0.0, 0.0, 0.0, 1.0, 1.0, 0.4])
-    # One run of the regression row without a mini-batch table: full batch at steps 0, 2, 4, 6.
+    # Two seeds of the softmax row: every-step full data (steps 0..5) and mini-batch tables.
+    a = _run(tmp_path, "a", "softmax-mnist", minibatch=[0.0, 0.0, 0.0, 0.9, 0.8, 0.7],
+             every=[0.0, 0.0, 0.0, 0.95, 0.97, 0.99], every_test=[0, 0, 0, 0.5, 0.6, 0.7])
+    b = _run(tmp_path, "b", "softmax-mnist", minibatch=[0.0, 0.0, 0.0, 1.0, 1.0, 0.4],
+             every=[0.0, 0.0, 0.0, 0.93, 0.93, 0.93])
+    # One run of the regression row with neither: full batch at steps 0, 2, 4, 6 (metrics.csv).
     c = _run(tmp_path, "c", "fc-sine-regression", minibatch=None,
              full=[0.1, 0.5, 0.6, 0.9], test=[0.0, 0.3, 0.2, 0.4])
-    assert run_overlap(a, last_n=3).train == pytest.approx(0.8)
-    assert run_overlap(c, last_n=3).source == "hessian/overlap_g_Hg"
+    assert run_overlap(a, last_n=3).full.value == pytest.approx(0.97)
+    assert run_overlap(a, last_n=3).minibatch.value == pytest.approx(0.8)
+    assert run_overlap(c, last_n=3).full.source == "metrics.csv:hessian/overlap_g_Hg"
+    assert not run_overlap(c, last_n=3).every_step and run_overlap(c, last_n=3).minibatch is None
     t = table1([a, b, c], last_n=3).set_index("row")
-    assert t.loc["softmax-mnist", "train"] == pytest.approx((0.8 + 0.8) / 2)
-    assert t.loc["softmax-mnist", "train_std"] == pytest.approx(0.0, abs=1e-12)
+    assert t.loc["softmax-mnist", "full"] == pytest.approx((0.97 + 0.93) / 2)
+    assert t.loc["softmax-mnist", "full_std"] == pytest.approx(np.std([0.97, 0.93], ddof=1))
+    assert t.loc["softmax-mnist", "minibatch"] == pytest.approx((0.8 + 0.8) / 2)
+    # b has no every-step test column: its test value is metrics.csv's at step 300
+    assert run_overlap(b, last_n=3).test.source == "metrics.csv:test/overlap_g_Hg"
+    b_test = 0.4 + 0.4 * (1 - math.exp(-300 / 40))  # run_fixtures: 0.4 + 0.4 f_top
+    assert t.loc["softmax-mnist", "test"] == pytest.approx((0.6 + b_test) / 2)
     assert t.loc["softmax-mnist", "runs"] == 2
-    assert t.loc["softmax-mnist", "source"] == "mini-batch"
-    assert t.loc["softmax-mnist", "steps"] == "3-5 (3 rows); 3-5 (3 rows)"
+    assert t.loc["softmax-mnist", "full_source"] == "every step"
+    assert t.loc["softmax-mnist", "same_function"] == "yes"
+    assert t.loc["softmax-mnist", "steps"] == ("full 3-5 (3), mini-batch 3-5 (3), test 3-5 (3); "
+                                               "full 3-5 (3), mini-batch 3-5 (3), "
+                                               "test 300-300 (1)")
     # window 6 - 3 < step <= 6: steps 4 and 6
-    assert t.loc["fc-sine-regression", "train"] == pytest.approx((0.6 + 0.9) / 2)
+    assert t.loc["fc-sine-regression", "full"] == pytest.approx((0.6 + 0.9) / 2)
     assert t.loc["fc-sine-regression", "test"] == pytest.approx((0.2 + 0.4) / 2)
-    assert t.loc["fc-sine-regression", "source"] == "full batch"
-    assert np.isnan(t.loc["fc-mnist-softplus", "train"]) and t.loc["fc-mnist-softplus",
-                                                                   "runs"] == 0
+    assert np.isnan(t.loc["fc-sine-regression", "minibatch"])
+    assert t.loc["fc-sine-regression", "full_source"] == "2 measurements"
+    assert np.isnan(t.loc["fc-mnist-softplus", "full"]) and t.loc["fc-mnist-softplus",
+                                                                  "runs"] == 0
     assert t.loc["fc-sine-regression", "paper"] == 0.99
 
     text = table1_markdown(table1([a, b, c], last_n=3), last_n=3)
-    assert "| MNIST | Softmax |  | 0.96 | 0.80 ± 0.00 | — | 2 | mini-batch |" in text
-    assert "| Regression | FC | Batch size 100 | 0.99 | 0.75 | 0.30 | 1 | full batch |" in text
-    assert "last 3 steps" in text
+    assert "| MNIST | Softmax |  | 0.96 | 0.95 ± 0.03 | 0.80 ± 0.00 | 0.70 | 2 | every step |" \
+        in text
+    assert "| Regression | FC | Batch size 100 | 0.99 | 0.75 | — | 0.30 | 1 | 2 measurements |" \
+        in text
+    assert "last 3 steps" in text and "Full data (the paper's column)" in text
     back = pd.read_csv(io.StringIO(table1_csv(table1([a, b, c], last_n=3))))
-    assert back.shape == (9, 11) and back["train"].iloc[0] == pytest.approx(0.8)
+    assert back.shape == (9, 14) and back["full"].iloc[0] == pytest.approx(0.95)
+
+
+def test_dropout_and_batch_norm_runs_say_which_function_each_column_measures(tmp_path):
+    run = _run(tmp_path, "bn", "convnet-cifar10-dropout-bn-dense", minibatch=[0.5, 0.6],
+               every=[0.9, 0.8], model={"name": "convnet", "dropout": True, "batchnorm": True})
+    functions = measured_functions(run)
+    assert functions["same"] == "no" and functions["random_parts"] == "dropout, batch norm"
+    assert functions["full"].startswith("eval mode") and functions["minibatch"].startswith(
+        "train mode")
+    table = table1([run], last_n=10)
+    assert table.set_index("row").loc["convnet-cifar10-dropout-bn-dense", "same_function"] == "no"
+    assert "| 0.93 | 0.85 | 0.55 † |" in table1_markdown(table, 10)
+    plain = _run(tmp_path, "plain", "softmax-mnist", minibatch=[0.5], model={"name": "softmax"})
+    assert measured_functions(plain)["same"] == "yes"
 
 
 def test_runs_without_a_known_row_are_rejected(tmp_path):
@@ -106,6 +273,15 @@ def test_a_run_without_any_overlap_is_rejected(tmp_path):
     empty = type(run)(run.path, run.config, metrics, run.minibatch, run.status)
     with pytest.raises(ValueError, match="has no overlap"):
         run_overlap(empty)
+
+
+def test_a_damaged_full_overlap_file_is_a_clear_error(tmp_path):
+    run = _run(tmp_path, "cut", "softmax-mnist", every=[0.9, 0.8])
+    (run.path / "full_overlap.csv").write_text('step,full/overlap_g_Hg\n0,"0.9\n')
+    with pytest.raises(ValueError, match="not a readable CSV table"):
+        full_overlap_table(run)
+    (run.path / "full_overlap.csv").write_text("step,full/overlap_g_Hg\n0,0.9\n1,0.")  # cut
+    assert full_overlap_table(run)["step"].tolist() == [0]
 
 
 def test_row_under_experiment_key_is_read(tmp_path):

@@ -132,6 +132,9 @@ class TrackerConfig:
     spectrum_probes: int = 10
     spectrum_steps: int = 90
     solver: str = "track"  # track (warm-started) | cold
+    overlap_last: int = 0  # Table 1: full-data overlap(g, Hg) at each of the last N steps (0: off)
+    overlap_every: int = 1  # ... at every this many of those steps (1: every step, as the paper)
+    spectrum_top: int = 0  # at the end: this many top eigenvalues by Lanczos (Fig. 5; 0: none)
 
 
 @dataclass(frozen=True)
@@ -296,6 +299,8 @@ RANGES: dict[str, tuple[float, bool, float, bool]] = {
     "tracker.minibatch_every": (0, True, _INF, False),
     "tracker.spectrum_probes": (1, True, _INF, False),
     "tracker.spectrum_steps": (1, True, _INF, False),
+    "tracker.overlap_last": (0, True, _INF, False), "tracker.overlap_every": (1, True, _INF, False),
+    "tracker.spectrum_top": (0, True, _INF, False),
 }
 CHOICES: dict[str, tuple[str, ...]] = {
     "tracker.mode": ("eval", "train"), "tracker.spectrum": ("none", "exact", "slq"),

@@ -40,6 +40,7 @@ from tinysubspace.experiments.build import (
     with_steps_from_epochs,
 )
 from tinysubspace.experiments.config import ExperimentConfig, config_to_dict
+from tinysubspace.experiments.full_overlap import FullOverlap
 from tinysubspace.experiments.health import RunHealth, guarded
 from tinysubspace.experiments.loggers import RunStoreLogger
 from tinysubspace.experiments.progress import Progress
@@ -164,6 +165,9 @@ class _Loop:
         self.schedule = set(measurement_steps(config.tracker, config.train.steps))
         self.pending_minibatch: list[dict[str, float]] = []
         self.health = RunHealth(config.train)  # divergence check; the step the loop is at
+        self.full_overlap = FullOverlap(config, problem.loss_fn, tsdist.shard(self.train_xy),
+                                        tsdist.shard(problem.tensors("test")),
+                                        self.distributed)  # Table 1: tracker.overlap_last
         self.started = time.perf_counter()
 
     # ---------------------------------------------------------------- state
@@ -218,22 +222,29 @@ class _Loop:
         return row
 
     def save_spectrum(self) -> None:
-        """The final Hessian's spectrum (``tracker.spectrum``): exact eigenvalues, or SLQ."""
-        kind = self.config.tracker.spectrum
-        if kind == "none" or not self.keeps_files:
+        """The final Hessian's spectrum (``tracker.spectrum``): exact eigenvalues, or SLQ; and
+        the top ``tracker.spectrum_top`` eigenvalues by Lanczos (Fig. 5)."""
+        kind, top = self.config.tracker.spectrum, self.config.tracker.spectrum_top
+        if (kind == "none" and not top) or not self.keeps_files:
             return
         from tinysubspace.linalg.density import exact_spectrum, spectral_density
         from tinysubspace.results.spectrum import density_arrays
 
         op = self.tracker.operator(self.problem.model, self.tracker.train)  # collective
+        arrays = {}
         if kind == "exact":
             arrays = {"eigenvalues": exact_spectrum(op).cpu().numpy()}
         elif kind == "slq":
             arrays = density_arrays(spectral_density(
                 op, steps=self.config.tracker.spectrum_steps,
                 probes=self.config.tracker.spectrum_probes, seed=self.config.train.seed))
-        else:
+        elif kind != "none":
             raise ValueError(f"tracker.spectrum must be none, exact or slq, got {kind!r}")
+        if top:  # Fig. 5: "we only computed the top 1000 eigenvalues"
+            from tinysubspace.linalg.lanczos import top_eigenpairs
+
+            eig = top_eigenpairs(op, top, tol=self.config.tracker.tol, seed=self.config.train.seed)
+            arrays["top_eigenvalues"] = eig.values.cpu().numpy()
         if self.store is not None:
             self.store.save_spectrum(arrays)
 
@@ -244,6 +255,7 @@ class _Loop:
         every = cfg.tracker.minibatch_every
         with_overlap = every > 0 and step % every == 0
         model = self.problem.model
+        self.full_overlap.record(model, step, self.store)  # θ_t, before the update
         model.train()
         self.optimizer.zero_grad(set_to_none=True)
         average = None

@@ -119,35 +119,92 @@ def _slq_top_edge(spectrum: dict[str, Any], n_top: int) -> tuple[np.ndarray, np.
     return np.log10(nodes[keep]), mass[keep], unit
 
 
-def figure_top_edge_density(run: RunLike, n_top: int = 1000, bins: int = 60) -> Figure:
-    """Fig. 5: density of the top edge of the spectrum on a log-eigenvalue axis, averaged over
-    realizations: the ``n_top`` largest positive eigenvalues of each row of ``eigenvalues``, in
-    eigenvalues per unit of ``log10 λ`` per realization; the dotted line marks the mean ``λ_k``.
-    With SLQ only: the weighted histogram of the positive nodes; where ``dimension`` is stored,
-    masses are counted in eigenvalues and only the nodes holding the top ``n_top`` are kept.
+def _top_edge_sources(runs: list[Run], figure: str) -> dict[str, Any]:
+    """The top-edge data of ``runs``: ``lanczos`` and ``exact`` as ``(realizations, n)``
+    descending eigenvalues (each run's rows stacked, cut to the shortest), ``slq`` as a list of
+    spectra; ``k``: the first run's ``tracker.k``."""
+    found: dict[str, Any] = {"lanczos": [], "exact": [], "slq": []}
+    for run in runs:
+        spectrum = run.spectrum() or {}
+        if "top_eigenvalues" in spectrum:
+            found["lanczos"].append(_descending(spectrum["top_eigenvalues"]))
+        if "eigenvalues" in spectrum:
+            found["exact"].append(_descending(spectrum["eigenvalues"]))
+        if "nodes" in spectrum and "weights" in spectrum:
+            found["slq"].append(spectrum)
+    if not any(found.values()):
+        raise MissingDataError(f"{figure} needs spectrum.npz with Lanczos 'top_eigenvalues' "
+                               "(tracker.spectrum_top), exact 'eigenvalues' or SLQ 'nodes' and "
+                               f"'weights'; {', '.join(str(r.path) for r in runs)} stored none")
+    for key in ("lanczos", "exact"):
+        if found[key]:
+            n = min(v.shape[1] for v in found[key])
+            found[key] = np.concatenate([v[:, :n] for v in found[key]], axis=0)
+    found["k"] = top_k(runs[0])
+    return found
 
-    Data: ``{"edges", "density"}`` (+ ``"lambda_k"`` from exact eigenvalues).
+
+def _slq_histogram(spectra: list[dict[str, Any]], n_top: int,
+                   edges: np.ndarray | int) -> tuple[np.ndarray, np.ndarray, str]:
+    """The SLQ top edge (:func:`_slq_top_edge`) as a density per unit ``log10 λ``, averaged
+    over the spectra (realizations)."""
+    parts = [_slq_top_edge(spectrum, n_top) for spectrum in spectra]
+    logs = np.concatenate([logs for logs, _, _ in parts])
+    mass = np.concatenate([mass for _, mass, _ in parts]) / len(parts)
+    counts, edges = np.histogram(logs, bins=edges, weights=mass)
+    return counts / np.diff(edges), edges, parts[0][2]
+
+
+def figure_top_edge_density(runs: RunLike | Sequence[RunLike], n_top: int = 1000,
+                            bins: int = 60) -> Figure:
+    """Fig. 5: density of the top edge of the spectrum on a log-eigenvalue axis, averaged over
+    realizations (the paper: "we only computed the top 1000 eigenvalues", 200 realizations).
+
+    Each run is a realization (and each row of a stored ``(realizations, n)`` array). The
+    histogram counts eigenvalues per unit of ``log10 λ`` per realization, of the largest
+    ``n_top`` positive ones from, in order of preference: Lanczos (``top_eigenvalues`` of
+    ``spectrum.npz``, ``tracker.spectrum_top``: the paper's method), the exact spectrum
+    (``eigenvalues``), or SLQ (positive nodes weighted by their mass; where ``dimension`` is
+    stored, masses count eigenvalues and only the nodes holding the top ``n_top`` are kept).
+    With Lanczos or exact values *and* SLQ, the SLQ density is drawn over the histogram, on the
+    same bins and ``n_top``. The dotted line marks the mean ``λ_k``.
+
+    Data: ``{"edges", "density", "source" ("lanczos" | "exact" | "slq"), "realizations"}``,
+    ``"lambda_k"`` (from eigenvalues) and ``"slq": {"edges", "density"}`` (overlaid SLQ).
     """
-    run = as_run(run)
-    spectrum = _spectrum(run, "Fig. 5 (top-edge density)")
+    many = [as_run(r) for r in (runs if isinstance(runs, (list, tuple)) else [runs])]
+    found = _top_edge_sources(many, "Fig. 5 (top-edge density)")
     figure, (ax,) = new_figure(1, width=5.5, height=3.6)
     data: dict[str, Any] = {}
-    if "eigenvalues" in spectrum:
-        values = _descending(spectrum["eigenvalues"])[:, :n_top]
-        logs = np.log10(values[values > 0])
-        weights = np.full(logs.shape, 1.0 / values.shape[0])
-        unit = r"eigenvalues per unit $\log_{10}\lambda$ (per realization)"
-        data.update(_mark_lambda_k(ax, values, top_k(run)))
+    source = next(key for key in ("lanczos", "exact", "slq") if len(found[key]))
+    if source == "slq":
+        density, edges, unit = _slq_histogram(found["slq"], n_top, bins)
+        realizations = len(found["slq"])
     else:
-        logs, weights, unit = _slq_top_edge(spectrum, n_top)
-    if logs.size == 0:
-        raise MissingDataError(f"Fig. 5: {run.path} stored no positive eigenvalue")
-    counts, edges = np.histogram(logs, bins=bins, weights=weights)
-    density = counts / np.diff(edges)
-    ax.stairs(density, edges, fill=True, alpha=0.7)
+        values = found[source][:, :n_top]
+        logs = np.log10(values[values > 0])
+        if logs.size == 0:
+            raise MissingDataError(f"Fig. 5: {', '.join(str(r.path) for r in many)} stored no "
+                                   "positive eigenvalue")
+        realizations = values.shape[0]
+        counts, edges = np.histogram(logs, bins=bins,
+                                     weights=np.full(logs.shape, 1.0 / realizations))
+        density = counts / np.diff(edges)
+        unit = r"eigenvalues per unit $\log_{10}\lambda$ (per realization)"
+        data.update(_mark_lambda_k(ax, values, found["k"]))
+    label = {"lanczos": "Lanczos top eigenvalues", "exact": "exact eigenvalues",
+             "slq": "SLQ"}[source]
+    ax.stairs(density, edges, fill=True, alpha=0.7, label=label)
+    if source != "slq" and found["slq"]:
+        slq, _, _ = _slq_histogram(found["slq"], values.shape[1], edges)
+        ax.stairs(slq, edges, color="C1", lw=1.5, label="SLQ (same bins)")
+        data["slq"] = {"edges": edges, "density": slq}
     ax.set(xlabel=r"$\log_{10} \lambda$", ylabel=unit,
-           title="top edge of the Hessian spectrum")
-    data.update({"edges": edges, "density": density})
+           title=f"top edge of the Hessian spectrum ({realizations} realization"
+                 f"{'s' if realizations != 1 else ''})")
+    ax.legend(fontsize="small")
+    data.update({"edges": edges, "density": density, "source": source,
+                 "realizations": realizations})
     return finish(figure, data)
 
 

@@ -13,16 +13,20 @@ from matplotlib.figure import Figure
 from tinysubspace.results.store import MissingDataError, Run, RunLike, as_run, run_label
 
 __all__ = [
+    "SYMLOG_FROM",
+    "SYMLOG_LINEAR_UNTIL",
     "MissingDataError",
     "RunLike",
     "as_run",
     "choose_steps",
     "finish",
+    "interval_mean",
     "new_figure",
     "plotted_data",
     "require_columns",
     "run_label",
     "series",
+    "step_scale",
     "top_k",
 ]
 
@@ -101,3 +105,45 @@ def choose_steps(available: Sequence[int], wanted: Sequence[int]) -> list[int]:
         if best not in chosen:
             chosen.append(best)
     return chosen
+
+
+def step_scale(last_step: float, x_scale: str = "auto") -> str:
+    """The step axis of Figs. 1 / 12: ``"linear"``, or ``"symlog"`` (linear up to step
+    :data:`SYMLOG_LINEAR_UNTIL`, logarithmic after). ``"auto"``: symlog for runs longer than
+    :data:`SYMLOG_FROM` steps, where the first 200 steps (where f_top rises) would be squeezed
+    into a few percent of a linear axis.
+
+    Raises:
+        ValueError: an unknown ``x_scale``.
+
+    >>> step_scale(1500), step_scale(300), step_scale(300, "symlog")
+    ('symlog', 'linear', 'symlog')
+    """
+    if x_scale not in ("auto", "linear", "symlog"):
+        raise ValueError(f"x_scale must be auto, linear or symlog, got {x_scale!r}")
+    if x_scale != "auto":
+        return x_scale
+    return "symlog" if last_step > SYMLOG_FROM else "linear"
+
+
+SYMLOG_FROM, SYMLOG_LINEAR_UNTIL = 1000, 10
+
+
+def interval_mean(t2: np.ndarray, overlap: np.ndarray, t1: float) -> float:
+    """The overlap averaged over the interval ``t2 − t1`` (PAPER.txt, Fig. 3), by the trapezoid
+    rule over the measured ``t2 ≥ t1``:
+
+    .. math::  \\bar o(t_1) = \\frac{1}{T - t_1} \\int_{t_1}^{T} o(t_1, t_2)\\, dt_2
+
+    so each measurement weighs as much as the stretch of training it stands for, and the dense
+    early schedule (every 10 steps to 200, then every 100) does not tilt the mean. NaN where fewer
+    than two finite points span an interval.
+
+    >>> interval_mean(np.array([0, 10, 100]), np.array([1.0, 1.0, 0.0]), 0)  # 1 to 10, then ramp
+    0.55
+    """
+    keep = np.isfinite(overlap) & (t2 >= t1)
+    x, y = np.asarray(t2, float)[keep], np.asarray(overlap, float)[keep]
+    if x.size < 2 or x[-1] <= x[0]:
+        return float("nan")
+    return float(np.sum((y[1:] + y[:-1]) * np.diff(x)) / 2 / (x[-1] - x[0]))

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
@@ -31,18 +30,22 @@ from tinysubspace.plots.arrays import (
     figure_top_layer_eigenvector,
 )
 from tinysubspace.plots.common import (
+    SYMLOG_LINEAR_UNTIL,
     MissingDataError,
     RunLike,
     as_run,
     choose_steps,
     finish,
+    interval_mean,
     new_figure,
     plotted_data,
     require_columns,
     run_label,
     series,
+    step_scale,
     top_k,
 )
+from tinysubspace.plots.overlap import figure_overlap_g_Hg
 from tinysubspace.results.store import Run
 
 __all__ = [
@@ -64,7 +67,9 @@ __all__ = [
     "figure_top_edge_density",
     "figure_top_eigenvector",
     "figure_top_layer_eigenvector",
+    "interval_mean",
     "plotted_data",
+    "step_scale",
     "too_few_measurements",
 ]
 
@@ -76,11 +81,13 @@ def _anchors(run: Run, kind: str) -> list[int]:
 
 # ----------------------------------------------------------------------- Figs. 1 and 12
 def figure_f_top(runs: RunLike | Sequence[RunLike], max_step: int | None = None,
-                 labels: Sequence[str] | None = None) -> Figure:
+                 labels: Sequence[str] | None = None, x_scale: str = "auto") -> Figure:
     """Fig. 1 / 12: ``f_top`` (eq. 2) and the training loss and accuracy over steps.
 
     One run gives the paper's panel pair (a, b); several runs are overlaid (variants, Fig. 12).
-    Accuracy (dashed, right axis) is drawn where the run measured it (classification).
+    Accuracy (dashed, right axis) is drawn where the run measured it (classification). The step
+    axis is :func:`step_scale` of the last step drawn (``x_scale``: ``auto``, ``linear`` or
+    ``symlog``).
 
     Data: ``{label: {"step", "hessian/f_top", "train/loss", "train/accuracy"}}``.
     """
@@ -104,6 +111,13 @@ def figure_f_top(runs: RunLike | Sequence[RunLike], max_step: int | None = None,
              title=r"(a) fraction of $g$ in the top subspace, $f_{\mathrm{top}}$")
     ax_loss.set(xlabel="step", ylabel="training loss (solid)", title="(b) loss and accuracy")
     ax_acc.set(ylabel="training accuracy (dashed)", ylim=(-0.02, 1.02))
+    last = max((float(np.nanmax(c["step"])) for c in data.values() if len(c["step"])),
+               default=0.0)
+    if step_scale(last, x_scale) == "symlog":
+        for ax in (ax_f, ax_loss):
+            ax.set_xscale("symlog", linthresh=SYMLOG_LINEAR_UNTIL, linscale=0.5)
+            ax.set_xlim(left=0)
+            ax.set_xlabel(f"step (linear to {SYMLOG_LINEAR_UNTIL}, then log)")
     if len(many) > 1:
         ax_f.legend(fontsize="small")
     return finish(figure, data)
@@ -154,12 +168,19 @@ def _dimension_columns(run: Run) -> dict[int, list[int]]:
     return {t1: sorted(ds) for t1, ds in sorted(found.items())}
 
 
-def figure_overlap_vs_dimension(run: RunLike) -> Figure:
+def figure_overlap_vs_dimension(run: RunLike, average: str = "interval") -> Figure:
     """Fig. 3: subspace overlap of the top-``d`` subspaces at ``t1`` and ``t2``, averaged over
-    ``t2 > t1`` (every later measurement), against ``d``; one curve per ``t1``.
+    the interval ``t2 − t1`` (:func:`interval_mean`, the paper's average), against ``d``; one
+    curve per ``t1``. ``average="measurements"``: the plain mean of the measurements at
+    ``t2 > t1`` instead (weighted by the measurement schedule).
 
     Data: ``{t1: {"d", "overlap"}}``. The dotted line marks ``d = k``.
+
+    Raises:
+        ValueError: an unknown ``average``.
     """
+    if average not in ("interval", "measurements"):
+        raise ValueError(f"average must be interval or measurements, got {average!r}")
     run = as_run(run)
     columns = _dimension_columns(run)
     if not columns:
@@ -168,13 +189,19 @@ def figure_overlap_vs_dimension(run: RunLike) -> Figure:
     data: dict[int, Any] = {}
     for index, (t1, dims) in enumerate(columns.items()):
         later = run.metrics[run.metrics["step"] > t1]
-        means = np.array([later[f"overlap/d={d}/t1={t1}"].mean() for d in dims], dtype=float)
+        if average == "interval":
+            means = np.array([interval_mean(*series(run, f"overlap/d={d}/t1={t1}", since=t1), t1)
+                              for d in dims], dtype=float)
+        else:
+            means = np.array([later[f"overlap/d={d}/t1={t1}"].mean() for d in dims], dtype=float)
         if not np.isfinite(means).any():
             continue
         ax.plot(dims, means, "o-", ms=3, color=f"C{index}", label=f"$t_1$ = {t1}")
         data[t1] = {"d": np.array(dims, dtype=float), "overlap": means}
     ax.axvline(top_k(run), color="0.5", ls=":", label=f"d = k = {top_k(run)}")
-    ax.set(xlabel="subspace dimension d", ylabel=r"mean over $t_2 > t_1$ of overlap",
+    ylabel = (r"overlap averaged over $t_2 - t_1$" if average == "interval"
+              else r"mean over measured $t_2 > t_1$")
+    ax.set(xlabel="subspace dimension d", ylabel=ylabel,
            title="overlap of top-d subspaces vs. d", ylim=(-0.02, 1.02))
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.02, 0.5))
@@ -259,56 +286,6 @@ def figure_c2(run: RunLike, steps: Sequence[int] = (0, 50, 100, 200)) -> Figure:
     return finish(figure, data)
 
 
-# ------------------------------------------------------------------- Table 1 companion
-def _overlap_series(run: Run) -> dict[str, dict[str, np.ndarray]]:
-    """``{"minibatch" | "full" | "test": {"step", "overlap"}}``: the overlap(g, Hg) series the
-    run has (rows with NaN dropped; empty series left out)."""
-    sources = [("minibatch", run.minibatch, "minibatch/overlap_g_Hg"),
-               ("full", run.metrics, "hessian/overlap_g_Hg"),
-               ("test", run.metrics, "test/overlap_g_Hg")]
-    found = {}
-    for name, table, column in sources:
-        if table.empty or column not in table:
-            continue
-        rows = table[["step", column]].dropna()
-        if not rows.empty:
-            found[name] = {"step": rows["step"].to_numpy(float),
-                           "overlap": rows[column].to_numpy(float)}
-    return found
-
-
-def figure_overlap_g_Hg(run: RunLike, last_n: int = 1000, smooth: int = 50) -> Figure:
-    """Table 1's quantity over training: ``overlap(g, Hg)`` (eq. 3) on mini-batches (thin; bold:
-    running mean over ``smooth`` rows), on the full training set (markers) and on the test set
-    where measured; the shaded band is the last ``last_n`` steps that Table 1 averages.
-
-    Data: ``{"minibatch" | "full" | "test": {"step", "overlap"}}`` for the series present.
-    """
-    run = as_run(run)
-    data = _overlap_series(run)
-    if not data:
-        raise MissingDataError(f"the overlap(g, Hg) figure needs minibatch.csv or the "
-                               f"hessian/overlap_g_Hg column; {run.path} has neither")
-    figure, (ax,) = new_figure(1, width=6.0, height=3.6)
-    styles = {"full": ("o-", "C1"), "test": ("s--", "C2")}
-    for name, curve in data.items():
-        steps, values = curve["step"], curve["overlap"]
-        if name == "minibatch":
-            ax.plot(steps, values, "-", lw=0.4, color="C0", alpha=0.4)
-            mean = pd.Series(values).rolling(smooth, min_periods=1).mean().to_numpy(float)
-            ax.plot(steps, mean, "-", color="C0", label=f"mini-batch (mean of {smooth})")
-        else:
-            ax.plot(steps, values, styles[name][0], ms=3, color=styles[name][1],
-                    label=f"{name} data set")
-    last = max(float(d["step"].max()) for d in data.values())
-    ax.axvspan(max(last - last_n, 0), last, color="0.9", zorder=0,
-               label=f"last {last_n} steps (Table 1)")
-    ax.set(xlabel="step", ylabel=r"overlap$(g, Hg)$", ylim=(-1.02, 1.02),
-           title=r"overlap$(g, Hg) = g^T H g / (\|g\|\,\|Hg\|)$")
-    ax.legend(fontsize="small", loc="lower right")
-    return finish(figure, data)
-
-
 # ----------------------------------------------------------------------------- registry
 @dataclass(frozen=True)
 class FigureSpec:
@@ -326,7 +303,7 @@ _SPECS = (
     ("2", "subspace_overlap", figure_subspace_overlap, "Fig. 2: overlap (eq. 5) of the top-k "
      "subspace at t1 with that at t2, and the same for the next k eigenvectors."),
     ("3", "overlap_vs_dimension", figure_overlap_vs_dimension, "Fig. 3: overlap of the top-d "
-     "subspaces at t1 and t2, averaged over t2 > t1, against the dimension d."),
+     "subspaces at t1 and t2, averaged over the interval t2 - t1, against the dimension d."),
     ("4", "spectrum", figure_spectrum, "Fig. 4: the full Hessian spectrum, top k eigenvalues "
      "numbered."),
     ("5", "top_edge_density", figure_top_edge_density, "Fig. 5: density of the top edge of the "

@@ -23,6 +23,7 @@ from tinysubspace.plots.figures import (
     MissingDataError,
     too_few_measurements,
 )
+from tinysubspace.results.key_numbers import key_numbers
 from tinysubspace.results.store import Run
 from tinysubspace.results.table1 import TABLE1_ROWS, run_overlap, table1_row_id
 
@@ -89,21 +90,42 @@ def _table(rows: list[dict[str, Any]]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def _table1_section(run: Run) -> str:
-    """Table 1's mean overlap(g, Hg) of this run (with the paper's value if it is a row)."""
+def _table1_section(run: Run, last_n: int = 1000) -> str:
+    """Table 1's means of this run, beside the paper's value if it is a row, and the run's key
+    numbers beside the paper's (:func:`~tinysubspace.results.key_numbers.key_numbers`)."""
     row_id = table1_row_id(run)
     row = next((r for r in TABLE1_ROWS if r.row_id == row_id), None)
+    title = f"<h2>Table 1: mean overlap(g, Hg), last {last_n} steps</h2>"
     try:
-        ours = run_overlap(run)
+        ours = run_overlap(run, last_n)
     except ValueError as error:
-        return f"<h2>Table 1</h2><p class=skip>{html.escape(str(error))}</p>"
+        return f"{title}<p class=skip>{html.escape(str(error))}</p>"
+
+    def cell(mean: Any) -> Any:
+        return mean.value if mean is not None else "—"
+
+    def window(mean: Any) -> str:
+        return "—" if mean is None else (f"{mean.source}, steps {mean.first_step}–"
+                                         f"{mean.last_step} ({mean.count} values)")
+
     cells = {"row": row.row_id if row else "(none: no table1_row)",
              "setting": f"{row.dataset} {row.model} {row.comment}".strip() if row else "",
-             "paper": row.paper if row else "—", "ours (train)": ours.train,
-             "ours (test)": ours.test if ours.test is not None else "—",
-             "averaged": f"{ours.source}, steps {ours.first_step}–{ours.last_step} "
-                         f"({ours.count} rows)"}
-    return "<h2>Table 1: mean overlap(g, Hg), last 1000 steps</h2>" + _table([cells])
+             "paper": row.paper if row else "—", "ours: full data": cell(ours.full),
+             "ours: mini-batch": cell(ours.minibatch), "ours: test set": cell(ours.test)}
+    sources = [{"column": name, "averaged": window(mean), "function": function}
+               for name, mean, function in (
+                   ("full data (the paper's)", ours.full, ours.functions["full"]),
+                   ("mini-batch", ours.minibatch, ours.functions["minibatch"]),
+                   ("test set", ours.test, ours.functions["full"]))]
+    same = ("the same function in both modes (no dropout or batch norm)"
+            if ours.functions["same"] == "yes" else
+            f"different functions: the model has {ours.functions['random_parts']}")
+    numbers = [{"quantity": n.quantity, "ours": n.ours, "paper": n.paper, "where": n.where}
+               for n in key_numbers(run, last_n)]
+    return (f"<div id=table1>{title}{_table([cells])}</div>{_table(sources)}"
+            f"<p>Mini-batch and full data measure {html.escape(same)}.</p>"
+            "<div id=key-numbers><h2>Key numbers beside the paper's</h2>"
+            f"{_table(numbers)}</div>")
 
 
 def render_report(run: RunLike, figures: Sequence[str] = DEFAULT_FIGURES, dpi: int = 90) -> str:

@@ -5,11 +5,22 @@ setting, next to the published value.
            \\frac{g_t^T H_t g_t}{\\|g_t\\|\\,\\|H_t g_t\\|},
            \\qquad W = \\{t : t_{\\mathrm{last}} - N < t \\le t_{\\mathrm{last}}\\}
 
-"the reported overlap is the mean over the last 1,000 steps of training" (PAPER.txt, Table 1),
-with ``g`` and ``H`` of the training mini-batch at each step. We average
-``minibatch/overlap_g_Hg`` (``minibatch.csv``) over the rows in ``W``; a run without a mini-batch
-table falls back to the full-batch ``hessian/overlap_g_Hg`` column, and the output says so. The
-test-set column averages ``test/overlap_g_Hg`` over the same window, where measured.
+The paper's column (PAPER.txt, section 2 and Table 1): ``g`` and ``H`` of the *entire* training
+set, "the mean over the last 1,000 steps of training". Three columns of ours:
+
+- **full data** (the paper's): ``full/overlap_g_Hg`` of ``full_overlap.csv``, measured at every
+  step of the window (``tracker.overlap_last = 1000``, :mod:`tinysubspace.experiments.
+  full_overlap`); a run without that file falls back to the tracker's ``hessian/overlap_g_Hg``
+  of ``metrics.csv`` at its (fewer) measurements, and the ``full_source`` column says so;
+- **mini-batch**: ``minibatch/overlap_g_Hg`` of ``minibatch.csv``, ``g`` and ``H`` of each step's
+  training mini-batch — a noisier, different quantity (lower on digits: 0.92 against 0.96);
+- **test**: ``full/test_overlap_g_Hg`` (every step, the whole test split) where measured, else
+  ``test/overlap_g_Hg`` of ``metrics.csv``.
+
+Which function each column measures: full data and test in the tracker's mode (``eval`` by
+default: dropout off, batch norm on its running statistics), the mini-batch in train mode (a
+dropout mask per step, batch norm on the batch's statistics). Without dropout and batch norm the
+two modes are the same function; :func:`measured_functions` says which holds for a run.
 
 A run belongs to a row through ``table1_row`` in its config (top level, or under
 ``"experiment"``), one of the slugs of :data:`TABLE1_ROWS`.
@@ -28,10 +39,15 @@ import pandas as pd
 from tinysubspace.results.store import Run
 
 __all__ = [
+    "FULL_OVERLAP_COLUMNS",
+    "FULL_OVERLAP_FILE",
     "MINIBATCH_COLUMN",
     "TABLE1_ROWS",
     "RunOverlap",
     "Table1Row",
+    "WindowMean",
+    "full_overlap_table",
+    "measured_functions",
     "run_overlap",
     "table1",
     "table1_csv",
@@ -40,8 +56,12 @@ __all__ = [
     "window_mean",
 ]
 
-MINIBATCH_COLUMN, FULL_COLUMN, TEST_COLUMN = ("minibatch/overlap_g_Hg", "hessian/overlap_g_Hg",
-                                              "test/overlap_g_Hg")
+FULL_OVERLAP_FILE = "full_overlap.csv"
+FULL_OVERLAP_COLUMNS = ("step", "full/loss", "full/grad_norm", "full/overlap_g_Hg",
+                        "full/test_loss", "full/test_overlap_g_Hg")
+MINIBATCH_COLUMN = "minibatch/overlap_g_Hg"
+FULL_COLUMN, FULL_TEST_COLUMN = "full/overlap_g_Hg", "full/test_overlap_g_Hg"
+MEASURED_COLUMN, MEASURED_TEST_COLUMN = "hessian/overlap_g_Hg", "test/overlap_g_Hg"
 
 
 @dataclass(frozen=True)
@@ -72,27 +92,45 @@ _BY_ID = {row.row_id: row for row in TABLE1_ROWS}
 
 
 @dataclass(frozen=True)
+class WindowMean:
+    """The mean of one column over a window of steps.
+
+    Attributes:
+        value: the mean of the finite values (NaN if there are none).
+        first_step, last_step: the steps actually covered.
+        count: how many values were averaged.
+        source: ``file:column`` averaged.
+    """
+
+    value: float
+    first_step: int
+    last_step: int
+    count: int
+    source: str
+
+
+@dataclass(frozen=True)
 class RunOverlap:
-    """The mean overlap(g, Hg) of one run over its last ``N`` steps.
+    """Table 1's means of one run over its last ``N`` steps.
 
     Attributes:
         path: the run folder.
         row_id: its Table 1 row.
-        train: mean of ``source`` over the window (NaN if no finite value there).
-        test: mean of ``test/overlap_g_Hg`` over the window, ``None`` if not measured.
-        source: the column averaged: ``minibatch/overlap_g_Hg`` or ``hessian/overlap_g_Hg``.
-        first_step, last_step: the window ``(last − N, last]`` actually covered.
-        count: number of rows averaged.
+        full: the paper's column, full training set (``None``: not measured).
+        minibatch: the mini-batch overlap (``None``: no mini-batch table).
+        test: the whole test split (``None``: not measured).
+        every_step: ``full`` was measured at every step of the window (``full_overlap.csv``),
+            not only at the tracker's measurements.
+        functions: :func:`measured_functions` of the run.
     """
 
     path: str
     row_id: str | None
-    train: float
-    test: float | None
-    source: str
-    first_step: int
-    last_step: int
-    count: int
+    full: WindowMean | None
+    minibatch: WindowMean | None
+    test: WindowMean | None
+    every_step: bool
+    functions: dict[str, str]
 
 
 def window_mean(table: pd.DataFrame, column: str, last_n: int,
@@ -127,36 +165,112 @@ def table1_row_id(run: Run) -> str | None:
     return config.get("table1_row") or (config.get("experiment") or {}).get("table1_row")
 
 
+def full_overlap_table(run: Run) -> pd.DataFrame:
+    """``full_overlap.csv`` of the run (empty if absent; a row cut short by a crash dropped).
+
+    Raises:
+        ValueError: the file is not a readable CSV table.
+    """
+    path = run.path / FULL_OVERLAP_FILE
+    if not path.exists():
+        return pd.DataFrame()
+    text = path.read_text(encoding="utf-8")
+    text = text[: text.rfind("\n") + 1]
+    try:
+        return pd.read_csv(io.StringIO(text)) if text.strip() else pd.DataFrame()
+    except pd.errors.ParserError as error:
+        raise ValueError(f"{path} is not a readable CSV table ({error})") from None
+
+
+def measured_functions(run: Run) -> dict[str, str]:
+    """Which function each column measures: ``{"full", "minibatch", "same"}`` (``same`` is
+    ``"yes"`` when the model has neither dropout nor batch norm, so both modes agree)."""
+    mode = (run.config.get("tracker") or {}).get("mode") or "eval"
+    model = run.config.get("model") or {}
+    random_parts = [name for name, key in (("dropout", "dropout"), ("batch norm", "batchnorm"))
+                    if model.get(key)]
+    if mode == "eval":
+        full = "eval mode: dropout off, batch norm on running statistics"
+    else:
+        full = "train mode: dropout on, batch norm on each chunk's statistics"
+    return {"full": full, "minibatch": "train mode: a dropout mask per step, batch norm on "
+            "the mini-batch's statistics", "same": "no" if random_parts else "yes",
+            "random_parts": ", ".join(random_parts)}
+
+
 def _has_values(table: pd.DataFrame, column: str) -> bool:
     return not table.empty and column in table and bool(table[column].notna().any())
 
 
+def _first_mean(candidates: list[tuple[str, pd.DataFrame, str]],
+                last_n: int) -> WindowMean | None:
+    """The window mean of the first ``(file, table, column)`` that has values."""
+    for name, table, column in candidates:
+        if _has_values(table, column):
+            return WindowMean(*window_mean(table, column, last_n), f"{name}:{column}")
+    return None
+
+
 def run_overlap(run: Run, last_n: int = 1000) -> RunOverlap:
-    """Table 1's mean overlap of one run over its last ``last_n`` steps.
+    """Table 1's means of one run over its last ``last_n`` steps.
 
     Raises:
-        ValueError: the run has neither mini-batch nor full-batch overlap(g, Hg) values.
+        ValueError: the run has no overlap(g, Hg) values at all (none of ``full_overlap.csv``,
+            ``metrics.csv`` and ``minibatch.csv`` holds one).
     """
-    if _has_values(run.minibatch, MINIBATCH_COLUMN):
-        table, source = run.minibatch, MINIBATCH_COLUMN
-    elif _has_values(run.metrics, FULL_COLUMN):
-        table, source = run.metrics, FULL_COLUMN
-    else:
-        raise ValueError(f"{run.path} has no overlap(g, Hg) values: neither {MINIBATCH_COLUMN} "
-                         f"in minibatch.csv nor {FULL_COLUMN} in metrics.csv")
-    train, first, last, count = window_mean(table, source, last_n)
-    test = None
-    if _has_values(run.metrics, TEST_COLUMN):
-        test = window_mean(run.metrics, TEST_COLUMN, last_n, last_step=last)[0]
-    return RunOverlap(str(run.path), table1_row_id(run), train, test, source, first, last, count)
+    every = full_overlap_table(run)
+    full = _first_mean([(FULL_OVERLAP_FILE, every, FULL_COLUMN),
+                        ("metrics.csv", run.metrics, MEASURED_COLUMN)], last_n)
+    minibatch = _first_mean([("minibatch.csv", run.minibatch, MINIBATCH_COLUMN)], last_n)
+    if full is None and minibatch is None:
+        raise ValueError(f"{run.path} has no overlap(g, Hg) values: neither {FULL_COLUMN} in "
+                         f"{FULL_OVERLAP_FILE}, {MEASURED_COLUMN} in metrics.csv nor "
+                         f"{MINIBATCH_COLUMN} in minibatch.csv")
+    test = _first_mean([(FULL_OVERLAP_FILE, every, FULL_TEST_COLUMN),
+                        ("metrics.csv", run.metrics, MEASURED_TEST_COLUMN)], last_n)
+    return RunOverlap(str(run.path), table1_row_id(run), full, minibatch, test,
+                      full is not None and full.source.startswith(FULL_OVERLAP_FILE),
+                      measured_functions(run))
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    finite = [v for v in values if np.isfinite(v)]
+    mean = float(np.mean(finite)) if finite else math.nan
+    return mean, float(np.std(finite, ddof=1)) if len(finite) > 1 else math.nan
+
+
+def _value(mean: WindowMean | None) -> float:
+    return math.nan if mean is None else mean.value
+
+
+def _full_source(results: list[RunOverlap]) -> str:
+    kinds = []
+    for r in results:
+        if r.full is None:
+            kinds.append("not measured")
+        elif r.every_step:
+            kinds.append("every step")
+        else:
+            kinds.append(f"{r.full.count} measurements")
+    return ", ".join(dict.fromkeys(kinds))
+
+
+def _steps(r: RunOverlap) -> str:
+    parts = [f"{name} {m.first_step}-{m.last_step} ({m.count})"
+             for name, m in (("full", r.full), ("mini-batch", r.minibatch), ("test", r.test))
+             if m is not None]
+    return ", ".join(parts)
 
 
 def table1(runs: Iterable[Run], last_n: int = 1000) -> pd.DataFrame:
-    """Table 1: one row per paper row, in the paper's order, with our mean over the runs of it.
+    """Table 1: one row per paper row, in the paper's order, with our means over its runs.
 
-    Columns: ``row``, ``dataset``, ``model``, ``comment``, ``paper``, ``train`` (mean over runs
-    of each run's window mean), ``train_std`` (over runs; NaN for one run), ``test``, ``runs``,
-    ``source`` (``mini-batch`` or ``full batch``), ``steps`` (the window(s) averaged).
+    Columns: ``row``, ``dataset``, ``model``, ``comment``, ``paper``; ``full`` (the paper's
+    column: mean over runs of each run's full-data window mean), ``full_std`` (over runs; NaN
+    for one run), ``minibatch``, ``minibatch_std``, ``test``, ``runs``, ``full_source``
+    (``every step`` or ``N measurements``), ``same_function`` (``yes``: no dropout or batch
+    norm, so the mini-batch column measures the same function; ``no``), ``steps`` (the windows
+    averaged, per run).
 
     Raises:
         ValueError: a run without ``table1_row`` or with an unknown one (the known are listed).
@@ -171,41 +285,47 @@ def table1(runs: Iterable[Run], last_n: int = 1000) -> pd.DataFrame:
     records = []
     for row in TABLE1_ROWS:
         results = found.get(row.row_id, [])
-        train = [r.train for r in results]
-        tests = [r.test for r in results if r.test is not None]
-        sources = sorted({"mini-batch" if r.source == MINIBATCH_COLUMN else "full batch"
-                          for r in results})
+        full, full_std = _mean_std([_value(r.full) for r in results])
+        minibatch, minibatch_std = _mean_std([_value(r.minibatch) for r in results])
         records.append({
             "row": row.row_id, "dataset": row.dataset, "model": row.model,
-            "comment": row.comment, "paper": row.paper,
-            "train": float(np.mean(train)) if train else math.nan,
-            "train_std": float(np.std(train, ddof=1)) if len(train) > 1 else math.nan,
-            "test": float(np.mean(tests)) if tests else math.nan,
-            "runs": len(results), "source": ", ".join(sources),
-            "steps": "; ".join(f"{r.first_step}-{r.last_step} ({r.count} rows)"
-                               for r in results)})
+            "comment": row.comment, "paper": row.paper, "full": full, "full_std": full_std,
+            "minibatch": minibatch, "minibatch_std": minibatch_std,
+            "test": _mean_std([_value(r.test) for r in results])[0], "runs": len(results),
+            "full_source": _full_source(results),
+            "same_function": ", ".join(dict.fromkeys(r.functions["same"] for r in results)),
+            "steps": "; ".join(_steps(r) for r in results)})
     return pd.DataFrame.from_records(records)
 
 
-def _cell(value: float, std: float = math.nan) -> str:
+def _cell(value: float, std: float = math.nan, mark: str = "") -> str:
     if not np.isfinite(value):
         return "—"
-    return f"{value:.2f} ± {std:.2f}" if np.isfinite(std) else f"{value:.2f}"
+    text = f"{value:.2f} ± {std:.2f}" if np.isfinite(std) else f"{value:.2f}"
+    return text + mark
 
 
 def table1_markdown(table: pd.DataFrame, last_n: int = 1000) -> str:
-    """Table 1 as a markdown table, with a note on what was averaged."""
-    lines = ["| Dataset | Model | Comment | Paper | Ours (train) | Ours (test) | Runs | Source |",
-             "|---|---|---|---|---|---|---|---|"]
+    """Table 1 as a markdown table, with notes on what each column measured."""
+    lines = ["| Dataset | Model | Comment | Paper | Ours: full data | Ours: mini-batch | "
+             "Ours: test set | Runs | Full data at |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in table.itertuples(index=False):
+        mark = " †" if "no" in str(r.same_function).split(", ") else ""
         lines.append(f"| {r.dataset} | {r.model} | {r.comment} | {r.paper:.2f} | "
-                     f"{_cell(r.train, r.train_std)} | {_cell(r.test)} | {r.runs} | "
-                     f"{r.source or '—'} |")
-    lines.append("")
-    lines.append(f"Mean overlap(g, Hg) (eq. 3) over the last {last_n} steps of each run "
-                 "(mini-batch: minibatch.csv, at every logged step; full batch: metrics.csv, "
-                 "used where a run has no mini-batch table); ± is the standard deviation over "
-                 "runs. The paper reports training-set values only; — : no run or not measured.")
+                     f"{_cell(r.full, r.full_std)} | {_cell(r.minibatch, r.minibatch_std, mark)}"
+                     f" | {_cell(r.test)} | {r.runs} | {r.full_source or '—'} |")
+    lines += ["", f"Mean overlap(g, Hg) (eq. 3) over the last {last_n} steps of each run. "
+              "Full data (the paper's column): g and H of the whole training set (PAPER.txt, "
+              f"section 2), at every step ({FULL_OVERLAP_FILE}, tracker.overlap_last) or, "
+              "where a run lacks it, at the tracker's measurements in metrics.csv (the last "
+              "column says which). Mini-batch: g and H of each step's training mini-batch "
+              "(minibatch.csv). Test set: g and H of the whole test split. Full data and test "
+              "set are measured in the tracker's mode (eval: dropout off, batch norm on running "
+              "statistics), the mini-batch in train mode (dropout on, batch norm on the "
+              "batch's statistics): the same function unless the model has dropout or batch "
+              "norm (†: a different function). ± is the standard deviation over runs; the "
+              "paper reports training-set values only; — : no run or not measured."]
     return "\n".join(lines)
 
 
