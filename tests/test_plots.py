@@ -308,3 +308,112 @@ def test_runs_with_too_few_measurements_get_a_message_not_empty_panels(tmp_path,
     page = render_report(run_dir, figures=("1", "8"), dpi=20)
     assert "Figures over training are not drawn" in page and "data:image/png" not in page
     assert too_few_measurements(load_run(write_run(tmp_path / "full"))) is None
+
+
+# ------------------------------------------------------------- issue 16: as the paper measured
+def test_fig3_averages_over_the_interval_not_the_schedule(run_dir, metrics, tmp_path):
+    """overlap = exp(-(t2 - t1) d / 500) in the fixture: the interval average over [t1, 300] is
+    500 / (d (300 - t1)) (1 - exp(-(300 - t1) d / 500)); thinning the late measurements (a
+    sparser schedule) leaves it, while the plain mean of the measurements moves."""
+    data = plotted_data(plots.figure_overlap_vs_dimension(run_dir))
+    dims = np.arange(2, 2 * K + 1)
+    for t1 in ANCHORS:
+        span = 300 - t1
+        exact = 500 / (dims * span) * (1 - np.exp(-span * dims / 500))
+        np.testing.assert_allclose(data[t1]["overlap"], exact, rtol=2e-3)
+    sparse = write_run(tmp_path / "sparse")
+    table = pd.read_csv(sparse / "metrics.csv")
+    keep = (table["step"] <= 100) | (table["step"] % 50 == 0)  # every 10, then every 50
+    table[keep].to_csv(sparse / "metrics.csv", index=False)
+    thinned = plotted_data(plots.figure_overlap_vs_dimension(sparse))
+    by_rows = plotted_data(plots.figure_overlap_vs_dimension(sparse, average="measurements"))
+    exact = 500 / (dims * 300) * (1 - np.exp(-300 * dims / 500))
+    np.testing.assert_allclose(thinned[0]["overlap"], exact, rtol=1e-2)
+    assert np.all(np.abs(by_rows[0]["overlap"] - exact) > 0.05)  # weighted by the schedule
+    with pytest.raises(ValueError, match="average must be interval or measurements"):
+        plots.figure_overlap_vs_dimension(run_dir, average="mean")
+
+
+def test_interval_mean_by_hand():
+    t2 = np.array([100.0, 110.0, 200.0, 400.0])
+    values = np.array([1.0, 0.8, 0.6, np.nan])  # the NaN point is left out: [100, 200]
+    assert plots.interval_mean(t2, values, 100) == pytest.approx((0.9 * 10 + 0.7 * 90) / 100)
+    assert np.isnan(plots.interval_mean(t2[:1], values[:1], 100))  # no interval
+
+
+def test_fig1_step_axis_is_symlog_for_long_runs(tmp_path):
+    short = plots.figure_f_top(write_run(tmp_path / "short", last_step=300))
+    long_run = write_run(tmp_path / "long", last_step=1500)
+    long = plots.figure_f_top(long_run)
+    assert short.axes[0].get_xscale() == "linear"
+    assert long.axes[0].get_xscale() == long.axes[1].get_xscale() == "symlog"
+    x, _ = line_data(long.axes[0])
+    np.testing.assert_array_equal(x, np.arange(0, 1501, 10))  # the data is unchanged
+    assert plots.figure_f_top(long_run, x_scale="linear").axes[0].get_xscale() == "linear"
+    assert plots.step_scale(1500, "auto") == "symlog" and plots.step_scale(1000) == "linear"
+    with pytest.raises(ValueError, match="x_scale must be auto, linear or symlog"):
+        plots.step_scale(10, "log")
+
+
+def _spectrum_run(tmp_path, name, seed=0, **arrays):
+    path = write_run(tmp_path / name, spectrum=False, vectors=False, seed=seed)
+    np.savez(path / "spectrum.npz", **arrays)
+    return path
+
+
+def test_fig5_from_lanczos_top_eigenvalues_of_several_realizations(tmp_path):
+    # two runs (realizations) of 5 Lanczos eigenvalues; per realization 5 eigenvalues in all
+    a = _spectrum_run(tmp_path, "a", top_eigenvalues=np.array([10.0, 5.0, 4.0, 0.1, 0.01]))
+    b = _spectrum_run(tmp_path, "b", top_eigenvalues=np.array([12.0, 6.0, 2.0, 0.2, 0.02]))
+    data = plotted_data(plots.figure_top_edge_density([a, b], bins=10))
+    assert data["source"] == "lanczos" and data["realizations"] == 2
+    mass = float((data["density"] * np.diff(data["edges"])).sum())
+    assert mass == pytest.approx(5.0)  # eigenvalues per realization
+    assert data["edges"][0] == pytest.approx(np.log10(0.01))
+    assert data["edges"][-1] == pytest.approx(np.log10(12.0))
+    assert data["lambda_k"] == pytest.approx((4.0 + 2.0) / 2)  # k = 3: mean λ_3
+    top3 = plotted_data(plots.figure_top_edge_density([a, b], n_top=3, bins=10))
+    assert float((top3["density"] * np.diff(top3["edges"])).sum()) == pytest.approx(3.0)
+
+
+def test_fig5_lanczos_with_slq_overlaid_on_the_same_bins(tmp_path):
+    nodes = np.array([[0.01, 1.0, 8.0]])
+    weights = np.array([[0.9, 0.05, 0.05]])  # dimension 40: 2 eigenvalues near 8, 2 near 1
+    run = _spectrum_run(tmp_path, "both", top_eigenvalues=np.array([9.0, 7.0, 1.5, 0.5]),
+                        nodes=nodes, weights=weights, dimension=np.array(40))
+    data = plotted_data(plots.figure_top_edge_density(run, bins=8))
+    assert data["source"] == "lanczos"
+    np.testing.assert_array_equal(data["slq"]["edges"], data["edges"])
+    slq_mass = float((data["slq"]["density"] * np.diff(data["edges"])).sum())
+    assert slq_mass == pytest.approx(4.0)  # the nodes holding the top 4: 8 (2) and 1 (2)
+    only_slq = _spectrum_run(tmp_path, "slq", nodes=nodes, weights=weights,
+                             dimension=np.array(40))
+    assert plotted_data(plots.figure_top_edge_density(only_slq))["source"] == "slq"
+    with pytest.raises(MissingDataError, match="Lanczos 'top_eigenvalues'"):
+        plots.figure_top_edge_density(write_run(tmp_path / "none", spectrum=False))
+
+
+def test_overlap_figure_draws_the_every_step_series(tmp_path):
+    path = write_run(tmp_path / "every", vectors=False, spectrum=False)
+    steps = np.arange(200, 300)
+    pd.DataFrame({"step": steps, "full/overlap_g_Hg": 0.9 + 0 * steps,
+                  "full/test_overlap_g_Hg": 0.7 + 0 * steps}).to_csv(
+        path / "full_overlap.csv", index=False)
+    data = plotted_data(plots.figure_overlap_g_Hg(path))
+    assert set(data) == {"minibatch", "full", "full_every", "test", "test_every"}
+    np.testing.assert_array_equal(data["full_every"]["step"], steps)
+    np.testing.assert_array_equal(data["test_every"]["overlap"], np.full(100, 0.7))
+
+
+def test_a_run_stores_lanczos_top_eigenvalues_equal_to_the_exact_spectrum(tmp_path):
+    from experiment_fixtures import tiny_config
+    from tinysubspace.experiments.training import run_experiment
+
+    config = tiny_config(tracker__spectrum="exact", tracker__spectrum_top=6, train__steps=8)
+    assert run_experiment(config, tmp_path / "run").state == "finished"
+    stored = np.load(tmp_path / "run" / "spectrum.npz")
+    exact = np.sort(stored["eigenvalues"])[::-1][:6]
+    np.testing.assert_allclose(stored["top_eigenvalues"], exact, rtol=1e-6,
+                               atol=1e-9 * exact[0])
+    data = plotted_data(plots.figure_top_edge_density(tmp_path / "run"))
+    assert data["source"] == "lanczos" and data["realizations"] == 1

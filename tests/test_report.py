@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import base64
+import html
 import io
+import json
 import re
+import shutil
+import subprocess
 
 import pytest
 
@@ -137,3 +141,107 @@ def test_progress_prints_what_a_measurement_has():
     lines = stream.getvalue().splitlines()
     assert lines[1].endswith("| step 10: loss 0.5000")
     assert lines[2].endswith("| step 20: loss 0.2500  f_top nan  overlap(g,Hg) 0.750")
+
+
+# ------------------------------------------------------- issue 16: the page in a real browser
+CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--no-first-run")
+PROBE = """<script>window.addEventListener("load", () => {
+  const images = [...document.images].map(i => ({alt: i.alt, complete: i.complete,
+    width: i.naturalWidth, height: i.naturalHeight, shown: i.getBoundingClientRect().width}));
+  const fetched = performance.getEntriesByType("resource").map(e => e.name);
+  const probe = document.createElement("pre"); probe.id = "probe";
+  probe.textContent = JSON.stringify({images, fetched});
+  document.body.appendChild(probe);});</script>"""
+
+
+def _chromium() -> str:
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found is None:
+        pytest.skip("no chromium on this machine: the browser test needs Debian's chromium "
+                    "(apt-get install -y chromium; .ci/run installs it where apt-get works)")
+    return found
+
+
+def _open_in_chromium(page, tmp_path):
+    """Load ``page`` (with the probe script added) in headless chromium; returns the DOM after
+    load, the probe's JSON and the URLs requested on behalf of the page (from the net log)."""
+    probe = tmp_path / "probe.html"
+    probe.write_text(page.replace("</body>", PROBE + "</body>"), encoding="utf-8")
+    net_log = tmp_path / "net.json"
+    done = subprocess.run([_chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}",
+                           f"--log-net-log={net_log}", "--virtual-time-budget=10000",
+                           "--window-size=1200,900", "--dump-dom", probe.as_uri()],
+                          capture_output=True, text=True, timeout=180, check=False)
+    dom = done.stdout
+    found = re.search(r'<pre id="probe">(.*?)</pre>', dom, re.S)
+    assert found, f"chromium rendered no probe (exit {done.returncode}): {done.stderr[-2000:]}"
+    log = json.loads(net_log.read_text())
+    kinds = {v: k for k, v in log["constants"]["logEventTypes"].items()}
+    page_requests = [e["params"]["url"] for e in log["events"]
+                     if kinds.get(e["type"]) == "URL_REQUEST_START_JOB"
+                     and str(e["params"].get("network_isolation_key", "")).startswith("file://")]
+    return dom, json.loads(html.unescape(found.group(1))), page_requests
+
+
+def _tables(dom, section):
+    """The cells of each table inside ``<div id=section>`` of the dumped DOM (plain text)."""
+    block = re.search(rf'<div id="{section}">(.*?)</div>', dom, re.S).group(1)
+    return [[[html.unescape(re.sub(r"<[^>]+>", "", cell)) for cell in
+              re.findall(r"<t[hd][^>]*>(.*?)</t[hd]>", row, re.S)]
+             for row in re.findall(r"<tr>(.*?)</tr>", table, re.S)]
+            for table in re.findall(r"<table>(.*?)</table>", block, re.S)]
+
+
+def test_the_report_renders_in_a_real_browser_offline_with_table1_beside_the_paper(tmp_path):
+    import numpy as np
+    import pandas as pd
+
+    from run_fixtures import write_run
+
+    _chromium()  # skip first, before any work
+    path = write_run(tmp_path / "run", table1_row="softmax-mnist")
+    steps = np.arange(300)
+    full = 0.9 + 0.05 * np.sin(steps / 7.0)
+    pd.DataFrame({"step": steps, "full/overlap_g_Hg": full,
+                  "full/test_overlap_g_Hg": full - 0.1}).to_csv(path / "full_overlap.csv",
+                                                                 index=False)
+    page = render_report(path, dpi=30)
+    assert "<script" not in page  # the page itself runs nothing
+    dom, probe, page_requests = _open_in_chromium(page, tmp_path)
+    images = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
+    assert len(probe["images"]) == len(images) == 11
+    for shown, encoded in zip(probe["images"], images, strict=True):
+        png = base64.b64decode(encoded)
+        width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
+        assert shown["complete"] and (shown["width"], shown["height"]) == (width, height), shown
+        assert shown["shown"] > 100, shown  # laid out on the page, not only decoded
+    assert probe["fetched"] == [] and page_requests == []  # nothing from the network
+    header, row = _tables(dom, "table1")[0]
+    cells = dict(zip(header, row, strict=True))
+    assert cells["row"] == "softmax-mnist" and cells["paper"] == "0.96"
+    minibatch = pd.read_csv(path / "minibatch.csv")["minibatch/overlap_g_Hg"]
+    assert float(cells["ours: full data"]) == pytest.approx(full.mean(), abs=5e-5)
+    assert float(cells["ours: test set"]) == pytest.approx(full.mean() - 0.1, abs=5e-5)
+    assert float(cells["ours: mini-batch"]) == pytest.approx(minibatch.mean(), abs=5e-5)
+    numbers = {line[0]: line[1:] for line in _tables(dom, "key-numbers")[0][1:]}
+    table1_line = numbers["mean overlap(g, Hg), full training set, last 1000 steps (every step)"]
+    assert table1_line[1:] == ["0.96", "Table 1"]
+    metrics = pd.read_csv(path / "metrics.csv")
+    f_top = numbers["f_top at the last measurement"]
+    assert float(f_top[0]) == pytest.approx(metrics["hessian/f_top"].iloc[-1], rel=1e-3)
+    assert "close to 1" in f_top[1]
+    eq4 = numbers["eq. 4 with our top 3 eigenvalues"]
+    top = metrics[["hessian/eig_1", "hessian/eig_2", "hessian/eig_3"]].iloc[-1].to_numpy()
+    assert float(eq4[0]) == pytest.approx(top.sum() / np.sqrt(3 * (top ** 2).sum()), rel=1e-3)
+    assert eq4[1] == "√(3/4) ≈ 0.87 for λ_i ∝ i"
+
+
+def test_the_browser_check_catches_a_page_that_fetches(tmp_path):
+    """The network check above can fail: a page with a remote image and style sheet."""
+    page = ('<!DOCTYPE html><html><body><img alt=x src="http://example.invalid/x.png">'
+            '<link rel=stylesheet href="https://fonts.example.invalid/a.css"></body></html>')
+    _, probe, page_requests = _open_in_chromium(page, tmp_path)
+    assert probe["images"][0]["width"] == 0  # a broken image is seen, too
+    assert "http://example.invalid/x.png" in probe["fetched"]
+    assert "http://example.invalid/x.png" in page_requests

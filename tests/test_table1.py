@@ -297,3 +297,21 @@ def test_a_null_experiment_section_is_no_row(tmp_path):
     bare = type(run)(run.path, {"experiment": None}, run.metrics, run.minibatch, run.status)
     with pytest.raises(ValueError, match="has no table1_row"):
         table1([bare])
+
+
+# ------------------------------------------------------------------ the experiments as data
+def test_the_table1_experiments_measure_as_the_paper():
+    from tinysubspace.experiments.catalog import experiment_names, load_experiment
+
+    for name in (n for n in experiment_names() if n.startswith("table1-")):
+        config = load_experiment(name)
+        assert config.tracker.overlap_last == 1000 and config.tracker.overlap_every == 1, name
+        assert config.data.test_set, name
+    sine = load_experiment("table1-fc-sine-regression")  # Table 1: FC, SGD, batch 100, η 0.1
+    assert (sine.model.name, sine.model.widths, sine.model.activation) == ("fc", (100, 100),
+                                                                           "relu")
+    assert (sine.optim.name, sine.optim.lr, sine.optim.batch_size) == ("sgd", 0.1, 100)
+    for name in ("appB-even-odd-mnist", "appB-even-odd-digits"):
+        assert load_experiment(name).tracker.k == 2  # two classes
+    assert load_experiment("appB-fig5-density-fc256-cifar100").tracker.spectrum_top == 1000
+    assert load_experiment("fig1-fc-digits").tracker.overlap_last == 0  # the default: off
