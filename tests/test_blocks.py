@@ -318,7 +318,8 @@ def gpt_run(tmp_path_factory):
     path = tmp_path_factory.mktemp("runs") / "gpt"
     with torch.random.fork_rng():
         assert run_experiment(config, path).state == "finished"
-    files = measure_run_blocks(path, blocks="types", k=2, steps=6, probes=2, exact_size=20)
+    files = measure_run_blocks(path, ("init", "final", 4), blocks="types", k=2, steps=6,
+                               probes=2, exact_size=20)
     return path, config, files
 
 
@@ -327,8 +328,9 @@ def test_run_blocks_are_those_of_the_runs_models(gpt_run):
     from tinysubspace.plots.blocks import block_steps, load_blocks
 
     path, config, files = gpt_run
-    assert [f.name for f in files] == ["step_00000000.npz", "step_00000008.npz"]
-    assert block_steps(path) == [0, 8]
+    assert [f.name for f in files] == ["step_00000000.npz", "step_00000008.npz",
+                                       "step_00000004.npz"]
+    assert block_steps(path) == [0, 4, 8]
     problem = build_problem(config)
     X, Y = problem.tensors("train")
     assert X.shape == (20, 8)
@@ -349,9 +351,23 @@ def test_run_blocks_are_those_of_the_runs_models(gpt_run):
             assert weights.sum() == pytest.approx(1.0)
         assert float(stored["heterogeneity"]) == pytest.approx(direct.heterogeneity, rel=1e-9)
     table = pd.read_csv(path / "blocks.csv")
-    assert table["step"].tolist() == [0, 8]
+    assert table["step"].tolist() == [0, 4, 8]
     assert table["block/embeddings/eig_1"].tolist() == pytest.approx(
-        [float(load_blocks(path, s)["eigenvalues"][0, 0]) for s in (0, 8)])
+        [float(load_blocks(path, s)["eigenvalues"][0, 0]) for s in (0, 4, 8)])
+
+
+def test_retraining_reproduces_the_runs_model(gpt_run):
+    """An intermediate step is reached by training again: to the last step, that is the run's
+    own checkpoint, to the last digit."""
+    from tinysubspace.experiments.block_runs import _retrain
+    from tinysubspace.experiments.build import build_problem
+
+    path, config, _ = gpt_run
+    model = build_problem(config).model
+    with torch.random.fork_rng():
+        assert _retrain(config, 8, model, None) == 8
+    saved = torch.load(path / "checkpoint.pt", weights_only=False)["model"]
+    assert all(torch.equal(saved[name], value) for name, value in model.state_dict().items())
 
 
 def test_block_figures_draw_the_stored_arrays(gpt_run):
@@ -366,12 +382,12 @@ def test_block_figures_draw_the_stored_arrays(gpt_run):
     path, _, _ = gpt_run
     densities = plotted_data(figure_block_densities(path))
     assert set(densities) == {(n, s) for n in ts.parameter_blocks(gpt_problem().model, "types")
-                              for s in (0, 8)}
+                              for s in (0, 4, 8)}
     grid, values = densities[("mlp", 8)]
     assert float(np.sum(values) * (grid[1] - grid[0])) == pytest.approx(1.0, rel=1e-3)
     sharp = plotted_data(figure_block_sharpness(path))
-    assert sharp["norms"][0].tolist() == [0, 8]
-    assert sharp["norms"][1][1] == pytest.approx(float(load_blocks(path, 8)["eigenvalues"][4, 0]))
+    assert sharp["norms"][0].tolist() == [0, 4, 8]
+    assert sharp["norms"][1][2] == pytest.approx(float(load_blocks(path, 8)["eigenvalues"][4, 0]))
     bars = plotted_data(figure_block_heterogeneity([path, path], labels=["a", "b"]))
     assert bars["a"][0] == pytest.approx(float(load_blocks(path, 0)["heterogeneity"]))
 
@@ -384,7 +400,7 @@ def test_run_blocks_errors(tmp_path, gpt_run):
 
     with pytest.raises(RunStoreError, match="holds no run"):
         measure_run_blocks(tmp_path)
-    with pytest.raises(ValueError, match="at must hold 'init' and/or 'final'"):
+    with pytest.raises(ValueError, match="at must hold 'init', 'final' or step numbers"):
         measure_run_blocks(gpt_run[0], at=("middle",))
     with pytest.raises(MissingDataError, match="no block spectra at step 3"):
         load_blocks(gpt_run[0], 3)

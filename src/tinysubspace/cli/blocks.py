@@ -17,8 +17,9 @@ from tinysubspace.results.store import RunStoreError
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``tinysubspace blocks``."""
     parser.add_argument("runs", nargs="+", metavar="RUN", help="run folder(s)")
-    parser.add_argument("--at", action="append", choices=["init", "final"],
-                        help="which model: init and/or final (default both)")
+    parser.add_argument("--at", action="append", type=_point, metavar="init|final|STEP",
+                        help="which model: init, final or a step number (retrained); "
+                             "repeatable (default init and final)")
     parser.add_argument("--blocks", default="auto", choices=["auto", "layers", "types"],
                         help="how parameters form blocks (default auto: one per module)")
     parser.add_argument("--k", type=int, default=5, help="top eigenvalues per block")
@@ -28,6 +29,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="blocks up to this many parameters are formed and diagonalised")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data-root", help="folder holding the data files (MNIST IDX, CIFAR)")
+
+
+def _point(text: str) -> str | int:
+    if text in ("init", "final"):
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected init, final or a step number, got "
+                                         f"{text!r}") from None
 
 
 def main(args: argparse.Namespace) -> int:

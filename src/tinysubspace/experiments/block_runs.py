@@ -2,7 +2,11 @@
 
 ``measure_run_blocks(run)`` rebuilds the run's problem from its resolved ``config.json`` — the
 model at initialisation is seeded, so it is the run's step-0 model exactly — and, for
-``"final"``, loads the run's last checkpoint. At each point it measures
+``"final"``, loads the run's last checkpoint. Any other step ``s`` is reached by training the
+run's config again for ``s`` steps in a scratch folder (training is deterministic and the
+tracker leaves the trajectory alone, so this is the run's model at ``s``; the tests check it
+against the run's own checkpoint), with the tracker cut to one cheap measurement. At each point
+it measures
 :func:`tinysubspace.problems.block_curvature.block_spectra` on the run's whole training set with
 the tracker's operator settings (dtype, mode, chunk size) and stores, in the run folder:
 
@@ -19,8 +23,10 @@ Nothing is trained; the run's own files are not changed.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +34,7 @@ import numpy as np
 import torch
 
 from tinysubspace.experiments.build import build_problem
-from tinysubspace.experiments.config import config_from_dict
+from tinysubspace.experiments.config import ExperimentConfig, config_from_dict
 from tinysubspace.problems.block_curvature import BlockSpectra, block_spectra
 from tinysubspace.results.store import CHECKPOINT, CONFIG, RunStoreError, atomic_write_bytes
 
@@ -74,15 +80,15 @@ def block_row(result: BlockSpectra, step: int) -> dict[str, float]:
     return row
 
 
-def measure_run_blocks(run: str | Path, at: tuple[str, ...] = ("init", "final"),
+def measure_run_blocks(run: str | Path, at: tuple[str | int, ...] = ("init", "final"),
                        blocks: str = "auto", data_root: str | None = None,
                        **options: Any) -> list[Path]:
     """Measure and store the block spectra of ``run`` at ``at`` (``"init"``, ``"final"``).
 
     Args:
         run: a run folder (written by ``tinysubspace run``).
-        at: which models: ``"init"`` (the seeded initialisation) and/or ``"final"`` (the last
-            checkpoint).
+        at: which models: ``"init"`` (the seeded initialisation, step 0), ``"final"`` (the
+            last checkpoint), or step numbers (retrained, see the module docstring).
         blocks: ``"auto"``, ``"layers"`` or ``"types"``.
         data_root: where the data files are, if the run's config does not say.
         **options: passed to :func:`~tinysubspace.problems.block_curvature.block_spectra`
@@ -98,9 +104,10 @@ def measure_run_blocks(run: str | Path, at: tuple[str, ...] = ("init", "final"),
     path = Path(run)
     if not (path / CONFIG).exists():
         raise RunStoreError(f"{path} holds no run ({CONFIG} missing)")
-    unknown = set(at) - {"init", "final"}
+    unknown = [a for a in at if a not in ("init", "final")
+               and (isinstance(a, bool) or not isinstance(a, int) or a < 0)]
     if unknown:
-        raise ValueError(f"at must hold 'init' and/or 'final', got {sorted(unknown)}")
+        raise ValueError(f"at must hold 'init', 'final' or step numbers >= 0, got {unknown}")
     config = config_from_dict(json.loads((path / CONFIG).read_text()))
     problem = build_problem(config, data_root)
     tracker = config.tracker
@@ -108,7 +115,12 @@ def measure_run_blocks(run: str | Path, at: tuple[str, ...] = ("init", "final"),
                 "batch_size": tracker.hvp_batch_size, **options}
     written = []
     for which in at:
-        step = 0 if which == "init" else _load_final(path, problem.model)
+        if which in ("init", 0):
+            step = 0
+        elif which == "final":
+            step = _load_checkpoint(path / CHECKPOINT, problem.model)
+        else:
+            step = _retrain(config, which, problem.model, data_root)
         result = block_spectra(problem.model, problem.loss_fn, problem.tensors("train"), blocks,
                                **settings)
         target = path / BLOCKS_DIR / f"step_{step:08d}.npz"
@@ -121,13 +133,32 @@ def measure_run_blocks(run: str | Path, at: tuple[str, ...] = ("init", "final"),
     return written
 
 
-def _load_final(path: Path, model: torch.nn.Module) -> int:
-    file = path / CHECKPOINT
+def _load_checkpoint(file: Path, model: torch.nn.Module) -> int:
     if not file.exists():
-        raise RunStoreError(f"{path} has no checkpoint, so no trained model to measure")
+        raise RunStoreError(f"{file.parent} has no checkpoint, so no trained model to measure")
     state = torch.load(file, map_location="cpu", weights_only=False)
     model.load_state_dict(state["model"])
     return int(state["step"])
+
+
+def _retrain(config: ExperimentConfig, step: int, model: torch.nn.Module,
+             data_root: str | None) -> int:
+    """Load into ``model`` the run's model after ``step`` training steps, trained again."""
+    from tinysubspace.experiments.training import run_experiment
+
+    light = dataclasses.replace(config.tracker, k=1, tol=1e-2, dense_until=0,
+                                sparse_every=max(step, 1), extra_steps=(), anchors=(),
+                                save_vectors_at=(), minibatch_every=0, spectrum="none")
+    replay = dataclasses.replace(
+        config, train=dataclasses.replace(config.train, steps=step, epochs=None,
+                                          checkpoint_every=max(step, 1)),
+        data=dataclasses.replace(config.data, test_set=False), tracker=light)
+    with tempfile.TemporaryDirectory() as scratch:
+        outcome = run_experiment(replay, Path(scratch) / "replay", data_root=data_root)
+        if outcome.state != "finished":
+            raise RunStoreError(f"retraining to step {step} ended {outcome.state}: "
+                                f"{outcome.message}")
+        return _load_checkpoint(Path(scratch) / "replay" / CHECKPOINT, model)
 
 
 def _append_row(file: Path, row: dict[str, float]) -> None:
