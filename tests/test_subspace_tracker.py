@@ -378,3 +378,54 @@ def test_the_cli_run_folder_is_refused_as_another_run(tmp_path):
     with pytest.raises(RunStoreError, match="other settings"):
         ts.SubspaceTracker(_model(), F.cross_entropy, (X, Y), k=3, out=tmp_path / "cli",
                            resume=True)
+
+
+# ----------------------------------------------------------------------------- torchrun
+def _distributed_worker(rank: int, world: int, folder) -> dict:
+    """Each rank passes its shard; every rank gets the rows; rank 0 alone writes and logs."""
+    X, Y = _data()
+    part = ts.runtime.distributed.shard_slice(N)
+    model = _model()
+    calls = []
+    tracker = ts.SubspaceTracker(model, F.cross_entropy, (X[part], Y[part]), k=2,
+                                 schedule=[0, 2], out=folder / "run", budget=1.0, anchors=(0,),
+                                 tol=1e-10, loggers=("csv", lambda row, step: calls.append(step)))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    rows = []
+    for step in range(3):
+        rows.append(tracker.on_step(step))
+        optimizer.zero_grad()
+        F.cross_entropy(model(X), Y).backward()  # the same full-batch step on every rank
+        optimizer.step()
+    tracker.close()
+    return {"rows": [r for r in rows if r is not None], "calls": calls}
+
+
+@pytest.mark.distributed
+@pytest.mark.skipif(not (torch.distributed.is_available()
+                         and torch.distributed.is_gloo_available()),
+                    reason="torch.distributed with gloo is not available")
+def test_under_torchrun_every_rank_gets_the_single_process_rows_and_rank_0_writes(tmp_path):
+    from distributed_workers import launch
+
+    first, second = launch(_distributed_worker, tmp_path)
+    assert "ok" in first and "ok" in second, (first, second)
+    assert first["ok"]["calls"] == [0, 2] and second["ok"]["calls"] == []
+    model = _model()
+    X, Y = _data()
+    single = ts.SubspaceTracker(model, F.cross_entropy, (X, Y), k=2, anchors=(0,), tol=1e-10)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    expected = []
+    for step in range(3):
+        if step in (0, 2):
+            expected.append(single.on_step(step, force=True))
+        optimizer.zero_grad()
+        F.cross_entropy(model(X), Y).backward()
+        optimizer.step()
+    for mine, theirs, reference in zip(first["ok"]["rows"], second["ok"]["rows"], expected,
+                                       strict=True):
+        for key in ("train/loss", "train/accuracy", "hessian/eig_1", "hessian/eig_4",
+                    "hessian/f_top", "overlap/top/t1=0"):
+            assert mine[key] == theirs[key], key  # bit-identical on both ranks
+            assert mine[key] == pytest.approx(reference[key], rel=1e-9, abs=1e-12), key
+    assert ts.load_run(tmp_path / "run").metrics["step"].tolist() == [0, 2]

@@ -48,6 +48,7 @@ from tinysubspace.experiments.tracker_data import (
     subset_indices,
     take_subset,
 )
+from tinysubspace.experiments.tracker_folder import STATE_FILE, open_run_folder, run_meta
 from tinysubspace.linalg.lanczos import top_eigenpairs
 from tinysubspace.metrics import subspace_overlap
 from tinysubspace.runtime import distributed as tsdist
@@ -55,7 +56,6 @@ from tinysubspace.runtime import distributed as tsdist
 __all__ = ["PAPER_ANCHORS", "SubspaceTracker"]
 
 PAPER_ANCHORS = (0, 50, 100, 200, 400)  # t1 of Figs. 2 and 3 (the CLI's default)
-STATE_FILE = "tracker.pt"  # warm start, anchors and clocks of an own-loop run (for resume=True)
 SUBSET_COLUMNS = ("subset/overlap_top", "subset/eig_1_full")
 
 
@@ -320,9 +320,9 @@ class SubspaceTracker:
         from tinysubspace.results.store import RunStore
 
         config = json.loads(json.dumps(self._run_config(name), default=str))
-        config["meta"] = _meta(next(self.model.parameters()).device)
+        config["meta"] = run_meta(next(self.model.parameters()).device)
         store = RunStore(self.out, self.columns) if self.is_main else None
-        state = tsdist.run_on_main(lambda: _open(store, config, resume))
+        state = tsdist.run_on_main(lambda: open_run_folder(store, config, resume))
         if self.is_main:
             self.store = store
         if state is not None:
@@ -348,46 +348,6 @@ class SubspaceTracker:
         return dict(self.subset_report)
 
 
-def _open(store: Any, config: dict[str, Any], resume: bool) -> dict[str, Any] | None:
-    """Create the run folder, or reopen it for ``resume``; returns the saved tracker state."""
-    from tinysubspace.results.store import CONFIG, RunStoreError
-
-    path = store.path
-    if path.exists() and not path.is_dir():
-        raise RunStoreError(f"out={str(path)!r} is a file, not a run folder")
-    if not (path / CONFIG).exists():
-        store.create(config)
-        return None
-    if not resume:
-        raise RunStoreError(f"out={str(path)!r} already holds a run; pass resume=True to "
-                            "continue it, or choose another folder")
-    saved = json.loads((path / CONFIG).read_text())
-    differ = sorted(_differing(
-        {k: v for k, v in config.items() if k != "meta"},
-        {k: v for k, v in saved.items() if k != "meta"}))
-    if differ:
-        raise RunStoreError(f"the run in {path} was made with other settings ({', '.join(differ)}"
-                            " differ); resume with the same ones, or choose another folder")
-    if store.metrics.path.read_text().splitlines()[0].split(",") != store.metrics.columns:
-        raise RunStoreError(f"{store.metrics.path} has other columns than this tracker writes")
-    store.write_status("running", 0)
-    state_path = path / STATE_FILE
-    return torch.load(state_path, map_location="cpu", weights_only=True) \
-        if state_path.exists() else None
-
-
-def _differing(mine: dict[str, Any], theirs: dict[str, Any], prefix: str = "") -> list[str]:
-    keys = set(mine) | set(theirs)
-    out = []
-    for key in keys:
-        a, b = mine.get(key), theirs.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _differing(a, b, f"{prefix}{key}.")
-        elif a != b:
-            out.append(f"{prefix}{key}")
-    return out
-
-
 def _steps(what: str, steps: Sequence[int]) -> frozenset[int]:
     steps = list(steps)
     if any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in steps):
@@ -406,19 +366,3 @@ def _dtype(dtype: torch.dtype | str | None, model: torch.nn.Module) -> torch.dty
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating torch.dtype, got {dtype!r}")
     return dtype
-
-
-def _meta(device: torch.device) -> dict[str, Any]:
-    import platform
-    import socket
-    from datetime import datetime, timezone
-
-    import numpy
-
-    from tinysubspace import __version__
-
-    return {"versions": {"python": platform.python_version(), "torch": torch.__version__,
-                         "numpy": numpy.__version__, "tinysubspace": __version__},
-            "device": str(device), "host": socket.gethostname(),
-            "world_size": tsdist.world_size(),
-            "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
