@@ -245,3 +245,22 @@ def test_the_browser_check_catches_a_page_that_fetches(tmp_path):
     assert probe["images"][0]["width"] == 0  # a broken image is seen, too
     assert "http://example.invalid/x.png" in probe["fetched"]
     assert "http://example.invalid/x.png" in page_requests
+
+
+def test_the_summary_ends_with_table1_when_every_step_was_measured(tmp_path):
+    import pandas as pd
+
+    from run_fixtures import write_run
+    from tinysubspace.results.summary import table1_line
+
+    path = write_run(tmp_path / "run", table1_row="fc-mnist-lr0.01", vectors=False,
+                     spectrum=False)
+    assert table1_line(load_run(path)) is None  # no full_overlap.csv: the table alone
+    pd.DataFrame({"step": range(100), "full/overlap_g_Hg": [0.5, 0.7] * 50}).to_csv(
+        path / "full_overlap.csv", index=False)
+    minibatch = pd.read_csv(path / "minibatch.csv")["minibatch/overlap_g_Hg"].mean()
+    test = pd.read_csv(path / "metrics.csv")["test/overlap_g_Hg"].mean()
+    text = summary_table(load_run(path))
+    assert text.splitlines()[-1] == (
+        "Table 1 (mean over the last 1000 steps): full data 0.600 (every step), mini-batch "
+        f"{minibatch:.3f}, test {test:.3f}; paper 0.96 (fc-mnist-lr0.01)")
