@@ -418,3 +418,15 @@ def test_blocks_command(gpt_run, capsys):
                  "--steps", "4", "--probes", "1"]) == 0
     out = capsys.readouterr().out
     assert "step 0, heterogeneity" in out and "h.0:" in out
+
+
+def test_block_measurements_on_a_seeded_subset():
+    from tinysubspace.experiments.block_runs import _examples
+
+    X, Y = torch.arange(20).reshape(10, 2), torch.arange(10)
+    Xs, Ys = _examples((X, Y), 4, seed=3)
+    assert len(Ys.unique()) == 4 and torch.equal(Xs[:, 0] // 2, Ys)  # rows kept together
+    assert torch.equal(_examples((X, Y), 4, seed=3)[1], Ys)
+    assert _examples((X, Y), None, 0)[1] is Y and _examples((X, Y), 50, 0)[1] is Y
+    with pytest.raises(ValueError, match="examples must be a positive number, got 0"):
+        _examples((X, Y), 0, 0)

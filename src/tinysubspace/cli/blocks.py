@@ -27,6 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--probes", type=int, default=4, help="SLQ / Hutchinson probes")
     parser.add_argument("--exact-size", type=int, default=64,
                         help="blocks up to this many parameters are formed and diagonalised")
+    parser.add_argument("--examples", type=int, default=None,
+                        help="measure on a seeded subset of this many training examples")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data-root", help="folder holding the data files (MNIST IDX, CIFAR)")
 
@@ -46,7 +48,8 @@ def main(args: argparse.Namespace) -> int:
     at = tuple(dict.fromkeys(args.at or ["init", "final"]))
     for run in args.runs:
         try:
-            files = measure_run_blocks(run, at, args.blocks, data_root=args.data_root, k=args.k,
+            files = measure_run_blocks(run, at, args.blocks, data_root=args.data_root,
+                                       examples=args.examples, k=args.k,
                                        steps=args.steps, probes=args.probes,
                                        exact_size=args.exact_size, seed=args.seed)
         except (RunStoreError, FileNotFoundError, ValueError) as error:

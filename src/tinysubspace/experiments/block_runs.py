@@ -82,7 +82,7 @@ def block_row(result: BlockSpectra, step: int) -> dict[str, float]:
 
 def measure_run_blocks(run: str | Path, at: tuple[str | int, ...] = ("init", "final"),
                        blocks: str = "auto", data_root: str | None = None,
-                       **options: Any) -> list[Path]:
+                       examples: int | None = None, **options: Any) -> list[Path]:
     """Measure and store the block spectra of ``run`` at ``at`` (``"init"``, ``"final"``).
 
     Args:
@@ -91,6 +91,8 @@ def measure_run_blocks(run: str | Path, at: tuple[str | int, ...] = ("init", "fi
             last checkpoint), or step numbers (retrained, see the module docstring).
         blocks: ``"auto"``, ``"layers"`` or ``"types"``.
         data_root: where the data files are, if the run's config does not say.
+        examples: measure on a seeded subset of this many training examples (sequences for
+            a language model; the seed is the run's ``data.seed``) instead of all of them.
         **options: passed to :func:`~tinysubspace.problems.block_curvature.block_spectra`
             (``k``, ``steps``, ``probes``, ``seed``, ``exact_size`` …).
 
@@ -113,6 +115,7 @@ def measure_run_blocks(run: str | Path, at: tuple[str | int, ...] = ("init", "fi
     tracker = config.tracker
     settings = {"dtype": DTYPES[tracker.dtype], "mode": tracker.mode,
                 "batch_size": tracker.hvp_batch_size, **options}
+    data = _examples(problem.tensors("train"), examples, config.data.seed)
     written = []
     for which in at:
         if which in ("init", 0):
@@ -121,8 +124,7 @@ def measure_run_blocks(run: str | Path, at: tuple[str | int, ...] = ("init", "fi
             step = _load_checkpoint(path / CHECKPOINT, problem.model)
         else:
             step = _retrain(config, which, problem.model, data_root)
-        result = block_spectra(problem.model, problem.loss_fn, problem.tensors("train"), blocks,
-                               **settings)
+        result = block_spectra(problem.model, problem.loss_fn, data, blocks, **settings)
         target = path / BLOCKS_DIR / f"step_{step:08d}.npz"
         target.parent.mkdir(exist_ok=True)
         buffer = io.BytesIO()
@@ -131,6 +133,18 @@ def measure_run_blocks(run: str | Path, at: tuple[str | int, ...] = ("init", "fi
         _append_row(path / BLOCKS_CSV, block_row(result, step))
         written.append(target)
     return written
+
+
+def _examples(data: tuple[torch.Tensor, torch.Tensor], n: int | None,
+              seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` training examples drawn without replacement (seeded), or all of them."""
+    X, Y = data
+    if n is None or n >= len(X):
+        return X, Y
+    if n < 1:
+        raise ValueError(f"examples must be a positive number, got {n}")
+    index = torch.randperm(len(X), generator=torch.Generator().manual_seed(seed))[:n]
+    return X[index.to(X.device)], Y[index.to(Y.device)]
 
 
 def _load_checkpoint(file: Path, model: torch.nn.Module) -> int:
