@@ -126,14 +126,108 @@ def test_exactly_degenerate_spectrum_finds_every_copy(block_size):
     assert overlap(result.vectors, Q[:, :4]) > 0.9999
 
 
-@pytest.mark.xfail(strict=True, reason="known limitation: a single-vector Krylov space holds one "
-                   "vector of each eigenspace, becomes invariant and reports convergence with the "
-                   "other copies missing; use block_size >= the multiplicity")
 def test_single_vector_start_finds_every_copy():
-    A, _ = spectrum_matrix(torch.cat([torch.tensor([5.0, 5.0, 5.0, 3.0, 2.5], dtype=F64),
+    """λ1 = λ2 = λ3: a single-vector Krylov space holds one vector of the eigenspace; the
+    multiplicity check must find the other two (and say so), where the solver without it
+    (``check_steps=0``) returned the wrong values with ``converged=True``."""
+    A, Q = spectrum_matrix(torch.cat([torch.tensor([5.0, 5.0, 5.0, 3.0, 2.5], dtype=F64),
                                       bulk(45, 0.0, 1.0)]))
     result = ts.top_eigenpairs(ts.DenseOperator(A), k=4, tol=1e-10, block_size=1)
+    assert result.converged and result.multiplicity_checked
+    check_pairs(result, A, 1e-10)
     check_against_eigh(result, A)
+    assert overlap(result.vectors[:, :3], Q[:, :3]) > 0.9999  # the whole 3-dim eigenspace
+    unchecked = ts.top_eigenpairs(ts.DenseOperator(A), k=4, tol=1e-10, block_size=1,
+                                  check_steps=0)
+    assert not unchecked.multiplicity_checked
+    assert float(unchecked.values[:3].min()) < 4.0  # a copy missed: what the check is for
+
+
+@pytest.mark.parametrize("p", [60, 400])
+def test_repeated_top_eigenvalue_of_the_toy_spectrum(p):
+    """Issue 12: spectrum (1, 1, 0.6, bulk), k = 2 (the paper's toy model, eqs. 9 and 19). The
+    cold solve and both warm starts from the wrong answer ``[v(1), v(0.6)]`` must return
+    ``[1, 1]`` and the top-2 eigenspace."""
+    A, Q = spectrum_matrix(torch.cat([torch.tensor([1.0, 1.0, 0.6], dtype=F64),
+                                      bulk(p - 3, 0.0, 0.5)]), seed=p)
+    op = ts.DenseOperator(A)
+    wrong = Q[:, [0, 2]]
+    results = [ts.top_eigenpairs(op, k=2, tol=1e-6),
+               ts.top_eigenpairs(op, k=2, tol=1e-6, init=wrong),
+               *(ts.track_eigenpairs(op, 2, wrong, tol=1e-6, warm=warm)
+                 for warm in ("krylov", "subspace"))]
+    for result in results:
+        assert result.converged and result.multiplicity_checked
+        check_pairs(result, A, 1e-6)
+        assert torch.allclose(result.values, torch.ones(2, dtype=F64), rtol=0, atol=1e-6)
+        assert overlap(result.vectors, Q[:, :2]) > 0.9999
+
+
+def test_many_copies_are_found_one_check_at_a_time():
+    """Four copies of the top eigenvalue, single start vector, k = 5: each check finds one
+    more copy (or several), the solve goes on, and the last check finds none."""
+    A, Q = spectrum_matrix(torch.cat([torch.tensor([4.0] * 4 + [3.0, 2.0], dtype=F64),
+                                      bulk(74, 0.0, 1.0)]))
+    result = ts.top_eigenpairs(ts.DenseOperator(A), k=5, tol=1e-10)
+    assert result.converged and result.multiplicity_checked
+    check_pairs(result, A, 1e-10)
+    check_against_eigh(result, A)
+    assert overlap(result.vectors[:, :4], Q[:, :4]) > 0.9999
+
+
+@pytest.mark.parametrize("block_size", [1, 3])
+def test_multiplicity_check_changes_nothing_when_nothing_is_missed(block_size):
+    """A simple spectrum: the answer with the check is bit-identical to the one without, which
+    costs exactly ``CHECK_STEPS`` products fewer and says it was not checked."""
+    from tinysubspace.linalg.deflation import CHECK_STEPS
+
+    A, _ = spectrum_matrix(GAPPED)
+    plain = ts.top_eigenpairs(ts.DenseOperator(A), k=5, tol=1e-10, block_size=block_size,
+                              check_steps=0)
+    checked = ts.top_eigenpairs(ts.DenseOperator(A), k=5, tol=1e-10, block_size=block_size)
+    assert checked.multiplicity_checked and not plain.multiplicity_checked
+    assert checked.converged and plain.converged
+    assert checked.matvecs == plain.matvecs + CHECK_STEPS
+    for field in ("values", "vectors", "residuals"):
+        assert torch.equal(getattr(checked, field), getattr(plain, field))
+
+
+def test_deflated_search_bounds_the_missed_eigenvalue_from_below():
+    """Lanczos on (I − VVᵀ)A(I − VVᵀ): orthonormal vectors ⊥ V, exact images, and Ritz values
+    that are lower bounds (Cauchy interlacing) of the top eigenvalue of A on V^⊥ — above the bar
+    when a copy is missing, below the largest remaining eigenvalue when none is."""
+    from tinysubspace.linalg.deflation import deflated_search
+
+    values = torch.cat([torch.tensor([1.0, 1.0, 0.6], dtype=F64), bulk(97, 0.0, 0.5)])
+    A, Q = spectrum_matrix(values)
+    op = ts.DenseOperator(A)
+    gen = torch.Generator().manual_seed(0)
+    missed = deflated_search(op, Q[:, [0, 2]], bar=0.6 + 1e-6, steps=30, gen=gen)
+    assert 0.6 < missed.top <= 1.0 + 1e-12 and not missed.exact
+    assert missed.products == missed.basis.shape[1] < 30  # stopped as soon as it was sure
+    B = missed.basis
+    assert float((B.T @ B - torch.eye(B.shape[1], dtype=F64)).abs().max()) < 1e-12
+    assert float((Q[:, [0, 2]].T @ B).abs().max()) < 1e-12
+    assert torch.allclose(missed.images, A @ B, rtol=0, atol=1e-12)
+    found = deflated_search(op, Q[:, :3], bar=0.6 + 1e-6, steps=10, gen=gen)
+    assert found.products == 10 and found.top <= float(values[3:].max()) + 1e-12
+    exhausted = deflated_search(op, Q[:, :97], bar=10.0, steps=10, gen=gen)
+    assert exhausted.exact and exhausted.products == 3  # V^⊥ has dimension 3
+    assert exhausted.top == pytest.approx(float(values[97:].max()), abs=1e-12)
+
+
+def test_multiplicity_unchecked_when_the_budget_leaves_no_room():
+    """Converged pairs, but no products left for the check: ``converged`` (the residuals are
+    within tol) and ``multiplicity_checked=False``; a basis that fills the space is exact."""
+    A, _ = spectrum_matrix(GAPPED)
+    free = ts.top_eigenpairs(ts.DenseOperator(A), k=5, tol=1e-10, check_steps=0)
+    tight = ts.top_eigenpairs(ts.DenseOperator(A), k=5, tol=1e-10, max_matvecs=free.matvecs + 3)
+    assert tight.converged and not tight.multiplicity_checked
+    assert tight.matvecs == free.matvecs + 3
+    small, _ = spectrum_matrix(torch.tensor([3.0, 3.0, 2.0, 1.0, 0.5, 0.1], dtype=F64))
+    whole = ts.top_eigenpairs(ts.DenseOperator(small), k=2, tol=1e-10)
+    assert whole.converged and whole.multiplicity_checked  # m = p: the basis is all of R^p
+    assert torch.allclose(whole.values, torch.tensor([3.0, 3.0], dtype=F64), atol=1e-10)
 
 
 @pytest.mark.parametrize("k", [3, 5])
@@ -186,10 +280,17 @@ def test_single_vector_thick_restarts_converge_to_eigh(basis_size):
     assert result.matvecs > basis_size  # restarted
     check_pairs(result, A, 1e-10)
     check_against_eigh(result, A)
-    # one more product than needed at most: a solve capped one short must not have converged
+    # one more product than needed at most: a solve capped one short of the products before
+    # the multiplicity check must not have converged; one capped inside the check has, unchecked
+    from tinysubspace.linalg.deflation import CHECK_STEPS
+
+    assert result.multiplicity_checked
     capped = ts.top_eigenpairs(ts.DenseOperator(A), k=5, tol=1e-10, basis_size=basis_size,
+                               max_matvecs=result.matvecs - CHECK_STEPS - 1)
+    assert not capped.converged and not capped.multiplicity_checked
+    inside = ts.top_eigenpairs(ts.DenseOperator(A), k=5, tol=1e-10, basis_size=basis_size,
                                max_matvecs=result.matvecs - 1)
-    assert not capped.converged
+    assert inside.converged and not inside.multiplicity_checked
 
 
 def test_single_vector_float32_with_restarts():
@@ -244,9 +345,9 @@ def test_exact_warm_start_converges_in_the_first_iteration(extra):
     A, Q = spectrum_matrix(GAPPED)
     op = ts.DenseOperator(A)
     k = 4
-    result = ts.top_eigenpairs(op, k=k, tol=1e-10, init=Q[:, : k + extra])
+    result = ts.top_eigenpairs(op, k=k, tol=1e-10, init=Q[:, : k + extra], check_steps=0)
     assert result.converged
-    assert result.matvecs == k + extra == op.matvecs
+    assert result.matvecs == k + extra == op.matvecs  # one Rayleigh–Ritz pass
     check_pairs(result, A, 1e-10)
     check_against_eigh(result, A)
 

@@ -56,7 +56,22 @@ def test_top_fraction_is_scale_invariant_and_basis_invariant():
     assert 0.0 < f < 1.0
     assert ts.top_fraction(-7.5 * g, V) == pytest.approx(f, rel=1e-13)
     assert ts.top_fraction(g, V @ rotation) == pytest.approx(f, rel=1e-13)  # same subspace
-    assert float(ts.project(g, V).square().sum() / g.square().sum()) == pytest.approx(f, rel=1e-13)
+
+
+def test_project_and_top_fraction_against_least_squares():
+    """The reference knows nothing of ``V``'s orthonormality: the projection of ``g`` onto
+    ``span(A)`` for a non-orthonormal ``A`` is ``A x`` with ``x = argmin ‖A x − g‖``
+    (``torch.linalg.lstsq``); ``V`` is an orthonormal basis of the same span."""
+    gen = torch.Generator().manual_seed(10)
+    A = torch.randn(20, 5, generator=gen, dtype=F64) @ torch.triu(torch.ones(5, 5, dtype=F64))
+    g = torch.randn(20, generator=gen, dtype=F64)
+    V = torch.linalg.qr(A)[0]
+    reference = A @ torch.linalg.lstsq(A, g[:, None]).solution[:, 0]
+    assert torch.allclose(ts.project(g, V), reference, rtol=0, atol=1e-12)
+    assert ts.top_fraction(g, V) == pytest.approx(
+        float(reference.square().sum() / g.square().sum()), rel=1e-12)
+    residual = g - reference  # orthogonal to the subspace: f_top 0
+    assert ts.top_fraction(residual, V) == pytest.approx(0.0, abs=1e-24)
 
 
 def test_project():
@@ -183,6 +198,48 @@ def test_non_finite_inputs():
         ts.gradient_overlap(t(1.0, 0.0), t(float("inf"), 0.0))
     with pytest.raises(ValueError, match="columns of V must be orthonormal"):
         ts.top_fraction(t(1.0, 0.0, 0.0, 0.0), cols(t(float("nan"), 0.0, 0.0, 0.0)))
+
+
+def test_mixed_dtypes_are_computed_in_the_wider_one():
+    """A float32 gradient on a float64 basis (and the other way round) is computed in float64:
+    the same number as with the float32 input cast by hand, no raw torch error."""
+    g32 = torch.tensor([3.0, 4.0, 0.0, 0.0])
+    V64 = cols((e(0) + e(1)) / S2, e(2))
+    assert ts.top_fraction(g32, V64) == ts.top_fraction(g32.double(), V64) == pytest.approx(
+        49 / 50, rel=1e-15)
+    assert torch.equal(ts.eigenvector_overlaps(g32, V64),
+                       ts.eigenvector_overlaps(g32.double(), V64))
+    assert ts.project(g32, V64).dtype == F64
+    assert ts.top_fraction(g32.double(), V64.float()) == pytest.approx(49 / 50, rel=1e-7)
+    H = torch.diag(t(2.0, 1.0))
+    assert ts.gradient_overlap(t(1.0, 1.0).float(), H @ t(1.0, 1.0)) == pytest.approx(
+        3 / math.sqrt(10), rel=1e-14)
+    V1 = random_orthonormal(12, 3, seed=11)
+    assert ts.subspace_overlap(V1, V1.float()) == pytest.approx(1.0, abs=1e-6)
+    assert ts.top_fraction(torch.tensor([3, 4, 0, 0]), V64) == pytest.approx(49 / 50)  # ints
+
+
+def test_overlaps_are_clipped_to_their_range():
+    """Bases orthonormal only to ``atol`` (as the tracker allows for float32 vectors) can give
+    ``Tr(P1 P2) / k > 1``; the measurement is clipped to [0, 1] (a cosine to [−1, 1])."""
+    stretched = cols(e(0), e(1)) * (1 + 3e-7)  # ‖v‖ = 1 + 3e-7: within the default atol 1e-6
+    raw = float((stretched.T @ stretched).square().sum()) / 2
+    assert raw > 1.000001
+    assert ts.subspace_overlap(stretched, stretched) == 1.0
+    assert ts.top_fraction(t(3.0, 4.0, 0.0, 0.0), stretched) == 1.0
+    g = t(1.0, 2.0, 3.0, 4.0)
+    assert -1.0 <= ts.gradient_overlap(g, -g * (1 + 1e-16)) <= 1.0
+
+
+def test_inputs_that_are_not_real_tensors_are_named():
+    with pytest.raises(TypeError, match=r"g must be a torch\.Tensor, got list"):
+        ts.top_fraction([3.0, 4.0, 0.0, 0.0], cols(e(0)))
+    with pytest.raises(TypeError, match=r"V2 must be a torch\.Tensor, got ndarray"):
+        ts.subspace_overlap(cols(e(0)), cols(e(0)).numpy())
+    with pytest.raises(ValueError, match=r"g must be real, got torch\.complex128"):
+        ts.top_fraction(t(3.0, 4.0, 0.0, 0.0).to(torch.complex128), cols(e(0)))
+    with pytest.raises(ValueError, match=r"project needs g of shape \(p,\) or \(p, m\)"):
+        ts.project(t(1.0, 2.0, 3.0), cols(e(0)))
 
 
 def test_docstring_examples_run():

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -31,7 +32,33 @@ def orthonormality_error(V: torch.Tensor) -> float:
     return float((gram - torch.eye(V.shape[1], dtype=V.dtype, device=V.device)).abs().max())
 
 
+def _check_tensor(x: object, name: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.is_complex():
+        raise ValueError(f"{name} must be real, got {x.dtype}")
+
+
+def _common(**tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The inputs in one floating dtype — the widest of theirs (``torch.promote_types``; the
+    default float dtype if all are integer), so a float32 vector against a float64 basis is
+    computed in float64 — after checking that they share a device.
+
+    Raises:
+        ValueError: the inputs are on different devices (the devices are named).
+    """
+    devices = {name: t.device for name, t in tensors.items()}
+    if len(set(devices.values())) > 1:
+        where = ", ".join(f"{name} on {device}" for name, device in devices.items())
+        raise ValueError(f"the inputs must be on one device, got {where}; move them with .to()")
+    dtype = functools.reduce(torch.promote_types, (t.dtype for t in tensors.values()))
+    if not dtype.is_floating_point:
+        dtype = torch.get_default_dtype()
+    return tuple(t.to(dtype) for t in tensors.values())
+
+
 def _check_basis(V: torch.Tensor, name: str, atol: float | None) -> None:
+    _check_tensor(V, name)
     if V.ndim != 2:
         raise ValueError(f"{name} must be a (p, k) matrix of orthonormal columns, got shape "
                          f"{tuple(V.shape)}")
@@ -47,6 +74,7 @@ def _check_basis(V: torch.Tensor, name: str, atol: float | None) -> None:
 
 def _check_vector(g: torch.Tensor, name: str, p: int | None = None,
                   other: str | None = None) -> None:
+    _check_tensor(g, name)
     if g.ndim != 1:
         raise ValueError(f"{name} must be a 1-D vector, got shape {tuple(g.shape)}")
     if p is not None and g.shape[0] != p:
@@ -64,7 +92,19 @@ def _nonzero_norm(g: torch.Tensor, name: str) -> float:
 
 
 def project(g: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
-    """``P_top g = V Vᵀ g`` for orthonormal columns ``V`` (eq. 1 with ``P_top = V Vᵀ``)."""
+    """``P_top g = V Vᵀ g`` for orthonormal columns ``V`` (eq. 1 with ``P_top = V Vᵀ``; not
+    checked here: this is the hot path of projected training), in the wider of the two dtypes.
+
+    Raises:
+        ValueError: ``V`` not 2-D, ``g``'s length not ``V``'s row count, or different devices.
+    """
+    _check_tensor(g, "g")
+    _check_tensor(V, "V")
+    if V.ndim != 2 or g.ndim not in (1, 2) or g.shape[0] != V.shape[0]:
+        raise ValueError(f"project needs g of shape (p,) or (p, m) and V of shape (p, k), got "
+                         f"{tuple(g.shape)} and {tuple(V.shape)}")
+    if g.dtype != V.dtype or g.device != V.device:
+        g, V = _common(g=g, V=V)
     return V @ (V.T @ g)
 
 
@@ -73,17 +113,23 @@ def top_fraction(g: torch.Tensor, V: torch.Tensor, atol: float | None = None) ->
 
     .. math::  f_{top} = \\frac{\\|P_{top} g\\|^2}{\\|g\\|^2} = \\frac{\\|V^T g\\|^2}{\\|g\\|^2}
 
+    Computed in the wider of the two dtypes (a float32 gradient on a float64 basis is fine);
+    at most 1 (clipped: ``V`` is orthonormal only to ``atol``).
+
     Args:
         g: gradient ``(p,)``.
         V: ``(p, k)`` with orthonormal columns (checked to ``atol``).
 
     Raises:
-        ValueError: wrong shapes, ``V`` not orthonormal, ``g`` zero or non-finite.
+        TypeError: an input that is not a tensor.
+        ValueError: wrong shapes, ``V`` not orthonormal, ``g`` zero or non-finite, complex
+            inputs, or inputs on different devices.
     """
     _check_basis(V, "V", atol)
     _check_vector(g, "g", V.shape[0])
+    g, V = _common(g=g, V=V)
     norm = _nonzero_norm(g, "g")
-    return float((V.T @ g).square().sum()) / norm**2
+    return min(1.0, float((V.T @ g).square().sum()) / norm**2)  # ≤ 1 up to rounding and atol
 
 
 def eigenvector_overlaps(g: torch.Tensor, V: torch.Tensor,
@@ -97,6 +143,7 @@ def eigenvector_overlaps(g: torch.Tensor, V: torch.Tensor,
     """
     _check_basis(V, "V", atol)
     _check_vector(g, "g", V.shape[0])
+    g, V = _common(g=g, V=V)
     norm = _nonzero_norm(g, "g")
     return (V.T @ g).square() / norm**2
 
@@ -106,12 +153,16 @@ def gradient_overlap(g: torch.Tensor, Hg: torch.Tensor) -> float:
 
     .. math::  \\mathrm{overlap}(g, Hg) = \\frac{g^T H g}{\\sqrt{g^T g}\\,\\sqrt{g^T H^2 g}}
 
+    In the wider of the two dtypes; clipped to ``[−1, 1]`` (a cosine, up to rounding).
+
     Raises:
-        ValueError: shapes differ, a vector is zero or non-finite.
+        ValueError: shapes differ, a vector is zero or non-finite, or on different devices.
     """
     _check_vector(g, "g")
     _check_vector(Hg, "Hg", g.shape[0], other="g")
-    return float(g @ Hg) / (_nonzero_norm(g, "g") * _nonzero_norm(Hg, "Hg"))
+    g, Hg = _common(g=g, Hg=Hg)
+    cosine = float(g @ Hg) / (_nonzero_norm(g, "g") * _nonzero_norm(Hg, "Hg"))
+    return max(-1.0, min(1.0, cosine))  # a cosine, up to rounding
 
 
 def subspace_overlap(V1: torch.Tensor, V2: torch.Tensor, atol: float | None = None) -> float:
@@ -122,15 +173,17 @@ def subspace_overlap(V1: torch.Tensor, V2: torch.Tensor, atol: float | None = No
                = \\frac{\\|V_1^T V_2\\|_F^2}{\\sqrt{k_1 k_2}}
 
     Equal to 1 for the same subspace, 0 for orthogonal ones; for ``k1 ≠ k2`` at most
-    ``sqrt(min(k1, k2) / max(k1, k2))``.
+    ``sqrt(min(k1, k2) / max(k1, k2))``. Clipped to ``[0, 1]`` (bases orthonormal only to
+    ``atol`` could give ``1 + O(atol)``); computed in the wider of the two dtypes.
     """
     _check_basis(V1, "V1", atol)
     _check_basis(V2, "V2", atol)
     if V1.shape[0] != V2.shape[0]:
         raise ValueError(f"V1 and V2 live in spaces of different dimension: {V1.shape[0]} and "
                          f"{V2.shape[0]} rows")
+    V1, V2 = _common(V1=V1, V2=V2)
     k1, k2 = V1.shape[1], V2.shape[1]
-    return float((V1.T @ V2).square().sum()) / math.sqrt(k1 * k2)
+    return min(1.0, float((V1.T @ V2).square().sum()) / math.sqrt(k1 * k2))
 
 
 def principal_angles(V1: torch.Tensor, V2: torch.Tensor, atol: float | None = None) -> torch.Tensor:

@@ -35,6 +35,7 @@ from tinysubspace.curvature.hvp import (
     DEFAULT_GRAPH_MEMORY,
     GradientGraph,
     build_gradient_graph,
+    check_functional_mode,
     graph_budget,
     hvp_strategy,
     validate_graph_memory,
@@ -106,8 +107,9 @@ class HessianOperator(SymmetricOperator):
             shuffle keep graphs only when every chunk fits (their chunks differ between passes).
 
     Raises:
-        ValueError: bad ``mode`` or ``hvp_method``, an empty data set, or a bad parameter
-            selection.
+        ValueError: bad ``mode`` or ``hvp_method`` (``jvp`` in train mode with batch norm or
+            dropout), an empty data set, a bad parameter selection, or (at the first pass) one
+            that the loss does not depend on.
         TypeError: ``data`` of an unusable kind.
         DistributedError: (distributed) ranks hold different parameters or another rank failed.
     """
@@ -121,6 +123,7 @@ class HessianOperator(SymmetricOperator):
         if mode not in ("eval", "train"):
             raise ValueError(f"mode must be 'eval' or 'train', got {mode!r}")
         hvp_strategy(hvp_method, torch.device(device or "cpu"), mode)  # validate early
+        check_functional_mode(model, hvp_method, mode)
         if distributed and not (torch.distributed.is_available()
                                 and torch.distributed.is_initialized()):
             raise ValueError("distributed=True needs torch.distributed initialised "
@@ -345,6 +348,11 @@ class HessianOperator(SymmetricOperator):
                              "use reduction='mean'")
         if not torch.isfinite(loss):
             raise NonFiniteError(f"the loss of batch {index} is {loss.item()} (not finite)")
+        if torch.is_grad_enabled() and not loss.requires_grad:
+            raise ValueError(f"the loss does not depend on any measured parameter "
+                             f"({', '.join(self.layout.names)}): the forward pass does not use "
+                             "them, so their Hessian is zero; pass params= naming parameters the "
+                             "model's forward uses (or None for every trainable one)")
         return loss
 
     def _check_finite(self, flat: torch.Tensor, what: str, batch: int | None) -> None:

@@ -32,8 +32,8 @@ from typing import Any, Protocol
 import torch
 
 __all__ = ["DEFAULT_GRAPH_MEMORY", "HVP_METHODS", "GradientGraph", "HvpStrategy",
-           "build_gradient_graph", "free_memory", "graph_budget", "graph_nbytes",
-           "hvp_strategy", "resolve_hvp_method", "validate_graph_memory"]
+           "build_gradient_graph", "check_functional_mode", "free_memory", "graph_budget",
+           "graph_nbytes", "hvp_strategy", "resolve_hvp_method", "validate_graph_memory"]
 
 HVP_METHODS = ("auto", "loop", "batched", "jvp")
 """Exact ways to compute ``∇²ℓ V`` (``op.hvp_method``); see the module docstring."""
@@ -244,6 +244,26 @@ def resolve_hvp_method(name: str, device: torch.device, mode: str) -> str:
     if name != "auto":
         return name
     return "jvp" if device.type == "cuda" and mode == "eval" else "loop"
+
+
+def check_functional_mode(model: torch.nn.Module, name: str, mode: str) -> None:
+    """``jvp`` (``torch.func``) cannot run a train-mode batch norm that updates its running
+    statistics (an in-place write) or dropout (random numbers inside ``vmap``).
+
+    Raises:
+        ValueError: ``name="jvp"`` with ``mode="train"`` and such modules (they are named).
+    """
+    if name != "jvp" or mode != "train":
+        return
+    found = sorted({type(m).__name__ for m in model.modules()
+                    if (isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+                        and m.track_running_stats)
+                    or (isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0)})
+    if found:
+        raise ValueError(f"hvp_method='jvp' cannot run mode='train' with {', '.join(found)}: "
+                         "torch.func transforms forbid batch norm's in-place running-statistics "
+                         "update and dropout's random numbers; use hvp_method='loop' (or "
+                         "'auto'), or mode='eval'")
 
 
 def hvp_strategy(name: str, device: torch.device, mode: str) -> HvpStrategy:

@@ -20,16 +20,32 @@ only when the estimates say every wanted pair has converged, and at restarts).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from tinysubspace.linalg.orthogonalize import orthonormalize_against, random_block
+from tinysubspace.linalg.stagnation import ProgressWatch
 
-__all__ = ["krylov_schur"]
+__all__ = ["KrylovResult", "apply_operator", "krylov_schur"]
+
+
+class KrylovResult(NamedTuple):
+    """What a solve leaves: values descending ``(n,)``, orthonormal vectors ``(p, n)`` and their
+    images ``H V``, exact residual norms ``(n,)``, products used, whether every residual is
+    within the tolerance, and whether the basis filled the whole space (the answer is exact)."""
+
+    values: torch.Tensor
+    vectors: torch.Tensor
+    images: torch.Tensor
+    residuals: torch.Tensor
+    products: int
+    converged: bool
+    full: bool
 
 
 def krylov_schur(op, start: torch.Tensor, n: int, tol: float, basis_size: int, budget: int,
-                 gen: torch.Generator
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, bool]:
+                 gen: torch.Generator, watch: ProgressWatch | None = None) -> KrylovResult:
     """The ``n`` largest eigenpairs of ``op`` by thick-restart Lanczos from ``start``.
 
     Args:
@@ -41,10 +57,11 @@ def krylov_schur(op, start: torch.Tensor, n: int, tol: float, basis_size: int, b
             the best ``min(max(n + 1, (basis_size + n) // 2), basis_size − 1)`` Ritz vectors.
         budget: most products to use.
         gen: source of random directions (when the Krylov space becomes invariant early).
+        watch: stops the solve (``converged=False``) when the residuals stagnate at the
+            precision floor (:mod:`tinysubspace.linalg.stagnation`).
 
     Returns:
-        ``(values, vectors, residuals, products, converged)``: values descending ``(n,)``,
-        orthonormal vectors ``(p, n)``, exact residual norms ``(n,)``.
+        :class:`KrylovResult`.
 
     Raises:
         FloatingPointError: the operator returned NaN or infinity.
@@ -57,11 +74,8 @@ def krylov_schur(op, start: torch.Tensor, n: int, tol: float, basis_size: int, b
     tiny, eps = float(torch.finfo(start.dtype).tiny), float(torch.finfo(start.dtype).eps)
     while True:
         Q[j] = q
-        w = (op @ q[:, None])[:, 0]
+        w = apply_operator(op, q[:, None], used)[:, 0]
         used += 1
-        if not bool(torch.isfinite(w).all()):
-            raise FloatingPointError(f"the operator returned non-finite values (after {used} "
-                                     "products)")
         HQ[j] = w
         f, h = _orthogonal_part(w, Q[: j + 1])
         column = h.cpu().double()  # Qᵀ H q_j: column j of T
@@ -76,14 +90,19 @@ def krylov_schur(op, start: torch.Tensor, n: int, tol: float, basis_size: int, b
         invariant = beta <= 10 * eps * max(scale, float(w.norm()))
         full = j >= p
         estimates = beta * Y[j - 1, :n].abs()
-        if (j >= n and bool((estimates <= threshold).all())) or full or used >= budget:
+        claimed = j >= n and bool((estimates <= threshold).all())
+        if not (claimed or full or used >= budget) and watch is not None and j >= n:
+            claimed = watch.update(float(estimates.max()) / scale, used)  # stalled: stop
+        if claimed or full or used >= budget:
             wanted = Y[:, :n].to(start.dtype).to(start.device)
-            V = Q[:j].T @ wanted
+            V, HV = Q[:j].T @ wanted, HQ[:j].T @ wanted
             values = theta[:n].to(start.dtype).to(start.device)
-            residuals = (HQ[:j].T @ wanted - V * values).norm(dim=0)
+            residuals = (HV - V * values).norm(dim=0)
             done = full or (j >= n and bool((residuals <= threshold).all()))
-            if done or used >= budget:
-                return values, V, residuals, used, done
+            stalled = (watch is not None and not done
+                       and (watch.stalled or watch.update(float(residuals.max()) / scale, used)))
+            if done or stalled or used >= budget:
+                return KrylovResult(values, V, HV, residuals, used, done, full)
         # an invariant Krylov space: go on from a new random direction
         q = _random_direction(Q[:j], gen) if invariant else f / beta
         if j == m:  # basis full: thick restart with the best Ritz vectors (Krylov–Schur)
@@ -94,6 +113,29 @@ def krylov_schur(op, start: torch.Tensor, n: int, tol: float, basis_size: int, b
             T.zero_()
             T[:keep, :keep] = torch.diag(theta[:keep])
             j = keep
+
+
+def apply_operator(op, block: torch.Tensor, used: int) -> torch.Tensor:
+    """``op @ block``, checked: a finite tensor of the block's shape, dtype and device.
+
+    Raises:
+        ValueError: the product has another shape, dtype or device than ``block`` (which is in
+            the operator's declared ``dtype`` and ``device``).
+        FloatingPointError: it has NaN or infinite entries.
+    """
+    image = op @ block
+    if not isinstance(image, torch.Tensor):
+        raise ValueError(f"op @ block must return a torch.Tensor, got {type(image).__name__}")
+    if (image.shape, image.dtype, image.device) != (block.shape, block.dtype, block.device):
+        raise ValueError(
+            f"op @ block must return a tensor of the block's shape {tuple(block.shape)}, dtype "
+            f"{block.dtype} and device {block.device} (the operator declares dtype={op.dtype}, "
+            f"device={op.device}); got shape {tuple(image.shape)}, dtype {image.dtype}, device "
+            f"{image.device}. Make the operator's products match its declared dtype and device")
+    if not bool(torch.isfinite(image).all()):
+        raise FloatingPointError(f"the operator returned non-finite values (after {used + 1} "
+                                 "products)")
+    return image
 
 
 def _orthogonal_part(w: torch.Tensor, basis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,19 +17,26 @@ residual norms come from the Krylov relation and each step reads the basis half 
 
 Memory is ``2 m`` vectors of length ``p`` (``m`` = ``basis_size``), whatever ``p`` is.
 A warm start ``init`` (``p × m0``) is the first block: with the previous step's eigenvectors the
-first Rayleigh–Ritz already holds nearly converged pairs. Block size ``b`` at least the
-multiplicity of a repeated eigenvalue finds every copy of it (a single-vector Krylov space sees
-one vector of each eigenspace).
+first Rayleigh–Ritz already holds nearly converged pairs.
+
+A Krylov space from ``s`` start vectors holds at most ``s`` vectors of each eigenspace, so a
+converged solve is followed by a multiplicity check (:mod:`tinysubspace.linalg.deflation`): a few
+Lanczos steps on ``(I − VVᵀ) H (I − VVᵀ)`` from a fresh random start. A missed eigenvalue above
+``θ_n`` found there joins the basis, the iteration goes on, and the check is repeated.
+A tolerance below the precision floor is detected (:mod:`tinysubspace.linalg.stagnation`).
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
 
-from tinysubspace.linalg.krylov_schur import krylov_schur
+from tinysubspace.linalg.deflation import CHECK_STEPS, deflated_search
+from tinysubspace.linalg.krylov_schur import KrylovResult, apply_operator, krylov_schur
 from tinysubspace.linalg.orthogonalize import orthonormalize_against, random_block
+from tinysubspace.linalg.stagnation import ProgressWatch, stagnation_message
 
 __all__ = ["Eigenpairs", "top_eigenpairs"]
 
@@ -42,9 +49,15 @@ class Eigenpairs:
         values: ``(k,)`` eigenvalues, descending.
         vectors: ``(p, k)`` orthonormal eigenvectors (columns).
         residuals: ``(k,)`` ``‖H v_i − λ_i v_i‖`` (absolute).
-        matvecs: operator-vector products this solve used.
-        converged: whether every residual is within ``tol · |λ_1|``.
+        matvecs: operator-vector products this solve used (the multiplicity check included).
+        converged: whether every residual is within ``tol · |λ_1|`` and no eigenvalue above
+            ``values[-1]`` was found missing; ``False`` also when the budget ran out or the
+            residuals stagnated at the precision floor.
         skip: how many larger eigenpairs were found and left out (``values[0]`` is ``λ_{skip+1}``).
+        multiplicity_checked: whether the multiplicity check ran to the end and found no missed
+            eigenvalue (:mod:`tinysubspace.linalg.deflation`), or the basis filled the whole
+            space. ``False``: not checked (``check_steps=0``, no budget left, not converged, or
+            a result made elsewhere); a missed copy of a repeated eigenvalue is then possible.
     """
 
     values: torch.Tensor
@@ -53,6 +66,7 @@ class Eigenpairs:
     matvecs: int
     converged: bool
     skip: int = 0
+    multiplicity_checked: bool = False
 
 
 class _Krylov:
@@ -127,8 +141,12 @@ class _Krylov:
 
 
 def _validate(op, k: int, skip: int, tol: float, init: torch.Tensor | None,
-              block_size: int | None, basis_size: int | None, max_matvecs: int | None) -> int:
+              block_size: int | None, basis_size: int | None, max_matvecs: int | None,
+              check_steps: int) -> int:
     p = op.shape[0]
+    if not isinstance(op.dtype, torch.dtype) or not op.dtype.is_floating_point:
+        raise ValueError(f"the operator's dtype must be a real floating-point torch dtype, got "
+                         f"{op.dtype!r}")
     if not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be a positive integer, got {k!r}")
     if not isinstance(skip, int) or skip < 0:
@@ -139,8 +157,14 @@ def _validate(op, k: int, skip: int, tol: float, init: torch.Tensor | None,
                          "torch.linalg.eigvalsh on a dense matrix")
     if not tol > 0:
         raise ValueError(f"tol must be positive, got {tol!r}")
+    if init is not None and not isinstance(init, torch.Tensor):
+        raise TypeError(f"init must be a torch.Tensor of shape ({p},) or ({p}, m), got "
+                        f"{type(init).__name__}")
     if init is not None and (init.ndim not in (1, 2) or init.shape[0] != p):
         raise ValueError(f"init must have shape ({p},) or ({p}, m), got {tuple(init.shape)}")
+    if init is not None and init.is_complex():
+        raise ValueError(f"init must be real (it is converted to the operator's dtype "
+                         f"{op.dtype}), got {init.dtype}")
     if init is not None and not bool(torch.isfinite(init).all()):
         raise ValueError("init has non-finite entries")
     if block_size is not None and block_size < 1:
@@ -152,29 +176,45 @@ def _validate(op, k: int, skip: int, tol: float, init: torch.Tensor | None,
         if max_matvecs < least:
             raise ValueError(f"max_matvecs must be at least k + skip = {k + skip} and at least "
                              f"the number of columns of init; got {max_matvecs} (needs {least})")
+    if isinstance(check_steps, bool) or not isinstance(check_steps, int) or check_steps < 0:
+        raise ValueError(f"check_steps must be a non-negative integer, got {check_steps!r}")
     return p
 
 
 def top_eigenpairs(op, k: int, tol: float = 1e-6, init: torch.Tensor | None = None,
                    seed: int = 0, max_matvecs: int | None = None, skip: int = 0,
-                   block_size: int | None = None,
-                   basis_size: int | None = None) -> Eigenpairs:
+                   block_size: int | None = None, basis_size: int | None = None,
+                   check_steps: int = CHECK_STEPS) -> Eigenpairs:
     """The ``k`` largest (algebraic) eigenpairs of a symmetric operator.
 
     Convergence: every returned pair (and every skipped one) satisfies
     ``‖H v − λ v‖ ≤ tol · |λ_1|``, with ``|λ_1|`` estimated by the largest ``|θ|`` among the
     current Ritz values (``≈ ‖H‖``; equal to ``|λ_1|`` for a Hessian whose largest-magnitude
-    eigenvalue is its top one).
+    eigenvalue is its top one); then a multiplicity check (:mod:`tinysubspace.linalg.deflation`,
+    ``check_steps`` products of Lanczos on ``(I − VVᵀ) H (I − VVᵀ)`` from a fresh random start)
+    looks for an eigenvalue above ``λ_{skip+k}`` that the solve missed (a second copy of a
+    repeated eigenvalue is invisible to a single start vector). If it finds one, the solve goes
+    on with it and checks again.
+
+    A ``tol`` near or below the precision floor of the operator's dtype is detected
+    (:mod:`tinysubspace.linalg.stagnation`): when the residuals stop decreasing the solve stops
+    with ``converged=False`` and a ``RuntimeWarning`` naming the tolerance that is reachable.
 
     Args:
-        op: symmetric operator with ``shape``, ``dtype``, ``device`` and ``@``.
+        op: symmetric operator with ``shape``, ``dtype`` (real floating point), ``device`` and
+            ``@`` returning products in that dtype and device.
         k: number of eigenpairs wanted.
         tol: relative residual tolerance (> 0).
-        init: ``(p,)`` or ``(p, m0)`` start block (e.g. the previous measurement's vectors); it
-            need not be orthonormal. ``None``: a random block from ``seed``.
-        seed: seed of the random start and of any random fill (identical on every device).
+        init: ``(p,)`` or ``(p, m0)`` real start block (e.g. the previous measurement's
+            vectors); it need not be orthonormal, and is converted to the operator's dtype and
+            device (a float32 block on a float64 operator is fine). ``None``: a random block
+            from ``seed``.
+        seed: seed of the random start, of any random fill and of the multiplicity check's
+            start vector (identical on every device).
         max_matvecs: stop (``converged=False``) once this many products are used; never
-            exceeded (at least ``k + skip`` and at least the columns of ``init``).
+            exceeded (at least ``k + skip`` and at least the columns of ``init``). The
+            multiplicity check counts: with no room left for it, ``multiplicity_checked`` is
+            ``False``.
         skip: leave out the ``skip`` largest pairs and return ``λ_{skip+1} … λ_{skip+k}`` (the
             paper's "next k" subspace is ``skip=k``). They are computed all the same.
         block_size: vectors added per iteration (one data pass each). Default 1 for a cold
@@ -182,53 +222,73 @@ def top_eigenpairs(op, k: int, tol: float = 1e-6, init: torch.Tensor | None = No
             fewest products use :func:`tinysubspace.linalg.warm_start.track_eigenpairs`).
         basis_size: largest basis before a thick restart (default ``max(2n + 2b, n + 20)``,
             at most ``p``).
+        check_steps: products of the multiplicity check (default
+            :data:`tinysubspace.linalg.deflation.CHECK_STEPS`); ``0``
+            skips it (``multiplicity_checked=False``).
 
     Returns:
         :class:`Eigenpairs` with the ``k`` pairs, descending.
 
     Raises:
         FloatingPointError: the operator returned NaN or infinity.
-        ValueError: ``k + skip ≥ p``, ``tol ≤ 0``, ``init`` of the wrong shape or not finite, or
-            ``max_matvecs`` below ``k + skip`` or below the number of columns of ``init``.
+        TypeError: ``init`` is not a tensor.
+        ValueError: ``k + skip ≥ p``, ``tol ≤ 0``, ``init`` of the wrong shape, complex or not
+            finite, ``max_matvecs`` below ``k + skip`` or below the number of columns of
+            ``init``, a negative ``check_steps``, an operator whose dtype is not real floating
+            point, or products of another shape, dtype or device than the operator declares.
     """
-    p = _validate(op, k, skip, tol, init, block_size, basis_size, max_matvecs)
+    p = _validate(op, k, skip, tol, init, block_size, basis_size, max_matvecs, check_steps)
     n = k + skip
     gen = torch.Generator().manual_seed(seed)
     start = _start_block(op, init, n, block_size, gen)
     b = block_size or (1 if init is None else max(1, min(n, start.shape[1])))
     m = min(p, max(basis_size or max(2 * n + 2 * b, n + 20), n + b))
     budget = max_matvecs if max_matvecs is not None else 50 * p
+    watch = ProgressWatch(tol, op.dtype, p, window=max(3 * m, 100))
     if b == 1 and start.shape[1] == 1:  # a Krylov basis: Krylov–Schur, residuals for free
-        values, V, res, used, done = krylov_schur(op, start, n, tol, m, budget, gen)
-        return Eigenpairs(values[skip:].clone(), V[:, skip:].clone(), res[skip:].clone(),
-                          used, done, skip)
-    used = 0
-    state = _Krylov(start, capacity=m)
-    block = start
+        found = krylov_schur(op, start, n, tol, m, budget, gen, watch)
+    else:
+        state = _Krylov(start, capacity=m)
+        state.extend(start, apply_operator(op, start, 0))
+        found = _block_solve(op, state, n, tol, b, m, budget, start.shape[1], gen, watch)
+    found, checked = _check_multiplicity(op, found, n, tol, b, m, budget, check_steps, gen,
+                                         watch)
+    if watch.stalled and not found.converged:
+        reached = float(found.residuals.max()) / max(float(found.values.abs().max()),
+                                                     float(torch.finfo(op.dtype).tiny))
+        warnings.warn(stagnation_message(tol, op.dtype, reached, watch.window,
+                                         found.products), RuntimeWarning, stacklevel=2)
+    return Eigenpairs(found.values[skip:].clone(), found.vectors[:, skip:].clone(),
+                      found.residuals[skip:].clone(), found.products, found.converged, skip,
+                      checked)
+
+
+def _block_solve(op, state: _Krylov, n: int, tol: float, b: int, m: int, budget: int,
+                 used: int, gen: torch.Generator, watch: ProgressWatch) -> KrylovResult:
+    """The general iteration (module docstring) from a basis ``state`` that already holds its
+    first vectors and their images (``used`` products so far)."""
+    p = op.shape[0]
     while True:
-        image = op @ block
-        used += block.shape[1]
-        if not bool(torch.isfinite(image).all()):
-            raise FloatingPointError(f"the operator returned non-finite values (after {used} "
-                                     "products)")
-        state.extend(block, image)
         theta, Y = state.ritz()
         scale = max(float(theta.abs().max()), float(torch.finfo(theta.dtype).tiny))
         threshold = tol * scale
         # residual norms from the small Gram matrix first: p-sized work only where needed
         estimate = state.residual_gram(theta[:n], Y[:, :n]).diagonal().clamp_min(0).sqrt()
         floor = _estimate_floor(op, max(scale, float(state.G.diagonal().max()) ** 0.5))
-        maybe = bool((estimate <= threshold + floor).all())
+        enough = state.Q.shape[1] >= n
+        maybe = enough and bool((estimate <= threshold + floor).all())
         full = state.Q.shape[1] >= p
-        if (maybe and state.Q.shape[1] >= n) or full or used >= budget:
-            V = state.Q @ Y[:, :n]
-            R = state.HQ @ Y[:, :n] - V * theta[:n]
+        if not (maybe or full or used >= budget) and enough:
+            maybe = watch.update(float(estimate.max()) / scale, used)  # stalled: stop
+        if maybe or full or used >= budget:
+            V, HV = state.Q @ Y[:, :n], state.HQ @ Y[:, :n]
+            R = HV - V * theta[:n]
             res = R.norm(dim=0)
             # fewer than n basis vectors give fewer than n Ritz pairs: never "converged" then
-            done = (state.Q.shape[1] >= n and bool((res <= threshold).all())) or full
-            if done or used >= budget:
-                return Eigenpairs(theta[skip:n].clone(), V[:, skip:].clone(),
-                                  res[skip:].clone(), used, done, skip)
+            done = (enough and bool((res <= threshold).all())) or full
+            stalled = not done and (watch.stalled or watch.update(float(res.max()) / scale, used))
+            if done or stalled or used >= budget:
+                return KrylovResult(theta[:n], V, HV, res, used, done, full)
             directions = _next_block(R, res, threshold, b)
         else:  # some pair is certainly unconverged: its residual direction, without R
             active = estimate > threshold
@@ -239,6 +299,35 @@ def top_eigenpairs(op, k: int, tol: float = 1e-6, init: torch.Tensor | None = No
             keep = min(max(n + b, (m + n) // 2), m - b)
             state.restart(Y[:, :keep], theta[:keep])
         block = _orthonormal_fill(directions, state.Q, b, gen)[:, : budget - used]
+        image = apply_operator(op, block, used)
+        used += block.shape[1]
+        state.extend(block, image)
+
+
+def _check_multiplicity(op, found: KrylovResult, n: int, tol: float, b: int, m: int,
+                        budget: int, steps: int, gen: torch.Generator,
+                        watch: ProgressWatch) -> tuple[KrylovResult, bool]:
+    """The multiplicity check after a converged solve, and whether it was complete.
+
+    A Ritz value of ``(I − VVᵀ) H (I − VVᵀ)`` above ``θ_n + tol·|θ_1|`` is a missed eigenvalue:
+    the check's Lanczos vectors (and their images: no product is repeated) join ``V`` as the
+    basis of a continued solve, which is checked again. A full basis is exact (checked).
+    """
+    while found.converged and not found.full and steps > 0:
+        room = budget - found.products
+        if room < 1:
+            return found, False
+        scale = max(float(found.values.abs().max()), float(torch.finfo(op.dtype).tiny))
+        bar = float(found.values[n - 1]) + tol * scale
+        search = deflated_search(op, found.vectors, bar, min(steps, room), gen)
+        used = found.products + search.products
+        if search.top <= bar:
+            return found._replace(products=used), search.exact or search.products == steps
+        state = _Krylov(found.vectors, capacity=max(m, n + search.products + b))
+        state.extend(found.vectors, found.images)
+        state.extend(search.basis, search.images)
+        found = _block_solve(op, state, n, tol, b, m, budget, used, gen, watch)
+    return found, found.full
 
 
 def _estimate_floor(op, norm: float) -> float:

@@ -18,8 +18,8 @@ first guess for ``V_{t+1}``). :func:`track_eigenpairs` runs the thick-restart La
 ``warm="krylov"``: fewest products.
     Single-vector Lanczos (Krylov–Schur, :mod:`tinysubspace.linalg.krylov_schur`) from ``Σ_i v_i``
     plus a random part of relative weight ``10⁻²``: a Krylov space corrects all ``n`` directions
-    at once, one product per pass. Like any single-vector start it finds one copy of an exactly
-    repeated eigenvalue.
+    at once, one product per pass. Like any single-vector start it sees one copy of an exactly
+    repeated eigenvalue; the multiplicity check below finds the others.
 
 ``warm="auto"`` (default) picks ``subspace`` on a GPU and ``krylov`` elsewhere: a pass costs
 ``c0 + c1 b`` (a gradient graph, then ``c1`` per product). On a GPU ``c1 ≪ c0`` (a 20-column
@@ -27,17 +27,22 @@ block costs 0.06 (FC) to 0.3 (ResNet-18) of a single product per column), so pas
 count; on a CPU ``c1 ≈ c0`` (0.6–1.0), so products are. Numbers: docs/performance.md.
 
 The answer is the same as a cold solve's: every returned pair meets ``‖H v − λ v‖ ≤ tol · |λ_1|``,
-checked on exact residuals. What no Krylov method can promise without converging every pair: an
-eigenvector that enters the top ``n`` from a direction orthogonal to ``span(V_t)`` *and* to every
-residual is invisible to a ``subspace`` warm start (a random start sees it with probability
-one). After an optimizer step ``H`` changes in every direction, so this does not happen in
-practice; the tests check crossings that do happen.
+checked on exact residuals, and then, as in every solve of :func:`top_eigenpairs`, the
+multiplicity check (:mod:`tinysubspace.linalg.deflation`) runs a few Lanczos steps on
+``(I − VVᵀ) H (I − VVᵀ)`` from a fresh random start. An eigenvector that enters the top ``n``
+from a direction the warm start cannot see — orthogonal to ``span(V_t)`` and to every residual,
+as when ``span(V_t)`` is exactly invariant for ``H_{t+1}`` (``subspace``), or nearly so, which
+leaves only the ``10⁻²`` random part to find it (``krylov``) — shows there as a Ritz value
+above ``θ_n`` and joins the solve, as a cold start would find it. ``multiplicity_checked`` says
+whether the check ran; its reach is the check's (an eigenvalue far above ``θ_n`` relative to
+the spread below it is found within a few steps, one just above ``θ_n`` may not be).
 """
 
 from __future__ import annotations
 
 import torch
 
+from tinysubspace.linalg.deflation import CHECK_STEPS
 from tinysubspace.linalg.lanczos import Eigenpairs, top_eigenpairs
 from tinysubspace.linalg.orthogonalize import orthonormalize_against, random_block
 
@@ -53,8 +58,9 @@ Measured on digits (k = 20, tol 1e-4, ten measurements two SGD steps apart): wit
 solve once stopped with λ21 in place of a λ20 it had not yet resolved (overlap 0.950 with
 eigsh); ``10⁻²``, ``10⁻¹`` and ``1`` did not, at the same products (857, 851, 859, 866 over nine
 measurements). A larger part costs products when nothing moves (a dense test at tol 1e-10: 211,
-240, 272 products for ``10⁻³, 10⁻², 10⁻¹``; cold 340). No start can exclude such a miss at a
-loose tolerance — a cold Lanczos can make it too; docs/performance.md."""
+240, 272 products for ``10⁻³, 10⁻², 10⁻¹``; cold 340). No start can exclude such a miss of a
+nearly equal eigenvalue at a loose tolerance — a cold Lanczos can make it too, and the
+multiplicity check only catches eigenvalues clearly above ``θ_n``; docs/performance.md."""
 
 
 def warm_block_size(n: int, previous_columns: int) -> int:
@@ -104,7 +110,8 @@ def _previous_block(previous: Eigenpairs | torch.Tensor, p: int) -> torch.Tensor
 def track_eigenpairs(op, k: int, previous: Eigenpairs | torch.Tensor | None = None,
                      tol: float = 1e-4, seed: int = 0, max_matvecs: int | None = None,
                      skip: int = 0, block_size: int | None = None,
-                     basis_size: int | None = None, warm: str = "auto") -> Eigenpairs:
+                     basis_size: int | None = None, warm: str = "auto",
+                     check_steps: int = CHECK_STEPS) -> Eigenpairs:
     """The ``k`` largest eigenpairs of ``op``, warm-started from a previous measurement.
 
     Args:
@@ -127,10 +134,13 @@ def track_eigenpairs(op, k: int, previous: Eigenpairs | torch.Tensor | None = No
         basis_size: largest basis before a thick restart (see :func:`top_eigenpairs`).
         warm: ``"auto"`` (default), ``"subspace"`` or ``"krylov"``: how ``previous`` is used
             (module docstring).
+        check_steps: products of the multiplicity check that ends every solve (see
+            :func:`top_eigenpairs`); ``0`` skips it.
 
     Returns:
         :class:`Eigenpairs`: values descending, orthonormal vectors, exact residuals, the
-        number of products used and whether every pair converged.
+        number of products used, whether every pair converged and whether the multiplicity
+        check passed.
 
     Raises:
         TypeError: ``previous`` of an unusable kind.
@@ -141,7 +151,8 @@ def track_eigenpairs(op, k: int, previous: Eigenpairs | torch.Tensor | None = No
     warm = resolve_warm_start(warm, op.device)
     if previous is None:
         return top_eigenpairs(op, k, tol=tol, seed=seed, max_matvecs=max_matvecs, skip=skip,
-                              block_size=block_size or 1, basis_size=basis_size)
+                              block_size=block_size or 1, basis_size=basis_size,
+                              check_steps=check_steps)
     init = _previous_block(previous, op.shape[0]).to(device=op.device, dtype=op.dtype)
     if warm == "krylov":
         init = _krylov_start(init, seed)
@@ -149,7 +160,8 @@ def track_eigenpairs(op, k: int, previous: Eigenpairs | torch.Tensor | None = No
     else:
         b = block_size or warm_block_size(k + skip, init.shape[1])
     return top_eigenpairs(op, k, tol=tol, init=init, seed=seed, max_matvecs=max_matvecs,
-                          skip=skip, block_size=b, basis_size=basis_size)
+                          skip=skip, block_size=b, basis_size=basis_size,
+                          check_steps=check_steps)
 
 
 def _krylov_start(block: torch.Tensor, seed: int) -> torch.Tensor:

@@ -1,0 +1,121 @@
+"""The multiplicity check: did a solve miss an eigenvalue above the ones it found?
+
+A Krylov space grown from one start vector ``q`` holds exactly one direction of each eigenspace
+(the projection of ``q`` onto it), and ``s`` start vectors hold at most ``s``: a solve with a
+single start vector finds one copy of a repeated eigenvalue, converges every pair it has, and
+would report the others as if they did not exist (spectrum ``(1, 1, 0.6, …)``, ``k = 2``: it
+returns ``[1, 0.6]``). Nearly equal eigenvalues behave the same way at a finite tolerance. So
+before a solve declares convergence of ``(θ_i, v_i)``, ``i ≤ n``, it asks whether
+
+.. math::  H_\\perp = P H P, \\qquad P = I - V V^T,
+
+has an eigenvalue above ``θ_n``: Lanczos on ``H_⊥`` from a fresh seeded random start ``q ⊥ V``
+(every product ``H q`` projected onto ``V^⊥``). Its Ritz values are lower bounds of the
+eigenvalues of ``H`` on ``V^⊥`` (Cauchy interlacing), so a Ritz value above
+``θ_n + tol·|θ_1|`` *proves* a miss, and its Ritz vectors, with their images, are handed back to
+the solver to go on with.
+
+The other way round is a matter of probability, not proof: a missed eigenvalue
+``λ* = θ_n + γ (θ_n − λ_min)`` shows once ``s`` steps have amplified its component in ``q`` (about
+``1/√p``) over the rest, i.e. once the Chebyshev factor ``T_{s−1}(1 + 2γ)`` exceeds about ``√p``:
+well-separated copies (``γ ≳ 0.5``, as in the paper's toy model) within 8–10 steps for
+``p ≤ 10⁶``, copies only slightly above ``θ_n`` later or not at all. Those are also the cheap
+misses: an eigenvalue within ``tol·|θ_1|`` of ``θ_n`` is not a miss at all (the values returned
+are right to the tolerance). An invariant Krylov space of ``H_⊥`` (or one that fills ``V^⊥``)
+ends the check early with its exact top eigenvalue.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tinysubspace.linalg.krylov_schur import apply_operator
+from tinysubspace.linalg.orthogonalize import orthonormalize_against, random_block
+
+__all__ = ["CHECK_STEPS", "DeflatedSearch", "deflated_search"]
+
+CHECK_STEPS = 8
+"""Default products of the multiplicity check (``top_eigenpairs(check_steps=...)``)."""
+
+
+@dataclass(frozen=True)
+class DeflatedSearch:
+    """What Lanczos on ``P H P`` found.
+
+    Attributes:
+        basis: ``(p, j)`` orthonormal Lanczos vectors, orthogonal to ``V``.
+        images: ``(p, j)`` their products ``H q`` (not projected).
+        top: the largest Ritz value of ``P H P`` on ``span(basis)`` (a lower bound of the largest
+            eigenvalue of ``H`` on ``V^⊥``).
+        products: operator products used (``j``).
+        exact: the Krylov space became invariant or filled ``V^⊥``: ``top`` is the largest
+            eigenvalue of ``H`` on ``V^⊥`` seen from the start vector, not a bound.
+    """
+
+    basis: torch.Tensor
+    images: torch.Tensor
+    top: float
+    products: int
+    exact: bool
+
+
+def deflated_search(op, V: torch.Tensor, bar: float, steps: int,
+                    gen: torch.Generator) -> DeflatedSearch:
+    """Up to ``steps`` Lanczos steps on ``(I − VVᵀ) H (I − VVᵀ)``, stopping early once a Ritz
+    value exceeds ``bar``.
+
+    Args:
+        op: symmetric operator (``shape``, ``dtype``, ``device``, ``@`` on ``(p, 1)`` blocks).
+        V: ``(p, n)`` orthonormal columns (the pairs a solve found), ``n < p``.
+        bar: a Ritz value above this is a missed eigenvalue (``θ_n + tol·|θ_1|``).
+        steps: most products (≥ 1).
+        gen: source of the random start vector.
+
+    Raises:
+        FloatingPointError: the operator returned NaN or infinity.
+    """
+    p = V.shape[0]
+    room = p - V.shape[1]  # dim V^⊥: a Krylov space there has at most this many vectors
+    steps = min(steps, room)
+    Q = V.new_empty(steps, p)  # rows: the Lanczos vectors
+    HQ = V.new_empty(steps, p)
+    T = torch.zeros(steps, steps, dtype=torch.float64)
+    q = _random_unit(V, gen)
+    eps = float(torch.finfo(V.dtype).eps)
+    top, exact, j = float("-inf"), False, 0
+    while j < steps:
+        w = apply_operator(op, q[:, None], j)[:, 0]
+        Q[j], HQ[j] = q, w
+        h = Q[: j + 1] @ w  # Qᵀ H q_j (q_j ⊥ V, so also Qᵀ P H P q_j): column j of T
+        T[: j + 1, j] = T[j, : j + 1] = h.cpu().double()
+        f = _project_out(w, V, Q[: j + 1])
+        j += 1
+        top = float(torch.linalg.eigvalsh(T[:j, :j])[-1])
+        beta = float(f.norm())
+        if top > bar:
+            break
+        if j == room or beta <= 10 * eps * max(abs(top), float(w.norm())):
+            exact = True  # invariant, or V^⊥ exhausted: nothing above top is reachable from q
+            break
+        q = f / beta
+    return DeflatedSearch(Q[:j].T, HQ[:j].T, top, j, exact)
+
+
+def _project_out(w: torch.Tensor, V: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
+    """``w`` with its components along the columns of ``V`` and the rows of ``Q`` removed
+    (classical Gram–Schmidt, twice)."""
+    for _ in range(2):
+        w = w - V @ (V.T @ w)
+        w = w - Q.T @ (Q @ w)
+    return w
+
+
+def _random_unit(V: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """A unit random vector orthogonal to the columns of ``V``."""
+    while True:
+        candidate = random_block(V.shape[0], 1, V.dtype, V.device, gen)
+        direction = orthonormalize_against(candidate, V)
+        if direction.shape[1]:
+            return direction[:, 0]

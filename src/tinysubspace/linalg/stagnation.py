@@ -1,0 +1,80 @@
+"""Stopping a solve whose tolerance is below what the operator's precision can reach.
+
+A residual ``‖H v − θ v‖`` computed in a dtype with unit roundoff ``eps`` carries an error of
+about ``eps · ‖H‖`` (more when each product sums many rounded terms, as a Hessian-vector
+product over a data set does): no iteration brings it below that floor, and a solve asked for
+less would run to its budget (``50 p`` products: 10,000 for ``p = 200`` in float32 at
+``tol = 1e-9``; hours for a network). :class:`ProgressWatch` stops it instead.
+
+It is armed only when ``tol`` is within a factor :data:`ARM_FACTOR` of the rounding level of a
+``p``-term sum, ``√p · eps`` (float64 solves at ordinary tolerances never are, so their results
+cannot change), and then watches the largest wanted residual: when its best value has not halved
+over :data:`window` products, the solve has stagnated at the floor. The solver then returns
+``converged=False`` and warns with the tolerance that was reached.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["ARM_FACTOR", "ProgressWatch", "reachable_tolerance", "stagnation_message"]
+
+ARM_FACTOR = 100.0
+"""The watch is armed when ``tol < ARM_FACTOR · √p · eps`` (float32: ``tol < 1.7e-4`` for
+``p = 200``, ``< 3.6e-3`` for ``p = 89,000``; float64: ``tol < 3e-12`` for ``p = 200``)."""
+
+
+class ProgressWatch:
+    """Detects stagnation of the largest wanted residual (relative to ``|θ_1|``).
+
+    Args:
+        tol: the solve's relative tolerance.
+        dtype: the operator's dtype.
+        p: the operator's dimension.
+        window: products without a halving of the best residual that count as stagnation.
+    """
+
+    def __init__(self, tol: float, dtype: torch.dtype, p: int, window: int) -> None:
+        self.armed = tol < ARM_FACTOR * math.sqrt(p) * torch.finfo(dtype).eps
+        self.window = window
+        self.best = math.inf  # smallest relative residual seen
+        self._mark = math.inf  # the best value at the last halving
+        self._since = 0  # products at the last halving
+        self.stalled = False
+
+    def update(self, relative_residual: float, products: int) -> bool:
+        """Record the largest wanted residual ``max_i ‖r_i‖ / |θ_1|`` after ``products``
+        products; ``True`` (and :attr:`stalled` set) once it has stagnated."""
+        if not self.armed:
+            return False
+        self.best = min(self.best, relative_residual)
+        if self.best <= 0.5 * self._mark:
+            self._mark, self._since = self.best, products
+        elif products - self._since >= self.window:
+            self.stalled = True
+        return self.stalled
+
+
+
+def reachable_tolerance(reached: float) -> float:
+    """A tolerance a solve that reached the relative residual ``reached`` can meet: twice that,
+    rounded up to one digit.
+
+    >>> reachable_tolerance(3.2e-7)
+    7e-07
+    """
+    value = 2 * reached
+    exponent = math.floor(math.log10(value))
+    return float(f"{math.ceil(value / 10**exponent - 1e-9)}e{exponent}")
+
+
+def stagnation_message(tol: float, dtype: torch.dtype, reached: float, window: int,
+                       products: int) -> str:
+    """The warning a stagnated solve gives (``reached``: its largest residual / ``|θ_1|``)."""
+    return (f"top_eigenpairs: tol={tol:.1e} is below what this {str(dtype).replace('torch.', '')} "
+            f"operator can reach: the residuals stopped decreasing (no halving in {window} "
+            f"products) at {reached:.1e} · |λ1|, so the solve stopped after {products} products "
+            f"with converged=False. Use tol >= {reachable_tolerance(reached):.0e}, or an "
+            "operator in float64 (dtype=torch.float64).")
