@@ -405,10 +405,12 @@ def test_registry_rejects_bad_configs(optim, message):
     from tinysubspace.experiments.build import build_optimizer, build_problem
     from tinysubspace.experiments.tracker import Tracker
 
-    config = tiny_config(**optim)
-    problem = build_problem(config)
-    tracker = Tracker(config.tracker, problem.loss_fn, problem.tensors("train"))
+    # A value out of range is refused when the config is made (experiments.config.RANGES), one
+    # that needs the optimizer's own rules when it is built; either way before any training.
     with pytest.raises(ValueError, match=message):
+        config = tiny_config(**optim)
+        problem = build_problem(config)
+        tracker = Tracker(config.tracker, problem.loss_fn, problem.tensors("train"))
         build_optimizer(config.optim, problem.model, {"problem": problem, "tracker": tracker})
 
 

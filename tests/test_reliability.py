@@ -398,3 +398,13 @@ def test_other_blas_pools_get_one_thread():
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(previous)
+
+
+def test_ctrl_c_before_training_began(tmp_path, monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "build_problem", interrupted)
+    assert _run(tmp_path / "r") == 130
+    assert "stopped by Ctrl-C before training began" in _one_line_error(capsys)
+    assert not (tmp_path / "r").exists()

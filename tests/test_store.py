@@ -264,3 +264,16 @@ def test_resume_refuses_tables_with_other_columns(tmp_path):
     with pytest.raises(RunStoreError, match=r"other columns .*new: \['hessian/new'\]"):
         other.resume({"name": "x"})
     assert load_run(store.path).metrics["step"].tolist() == [0]
+
+
+def test_damaged_tables_and_foreign_checkpoints(tmp_path):
+    store = _store(tmp_path)
+    (store.path / "metrics.csv").write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(RunStoreError, match=r"metrics\.csv is not a readable CSV table"):
+        load_run(store.path)
+    (store.path / "metrics.csv").write_text("")  # emptied: no rows, not an error
+    assert load_run(store.path).metrics.empty
+    torch.save([1, 2, 3], store.path / "checkpoint.pt")
+    with pytest.raises(RunStoreError, match=r"is not a tinysubspace checkpoint \(no integer "
+                                            r"'step'\)"):
+        store.load_checkpoint()
