@@ -270,7 +270,7 @@ def test_block_spectra_match_eigh_of_the_dense_diagonal_blocks(problem, blocks):
             assert torch.allclose(got.trace.samples, direct.samples, rtol=1e-8, atol=1e-10)
     B = len(dense)
     assert result.heterogeneity == pytest.approx(float(result.distances.sum()) / (B * (B - 1)))
-    assert 0 < result.heterogeneity <= 1
+    assert 0 < result.heterogeneity <= 1 and 0 < result.normalized_heterogeneity <= 1
 
 
 def test_block_measurements_are_flat_columns():
@@ -284,6 +284,7 @@ def test_block_measurements_are_flat_columns():
         assert row[f"block/{key}/size"] == Hbb.shape[0]
         assert f"block/{key}/trace" in row and f"block/{key}/trace_se" in row
     assert 0 < row["blocks/heterogeneity"] <= 1
+    assert 0 < row["blocks/heterogeneity_normalized"] <= 1
     single = ts.block_spectra(built.model, built.loss_fn, built.data, {"all": ["wte.weight"]},
                               k=1, exact_size=40)
     assert math.isnan(single.heterogeneity)
@@ -377,6 +378,7 @@ def test_block_figures_draw_the_stored_arrays(gpt_run):
         figure_block_sharpness,
         load_blocks,
         plotted_data,
+        stored_heterogeneity,
     )
 
     path, _, _ = gpt_run
@@ -389,7 +391,13 @@ def test_block_figures_draw_the_stored_arrays(gpt_run):
     assert sharp["norms"][0].tolist() == [0, 4, 8]
     assert sharp["norms"][1][2] == pytest.approx(float(load_blocks(path, 8)["eigenvalues"][4, 0]))
     bars = plotted_data(figure_block_heterogeneity([path, path], labels=["a", "b"]))
-    assert bars["a"][0] == pytest.approx(float(load_blocks(path, 0)["heterogeneity"]))
+    stored = load_blocks(path, 0)
+    assert bars["raw"]["a"][0] == pytest.approx(float(stored["heterogeneity"]))
+    assert bars["normalized"]["b"][0] == pytest.approx(float(stored["heterogeneity_normalized"]))
+    old = {k: v for k, v in stored.items() if not k.startswith("heterogeneity")}
+    assert stored_heterogeneity(old) == pytest.approx(float(stored["heterogeneity"]), rel=1e-9)
+    assert stored_heterogeneity(old, normalized=True) == pytest.approx(
+        float(stored["heterogeneity_normalized"]), rel=1e-9)
 
 
 def test_run_blocks_errors(tmp_path, gpt_run):
@@ -430,3 +438,23 @@ def test_block_measurements_on_a_seeded_subset():
     assert _examples((X, Y), None, 0)[1] is Y and _examples((X, Y), 50, 0)[1] is Y
     with pytest.raises(ValueError, match="examples must be a positive number, got 0"):
         _examples((X, Y), 0, 0)
+
+
+def test_normalized_heterogeneity_compares_shapes_not_sizes():
+    """Blocks A and 3A: their spectra differ in size only, so the normalised score is 0 while
+    the raw one is large; a block without curvature keeps its scale."""
+    from tinysubspace.linalg.blocks import top_scales
+
+    d = torch.logspace(-2, 0, 40, dtype=F64)
+    A = _block_diagonal([d], [6])
+    dens = [block_spectrum(ts.DenseOperator(c * A), k=1, steps=20, probes=2, seed=0,
+                           exact_size=0) for c in (1.0, 3.0)]
+    scales = top_scales([float(s.eigenvalues[0]) for s in dens])
+    assert scales == pytest.approx([1.0, 3.0], rel=1e-6)
+    assert block_heterogeneity([s.density for s in dens], scales=scales) < 1e-6
+    assert block_heterogeneity([s.density for s in dens]) > 0.3
+    assert top_scales([2.0, 0.0, 1e-12]) == [2.0, 1.0, 1.0]
+    with pytest.raises(ValueError, match="scales must be positive"):
+        block_heterogeneity([s.density for s in dens], scales=[1.0, 0.0])
+    with pytest.raises(ValueError, match="2 scales for 3 blocks"):
+        block_heterogeneity([dens[0].density] * 3, scales=[1.0, 1.0])

@@ -61,5 +61,6 @@ def main(args: argparse.Namespace) -> int:
                                                                    data["eigenvalues"],
                                                                    strict=True))
                 print(f"{file}: step {int(data['step'])}, heterogeneity "
-                      f"{float(data['heterogeneity']):.3f}; λ1 per block: {top}")
+                      f"{float(data['heterogeneity']):.3f} (normalised "
+                      f"{float(data['heterogeneity_normalized']):.3f}); λ1 per block: {top}")
     return 0

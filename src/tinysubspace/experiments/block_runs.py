@@ -49,7 +49,8 @@ def block_arrays(result: BlockSpectra, step: int, blocking: str) -> dict[str, np
     """The arrays of ``blocks/step_*.npz``: ``names``, ``sizes``, ``eigenvalues`` (``B × k``,
     NaN-padded), ``trace``, ``trace_se``, ``nodes`` / ``weights`` (every block's SLQ rule
     flattened; block ``i`` is ``[offsets[i], offsets[i+1])``), ``probes``, ``distances``,
-    ``heterogeneity``, ``step``, ``blocking``."""
+    ``heterogeneity``, ``normalized_distances``, ``heterogeneity_normalized``, ``step``,
+    ``blocking``."""
     spectra = list(result.blocks.values())
     k = max(s.eigenvalues.numel() for s in spectra)
     eig = np.full((len(spectra), k), np.nan)
@@ -64,7 +65,10 @@ def block_arrays(result: BlockSpectra, step: int, blocking: str) -> dict[str, np
             "offsets": np.cumsum([0, *[n.size for n in nodes]]),
             "probes": np.array([s.density.probe for s in spectra]),
             "distances": result.distances.numpy(),
-            "heterogeneity": np.float64(result.heterogeneity), "step": np.int64(step),
+            "heterogeneity": np.float64(result.heterogeneity),
+            "normalized_distances": result.normalized_distances.numpy(),
+            "heterogeneity_normalized": np.float64(result.normalized_heterogeneity),
+            "step": np.int64(step),
             "blocking": np.array(blocking)}
 
 
@@ -77,6 +81,7 @@ def block_row(result: BlockSpectra, step: int) -> dict[str, float]:
         row.update({f"block/{name}/trace": s.trace.value, f"block/{name}/trace_se": s.trace.stderr,
                     f"block/{name}/size": float(s.size)})
     row["blocks/heterogeneity"] = result.heterogeneity
+    row["blocks/heterogeneity_normalized"] = result.normalized_heterogeneity
     return row
 
 

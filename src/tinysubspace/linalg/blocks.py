@@ -20,7 +20,10 @@ The block-heterogeneity score is the mean Jensen–Shannon distance between the 
            \\tfrac12 \\mathrm{KL}(Q\\|M)}, \\quad M = \\tfrac12 (P + Q),
 
 with logarithms to base 2 (so ``0 ≤ JS ≤ 1``; 0 for identical spectra, 1 for spectra far apart)
-and ``φ̂_b`` the Gaussian-broadened densities on one shared grid, normalised to sum to 1. Every
+and ``φ̂_b`` the Gaussian-broadened densities on one shared grid, normalised to sum to 1. The
+raw score compares the spectra as they are (sizes and shapes); the *normalised* score divides
+each block's eigenvalues by its ``|λ_1|`` first (:func:`top_scales`), comparing shapes only
+(Zhang et al. plot blockwise spectra normalised by their 10th largest eigenvalue). Every
 block's SLQ probes are drawn from the same seed, so blocks with identical spectra and bases get
 identical densities and a score of exactly 0.
 """
@@ -53,6 +56,7 @@ __all__ = [
     "heterogeneity_matrix",
     "hutchinson_trace",
     "js_distance",
+    "top_scales",
 ]
 
 
@@ -235,28 +239,47 @@ def js_distance(p: torch.Tensor, q: torch.Tensor) -> float:
     return float(torch.sqrt(divergence.clamp(min=0.0, max=1.0)))
 
 
-def _densities(spectra: Sequence[SpectralDensity], points: int,
-               sigma: float | None) -> torch.Tensor:
-    """``(B, points)`` broadened densities on one grid spanning every block's nodes."""
-    nodes = torch.cat([d.nodes.reshape(-1) for d in spectra])
-    span = float(nodes.max() - nodes.min())
+def _densities(spectra: Sequence[SpectralDensity], points: int, sigma: float | None,
+               scales: Sequence[float] | None) -> torch.Tensor:
+    """``(B, points)`` broadened densities on one grid spanning every block's nodes (each
+    divided by its scale)."""
+    if scales is not None and len(scales) != len(spectra):
+        raise ValueError(f"{len(scales)} scales for {len(spectra)} blocks")
+    if scales is not None and not all(math.isfinite(c) and c > 0 for c in scales):
+        raise ValueError(f"scales must be positive and finite, got {list(scales)}")
+    nodes = [d.nodes / (scales[i] if scales is not None else 1.0)
+             for i, d in enumerate(spectra)]
+    every = torch.cat([n.reshape(-1) for n in nodes])
+    span = float(every.max() - every.min())
     sigma = sigma if sigma is not None else (0.01 * span if span > 0 else 1e-3)
-    grid = density_grid(nodes, sigma, points)
-    return torch.stack([broadened_density(d.nodes, d.weights, grid, sigma) for d in spectra])
+    grid = density_grid(every, sigma, points)
+    return torch.stack([broadened_density(n, d.weights, grid, sigma)
+                        for n, d in zip(nodes, spectra, strict=True)])
+
+
+def top_scales(tops: Sequence[float], floor: float = 1e-8) -> list[float]:
+    """Per block the scale ``|λ_1(H_bb)|`` that normalises its spectrum to top 1 (Zhang et al.
+    plot blockwise spectra so normalised); a block whose ``|λ_1|`` is below ``floor`` times the
+    largest one (no curvature to speak of) keeps scale 1."""
+    largest = max((abs(t) for t in tops), default=0.0)
+    return [abs(t) if abs(t) > floor * largest and abs(t) > 0 else 1.0 for t in tops]
 
 
 def heterogeneity_matrix(spectra: Sequence[SpectralDensity] | Mapping[str, SpectralDensity],
-                         points: int = 2000, sigma: float | None = None) -> torch.Tensor:
+                         points: int = 2000, sigma: float | None = None,
+                         scales: Sequence[float] | None = None) -> torch.Tensor:
     """``(B, B)`` Jensen–Shannon distances between the blocks' densities, broadened by ``σ``
-    (default 1% of the span of all nodes) on one grid of ``points`` points.
+    (default 1% of the span of all nodes) on one grid of ``points`` points. With ``scales``
+    the eigenvalues of block ``b`` are divided by ``scales[b]`` first (e.g. :func:`top_scales`:
+    shapes compared, sizes not).
 
     Raises:
-        ValueError: fewer than two densities.
+        ValueError: fewer than two densities, or scales that do not fit.
     """
     spectra = list(spectra.values()) if isinstance(spectra, Mapping) else list(spectra)
     if len(spectra) < 2:
         raise ValueError(f"heterogeneity compares blocks: need at least 2, got {len(spectra)}")
-    rows = _densities(spectra, points, sigma)
+    rows = _densities(spectra, points, sigma, scales)
     B = len(spectra)
     out = torch.zeros(B, B, dtype=torch.float64)
     for a in range(B):
@@ -266,9 +289,10 @@ def heterogeneity_matrix(spectra: Sequence[SpectralDensity] | Mapping[str, Spect
 
 
 def block_heterogeneity(spectra: Sequence[SpectralDensity] | Mapping[str, SpectralDensity],
-                        points: int = 2000, sigma: float | None = None) -> float:
+                        points: int = 2000, sigma: float | None = None,
+                        scales: Sequence[float] | None = None) -> float:
     """The block-heterogeneity score ``h``: the mean of :func:`heterogeneity_matrix` over pairs
     of distinct blocks (module docstring)."""
-    matrix = heterogeneity_matrix(spectra, points, sigma)
+    matrix = heterogeneity_matrix(spectra, points, sigma, scales)
     B = matrix.shape[0]
     return float(matrix.sum() / (B * (B - 1)))

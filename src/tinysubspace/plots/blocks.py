@@ -20,7 +20,8 @@ import pandas as pd
 import torch
 from matplotlib.figure import Figure
 
-from tinysubspace.linalg.density import broadened_density, density_grid
+from tinysubspace.linalg.blocks import block_heterogeneity, top_scales
+from tinysubspace.linalg.density import SpectralDensity, broadened_density, density_grid
 from tinysubspace.plots.common import (
     MissingDataError,
     RunLike,
@@ -38,6 +39,7 @@ __all__ = [
     "figure_block_sharpness",
     "load_blocks",
     "plotted_data",
+    "stored_heterogeneity",
 ]
 
 BLOCKS_DIR, BLOCKS_CSV = "blocks", "blocks.csv"  # as experiments.block_runs writes them
@@ -68,6 +70,21 @@ def load_blocks(run: RunLike, step: int) -> dict[str, Any]:
     data["densities"] = [(data["nodes"][a:b], data["weights"][a:b])
                          for a, b in itertools.pairwise(off)]
     return data
+
+
+def stored_heterogeneity(blocks: dict[str, Any], normalized: bool = False) -> float:
+    """The raw or normalised heterogeneity score of stored block spectra (:func:`load_blocks`):
+    as stored, or recomputed from the stored densities and top eigenvalues (files written
+    before the normalised score existed)."""
+    key = "heterogeneity_normalized" if normalized else "heterogeneity"
+    if key in blocks:
+        return float(blocks[key])
+    densities = [SpectralDensity(torch.from_numpy(n)[None], torch.from_numpy(w)[None], int(p),
+                                 str(kind), None)
+                 for (n, w), p, kind in zip(blocks["densities"], blocks["sizes"],
+                                            blocks["probes"], strict=True)]
+    scales = top_scales(blocks["eigenvalues"][:, 0].tolist()) if normalized else None
+    return block_heterogeneity(densities, scales=scales)
 
 
 def _density(nodes: np.ndarray, weights: np.ndarray, points: int) -> tuple[np.ndarray, ...]:
@@ -157,30 +174,35 @@ def figure_block_sharpness(run: RunLike) -> Figure:
 
 def figure_block_heterogeneity(runs: Sequence[RunLike],
                                labels: Sequence[str] | None = None) -> Figure:
-    """The block-heterogeneity score of each run at each stored step (bars: first step, last
-    step), e.g. the GPT next to the FC net and the ConvNet.
+    """The block-heterogeneity score of each run, raw (left) and normalised (right), at its
+    first and last stored step (bars), e.g. the GPT next to the FC net and the ConvNet.
 
-    Plotted data: ``{label: {step: score}}``.
+    Plotted data: ``{"raw" | "normalized": {label: {step: score}}}``.
 
     Raises:
         MissingDataError: a run without block spectra.
     """
     runs = [as_run(r) for r in runs]
     labels = list(labels) if labels is not None else [run_label(r) for r in runs]
-    data: dict[str, dict[int, float]] = {}
+    data: dict[str, dict[str, dict[int, float]]] = {"raw": {}, "normalized": {}}
     for run, label in zip(runs, labels, strict=True):
         steps = block_steps(run)
         if not steps:
             raise MissingDataError(f"{run.path} has no block spectra")
-        data[label] = {s: float(load_blocks(run, s)["heterogeneity"]) for s in steps}
-    figure, (ax,) = new_figure(1, width=1.6 + 1.4 * len(runs), height=3.6)
+        stored = {s: load_blocks(run, s) for s in steps}
+        for kind in data:
+            data[kind][label] = {s: stored_heterogeneity(b, kind == "normalized")
+                                 for s, b in stored.items()}
+    figure, axes = new_figure(2, width=1.6 + 1.4 * len(runs), height=3.6)
     x = np.arange(len(runs))
-    first = [data[label][min(data[label])] for label in labels]
-    last = [data[label][max(data[label])] for label in labels]
-    ax.bar(x - 0.2, first, 0.4, label="first stored step (init)")
-    ax.bar(x + 0.2, last, 0.4, label="last stored step (trained)")
-    ax.set_xticks(x, labels, rotation=20, fontsize=7, ha="right")
-    ax.set_ylabel("mean JS distance between block densities")
-    ax.set_ylim(0, 1)
-    ax.legend(fontsize=7)
+    for ax, (kind, scores) in zip(axes, data.items(), strict=True):
+        first = [scores[label][min(scores[label])] for label in labels]
+        last = [scores[label][max(scores[label])] for label in labels]
+        ax.bar(x - 0.2, first, 0.4, label="first stored step (init)")
+        ax.bar(x + 0.2, last, 0.4, label="last stored step (trained)")
+        ax.set_xticks(x, labels, rotation=20, fontsize=7, ha="right")
+        ax.set_title(f"{kind} spectra", fontsize=9)
+        ax.set_ylim(0, 1)
+    axes[0].set_ylabel("mean JS distance between block densities")
+    axes[0].legend(fontsize=7)
     return finish(figure, data)

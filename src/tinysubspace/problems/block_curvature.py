@@ -27,6 +27,7 @@ from tinysubspace.linalg.blocks import (
     RestrictedOperator,
     block_spectrum,
     heterogeneity_matrix,
+    top_scales,
 )
 from tinysubspace.problems.models.blocks import BlockPart, parameter_blocks
 
@@ -41,11 +42,15 @@ class BlockSpectra:
         blocks: ``{name: BlockSpectrum}`` in block order.
         distances: ``(B, B)`` Jensen–Shannon distances between the blocks' densities.
         heterogeneity: their mean over pairs of distinct blocks (NaN for one block).
+        normalized_distances, normalized_heterogeneity: the same with each block's spectrum
+            divided by its ``|λ_1|`` (:func:`~tinysubspace.linalg.blocks.top_scales`).
     """
 
     blocks: dict[str, BlockSpectrum]
     distances: torch.Tensor
     heterogeneity: float
+    normalized_distances: torch.Tensor
+    normalized_heterogeneity: float
 
     @property
     def names(self) -> list[str]:
@@ -110,11 +115,16 @@ def block_spectra(model: torch.nn.Module, loss_fn: Callable, data: Any,
                                     k=k, steps=steps, probes=probes, seed=seed, tol=tol,
                                     exact_size=exact_size)
                for name, parts in groups.items()}
-    if len(spectra) < 2:
-        return BlockSpectra(spectra, torch.zeros(len(spectra), len(spectra)), math.nan)
-    distances = heterogeneity_matrix([s.density for s in spectra.values()], points, sigma)
     B = len(spectra)
-    return BlockSpectra(spectra, distances, float(distances.sum() / (B * (B - 1))))
+    if B < 2:
+        empty = torch.zeros(B, B, dtype=torch.float64)
+        return BlockSpectra(spectra, empty, math.nan, empty, math.nan)
+    densities = [s.density for s in spectra.values()]
+    distances = heterogeneity_matrix(densities, points, sigma)
+    scales = top_scales([float(s.eigenvalues[0]) for s in spectra.values()])
+    normalized = heterogeneity_matrix(densities, points, sigma, scales)
+    return BlockSpectra(spectra, distances, float(distances.sum() / (B * (B - 1))),
+                        normalized, float(normalized.sum() / (B * (B - 1))))
 
 
 def block_measurements(model: torch.nn.Module, loss_fn: Callable, data: Any,
@@ -122,7 +132,8 @@ def block_measurements(model: torch.nn.Module, loss_fn: Callable, data: Any,
                        ) -> dict[str, float]:
     """:func:`block_spectra` as flat tracker columns (STYLE.md point 13):
     ``block/NAME/eig_1`` … ``eig_k``, ``block/NAME/trace``, ``block/NAME/trace_se``,
-    ``block/NAME/size`` for every block, and ``blocks/heterogeneity``.
+    ``block/NAME/size`` for every block, ``blocks/heterogeneity`` and
+    ``blocks/heterogeneity_normalized``.
 
     >>> model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Tanh(), torch.nn.Linear(2, 1))
     >>> X = torch.randn(8, 2, generator=torch.Generator().manual_seed(0))
@@ -139,4 +150,5 @@ def block_measurements(model: torch.nn.Module, loss_fn: Callable, data: Any,
         row[f"block/{name}/trace_se"] = spectrum.trace.stderr
         row[f"block/{name}/size"] = float(spectrum.size)
     row["blocks/heterogeneity"] = result.heterogeneity
+    row["blocks/heterogeneity_normalized"] = result.normalized_heterogeneity
     return row
