@@ -190,7 +190,7 @@ def tracking_rows(make: Callable[[], Problem], k: int, tol: float, dtype: torch.
         problem.model.load_state_dict(state)
         seconds = {}
         t = time.perf_counter()
-        anchor_solve(problem, k, tol, dtype)
+        _, anchor_products = anchor_solve(problem, k, tol, dtype)
         seconds["anchor"] = time.perf_counter() - t
         for name, memory in (("kept", DEFAULT_GRAPH_MEMORY), ("rebuilt", 0)):
             t = time.perf_counter()
@@ -198,7 +198,8 @@ def tracking_rows(make: Callable[[], Problem], k: int, tol: float, dtype: torch.
             seconds[name] = time.perf_counter() - t
         rows.append([problem.name, index, k, f"{tol:g}", seconds["anchor"], seconds["kept"],
                      seconds["rebuilt"], seconds["kept"] / seconds["anchor"],
-                     seconds["rebuilt"] / seconds["anchor"], previous["kept"].matvecs,
+                     seconds["rebuilt"] / seconds["anchor"], anchor_products,
+                     previous["kept"].matvecs,
                      f"{os.getloadavg()[0]:.1f}"])
         print("  tracking", rows[-1], flush=True)
     return rows
@@ -266,7 +267,8 @@ def main() -> None:
         print_table(f"tracker measurement (g, H·g, warm track_eigenpairs) against a cold anchor "
                     f"solve, {args.every} SGD steps apart ({machine_line()})",
                     ["problem", "#", "k", "tol", "anchor s", "kept s", "rebuilt s",
-                     "kept / anchor", "rebuilt / anchor", "kept products", "load"], tracks)
+                     "kept / anchor", "rebuilt / anchor", "anchor products",
+                     "warm products (+ H·g)", "load"], tracks)
 
 
 if __name__ == "__main__":
