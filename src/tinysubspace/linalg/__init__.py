@@ -2,7 +2,8 @@
 
 ``orthogonalize`` (Gram–Schmidt, random blocks), ``tridiagonal`` (textbook Lanczos, for SLQ),
 ``lanczos`` (:func:`top_eigenpairs`: thick-restart block Lanczos with exact Rayleigh–Ritz
-residuals), ``krylov_schur`` (its single-vector form), ``warm_start`` (:func:`track_eigenpairs`
+residuals), ``krylov_schur`` (its single-vector form), ``tolerance`` (what ``tol`` is relative
+to: ``tol_scale``), ``warm_start`` (:func:`track_eigenpairs`
 between training steps), ``density`` (stochastic Lanczos quadrature, exact spectra).
 """
 

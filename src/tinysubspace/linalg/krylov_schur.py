@@ -26,6 +26,7 @@ import torch
 
 from tinysubspace.linalg.orthogonalize import orthonormalize_against, random_block
 from tinysubspace.linalg.stagnation import ProgressWatch
+from tinysubspace.linalg.tolerance import relative_residual, thresholds
 
 __all__ = ["KrylovResult", "apply_operator", "krylov_schur"]
 
@@ -45,20 +46,23 @@ class KrylovResult(NamedTuple):
 
 
 def krylov_schur(op, start: torch.Tensor, n: int, tol: float, basis_size: int, budget: int,
-                 gen: torch.Generator, watch: ProgressWatch | None = None) -> KrylovResult:
+                 gen: torch.Generator, watch: ProgressWatch | None = None,
+                 tol_scale: str = "top") -> KrylovResult:
     """The ``n`` largest eigenpairs of ``op`` by thick-restart Lanczos from ``start``.
 
     Args:
         op: symmetric operator (``shape``, ``dtype``, ``device``, ``@`` on ``(p, 1)`` blocks).
         start: ``(p, 1)`` unit start vector.
         n: pairs wanted (``n < p``).
-        tol: converged when every ``‖H v_i − θ_i v_i‖ ≤ tol · max |θ|``.
+        tol: converged when every ``‖H v_i − θ_i v_i‖ ≤ tol · max |θ|`` (``tol_scale="top"``)
+            or ``≤ tol · |θ_i|`` (``"pair"``; :mod:`tinysubspace.linalg.tolerance`).
         basis_size: largest basis (``n < basis_size ≤ p``); a full basis restarts thick with
             the best ``min(max(n + 1, (basis_size + n) // 2), basis_size − 1)`` Ritz vectors.
         budget: most products to use.
         gen: source of random directions (when the Krylov space becomes invariant early).
         watch: stops the solve (``converged=False``) when the residuals stagnate at the
             precision floor (:mod:`tinysubspace.linalg.stagnation`).
+        tol_scale: ``"top"`` or ``"pair"``: what ``tol`` is relative to (see ``tol``).
 
     Returns:
         :class:`KrylovResult`.
@@ -86,21 +90,23 @@ def krylov_schur(op, start: torch.Tensor, n: int, tol: float, basis_size: int, b
         theta, Y = theta.flip(0), Y.flip(1)
         beta = float(f.norm())
         scale = max(float(theta.abs().max()), tiny)
-        threshold = tol * scale
+        bar = thresholds(theta[:n], scale, tol, tol_scale, start.dtype)
         invariant = beta <= 10 * eps * max(scale, float(w.norm()))
         full = j >= p
         estimates = beta * Y[j - 1, :n].abs()
-        claimed = j >= n and bool((estimates <= threshold).all())
+        claimed = j >= n and bool((estimates <= bar).all())
         if not (claimed or full or used >= budget) and watch is not None and j >= n:
-            claimed = watch.update(float(estimates.max()) / scale, used)  # stalled: stop
+            # stalled: stop
+            claimed = watch.update(relative_residual(estimates, bar, tol, scale), used)
         if claimed or full or used >= budget:
             wanted = Y[:, :n].to(start.dtype).to(start.device)
             V, HV = Q[:j].T @ wanted, HQ[:j].T @ wanted
             values = theta[:n].to(start.dtype).to(start.device)
             residuals = (HV - V * values).norm(dim=0)
-            done = full or (j >= n and bool((residuals <= threshold).all()))
-            stalled = (watch is not None and not done
-                       and (watch.stalled or watch.update(float(residuals.max()) / scale, used)))
+            exact_bar = thresholds(values, scale, tol, tol_scale, start.dtype)
+            done = full or (j >= n and bool((residuals <= exact_bar).all()))
+            stalled = (watch is not None and not done and (watch.stalled or watch.update(
+                relative_residual(residuals, exact_bar, tol, scale), used)))
             if done or stalled or used >= budget:
                 return KrylovResult(values, V, HV, residuals, used, done, full)
         # an invariant Krylov space: go on from a new random direction

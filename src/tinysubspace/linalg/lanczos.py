@@ -5,7 +5,9 @@ projected matrix ``T = Qᵀ H Q``. Each iteration
 
 1. takes the Rayleigh–Ritz pairs ``(θ_i, y_i)`` of ``T``: Ritz vectors ``v_i = Q y_i`` with exact
    residuals ``r_i = HQ y_i − θ_i v_i`` (no extra products);
-2. stops when the ``n = skip + k`` largest pairs satisfy ``‖r_i‖ ≤ tol · |θ_1|``;
+2. stops when the ``n = skip + k`` largest pairs satisfy ``‖r_i‖ ≤ tol · |θ_1|``
+   (``tol_scale="top"``, the default) or ``‖r_i‖ ≤ tol · |θ_i|`` (``"pair"``, ARPACK's test;
+   :mod:`tinysubspace.linalg.tolerance`);
 3. otherwise extends ``Q`` by the residuals of up to ``b`` unconverged wanted pairs,
    orthogonalised against ``Q`` (for a Krylov basis all residuals lie in the next Krylov
    block, so this *is* block Lanczos, with block size ``b``; ``b = 1`` is plain Lanczos);
@@ -37,6 +39,7 @@ from tinysubspace.linalg.deflation import CHECK_STEPS, deflated_search
 from tinysubspace.linalg.krylov_schur import KrylovResult, apply_operator, krylov_schur
 from tinysubspace.linalg.orthogonalize import orthonormalize_against, random_block
 from tinysubspace.linalg.stagnation import ProgressWatch, stagnation_message
+from tinysubspace.linalg.tolerance import check_tol_scale, relative_residual, thresholds
 
 __all__ = ["Eigenpairs", "top_eigenpairs"]
 
@@ -50,7 +53,8 @@ class Eigenpairs:
         vectors: ``(p, k)`` orthonormal eigenvectors (columns).
         residuals: ``(k,)`` ``‖H v_i − λ_i v_i‖`` (absolute).
         matvecs: operator-vector products this solve used (the multiplicity check included).
-        converged: whether every residual is within ``tol · |λ_1|`` and no eigenvalue above
+        converged: whether every residual is within its bar (``tol · |λ_1|``, or
+            ``tol · |λ_i|`` for ``tol_scale="pair"``) and no eigenvalue above
             ``values[-1]`` was found missing; ``False`` also when the budget ran out or the
             residuals stagnated at the precision floor.
         skip: how many larger eigenpairs were found and left out (``values[0]`` is ``λ_{skip+1}``).
@@ -58,6 +62,8 @@ class Eigenpairs:
             eigenvalue (:mod:`tinysubspace.linalg.deflation`), or the basis filled the whole
             space. ``False``: not checked (``check_steps=0``, no budget left, not converged, or
             a result made elsewhere); a missed copy of a repeated eigenvalue is then possible.
+        tol_scale: what the solve's ``tol`` was relative to: ``"top"`` (``‖r_i‖ ≤ tol·|θ_1|``)
+            or ``"pair"`` (``‖r_i‖ ≤ tol·|θ_i|``, ARPACK's); :mod:`tinysubspace.linalg.tolerance`.
     """
 
     values: torch.Tensor
@@ -67,6 +73,7 @@ class Eigenpairs:
     converged: bool
     skip: int = 0
     multiplicity_checked: bool = False
+    tol_scale: str = "top"
 
 
 class _Krylov:
@@ -142,8 +149,9 @@ class _Krylov:
 
 def _validate(op, k: int, skip: int, tol: float, init: torch.Tensor | None,
               block_size: int | None, basis_size: int | None, max_matvecs: int | None,
-              check_steps: int) -> int:
+              check_steps: int, tol_scale: str = "top") -> int:
     p = op.shape[0]
+    check_tol_scale(tol_scale)
     if not isinstance(op.dtype, torch.dtype) or not op.dtype.is_floating_point:
         raise ValueError(f"the operator's dtype must be a real floating-point torch dtype, got "
                          f"{op.dtype!r}")
@@ -184,17 +192,20 @@ def _validate(op, k: int, skip: int, tol: float, init: torch.Tensor | None,
 def top_eigenpairs(op, k: int, tol: float = 1e-6, init: torch.Tensor | None = None,
                    seed: int = 0, max_matvecs: int | None = None, skip: int = 0,
                    block_size: int | None = None, basis_size: int | None = None,
-                   check_steps: int = CHECK_STEPS) -> Eigenpairs:
+                   check_steps: int = CHECK_STEPS, tol_scale: str = "top") -> Eigenpairs:
     """The ``k`` largest (algebraic) eigenpairs of a symmetric operator.
 
     Convergence: every returned pair (and every skipped one) satisfies
-    ``‖H v − λ v‖ ≤ tol · |λ_1|``, with ``|λ_1|`` estimated by the largest ``|θ|`` among the
-    current Ritz values (``≈ ‖H‖``; equal to ``|λ_1|`` for a Hessian whose largest-magnitude
-    eigenvalue is its top one); then a multiplicity check (:mod:`tinysubspace.linalg.deflation`,
-    ``check_steps`` products of Lanczos on ``(I − VVᵀ) H (I − VVᵀ)`` from a fresh random start)
-    looks for an eigenvalue above ``λ_{skip+k}`` that the solve missed (a second copy of a
-    repeated eigenvalue is invisible to a single start vector). If it finds one, the solve goes
-    on with it and checks again.
+    ``‖H v − λ v‖ ≤ tol · |λ_1|`` (``tol_scale="top"``), with ``|λ_1|`` estimated by the
+    largest ``|θ|`` among the current Ritz values (``≈ ‖H‖``; equal to ``|λ_1|`` for a Hessian
+    whose largest-magnitude eigenvalue is its top one), or ``‖H v − λ v‖ ≤ tol · |λ|``
+    (``tol_scale="pair"``, ARPACK's test, stricter for small pairs by ``|λ_1/λ|``; with a
+    floor of ``ε^{2/3}|λ_1|`` for ``λ ≈ 0``, :mod:`tinysubspace.linalg.tolerance`); then a
+    multiplicity check (:mod:`tinysubspace.linalg.deflation`, ``check_steps`` products of
+    Lanczos on ``(I − VVᵀ) H (I − VVᵀ)`` from a fresh random start) looks for an eigenvalue
+    above ``λ_{skip+k}`` that the solve missed (a second copy of a repeated eigenvalue is
+    invisible to a single start vector). If it finds one, the solve goes on with it and
+    checks again.
 
     A ``tol`` near or below the precision floor of the operator's dtype is detected
     (:mod:`tinysubspace.linalg.stagnation`): when the residuals stop decreasing the solve stops
@@ -225,6 +236,8 @@ def top_eigenpairs(op, k: int, tol: float = 1e-6, init: torch.Tensor | None = No
         check_steps: products of the multiplicity check (default
             :data:`tinysubspace.linalg.deflation.CHECK_STEPS`); ``0``
             skips it (``multiplicity_checked=False``).
+        tol_scale: ``"top"`` (default) or ``"pair"``: what ``tol`` is relative to (above);
+            recorded in the result.
 
     Returns:
         :class:`Eigenpairs` with the ``k`` pairs, descending.
@@ -234,10 +247,12 @@ def top_eigenpairs(op, k: int, tol: float = 1e-6, init: torch.Tensor | None = No
         TypeError: ``init`` is not a tensor.
         ValueError: ``k + skip ≥ p``, ``tol ≤ 0``, ``init`` of the wrong shape, complex or not
             finite, ``max_matvecs`` below ``k + skip`` or below the number of columns of
-            ``init``, a negative ``check_steps``, an operator whose dtype is not real floating
+            ``init``, a negative ``check_steps``, a ``tol_scale`` other than ``"top"`` or
+            ``"pair"``, an operator whose dtype is not real floating
             point, or products of another shape, dtype or device than the operator declares.
     """
-    p = _validate(op, k, skip, tol, init, block_size, basis_size, max_matvecs, check_steps)
+    p = _validate(op, k, skip, tol, init, block_size, basis_size, max_matvecs, check_steps,
+                  tol_scale)
     n = k + skip
     gen = torch.Generator().manual_seed(seed)
     start = _start_block(op, init, n, block_size, gen)
@@ -246,32 +261,37 @@ def top_eigenpairs(op, k: int, tol: float = 1e-6, init: torch.Tensor | None = No
     budget = max_matvecs if max_matvecs is not None else 50 * p
     watch = ProgressWatch(tol, op.dtype, p, window=max(3 * m, 100))
     if b == 1 and start.shape[1] == 1:  # a Krylov basis: Krylov–Schur, residuals for free
-        found = krylov_schur(op, start, n, tol, m, budget, gen, watch)
+        found = krylov_schur(op, start, n, tol, m, budget, gen, watch, tol_scale)
     else:
         state = _Krylov(start, capacity=m)
         state.extend(start, apply_operator(op, start, 0))
-        found = _block_solve(op, state, n, tol, b, m, budget, start.shape[1], gen, watch)
-    found, checked = _check_multiplicity(op, found, n, tol, b, m, budget, check_steps, gen,
-                                         watch)
+        found = _block_solve(op, state, n, (tol, tol_scale), b, m, budget, start.shape[1], gen,
+                             watch)
+    found, checked = _check_multiplicity(op, found, n, (tol, tol_scale), b, m, budget,
+                                         check_steps, gen, watch)
     if watch.stalled and not found.converged:
-        reached = float(found.residuals.max()) / max(float(found.values.abs().max()),
-                                                     float(torch.finfo(op.dtype).tiny))
+        scale = max(float(found.values.abs().max()), float(torch.finfo(op.dtype).tiny))
+        reached = relative_residual(found.residuals, thresholds(
+            found.values, scale, tol, tol_scale, op.dtype), tol, scale)
         warnings.warn(stagnation_message(tol, op.dtype, reached, watch.window,
                                          found.products), RuntimeWarning, stacklevel=2)
     return Eigenpairs(found.values[skip:].clone(), found.vectors[:, skip:].clone(),
                       found.residuals[skip:].clone(), found.products, found.converged, skip,
-                      checked)
+                      checked, tol_scale)
 
 
-def _block_solve(op, state: _Krylov, n: int, tol: float, b: int, m: int, budget: int,
-                 used: int, gen: torch.Generator, watch: ProgressWatch) -> KrylovResult:
+def _block_solve(op, state: _Krylov, n: int, criterion: tuple[float, str], b: int, m: int,
+                 budget: int, used: int, gen: torch.Generator,
+                 watch: ProgressWatch) -> KrylovResult:
     """The general iteration (module docstring) from a basis ``state`` that already holds its
-    first vectors and their images (``used`` products so far)."""
+    first vectors and their images (``used`` products so far); ``criterion = (tol,
+    tol_scale)``."""
     p = op.shape[0]
+    tol, tol_scale = criterion
     while True:
         theta, Y = state.ritz()
         scale = max(float(theta.abs().max()), float(torch.finfo(theta.dtype).tiny))
-        threshold = tol * scale
+        threshold = thresholds(theta[:n], scale, tol, tol_scale, op.dtype)
         # residual norms from the small Gram matrix first: p-sized work only where needed
         estimate = state.residual_gram(theta[:n], Y[:, :n]).diagonal().clamp_min(0).sqrt()
         floor = _estimate_floor(op, max(scale, float(state.G.diagonal().max()) ** 0.5))
@@ -279,14 +299,16 @@ def _block_solve(op, state: _Krylov, n: int, tol: float, b: int, m: int, budget:
         maybe = enough and bool((estimate <= threshold + floor).all())
         full = state.Q.shape[1] >= p
         if not (maybe or full or used >= budget) and enough:
-            maybe = watch.update(float(estimate.max()) / scale, used)  # stalled: stop
+            # stalled: stop
+            maybe = watch.update(relative_residual(estimate, threshold, tol, scale), used)
         if maybe or full or used >= budget:
             V, HV = state.Q @ Y[:, :n], state.HQ @ Y[:, :n]
             R = HV - V * theta[:n]
             res = R.norm(dim=0)
             # fewer than n basis vectors give fewer than n Ritz pairs: never "converged" then
             done = (enough and bool((res <= threshold).all())) or full
-            stalled = not done and (watch.stalled or watch.update(float(res.max()) / scale, used))
+            stalled = not done and (watch.stalled or watch.update(
+                relative_residual(res, threshold, tol, scale), used))
             if done or stalled or used >= budget:
                 return KrylovResult(theta[:n], V, HV, res, used, done, full)
             directions = _next_block(R, res, threshold, b)
@@ -304,12 +326,13 @@ def _block_solve(op, state: _Krylov, n: int, tol: float, b: int, m: int, budget:
         state.extend(block, image)
 
 
-def _check_multiplicity(op, found: KrylovResult, n: int, tol: float, b: int, m: int,
-                        budget: int, steps: int, gen: torch.Generator,
+def _check_multiplicity(op, found: KrylovResult, n: int, criterion: tuple[float, str], b: int,
+                        m: int, budget: int, steps: int, gen: torch.Generator,
                         watch: ProgressWatch) -> tuple[KrylovResult, bool]:
     """The multiplicity check after a converged solve, and whether it was complete.
 
-    A Ritz value of ``(I − VVᵀ) H (I − VVᵀ)`` above ``θ_n + tol·|θ_1|`` is a missed eigenvalue:
+    A Ritz value of ``(I − VVᵀ) H (I − VVᵀ)`` above ``θ_n`` plus its residual bar
+    (``tol·|θ_1|``, or ``tol·|θ_n|`` for ``tol_scale="pair"``) is a missed eigenvalue:
     the check's Lanczos vectors (and their images: no product is repeated) join ``V`` as the
     basis of a continued solve, which is checked again. A full basis is exact (checked).
     """
@@ -318,7 +341,9 @@ def _check_multiplicity(op, found: KrylovResult, n: int, tol: float, b: int, m: 
         if room < 1:
             return found, False
         scale = max(float(found.values.abs().max()), float(torch.finfo(op.dtype).tiny))
-        bar = float(found.values[n - 1]) + tol * scale
+        margin = thresholds(found.values[n - 1:n], scale, criterion[0], criterion[1], op.dtype)
+        margin = float(margin[0]) if isinstance(margin, torch.Tensor) else margin
+        bar = float(found.values[n - 1]) + margin
         search = deflated_search(op, found.vectors, bar, min(steps, room), gen)
         used = found.products + search.products
         if search.top <= bar:
@@ -326,7 +351,7 @@ def _check_multiplicity(op, found: KrylovResult, n: int, tol: float, b: int, m: 
         state = _Krylov(found.vectors, capacity=max(m, n + search.products + b))
         state.extend(found.vectors, found.images)
         state.extend(search.basis, search.images)
-        found = _block_solve(op, state, n, tol, b, m, budget, used, gen, watch)
+        found = _block_solve(op, state, n, criterion, b, m, budget, used, gen, watch)
     return found, found.full
 
 
@@ -353,7 +378,8 @@ def _start_block(op, init: torch.Tensor | None, n: int, block_size: int | None,
     return columns
 
 
-def _next_block(R: torch.Tensor, res: torch.Tensor, threshold: float, b: int) -> torch.Tensor:
+def _next_block(R: torch.Tensor, res: torch.Tensor, threshold: float | torch.Tensor,
+                b: int) -> torch.Tensor:
     """Up to ``b`` directions that carry most of the unconverged wanted residuals ``R``.
 
     With at most ``b`` unconverged pairs these are their residuals (for a Krylov basis all

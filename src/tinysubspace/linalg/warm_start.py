@@ -26,10 +26,11 @@ first guess for ``V_{t+1}``). :func:`track_eigenpairs` runs the thick-restart La
 block costs 0.06 (FC) to 0.3 (ResNet-18) of a single product per column), so passes are what
 count; on a CPU ``c1 ≈ c0`` (0.6–1.0), so products are. Numbers: docs/performance.md.
 
-The answer is the same as a cold solve's: every returned pair meets ``‖H v − λ v‖ ≤ tol · |λ_1|``,
-checked on exact residuals, and then, as in every solve of :func:`top_eigenpairs`, the
-multiplicity check (:mod:`tinysubspace.linalg.deflation`) runs a few Lanczos steps on
-``(I − VVᵀ) H (I − VVᵀ)`` from a fresh random start. An eigenvector that enters the top ``n``
+The answer is the same as a cold solve's: every returned pair meets ``‖H v − λ v‖ ≤ tol · |λ_1|``
+(or ``≤ tol · |λ|`` with ``tol_scale="pair"``), checked on exact residuals, and then, as in
+every solve of :func:`top_eigenpairs`, the multiplicity check
+(:mod:`tinysubspace.linalg.deflation`) runs a few Lanczos steps on ``(I − VVᵀ) H (I − VVᵀ)``
+from a fresh random start. An eigenvector that enters the top ``n``
 from a direction the warm start cannot see — orthogonal to ``span(V_t)`` and to every residual,
 as when ``span(V_t)`` is exactly invariant for ``H_{t+1}`` (``subspace``), or nearly so, which
 leaves only the ``10⁻²`` random part to find it (``krylov``) — shows there as a Ritz value
@@ -111,7 +112,7 @@ def track_eigenpairs(op, k: int, previous: Eigenpairs | torch.Tensor | None = No
                      tol: float = 1e-4, seed: int = 0, max_matvecs: int | None = None,
                      skip: int = 0, block_size: int | None = None,
                      basis_size: int | None = None, warm: str = "auto",
-                     check_steps: int = CHECK_STEPS) -> Eigenpairs:
+                     check_steps: int = CHECK_STEPS, tol_scale: str = "top") -> Eigenpairs:
     """The ``k`` largest eigenpairs of ``op``, warm-started from a previous measurement.
 
     Args:
@@ -123,9 +124,9 @@ def track_eigenpairs(op, k: int, previous: Eigenpairs | torch.Tensor | None = No
             Any number of columns works; fewer than ``skip + k`` are completed by the Krylov
             expansion.
         tol: relative residual tolerance: ``‖H v − λ v‖ ≤ tol · |λ_1|`` for every returned (and
-            every skipped) pair. The default ``1e-4`` resolves a 20-dimensional Hessian
-            subspace whose edge sits in the bulk (``λ_20 − λ_21 ≈ 10⁻³ λ_1``) and is reachable
-            in float32.
+            every skipped) pair (``tol_scale="pair"``: ``≤ tol · |λ|``, ARPACK's). The default
+            ``1e-4`` resolves a 20-dimensional Hessian subspace whose edge sits in the bulk
+            (``λ_20 − λ_21 ≈ 10⁻³ λ_1``) and is reachable in float32.
         seed: seed of any random directions (identical on every device).
         max_matvecs: stop (``converged=False``) after this many products.
         skip: leave out the ``skip`` largest pairs (computed all the same).
@@ -136,6 +137,8 @@ def track_eigenpairs(op, k: int, previous: Eigenpairs | torch.Tensor | None = No
             (module docstring).
         check_steps: products of the multiplicity check that ends every solve (see
             :func:`top_eigenpairs`); ``0`` skips it.
+        tol_scale: ``"top"`` (default) or ``"pair"``: what ``tol`` is relative to
+            (:mod:`tinysubspace.linalg.tolerance`); recorded in the result.
 
     Returns:
         :class:`Eigenpairs`: values descending, orthonormal vectors, exact residuals, the
@@ -145,14 +148,14 @@ def track_eigenpairs(op, k: int, previous: Eigenpairs | torch.Tensor | None = No
     Raises:
         TypeError: ``previous`` of an unusable kind.
         ValueError: ``previous`` of the wrong shape, an unknown ``warm``, or a bad ``k``,
-            ``skip``, ``tol``, ``block_size``, ``basis_size`` or ``max_matvecs`` (see
+            ``skip``, ``tol``, ``tol_scale``, ``block_size``, ``basis_size`` or ``max_matvecs`` (see
             :func:`top_eigenpairs`).
     """
     warm = resolve_warm_start(warm, op.device)
     if previous is None:
         return top_eigenpairs(op, k, tol=tol, seed=seed, max_matvecs=max_matvecs, skip=skip,
                               block_size=block_size or 1, basis_size=basis_size,
-                              check_steps=check_steps)
+                              check_steps=check_steps, tol_scale=tol_scale)
     init = _previous_block(previous, op.shape[0]).to(device=op.device, dtype=op.dtype)
     if warm == "krylov":
         init = _krylov_start(init, seed)
@@ -161,7 +164,7 @@ def track_eigenpairs(op, k: int, previous: Eigenpairs | torch.Tensor | None = No
         b = block_size or warm_block_size(k + skip, init.shape[1])
     return top_eigenpairs(op, k, tol=tol, init=init, seed=seed, max_matvecs=max_matvecs,
                           skip=skip, block_size=b, basis_size=basis_size,
-                          check_steps=check_steps)
+                          check_steps=check_steps, tol_scale=tol_scale)
 
 
 def _krylov_start(block: torch.Tensor, seed: int) -> torch.Tensor:
