@@ -79,6 +79,19 @@ def test_registry_holds_the_paper_settings_and_local_variants():
     assert "table1-convnet-adam-digits" not in names  # the ConvNet needs images of 10×10 or more
 
 
+def test_every_table1_row_is_a_row_of_the_papers_table():
+    """`tinysubspace table1 runs/` refuses a run whose table1_row is unknown: no experiment may
+    carry one (Fig. 1's settings are no Table 1 row)."""
+    from tinysubspace.results.table1 import TABLE1_ROWS
+
+    known = {row.row_id for row in TABLE1_ROWS}
+    wrong = {name: load_experiment(name).table1_row for name in experiment_names()}
+    wrong = {name: row for name, row in wrong.items() if row is not None and row not in known}
+    assert wrong == {}
+    rows = {load_experiment(name).table1_row for name in experiment_names()}
+    assert known <= rows  # every row of the paper has an experiment
+
+
 def test_variants_change_only_the_data():
     base, variant = load_experiment("table1-fc-lr0.01-mnist"), load_experiment(
         "table1-fc-lr0.01-fashion")

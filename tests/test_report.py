@@ -99,6 +99,21 @@ def test_table1_command(tmp_path, capsys):
     assert capsys.readouterr().out.startswith("row,dataset,model,comment,paper,full,full_std")
 
 
+def test_table1_command_notes_a_row_that_mixes_data_sets(tmp_path, capsys):
+    root = tmp_path / "runs"
+    for name, data in (("d", "digits"), ("f", "fashion-mnist")):
+        path = write_run(root / name, table1_row="softmax-mnist", vectors=False, spectrum=False)
+        config = json.loads((path / "config.json").read_text())
+        (path / "config.json").write_text(json.dumps({**config, "data": {"name": data}}))
+    assert cli(["table1", str(root), "--last", "100"]) == 0
+    captured = capsys.readouterr()
+    assert "row softmax-mnist averages runs on different data sets (digits, fashion-mnist)" \
+        in captured.err
+    assert "| 2 | 10 measurements | digits, fashion-mnist |" in captured.out
+    assert cli(["table1", str(root / "d"), "--last", "100"]) == 0
+    assert "different data sets" not in capsys.readouterr().err
+
+
 def test_commands_reject_a_folder_that_is_no_run(tmp_path, capsys):
     assert cli(["report", str(tmp_path)]) == 2
     assert "is not a run folder" in capsys.readouterr().err

@@ -241,7 +241,25 @@ def test_table1_on_synthetic_runs_equals_hand_computation(tmp_path):
         in text
     assert "last 3 steps" in text and "Full data (the paper's column)" in text
     back = pd.read_csv(io.StringIO(table1_csv(table1([a, b, c], last_n=3))))
-    assert back.shape == (9, 14) and back["full"].iloc[0] == pytest.approx(0.95)
+    assert back.shape == (9, 15) and back["full"].iloc[0] == pytest.approx(0.95)
+    assert back["data"].iloc[0] == "digits" and back["data"].isna().sum() == 7  # 7 rows: no run
+
+
+def test_table1_says_which_data_set_filled_each_row(tmp_path):
+    """A `…-digits` run fills an MNIST row of the paper: the table says digits, and a row that
+    averages runs on two data sets names both."""
+    digits = _run(tmp_path, "d", "softmax-mnist", every=[0.9, 0.7])
+    fashion = _run(tmp_path, "f", "softmax-mnist", every=[0.5, 0.3])
+    fashion = type(fashion)(fashion.path, {**fashion.config, "data": {"name": "fashion-mnist"}},
+                            fashion.metrics, fashion.minibatch, fashion.status)
+    alone = table1([digits], last_n=10).set_index("row")
+    assert alone.loc["softmax-mnist", "data"] == "digits"
+    assert alone.loc["fc-mnist-softplus", "data"] == ""
+    mixed = table1([digits, fashion], last_n=10).set_index("row")
+    assert mixed.loc["softmax-mnist", "data"] == "digits, fashion-mnist"
+    assert mixed.loc["softmax-mnist", "full"] == pytest.approx((0.8 + 0.4) / 2)
+    text = table1_markdown(table1([digits], last_n=10), last_n=10)
+    assert "| 1 | every step | digits |" in text and "| 0 | — | — |" in text
 
 
 def test_dropout_and_batch_norm_runs_say_which_function_each_column_measures(tmp_path):

@@ -52,6 +52,10 @@ def main(args: argparse.Namespace) -> int:
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    for row in table.itertuples(index=False):
+        if "," in str(row.data):
+            print(f"note: row {row.row} averages runs on different data sets ({row.data}); "
+                  "pass one data set's runs at a time", file=sys.stderr)
     print(table1_markdown(table, args.last) if args.format == "markdown" else table1_csv(table),
           end="\n" if args.format == "markdown" else "")
     return 0

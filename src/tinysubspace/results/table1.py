@@ -48,6 +48,7 @@ __all__ = [
     "WindowMean",
     "full_overlap_table",
     "measured_functions",
+    "run_data",
     "run_overlap",
     "table1",
     "table1_csv",
@@ -122,6 +123,7 @@ class RunOverlap:
         every_step: ``full`` was measured at every step of the window (``full_overlap.csv``),
             not only at the tracker's measurements.
         functions: :func:`measured_functions` of the run.
+        data: the data set the run trained on (``data.name`` of its config; ``""`` unknown).
     """
 
     path: str
@@ -131,6 +133,7 @@ class RunOverlap:
     test: WindowMean | None
     every_step: bool
     functions: dict[str, str]
+    data: str = ""
 
 
 def window_mean(table: pd.DataFrame, column: str, last_n: int,
@@ -230,7 +233,13 @@ def run_overlap(run: Run, last_n: int = 1000) -> RunOverlap:
                         ("metrics.csv", run.metrics, MEASURED_TEST_COLUMN)], last_n)
     return RunOverlap(str(run.path), table1_row_id(run), full, minibatch, test,
                       full is not None and full.source.startswith(FULL_OVERLAP_FILE),
-                      measured_functions(run))
+                      measured_functions(run), run_data(run))
+
+
+def run_data(run: Run) -> str:
+    """The data set a run trained on: ``data.name`` of its config (``""`` where absent) — a
+    ``…-digits`` variant fills an MNIST row of the paper with scikit-learn's digits."""
+    return str((run.config.get("data") or {}).get("name") or "")
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -270,7 +279,9 @@ def table1(runs: Iterable[Run], last_n: int = 1000) -> pd.DataFrame:
     for one run), ``minibatch``, ``minibatch_std``, ``test``, ``runs``, ``full_source``
     (``every step`` or ``N measurements``), ``same_function`` (``yes``: no dropout or batch
     norm, so the mini-batch column measures the same function; ``no``), ``steps`` (the windows
-    averaged, per run).
+    averaged, per run), ``data`` (the data sets the runs trained on, e.g. ``digits`` for an
+    MNIST row filled by ``…-digits`` runs; more than one name: the row averages different data
+    sets).
 
     Raises:
         ValueError: a run without ``table1_row`` or with an unknown one (the known are listed).
@@ -294,7 +305,8 @@ def table1(runs: Iterable[Run], last_n: int = 1000) -> pd.DataFrame:
             "test": _mean_std([_value(r.test) for r in results])[0], "runs": len(results),
             "full_source": _full_source(results),
             "same_function": ", ".join(dict.fromkeys(r.functions["same"] for r in results)),
-            "steps": "; ".join(_steps(r) for r in results)})
+            "steps": "; ".join(_steps(r) for r in results),
+            "data": ", ".join(dict.fromkeys(r.data or "?" for r in results))})
     return pd.DataFrame.from_records(records)
 
 
@@ -308,24 +320,27 @@ def _cell(value: float, std: float = math.nan, mark: str = "") -> str:
 def table1_markdown(table: pd.DataFrame, last_n: int = 1000) -> str:
     """Table 1 as a markdown table, with notes on what each column measured."""
     lines = ["| Dataset | Model | Comment | Paper | Ours: full data | Ours: mini-batch | "
-             "Ours: test set | Runs | Full data at |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "Ours: test set | Runs | Full data at | Ours: trained on |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in table.itertuples(index=False):
         mark = " †" if "no" in str(r.same_function).split(", ") else ""
         lines.append(f"| {r.dataset} | {r.model} | {r.comment} | {r.paper:.2f} | "
                      f"{_cell(r.full, r.full_std)} | {_cell(r.minibatch, r.minibatch_std, mark)}"
-                     f" | {_cell(r.test)} | {r.runs} | {r.full_source or '—'} |")
+                     f" | {_cell(r.test)} | {r.runs} | {r.full_source or '—'} | "
+                     f"{r.data or '—'} |")
     lines += ["", f"Mean overlap(g, Hg) (eq. 3) over the last {last_n} steps of each run. "
               "Full data (the paper's column): g and H of the whole training set (PAPER.txt, "
               f"section 2), at every step ({FULL_OVERLAP_FILE}, tracker.overlap_last) or, "
-              "where a run lacks it, at the tracker's measurements in metrics.csv (the last "
-              "column says which). Mini-batch: g and H of each step's training mini-batch "
+              "where a run lacks it, at the tracker's measurements in metrics.csv ('Full data "
+              "at' says which). Mini-batch: g and H of each step's training mini-batch "
               "(minibatch.csv). Test set: g and H of the whole test split. Full data and test "
               "set are measured in the tracker's mode (eval: dropout off, batch norm on running "
               "statistics), the mini-batch in train mode (dropout on, batch norm on the "
               "batch's statistics): the same function unless the model has dropout or batch "
               "norm (†: a different function). ± is the standard deviation over runs; the "
-              "paper reports training-set values only; — : no run or not measured."]
+              "paper reports training-set values only; — : no run or not measured. Trained on: "
+              "the data set of the row's runs (an MNIST row filled by `…-digits` runs says "
+              "digits; two names: runs on different data sets averaged together)."]
     return "\n".join(lines)
 
 
