@@ -115,3 +115,67 @@ def test_bad_tol_scale_is_refused(bad):
     with pytest.raises(ValueError, match=message):
         ts.track_eigenpairs(op, 3, torch.eye(300, 3, dtype=F64), tol_scale=bad)
     assert TOL_SCALES == ("top", "pair")
+
+
+# ------------------------------------------------------------------------ the tracker and runs
+def _tracker(problem, **changes):
+    from tinysubspace.experiments.config import TrackerConfig
+    from tinysubspace.experiments.tracker import Tracker
+
+    config = TrackerConfig(k=3, tol=1e-3, anchors=(0,), save_vectors_at=(), **changes)
+    return Tracker(config, problem.loss_fn, problem.tensors("train"))
+
+
+@pytest.mark.parametrize("solver", ["track", "cold"])
+def test_tracker_measures_with_its_tol_scale(solver):
+    from experiment_fixtures import tiny_config
+    from tinysubspace.experiments.build import build_problem
+
+    problem = build_problem(tiny_config())
+    X, Y = problem.tensors("train")
+    H = reference_hessian(FlatLoss(problem.model, problem.loss_fn, X, Y))
+    top = _tracker(problem, solver=solver).measure(problem.model, step=0).eigenpairs
+    pair = _tracker(problem, solver=solver, tol_scale="pair")
+    for step in range(2):  # the second measurement is warm-started for "track"
+        eig = pair.measure(problem.model, step=step).eigenpairs
+        check_pair_criterion(eig, H, 1e-3)
+    assert top.tol_scale == "top" and float(relative_residuals(top, H).max()) > 1e-3
+
+
+def test_tracker_and_config_refuse_a_bad_tol_scale():
+    from tinysubspace.experiments.config import (
+        ConfigError,
+        ExperimentConfig,
+        TrackerConfig,
+        apply_overrides,
+        validate_config,
+    )
+    from tinysubspace.experiments.tracker import Tracker
+
+    with pytest.raises(ValueError, match=r"tracker\.tol_scale must be one of \('top', 'pair'\), "
+                                         r"got 'ARPACK'"):
+        Tracker(TrackerConfig(tol_scale="ARPACK"), None, None)
+    with pytest.raises(ConfigError, match=r"tracker\.tol_scale must be one of top, pair, got "
+                                          r"'per-pair'"):
+        apply_overrides(ExperimentConfig(), {"tracker.tol_scale": "per-pair"})
+    with pytest.raises(ConfigError, match=r"tracker\.tol_scale must be one of top, pair"):
+        validate_config(ExperimentConfig(tracker=TrackerConfig(tol_scale="Pair")))
+    assert apply_overrides(ExperimentConfig(), {"tracker.tol_scale": "pair"}).tracker.tol_scale \
+        == "pair"
+
+
+def test_tol_scale_is_recorded_in_the_run_config(tmp_path):
+    import json
+
+    from torch import nn
+
+    gen = torch.Generator().manual_seed(0)
+    X, Y = torch.randn(64, 5, generator=gen, dtype=F64), torch.arange(64) % 3
+    with torch.random.fork_rng():
+        model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    tracker = ts.SubspaceTracker(model, nn.CrossEntropyLoss(), (X, Y), k=2, schedule=[0],
+                                 out=tmp_path / "run", tol=1e-3, tol_scale="pair", anchors=())
+    tracker.measure(0)
+    tracker.close()
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["tracker"]["tol_scale"] == "pair"

@@ -118,6 +118,7 @@ class TrackerConfig:
 
     k: int = 10  # top-k; the tracker also finds the next k (eigenpairs k+1 .. 2k)
     tol: float = 1e-4  # relative residual of the eigenpairs
+    tol_scale: str = "top"  # tol relative to: top (‖r_i‖ ≤ tol·|λ1|) | pair (≤ tol·|λi|, ARPACK's)
     dense_until: int = 200  # measure every `dense_every` steps up to here ...
     dense_every: int = 10
     sparse_every: int = 100  # ... then every `sparse_every` steps
@@ -304,6 +305,7 @@ RANGES: dict[str, tuple[float, bool, float, bool]] = {
 }
 CHOICES: dict[str, tuple[str, ...]] = {
     "tracker.mode": ("eval", "train"), "tracker.spectrum": ("none", "exact", "slq"),
+    "tracker.tol_scale": ("top", "pair"),
     "optim.project": ("minibatch", "fullbatch"),
 }
 

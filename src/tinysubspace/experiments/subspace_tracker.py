@@ -74,6 +74,8 @@ class SubspaceTracker:
         loggers: ``"csv"`` (the run folder), ``"tensorboard"`` (``out/tensorboard``), callables
             ``fn(row, step)``. Default: ``("csv",)`` with ``out``, else none.
         tol: relative residual of the eigenpairs.
+        tol_scale: what ``tol`` is relative to: ``"top"`` (``‖r_i‖ ≤ tol·|λ_1|``, default) or
+            ``"pair"`` (``‖r_i‖ ≤ tol·|λ_i|``, ARPACK's); recorded in the run's config.
         dtype: measurement dtype (``torch.float64`` to measure a float32 model in double);
             ``None``: the parameters' dtype.
         subset: measure on a seeded, fixed subset of this many examples (recorded in the run).
@@ -109,6 +111,7 @@ class SubspaceTracker:
                  anchors: Sequence[int] = PAPER_ANCHORS, save_vectors_at: Sequence[int] = (),
                  mode: str = "eval", batch_size: int | None = None, solver: str = "track",
                  resume: bool = False, check_subset: bool = False, name: str | None = None,
+                 tol_scale: str = "top",
                  classification: bool | None = None, distributed: bool | None = None) -> None:
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"k must be an integer >= 1, got {k!r}")
@@ -124,7 +127,8 @@ class SubspaceTracker:
         with preserved_state(model):  # iterating a DataLoader draws from torch's RNG
             data, test, classification = self._prepare(data, test, subset, check_subset,
                                                        classification, distributed)
-        config = TrackerConfig(k=k, tol=tol, anchors=tuple(sorted(self.anchors)),
+        config = TrackerConfig(k=k, tol=tol, tol_scale=tol_scale,
+                               anchors=tuple(sorted(self.anchors)),
                                save_vectors_at=tuple(sorted(self.save_vectors_at)),
                                hvp_batch_size=batch_size, mode=mode, solver=solver)
         self.engine = Tracker(config, loss_fn, data, test, classification,
@@ -183,7 +187,8 @@ class SubspaceTracker:
                     data: Any, steps: Sequence[int], **options: Any) -> SubspaceTracker:
         """A tracker as the CLI configures it (``tracker.*`` keys), measuring at ``steps``."""
         return cls(model, loss_fn, data, k=config.k, schedule=list(steps), out=None,
-                   loggers=(), tol=config.tol, dtype=DTYPES.get(config.dtype, config.dtype),
+                   loggers=(), tol=config.tol, tol_scale=config.tol_scale,
+                   dtype=DTYPES.get(config.dtype, config.dtype),
                    anchors=config.anchors, save_vectors_at=config.save_vectors_at,
                    mode=config.mode, batch_size=config.hvp_batch_size, solver=config.solver,
                    **options)
@@ -340,7 +345,8 @@ class SubspaceTracker:
         """Once per run: the subset's top-k against the full data's (eq. 5)."""
         k = self.engine.config.k
         op = self.engine.operator(self.model, self.full_data)
-        full = top_eigenpairs(op, k, tol=self.engine.config.tol, seed=self.seed)
+        full = top_eigenpairs(op, k, tol=self.engine.config.tol, seed=self.seed,
+                              tol_scale=self.engine.config.tol_scale)
         self.subset_report = {
             "subset/overlap_top": subspace_overlap(V[:, :k].to(full.vectors.dtype),
                                                    full.vectors, atol=1e-4),

@@ -16,6 +16,7 @@ experiments.subspace_tracker.SubspaceTracker` is the user-facing API on top of t
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import random
 import time
@@ -32,6 +33,7 @@ from tinysubspace.curvature.hessian import HessianOperator, module_mode
 from tinysubspace.experiments.config import TrackerConfig
 from tinysubspace.experiments.schedules import measurement_steps
 from tinysubspace.linalg.lanczos import Eigenpairs, top_eigenpairs
+from tinysubspace.linalg.tolerance import TOL_SCALES
 from tinysubspace.linalg.warm_start import track_eigenpairs
 from tinysubspace.metrics import (
     eigenvector_overlaps,
@@ -73,7 +75,8 @@ class Tracker:
         test: optional test set, the same kinds (``test/...`` columns).
         classification: whether accuracy is defined (targets are class labels).
         solver: ``solver(op, n, previous, tol, seed) -> Eigenpairs`` for the top ``n`` pairs
-            (default: ``SOLVERS[config.solver]``, the warm-started :func:`track_eigenpairs`).
+            (default: ``SOLVERS[config.solver]``, the warm-started :func:`track_eigenpairs`,
+            with ``tol_scale=config.tol_scale``; a solver given here applies its own criterion).
         distributed: ``train`` and ``test`` are this process's shards and every measurement is
             a collective over the ranks of ``torch.distributed`` (every rank calls
             :meth:`measure` at the same steps and gets the same row). ``None``: on iff
@@ -94,7 +97,11 @@ class Tracker:
         if config.solver not in SOLVERS:
             raise ValueError(f"tracker.solver must be one of {sorted(SOLVERS)}, got "
                              f"{config.solver!r}")
-        self.solver = solver or SOLVERS[config.solver]
+        if config.tol_scale not in TOL_SCALES:
+            raise ValueError(f"tracker.tol_scale must be one of {TOL_SCALES}, got "
+                             f"{config.tol_scale!r}")
+        self.solver = solver or functools.partial(SOLVERS[config.solver],
+                                                  tol_scale=config.tol_scale)
         self.distributed = tsdist.is_distributed() if distributed is None else bool(distributed)
         self.state = _State()
 
@@ -277,8 +284,9 @@ def _gradient_metrics(g: torch.Tensor, Hg: torch.Tensor, V: torch.Tensor,
 
 SOLVERS: dict[str, Callable[..., Eigenpairs]] = {
     # warm-started from the previous measurement (tracking.py); cold Lanczos at the first one
-    "track": lambda op, n, previous, tol, seed: track_eigenpairs(op, n, previous, tol=tol,
-                                                                   seed=seed),
+    "track": lambda op, n, previous, tol, seed, tol_scale="top": track_eigenpairs(
+        op, n, previous, tol=tol, seed=seed, tol_scale=tol_scale),
     # a cold single-vector Lanczos at every measurement (the reference)
-    "cold": lambda op, n, previous, tol, seed: top_eigenpairs(op, n, tol=tol, seed=seed),
+    "cold": lambda op, n, previous, tol, seed, tol_scale="top": top_eigenpairs(
+        op, n, tol=tol, seed=seed, tol_scale=tol_scale),
 }

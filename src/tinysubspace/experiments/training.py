@@ -243,7 +243,8 @@ class _Loop:
         if top:  # Fig. 5: "we only computed the top 1000 eigenvalues"
             from tinysubspace.linalg.lanczos import top_eigenpairs
 
-            eig = top_eigenpairs(op, top, tol=self.config.tracker.tol, seed=self.config.train.seed)
+            eig = top_eigenpairs(op, top, tol=self.config.tracker.tol, seed=self.config.train.seed,
+                                 tol_scale=self.config.tracker.tol_scale)
             arrays["top_eigenvalues"] = eig.values.cpu().numpy()
         if self.store is not None:
             self.store.save_spectrum(arrays)
