@@ -4,11 +4,14 @@ Also the divergence check, the ETA and the thread count."""
 
 from __future__ import annotations
 
+import ast
 import errno
 import io
 import json
 import math
 import os
+import re
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -408,3 +411,61 @@ def test_ctrl_c_before_training_began(tmp_path, monkeypatch, capsys):
     assert _run(tmp_path / "r") == 130
     assert "stopped by Ctrl-C before training began" in _one_line_error(capsys)
     assert not (tmp_path / "r").exists()
+
+
+# ------------------------------------------------------------------ the page itself
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "reliability.md"
+NAMED_TEST = re.compile(r"\b(\w+?)(\.py)?::(test_\w+)")
+BENCHMARK = re.compile(r"\bbenchmarks/\w+\.py\b")
+
+
+def _test_functions(module: str) -> set[str]:
+    """Names of the test functions defined in ``tests/<module>.py`` (read, not imported)."""
+    path = Path(__file__).resolve().parent / f"{module}.py"
+    if not path.is_file():
+        return set()
+    tree = ast.parse(path.read_text())
+    return {node.name for node in ast.walk(tree)
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)}
+
+
+def _table_rows(text: str) -> list[list[str]]:
+    """The body rows of every markdown table (header and ``|---|`` lines left out)."""
+    rows, previous = [], ""
+    for line in text.splitlines():
+        if line.startswith("|") and not re.fullmatch(r"\|(\s*:?-+:?\s*\|)+", line) \
+                and previous.startswith("|"):
+            rows.append([cell.strip() for cell in line.strip("|").split(" | ")])
+        previous = line if line.startswith("|") else ""
+    return [row for row in rows if not set("".join(row)) <= set("-|: ")]
+
+
+def test_every_test_named_in_reliability_md_exists():
+    """docs/reliability.md cannot rot: every ``NAME::test_x`` it names is a function in
+    ``tests/test_NAME.py`` (or ``tests/NAME.py`` for ``NAME.py::``), every benchmark it names
+    exists, and every table row names a test or a benchmark in its last cell (``same``: the
+    row above's)."""
+    text = DOCS.read_text()
+    missing = []
+    for prefix, suffix, name in NAMED_TEST.findall(text):
+        module = prefix if suffix else f"test_{prefix}"
+        if name not in _test_functions(module):
+            missing.append(f"{prefix}{suffix}::{name}")
+    assert not missing, f"docs/reliability.md names tests that do not exist: {missing}"
+    root = DOCS.parents[1]
+    assert all((root / b).is_file() for b in BENCHMARK.findall(text))
+    rows = _table_rows(text)
+    assert len(rows) > 60  # the tables were found
+    bare = [row[0] for row in rows
+            if not (NAMED_TEST.search(row[-1]) or BENCHMARK.search(row[-1]) or row[-1] == "same")]
+    assert not bare, f"rows of docs/reliability.md that name no test: {bare}"
+
+
+def test_the_page_check_catches_a_misnamed_test():
+    """The pattern the check above relies on finds both spellings, and an invented name is not
+    found (so the check can fail)."""
+    found = NAMED_TEST.findall("x | eigen::test_a, test_report.py::test_b |")
+    assert found == [("eigen", "", "test_a"), ("test_report", ".py", "test_b")]
+    assert "test_no_such_test_anywhere" not in _test_functions("test_eigen")
+    assert "test_single_vector_start_finds_every_copy" in _test_functions("test_eigen")
+    assert _table_rows("| a | b |\n|---|---|\n| c | d |\n\n| e |") == [["c", "d"]]
