@@ -136,6 +136,10 @@ class TrackerConfig:
     overlap_last: int = 0  # Table 1: full-data overlap(g, Hg) at each of the last N steps (0: off)
     overlap_every: int = 1  # ... at every this many of those steps (1: every step, as the paper)
     spectrum_top: int = 0  # at the end: this many top eigenvalues by Lanczos (Fig. 5; 0: none)
+    blocks: str = "none"  # per-block columns block/NAME/eig_1, /trace: none | auto | layers | types
+    blocks_k: int = 1  # ... top eigenvalues of each diagonal block
+    blocks_probes: int = 4  # ... Hutchinson / SLQ probes per block
+    blocks_steps: int = 20  # ... SLQ Lanczos steps per probe (the heterogeneity score's densities)
 
 
 @dataclass(frozen=True)
@@ -302,10 +306,13 @@ RANGES: dict[str, tuple[float, bool, float, bool]] = {
     "tracker.spectrum_steps": (1, True, _INF, False),
     "tracker.overlap_last": (0, True, _INF, False), "tracker.overlap_every": (1, True, _INF, False),
     "tracker.spectrum_top": (0, True, _INF, False),
+    "tracker.blocks_k": (1, True, _INF, False), "tracker.blocks_probes": (1, True, _INF, False),
+    "tracker.blocks_steps": (1, True, _INF, False),
 }
 CHOICES: dict[str, tuple[str, ...]] = {
     "tracker.mode": ("eval", "train"), "tracker.spectrum": ("none", "exact", "slq"),
     "tracker.tol_scale": ("top", "pair"),
+    "tracker.blocks": ("none", "auto", "layers", "types"),
     "optim.project": ("minibatch", "fullbatch"),
 }
 

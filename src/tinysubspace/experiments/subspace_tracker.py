@@ -28,7 +28,7 @@ import dataclasses
 import io
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,7 @@ import torch
 from tinysubspace.experiments.config import TrackerConfig
 from tinysubspace.experiments.loggers import Logger, build_loggers
 from tinysubspace.experiments.schedules import Budget, as_schedule
-from tinysubspace.experiments.tracker import DTYPES, Tracker, preserved_state
+from tinysubspace.experiments.tracker import DTYPES, Tracker, block_config, preserved_state
 from tinysubspace.experiments.tracker_data import (
     check_data_device,
     check_mean_loss,
@@ -96,6 +96,8 @@ class SubspaceTracker:
         classification: whether ``train/accuracy`` is defined (``None``: detected from the
             outputs: ``(n, C)`` scores and integer labels).
         distributed: as :class:`~tinysubspace.HessianOperator` (``None``: on under torchrun).
+        blocks, block_options: per-block columns ``block/NAME/eig_1``, ``block/NAME/trace`` …
+            (``"none"``, ``"auto"``, ``"layers"``, ``"types"``; :func:`.tracker.block_config`).
 
     Raises:
         ValueError: a loss that is not a scalar mean, data on another device than the model, a
@@ -112,7 +114,8 @@ class SubspaceTracker:
                  mode: str = "eval", batch_size: int | None = None, solver: str = "track",
                  resume: bool = False, check_subset: bool = False, name: str | None = None,
                  tol_scale: str = "top",
-                 classification: bool | None = None, distributed: bool | None = None) -> None:
+                 classification: bool | None = None, distributed: bool | None = None,
+                 blocks: str = "none", block_options: Mapping[str, int] | None = None) -> None:
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"k must be an integer >= 1, got {k!r}")
         self.model, self.loss_fn, self.seed = model, loss_fn, int(seed)
@@ -130,11 +133,12 @@ class SubspaceTracker:
         config = TrackerConfig(k=k, tol=tol, tol_scale=tol_scale,
                                anchors=tuple(sorted(self.anchors)),
                                save_vectors_at=tuple(sorted(self.save_vectors_at)),
-                               hvp_batch_size=batch_size, mode=mode, solver=solver)
+                               hvp_batch_size=batch_size, mode=mode, solver=solver,
+                               **block_config(model, blocks, block_options))
         self.engine = Tracker(config, loss_fn, data, test, classification,
                               distributed=distributed, dtype=_dtype(dtype, model))
         self.is_main = not self.engine.distributed or tsdist.is_main()
-        self.columns = [*self.engine.columns(), "cost/overhead"]
+        self.columns = [*self.engine.columns(model), "cost/overhead"]
         if self.check_subset:
             self.columns += list(SUBSET_COLUMNS)
         self.started = time.perf_counter()
@@ -191,6 +195,8 @@ class SubspaceTracker:
                    dtype=DTYPES.get(config.dtype, config.dtype),
                    anchors=config.anchors, save_vectors_at=config.save_vectors_at,
                    mode=config.mode, batch_size=config.hvp_batch_size, solver=config.solver,
+                   blocks=config.blocks, block_options={
+                       key: getattr(config, f"blocks_{key}") for key in ("k", "probes", "steps")},
                    **options)
 
     # ------------------------------------------------------------------ the loop

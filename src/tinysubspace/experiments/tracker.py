@@ -20,7 +20,7 @@ import functools
 import math
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +41,8 @@ from tinysubspace.metrics import (
     subspace_overlap,
     top_fraction,
 )
+from tinysubspace.problems.block_curvature import block_measurements
+from tinysubspace.problems.models.blocks import parameter_blocks
 from tinysubspace.runtime import distributed as tsdist
 
 __all__ = ["Measurement", "Tracker", "measurement_steps"]
@@ -106,8 +108,9 @@ class Tracker:
         self.state = _State()
 
     # ----------------------------------------------------------------- columns
-    def columns(self) -> list[str]:
-        """Every column a measurement row can have, in order (the run's ``metrics.csv``)."""
+    def columns(self, model: torch.nn.Module | None = None) -> list[str]:
+        """Every column a measurement row can have, in order (the run's ``metrics.csv``); the
+        per-block columns (``tracker.blocks``) need the ``model`` whose blocks they name."""
         k = self.config.k
         cols = ["step", "epoch", "wall_time", "train/loss", "train/accuracy", "train/grad_norm"]
         cols += [f"hessian/eig_{i}" for i in range(1, 2 * k + 1)]
@@ -120,6 +123,8 @@ class Tracker:
         cols += ["cost/matvecs", "cost/seconds"]
         if self.test is not None:
             cols += ["test/loss", "test/accuracy", "test/f_top", "test/overlap_g_Hg"]
+        if self.config.blocks != "none" and model is not None:
+            cols += block_columns(model, self.config.blocks, self.config.blocks_k)
         return cols
 
     # ------------------------------------------------------------- measurement
@@ -153,6 +158,8 @@ class Tracker:
         row.update(self._anchor_overlaps(V, step))
         if self.test is not None:
             row.update(self._test_metrics(model, V[:, :k]))
+        if self.config.blocks != "none":
+            row.update(self._block_metrics(model, seed))
         row["cost/matvecs"] = op.matvecs
         row["cost/seconds"] = time.perf_counter() - started
         self.state.previous = V.detach().clone()
@@ -175,6 +182,15 @@ class Tracker:
             for d in range(2, 2 * k + 1):
                 row[f"overlap/d={d}/t1={t1}"] = subspace_overlap(W[:, :d], now[:, :d], atol=1e-4)
         return row
+
+    def _block_metrics(self, model: torch.nn.Module, seed: int) -> dict[str, float]:
+        """``block/NAME/eig_i``, ``/trace``, ``/trace_se``, ``/size`` and the heterogeneity
+        scores of the diagonal Hessian blocks (``tracker.blocks``), on the training data."""
+        cfg = self.config
+        return block_measurements(model, self.loss_fn, self.train, cfg.blocks, k=cfg.blocks_k,
+                                  steps=cfg.blocks_steps, probes=cfg.blocks_probes, seed=seed,
+                                  tol=cfg.tol, dtype=self.dtype, mode=cfg.mode,
+                                  batch_size=cfg.hvp_batch_size)
 
     def _test_metrics(self, model: torch.nn.Module, V_top: torch.Tensor) -> dict[str, float]:
         op = self.operator(model, self.test)
@@ -214,6 +230,54 @@ class Tracker:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.state = _State(state["previous"], dict(state["anchors"]))
+
+
+BLOCK_OPTIONS = {"k": "blocks_k", "probes": "blocks_probes", "steps": "blocks_steps"}
+
+
+def block_config(model: torch.nn.Module, blocks: str,
+                  options: Mapping[str, int] | None) -> dict[str, Any]:
+    """The ``tracker.blocks*`` fields of ``blocks`` and ``options``, checked (the block names of
+    ``model`` are formed once, so a bad blocking fails here, not at a measurement).
+
+    At every measurement the tracker then adds ``block/NAME/eig_1`` … ``eig_k`` (top
+    eigenvalues of the diagonal block ``H_bb``), ``block/NAME/trace`` (Hutchinson, with
+    ``trace_se``), ``block/NAME/size``, ``blocks/heterogeneity`` and
+    ``blocks/heterogeneity_normalized`` (:func:`~tinysubspace.problems.block_curvature.
+    block_measurements`).
+
+    Args:
+        model: the tracked model.
+        blocks: ``"none"`` (off), ``"auto"``, ``"layers"`` or ``"types"``.
+        options: any of ``{"k": 1, "probes": 4, "steps": 20}``: top eigenvalues, Hutchinson /
+            SLQ probes and SLQ Lanczos steps per block.
+
+    Raises:
+        ValueError: another ``blocks``, an unknown option or one that is not a positive int.
+    """
+    if blocks not in ("none", "auto", "layers", "types"):
+        raise ValueError(f"blocks must be 'none', 'auto', 'layers' or 'types', got {blocks!r}")
+    unknown = sorted(set(options or {}) - set(BLOCK_OPTIONS))
+    if unknown:
+        raise ValueError(f"block_options takes {sorted(BLOCK_OPTIONS)}, got {unknown}")
+    fields = {"blocks": blocks}
+    for key, value in (options or {}).items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"block_options[{key!r}] must be an integer >= 1, got {value!r}")
+        fields[BLOCK_OPTIONS[key]] = value
+    if blocks != "none":
+        parameter_blocks(model, blocks)
+    return fields
+
+
+def block_columns(model: torch.nn.Module, blocks: str, k: int) -> list[str]:
+    """The columns :func:`~tinysubspace.problems.block_curvature.block_measurements` fills
+    for ``model``'s ``blocks`` with ``k`` eigenvalues each."""
+    cols = []
+    for name in parameter_blocks(model, blocks):
+        cols += [f"block/{name}/eig_{i}" for i in range(1, k + 1)]
+        cols += [f"block/{name}/trace", f"block/{name}/trace_se", f"block/{name}/size"]
+    return [*cols, "blocks/heterogeneity", "blocks/heterogeneity_normalized"]
 
 
 def output_logits(outputs: Any) -> torch.Tensor:

@@ -159,7 +159,7 @@ class _Loop:
             config.tracker, problem.model, problem.loss_fn, tsdist.shard(self.train_xy), steps,
             test=tsdist.shard(problem.tensors("test")), seed=config.train.seed,
             classification=problem.classification, distributed=self.distributed)
-        self.metric_columns = [*self.tracker.engine.columns(), "optim/matvecs"]
+        self.metric_columns = [*self.tracker.engine.columns(problem.model), "optim/matvecs"]
         context = {"problem": problem, "tracker": self.tracker, "seed": config.train.seed}
         self.optimizer = build_optimizer(config.optim, problem.model, context)
         self.schedule = set(measurement_steps(config.tracker, config.train.steps))
