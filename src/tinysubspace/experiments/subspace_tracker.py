@@ -38,6 +38,7 @@ from tinysubspace.experiments.config import TrackerConfig
 from tinysubspace.experiments.loggers import Logger, build_loggers
 from tinysubspace.experiments.schedules import Budget, as_schedule
 from tinysubspace.experiments.tracker import DTYPES, Tracker, block_config, preserved_state
+from tinysubspace.experiments.tracker_curvature import CurvatureColumns, check_curvature_options
 from tinysubspace.experiments.tracker_data import (
     check_data_device,
     check_mean_loss,
@@ -92,6 +93,16 @@ class SubspaceTracker:
         check_subset: with ``subset``, compare once (at the first measurement) the subset's
             top-k with the full data's: columns ``subset/overlap_top`` (eq. 5) and
             ``subset/eig_1_full``.
+        ggn: also the Gauss–Newton matrix's top ``2k`` eigenvalues (``ggn/eig_i``), eq. 5
+            between its top-k subspace and the Hessian's and their principal angles.
+        class_means: also eq. 5 between the span of the ``C`` class-mean gradients (Papyan)
+            and the top-k subspace (softmax cross-entropy classifiers).
+        geometry: also the principal angles between the top-k subspace now and at the previous
+            measurement, and each top eigenvector's displacement since then.
+        optimizer: the training loop's optimizer (SGD, Adam, AdamW, RMSprop, Adagrad): its
+            stability threshold, the top-k of the preconditioned Hessian ``P^{-1/2} H P^{-1/2}``
+            and the last update's share of it (columns in
+            :mod:`~tinysubspace.experiments.tracker_curvature`).
         name: the run's name (default: the folder's name).
         classification: whether ``train/accuracy`` is defined (``None``: detected from the
             outputs: ``(n, C)`` scores and integer labels).
@@ -114,6 +125,8 @@ class SubspaceTracker:
                  mode: str = "eval", batch_size: int | None = None, solver: str = "track",
                  resume: bool = False, check_subset: bool = False, name: str | None = None,
                  tol_scale: str = "top",
+                 ggn: bool = False, class_means: bool = False, geometry: bool = False,
+                 optimizer: torch.optim.Optimizer | None = None,
                  classification: bool | None = None, distributed: bool | None = None,
                  blocks: str = "none", block_options: Mapping[str, int] | None = None) -> None:
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
@@ -130,6 +143,11 @@ class SubspaceTracker:
         with preserved_state(model):  # iterating a DataLoader draws from torch's RNG
             data, test, classification = self._prepare(data, test, subset, check_subset,
                                                        classification, distributed)
+            classes = check_curvature_options(model, loss_fn, *self._probe, ggn=ggn,
+                                              class_means=class_means, optimizer=optimizer)
+        self.curvature = CurvatureColumns(k, tol, ggn=ggn, class_means=class_means,
+                                          geometry=geometry, classes=classes,
+                                          optimizer=optimizer)
         config = TrackerConfig(k=k, tol=tol, tol_scale=tol_scale,
                                anchors=tuple(sorted(self.anchors)),
                                save_vectors_at=tuple(sorted(self.save_vectors_at)),
@@ -141,6 +159,7 @@ class SubspaceTracker:
         self.columns = [*self.engine.columns(model), "cost/overhead"]
         if self.check_subset:
             self.columns += list(SUBSET_COLUMNS)
+        self.columns += self.curvature.columns()
         self.started = time.perf_counter()
         self.clock = {"spent": 0.0, "elapsed": 0.0, "last_cost": 0.0}
         self.last_step: int | None = None
@@ -180,6 +199,7 @@ class SubspaceTracker:
         if batch is None and not shared:  # under torchrun a rank may hold no examples
             raise ValueError("the data set is empty: nothing to measure on")
         outputs = None if batch is None else check_mean_loss(model, loss_fn, batch)
+        self._probe = (outputs, None if batch is None else batch.targets)
         if classification is None:
             classification = batch is not None and is_classification(outputs, batch.targets)
             if shared:
@@ -227,6 +247,7 @@ class SubspaceTracker:
         """
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"step must be a non-negative integer, got {step!r}")
+        self.curvature.observe(self.model, step)
         if self.pending_trim:
             self._trim(step)
         if step == self.last_step or not (force or self.due(step)):
@@ -245,8 +266,11 @@ class SubspaceTracker:
                 extra: dict[str, float] | None = None) -> dict[str, float]:
         """Measure at ``step`` now (no schedule, no budget) and log the row."""
         started = time.perf_counter()
+        previous = self.engine.state.previous
         m = self.engine.measure(self.model, step, seed=self.seed)
         row = m.row
+        if self.curvature.active:
+            row.update(self._curvature(m.eigenpairs, previous, step))
         if self.check_subset and self.subset_report is None:
             with preserved_state(self.model):
                 row.update(self._compare_with_full_data(m.eigenpairs.vectors))
@@ -284,13 +308,15 @@ class SubspaceTracker:
         """Warm start, anchor bases, clocks: save it with your checkpoint for a resume that
         reproduces the uninterrupted run."""
         return {**self.engine.state_dict(), "clock": {**self.clock, "elapsed": self._elapsed()},
-                "last_step": self.last_step, "skipped": self.skipped}
+                "last_step": self.last_step, "skipped": self.skipped,
+                "curvature": self.curvature.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.engine.load_state_dict(state)
         self.clock = dict(state.get("clock") or {"spent": 0.0, "elapsed": 0.0, "last_cost": 0.0})
         self.started = time.perf_counter()
         self.last_step, self.skipped = state.get("last_step"), int(state.get("skipped", 0))
+        self.curvature.load_state_dict(state.get("curvature"))
 
     def _elapsed(self) -> float:
         return self.clock["elapsed"] + time.perf_counter() - self.started
@@ -317,6 +343,12 @@ class SubspaceTracker:
                    "schedule": schedule, "budget": None if self.budget is None
                    else self.budget.fraction, "seed": self.seed, "subset": self.subset,
                    "check_subset": self.check_subset}
+        if self.curvature.active:
+            opt = self.curvature.optimizer
+            tracker["curvature"] = {"ggn": self.curvature.ggn,
+                                    "class_means": self.curvature.class_means,
+                                    "geometry": self.curvature.geometry,
+                                    "optimizer": None if opt is None else type(opt).__name__}
         for key in ("dense_until", "dense_every", "sparse_every", "extra_steps",
                     "minibatch_every", "spectrum", "spectrum_probes", "spectrum_steps"):
             tracker.pop(key)
@@ -346,6 +378,20 @@ class SubspaceTracker:
         buffer = io.BytesIO()
         torch.save({**self.state_dict(), "step": step}, buffer)
         atomic_write_bytes(self.out / STATE_FILE, buffer.getvalue())
+
+    def _curvature(self, eig: Any, previous: torch.Tensor | None, step: int) -> dict[str, float]:
+        """The optional columns (:mod:`~tinysubspace.experiments.tracker_curvature`) at the
+        model's current parameters, on the measured data with the tracker's settings."""
+        engine = self.engine
+        settings = {"dtype": engine.dtype, "mode": engine.config.mode, "distributed":
+                    engine.distributed, "batch_size": engine.config.hvp_batch_size}
+
+        def make(kind: type) -> Any:
+            return kind(self.model, self.loss_fn, self.train, **settings)
+
+        with preserved_state(self.model):
+            return self.curvature.measure(self.model, make, eig.vectors, eig.values, previous,
+                                          step, self.seed + step)
 
     def _compare_with_full_data(self, V: torch.Tensor) -> dict[str, float]:
         """Once per run: the subset's top-k against the full data's (eq. 5)."""

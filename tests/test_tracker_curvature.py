@@ -1,0 +1,286 @@
+"""ts.SubspaceTracker's curvature options (issue 15): GGN next to the Hessian, the class-mean
+span, principal angles and eigenvector displacement between measurements, the optimizer's
+threshold, preconditioned top-k and the update's share — every column against dense float64
+references built here at the parameters of each measurement (uneven batches), training left
+bit-identical, and bad options refused before training starts."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F  # noqa: N812
+
+import tinysubspace as ts
+from reference import FlatLoss, reference_gradient, reference_hessian
+from reference_outputs import per_example_gradients, reference_ggn
+from tinysubspace.results.store import RunStoreError
+
+N, D, C, K = 46, 4, 3, 2
+TOL = 1e-10
+
+
+def _data():
+    gen = torch.Generator().manual_seed(3)
+    X = torch.randn(N, D, generator=gen, dtype=torch.float64)
+    return X, (X[:, 0] > 0).long() + (X[:, 1] > 0.4).long()
+
+
+def _batches(X, Y, sizes=(20, 9, 17)):  # uneven batches, weighted by size
+    out, start = [], 0
+    for size in sizes:
+        out.append((X[start:start + size], Y[start:start + size]))
+        start += size
+    assert start == len(X)
+    return out
+
+
+def _model():
+    torch.manual_seed(2)
+    return nn.Sequential(nn.Linear(D, 5), nn.Tanh(), nn.Linear(5, C)).double()
+
+
+def _top(matrix: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    values, vectors = torch.linalg.eigh(matrix)
+    return values.flip(0)[:k], vectors.flip(1)[:, :k]
+
+
+def _theta(model):
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()]).clone()
+
+
+def _train(optimizer_name: str, options: dict | None, steps: int = 5, lr: float = 0.3):
+    """Full-batch training; the tracker (if any) measures at every step. Returns the model,
+    the optimizer, the rows, and per step the parameters and a copy of the optimizer state."""
+    X, Y = _data()
+    model = _model()
+    make = {"sgd": lambda p: torch.optim.SGD(p, lr=lr),
+            "adam": lambda p: torch.optim.Adam(p, lr=0.05),
+            "adamw": lambda p: torch.optim.AdamW(p, lr=0.05, weight_decay=0.1),
+            "rmsprop": lambda p: torch.optim.RMSprop(p, lr=0.01)}[optimizer_name]
+    optimizer = make(model.parameters())
+    tracker = None
+    if options is not None:
+        tracker = ts.SubspaceTracker(model, F.cross_entropy, _batches(X, Y), k=K, schedule=1,
+                                     tol=TOL, anchors=(), **{"optimizer": optimizer, **options})
+    rows, thetas, states = [], [], []
+    for step in range(steps):
+        thetas.append(_theta(model))
+        states.append({i: {k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()}
+                       for i, s in enumerate(optimizer.state.values())})
+        if tracker is not None:
+            rows.append(tracker.on_step(step))
+        optimizer.zero_grad()
+        F.cross_entropy(model(X), Y).backward()
+        optimizer.step()
+    return model, optimizer, rows, thetas, states
+
+
+def _flat_loss(theta):
+    model = _model()
+    torch.nn.utils.vector_to_parameters(theta, model.parameters())
+    X, Y = _data()
+    return FlatLoss(model, F.cross_entropy, X, Y)
+
+
+# --------------------------------------------------------------------- GGN and geometry
+def test_ggn_class_means_and_geometry_columns_match_dense_references():
+    _, _, rows, thetas, _ = _train("sgd", {"ggn": True, "class_means": True, "geometry": True,
+                                           "optimizer": None}, steps=3)
+    previous = None
+    for row, theta in zip(rows, thetas, strict=True):
+        f = _flat_loss(theta)
+        H, G = reference_hessian(f), reference_ggn(f, "cross_entropy")
+        h_values, V = _top(H, K)
+        g_values, W = _top(G, 2 * K)
+        assert row["hessian/eig_1"] == pytest.approx(float(h_values[0]), rel=1e-9)
+        for i in range(2 * K):
+            assert row[f"ggn/eig_{i + 1}"] == pytest.approx(float(g_values[i]), rel=1e-8)
+        W = W[:, :K]
+        assert row["overlap/hessian_ggn"] == pytest.approx(float((V.T @ W).square().sum() / K),
+                                                           abs=1e-8)
+        cosines = torch.linalg.svdvals(V.T @ W).clamp(max=1)
+        for i in range(K):
+            assert row[f"angles/hessian_ggn_{i + 1}"] == pytest.approx(
+                float(torch.arccos(cosines[i])), abs=1e-6)
+        # class means of per-example gradients, by hand: their span against the top-k
+        labels = _data()[1]
+        grads = per_example_gradients(f)
+        means = torch.stack([grads[labels.eq(c)].mean(0) for c in range(C)], 1)
+        Q = torch.linalg.qr(means).Q
+        expected = float((Q.T @ V).square().sum()) / math.sqrt(C * K)  # eq. 5, unequal dims
+        assert row["overlap/classmeans_hessian"] == pytest.approx(expected, abs=1e-8)
+        assert row["overlap/classmeans_ggn"] == pytest.approx(
+            float((Q.T @ W).square().sum()) / math.sqrt(C * K), abs=1e-8)
+        assert row["classmeans/rank"] == C
+        g = reference_gradient(f)  # the span holds the gradient (a check of the reference)
+        assert float((Q @ (Q.T @ g) - g).norm()) < 1e-10 * float(g.norm())
+        if previous is None:
+            assert "angles/previous_1" not in row
+        else:
+            expected = torch.arccos(torch.linalg.svdvals(previous.T @ V).clamp(max=1))
+            for i in range(K):
+                assert row[f"angles/previous_{i + 1}"] == pytest.approx(float(expected[i]),
+                                                                        abs=1e-6)
+                dot = abs(float(previous[:, i] @ V[:, i]))
+                assert row[f"displacement/hessian_{i + 1}"] == pytest.approx(
+                    math.sqrt(max(2 - 2 * dot, 0)), abs=1e-6)
+        previous = V
+        assert row["cost/curvature_matvecs"] > 0
+
+
+# ----------------------------------------------------------- optimizer, preconditioning
+def test_sgd_threshold_ratio_and_update_share_match_dense_references():
+    lr = 0.3
+    _, _, rows, thetas, _ = _train("sgd", {}, steps=4, lr=lr)
+    for step, (row, theta) in enumerate(zip(rows, thetas, strict=True)):
+        H = reference_hessian(_flat_loss(theta))
+        values, V = _top(H, K)
+        assert row["sharpness/threshold"] == pytest.approx(2 / lr, rel=1e-15)
+        assert row["sharpness/ratio"] == pytest.approx(float(values[0]) * lr / 2, rel=1e-9)
+        assert row["preconditioned/eig_1"] == row["hessian/eig_1"]  # P = 1
+        if step == 0:
+            assert math.isnan(row["preconditioned/update_share"])  # no update seen yet
+            continue
+        delta = theta - thetas[step - 1]
+        share = float((V.T @ delta).square().sum() / delta.square().sum())
+        assert row["preconditioned/update_share"] == pytest.approx(share, abs=1e-8)
+        assert row["cost/curvature_matvecs"] == 0  # SGD reuses the Hessian's pairs
+
+
+def _adam_diagonal(optimizer, state_per_param: dict) -> torch.Tensor:
+    group = optimizer.param_groups[0]
+    parts = []
+    for i, _ in enumerate(group["params"]):
+        s = state_per_param[i]
+        t = float(s["step"])
+        if "exp_avg_sq" in s:
+            beta1, beta2 = group["betas"]
+            diag = (s["exp_avg_sq"] / (1 - beta2**t)).sqrt() + group["eps"]
+            diag = diag * (1 - beta1**t)  # Cohen et al.'s P_t (first-moment correction)
+        else:  # RMSprop
+            diag = s["square_avg"].sqrt() + group["eps"]
+        parts.append(diag.reshape(-1))
+    return torch.cat(parts)
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw", "rmsprop"])
+def test_adaptive_preconditioned_top_k_and_update_share_match_dense(name):
+    _, optimizer, rows, thetas, states = _train(name, {}, steps=4)
+    assert math.isnan(rows[0]["sharpness/ratio"])  # no second moments before the first step
+    assert math.isnan(rows[0]["preconditioned/eig_1"])
+    for step in range(1, 4):
+        row, theta = rows[step], thetas[step]
+        P = _adam_diagonal(optimizer, states[step])  # the state the next step divides by
+        H = reference_hessian(_flat_loss(theta))
+        Hp = H / P.sqrt()[:, None] / P.sqrt()[None, :]
+        values, V = _top(Hp, K)
+        for i in range(K):
+            assert row[f"preconditioned/eig_{i + 1}"] == pytest.approx(float(values[i]),
+                                                                       rel=1e-8)
+        lr = optimizer.param_groups[0]["lr"]
+        threshold = 38 / lr if name != "rmsprop" else 2 / lr
+        assert row["sharpness/threshold"] == pytest.approx(threshold, rel=1e-12)
+        assert row["sharpness/ratio"] == pytest.approx(float(values[0]) / threshold, rel=1e-8)
+        step_p = P.sqrt() * (theta - thetas[step - 1])
+        share = float((V.T @ step_p).square().sum() / step_p.square().sum())
+        assert row["preconditioned/update_share"] == pytest.approx(share, abs=1e-8)
+        assert row["preconditioned/eig_1"] != pytest.approx(row["hessian/eig_1"], rel=1e-3)
+
+
+def test_the_threshold_follows_a_learning_rate_scheduler():
+    X, Y = _data()
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.4, momentum=0.5)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+    tracker = ts.SubspaceTracker(model, F.cross_entropy, (X, Y), k=1, schedule=1, anchors=(),
+                                 optimizer=optimizer)
+    for step in range(3):
+        row = tracker.on_step(step)
+        lr = 0.4 * 0.5**step
+        assert row["sharpness/threshold"] == pytest.approx((2 + 2 * 0.5) / lr, rel=1e-12)
+        optimizer.zero_grad()
+        F.cross_entropy(model(X), Y).backward()
+        optimizer.step()
+        scheduler.step()
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam"])
+def test_training_with_every_option_ends_bit_identical(name, tmp_path):
+    plain, opt_a, _, _, _ = _train(name, None)
+    tracked, opt_b, rows, _, _ = _train(name, {"ggn": True, "class_means": True,
+                                               "geometry": True, "out": tmp_path / "run"})
+    for a, b in zip(plain.parameters(), tracked.parameters(), strict=True):
+        assert torch.equal(a, b)
+    for a, b in zip(opt_a.state.values(), opt_b.state.values(), strict=True):
+        for key in a:
+            assert torch.equal(torch.as_tensor(a[key]), torch.as_tensor(b[key])), key
+    run = ts.load_run(tmp_path / "run")
+    assert run.config["tracker"]["curvature"] == {"ggn": True, "class_means": True,
+                                                   "geometry": True,
+                                                   "optimizer": type(opt_b).__name__}
+    for column in ("ggn/eig_1", "overlap/classmeans_hessian", "angles/previous_1",
+                   "displacement/hessian_2", "sharpness/ratio", "preconditioned/update_share"):
+        assert column in run.metrics.columns
+        assert run.metrics[column].tolist()[-1] == pytest.approx(rows[-1][column], rel=1e-12)
+
+
+def test_resume_keeps_the_warm_starts_of_the_extra_operators(tmp_path):
+    X, Y = _data()
+    model = _model()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
+    options = {"k": K, "schedule": 1, "anchors": (), "tol": 1e-8, "ggn": True,
+               "optimizer": optimizer, "out": tmp_path / "run"}
+    tracker = ts.SubspaceTracker(model, F.cross_entropy, (X, Y), **options)
+    for step in range(3):
+        tracker.on_step(step)
+        optimizer.zero_grad()
+        F.cross_entropy(model(X), Y).backward()
+        optimizer.step()
+    saved = tracker.state_dict()["curvature"]["previous"]
+    resumed = ts.SubspaceTracker(model, F.cross_entropy, (X, Y), resume=True, **options)
+    for key in ("ggn", "preconditioned"):
+        assert torch.equal(resumed.curvature.previous[key], saved[key])
+    with pytest.raises(RunStoreError, match=r"other settings \(tracker\.curvature\.ggn differ\)"):
+        ts.SubspaceTracker(model, F.cross_entropy, (X, Y), resume=True,
+                           **{**options, "ggn": False})
+
+
+# ------------------------------------------------------------------------- bad input
+def test_bad_curvature_options_are_refused_before_training():
+    X, Y = _data()
+    model = _model()
+
+    def make(**kwargs):
+        options = {"model": model, "loss_fn": F.cross_entropy, "data": (X, Y), "k": 1}
+        return ts.SubspaceTracker(**{**options, **kwargs})
+
+    with pytest.raises(ValueError, match="class_means=True assumes softmax cross-entropy"):
+        make(loss_fn=lambda z, y: F.cross_entropy(z, y, label_smoothing=0.2), class_means=True)
+    onehot = F.one_hot(Y, C).double()
+    with pytest.raises(ValueError, match=r"needs \(n, C\) class scores and n integer labels"):
+        make(loss_fn=F.mse_loss, data=(X, onehot), class_means=True)
+
+    class Dict(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = _model()
+
+        def forward(self, x):
+            return {"logits": self.net(x)}
+
+    with pytest.raises(ValueError, match="need a model that returns a tensor of outputs, got "
+                                         "dict"):
+        make(model=Dict(), loss_fn=lambda out, y: F.cross_entropy(out["logits"], y), ggn=True)
+    with pytest.raises(ValueError, match=r"optimizer= supports torch\.optim SGD, Adam"):
+        make(optimizer=torch.optim.LBFGS(model.parameters()))
+    partial = torch.optim.SGD(list(model.parameters())[:2], lr=0.1)
+    with pytest.raises(ValueError, match=r"does not update parameters the tracker measures: "
+                                         r"\['2.weight', '2.bias'\]"):
+        make(optimizer=partial)
+    groups = torch.optim.SGD([{"params": list(model.parameters())[:2], "lr": 0.1},
+                              {"params": list(model.parameters())[2:], "lr": 0.2}])
+    with pytest.raises(ValueError, match="different thresholds"):
+        make(optimizer=groups)
