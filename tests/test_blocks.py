@@ -428,6 +428,30 @@ def test_blocks_command(gpt_run, capsys):
     assert "step 0, heterogeneity" in out and "h.0:" in out
 
 
+def test_plot_command_draws_the_block_figures(gpt_run, tmp_path, capsys):
+    from run_fixtures import write_run
+    from tinysubspace.cli.main import main
+
+    path = gpt_run[0]
+    assert main(["plot", str(path), "--figure", "blocks", "--figure", "block-sharpness",
+                 "--out", str(tmp_path / "a")]) == 0
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["block_densities.png",
+                                                                  "block_sharpness.png"]
+    assert main(["plot", str(path), "--out", str(tmp_path / "b")]) == 0  # default: with them
+    assert {"block_densities.png", "block_sharpness.png"} <= {p.name for p in
+                                                              (tmp_path / "b").iterdir()}
+    assert main(["plot", str(path), str(path), "--heterogeneity", "--out",
+                 str(tmp_path / "c")]) == 0
+    assert [p.name for p in (tmp_path / "c").iterdir()] == ["blocks_heterogeneity.png"]
+    plain = write_run(tmp_path / "plain")
+    capsys.readouterr()
+    assert main(["plot", str(plain), "--figure", "blocks", "--out", str(tmp_path / "d")]) == 1
+    assert "has no block spectra" in capsys.readouterr().err
+    assert main(["plot", str(plain), "--heterogeneity", "--out", str(tmp_path / "d")]) == 1
+    assert main(["plot", str(plain), "--out", str(tmp_path / "e")]) == 0
+    assert not any("block" in p.name for p in (tmp_path / "e").iterdir())
+
+
 def test_block_measurements_on_a_seeded_subset():
     from tinysubspace.experiments.block_runs import _examples
 

@@ -1,5 +1,8 @@
 """``tinysubspace plot RUN [RUN ...] [--figure N]``: the paper's figures of saved runs, as PNG
-(and PDF with ``--pdf``) in ``RUN/figures/`` (or ``--out``). Reads runs only; never trains."""
+(and PDF with ``--pdf``) in ``RUN/figures/`` (or ``--out``); the block figures (issue 14) of runs
+with block spectra (``tinysubspace blocks``) or ``block/NAME/eig_1`` columns, and with
+``--heterogeneity`` the block-heterogeneity scores of all RUNs side by side. Reads runs only;
+never trains."""
 
 from __future__ import annotations
 
@@ -9,6 +12,12 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
+from tinysubspace.plots.blocks import (
+    block_steps,
+    figure_block_densities,
+    figure_block_heterogeneity,
+    figure_block_sharpness,
+)
 from tinysubspace.plots.common import as_run
 from tinysubspace.plots.figures import (
     DEFAULT_FIGURES,
@@ -19,16 +28,25 @@ from tinysubspace.plots.figures import (
     figure_filename,
     too_few_measurements,
 )
-from tinysubspace.results.store import RunStoreError
+from tinysubspace.results.store import Run, RunStoreError
+
+# Issue 14's figures of one run: key -> (file stem, function); drawn by default when the run has
+# block data.
+BLOCK_FIGURES = {"blocks": ("block_densities", figure_block_densities),
+                 "block-sharpness": ("block_sharpness", figure_block_sharpness)}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``tinysubspace plot``."""
     parser.add_argument("runs", nargs="+", metavar="RUN", help="run folder(s)")
-    parser.add_argument("--figure", "-f", action="append", choices=list(FIGURES), metavar="N",
+    parser.add_argument("--figure", "-f", action="append",
+                        choices=[*FIGURES, *BLOCK_FIGURES], metavar="N",
                         help="figure of the paper to draw: 1-12, or 'overlap' (Table 1's "
-                             "overlap(g, Hg) over training); repeatable (default: every "
-                             "figure the run has data for)")
+                             "overlap(g, Hg) over training), 'blocks' (block densities), "
+                             "'block-sharpness'; repeatable (default: every figure the run "
+                             "has data for)")
+    parser.add_argument("--heterogeneity", action="store_true",
+                        help="draw the block-heterogeneity scores of every RUN side by side")
     parser.add_argument("--overlay", action="store_true",
                         help="draw Fig. 1/12 once with every RUN overlaid (variants)")
     parser.add_argument("--pdf", action="store_true", help="also write PDF files")
@@ -53,6 +71,8 @@ def main(args: argparse.Namespace) -> int:
     except RunStoreError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    if args.heterogeneity:
+        return _heterogeneity(runs, args)
     if args.overlay:
         try:
             figure = figure_f_top(runs)
@@ -73,19 +93,43 @@ def main(args: argparse.Namespace) -> int:
         few = too_few_measurements(run)
         if few is not None:
             print(f"note: {few}; figures over training are not drawn", file=sys.stderr)
-        for key in dict.fromkeys(args.figure or DEFAULT_FIGURES):
+        for key in dict.fromkeys(args.figure or _defaults(run)):
             if few is not None and key in OVER_TIME:
                 print(f"{'error' if explicit else 'skipped'}: Fig. {key}: too few measurements "
                       "(see the note above)", file=sys.stderr)
                 status = 1 if explicit else status
                 continue
             try:
-                figure = FIGURES[key].draw(run)
+                figure = BLOCK_FIGURES[key][1](run) if key in BLOCK_FIGURES else \
+                    FIGURES[key].draw(run)
             except MissingDataError as error:
                 print(f"{'error' if explicit else 'skipped'}: Fig. {key}: {error}",
                       file=sys.stderr)
                 status = 1 if explicit else status
                 continue
-            for path in _save(figure, out / figure_filename(key), args.pdf, args.dpi):
+            stem = BLOCK_FIGURES[key][0] if key in BLOCK_FIGURES else figure_filename(key)
+            for path in _save(figure, out / stem, args.pdf, args.dpi):
                 print(path)
     return status
+
+
+def _defaults(run: Run) -> tuple[str, ...]:
+    """The paper's figures, and the block figures where the run has block data."""
+    tracked = any(str(c).startswith("block/") for c in run.metrics.columns)
+    stored = bool(block_steps(run))
+    return (*DEFAULT_FIGURES, *(["blocks"] if stored else []),
+            *(["block-sharpness"] if stored or tracked else []))
+
+
+def _heterogeneity(runs: list[Run], args: argparse.Namespace) -> int:
+    """``blocks_heterogeneity.png`` of every run's scores in ``--out`` (default: the first
+    run's ``figures/``)."""
+    try:
+        figure = figure_block_heterogeneity(runs)
+    except MissingDataError as error:
+        print(f"error: block heterogeneity: {error}", file=sys.stderr)
+        return 1
+    out = args.out or Path(runs[0].path) / "figures"
+    for path in _save(figure, out / "blocks_heterogeneity", args.pdf, args.dpi):
+        print(path)
+    return 0
