@@ -284,3 +284,59 @@ def test_bad_curvature_options_are_refused_before_training():
                               {"params": list(model.parameters())[2:], "lr": 0.2}])
     with pytest.raises(ValueError, match="different thresholds"):
         make(optimizer=groups)
+
+
+# ------------------------------------------------------------------------------- the CLI
+def test_the_cli_measures_the_options_through_the_same_tracker(tmp_path):
+    """``tracker.ggn/class_means/geometry/sharpness`` in a CLI run: the columns are in
+    ``metrics.csv``, every other column is bit-identical to the run without them, and the
+    preconditioned λ₁ at the last step is Adam's P^{-1/2} H P^{-1/2} of the saved model."""
+    from experiment_fixtures import tiny_config
+    from tinysubspace.experiments.build import build_problem
+    from tinysubspace.experiments.training import run_experiment
+
+    base = {"optim__name": "adam", "optim__lr": 0.01, "train__steps": 9}
+    run_experiment(tiny_config(**base), tmp_path / "plain")
+    options = {"tracker__ggn": True, "tracker__class_means": True, "tracker__geometry": True,
+               "tracker__sharpness": True}
+    run_experiment(tiny_config(**base, **options), tmp_path / "extra")
+    plain, extra = ts.load_run(tmp_path / "plain"), ts.load_run(tmp_path / "extra")
+    shared = [c for c in plain.metrics.columns if c not in ("wall_time", "cost/seconds")]
+    assert plain.metrics[shared].equals(extra.metrics[shared])
+    last = extra.metrics.iloc[-1]
+    assert last["sharpness/threshold"] == pytest.approx(38 / 0.01, rel=1e-12)
+    for column in ("ggn/eig_1", "overlap/hessian_ggn", "overlap/classmeans_hessian",
+                   "angles/previous_1", "displacement/hessian_3", "preconditioned/eig_3",
+                   "preconditioned/update_share", "sharpness/ratio"):
+        assert math.isfinite(last[column]), column
+    assert math.isnan(extra.metrics.iloc[0]["preconditioned/eig_1"])  # before Adam's 1st step
+    # the final model and optimizer from the checkpoint: a dense reference of the last row
+    config = tiny_config(**base, **options)
+    problem = build_problem(config)
+    checkpoint = torch.load(tmp_path / "extra" / "checkpoint.pt", weights_only=False)
+    problem.model.load_state_dict(checkpoint["model"])
+    optimizer = torch.optim.Adam(problem.model.parameters(), lr=0.01)
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    P = torch.cat([_p(optimizer, p) for p in problem.model.parameters()]).double()
+    X, Y = problem.tensors("train")
+    H = reference_hessian(FlatLoss(problem.model, problem.loss_fn, X, Y))
+    values, _ = _top(H / P.sqrt()[:, None] / P.sqrt()[None, :], 1)
+    assert last["step"] == 9 and checkpoint["step"] == 9
+    assert last["preconditioned/eig_1"] == pytest.approx(float(values[0]), rel=1e-6)
+
+
+def _p(optimizer, param):
+    s, group = optimizer.state[param], optimizer.param_groups[0]
+    t, (beta1, beta2) = float(s["step"]), group["betas"]
+    diag = (s["exp_avg_sq"].double() / (1 - beta2**t)).sqrt() + group["eps"]
+    return (diag * (1 - beta1**t)).reshape(-1)
+
+
+def test_cli_options_that_cannot_work_are_refused_at_config_time():
+    from experiment_fixtures import tiny_config
+    from tinysubspace.experiments.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"tracker\.sharpness needs optim\.name sgd or adam"):
+        tiny_config(tracker__sharpness=True, optim__name="dom-sgd")
+    with pytest.raises(ConfigError, match=r"tracker\.class_means needs train\.loss cross_entropy"):
+        tiny_config(tracker__class_means=True, train__loss="mse")

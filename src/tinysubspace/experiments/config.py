@@ -140,6 +140,10 @@ class TrackerConfig:
     blocks_k: int = 1  # ... top eigenvalues of each diagonal block
     blocks_probes: int = 4  # ... Hutchinson / SLQ probes per block
     blocks_steps: int = 20  # ... SLQ Lanczos steps per probe (the heterogeneity score's densities)
+    ggn: bool = False  # also the GGN's top 2k (ggn/eig_i), eq. 5 and principal angles with H's
+    class_means: bool = False  # also eq. 5 of the class-mean gradients' span with the top-k
+    geometry: bool = False  # principal angles / eigenvector displacement since the last one
+    sharpness: bool = False  # the run's optimizer: threshold, preconditioned top-k, update share
 
 
 @dataclass(frozen=True)
@@ -349,3 +353,9 @@ def validate_config(config: ExperimentConfig) -> None:
     if 0 < config.train.divergence_factor < 1:
         raise ConfigError("train.divergence_factor must be 0 (no check) or at least 1, got "
                           f"{config.train.divergence_factor!r}")
+    if config.tracker.sharpness and config.optim.name not in ("sgd", "adam"):
+        raise ConfigError(f"tracker.sharpness needs optim.name sgd or adam (a threshold and a "
+                          f"preconditioner are known for them), got {config.optim.name!r}")
+    if config.tracker.class_means and config.train.loss != "cross_entropy":
+        raise ConfigError(f"tracker.class_means needs train.loss cross_entropy (class means of "
+                          f"softmax gradients), got {config.train.loss!r}")

@@ -217,7 +217,23 @@ class SubspaceTracker:
                    mode=config.mode, batch_size=config.hvp_batch_size, solver=config.solver,
                    blocks=config.blocks, block_options={
                        key: getattr(config, f"blocks_{key}") for key in ("k", "probes", "steps")},
+                   ggn=config.ggn, class_means=config.class_means, geometry=config.geometry,
                    **options)
+
+    def track_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Add the ``optimizer=`` columns to a tracker built before its optimizer (the CLI's
+        projected optimizers need the tracker first). Call it before the first measurement.
+
+        Raises:
+            ValueError: as ``optimizer=`` in the constructor, or after a measurement.
+        """
+        if self.last_step is not None or self.curvature.optimizer is not None:
+            raise ValueError("track_optimizer must be called once, before the first measurement")
+        check_curvature_options(self.model, self.loss_fn, *self._probe, ggn=False,
+                                class_means=False, optimizer=optimizer)
+        before = self.curvature.columns()
+        self.curvature.set_optimizer(optimizer)
+        self.columns = [c for c in self.columns if c not in before] + self.curvature.columns()
 
     # ------------------------------------------------------------------ the loop
     @property

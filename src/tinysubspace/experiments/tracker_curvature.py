@@ -129,11 +129,16 @@ class CurvatureColumns:
                  optimizer: torch.optim.Optimizer | None = None) -> None:
         self.k, self.tol = k, tol
         self.ggn, self.class_means, self.geometry = bool(ggn), bool(class_means), bool(geometry)
-        self.classes, self.optimizer = classes, optimizer
-        self.adaptive = optimizer is not None and type(optimizer).__name__ != "SGD"
+        self.classes = classes
+        self.set_optimizer(optimizer)
         self.previous: dict[str, torch.Tensor | None] = {"ggn": None, "preconditioned": None}
         self.seen: tuple[int, torch.Tensor] | None = None  # (step, θ) of the last on_step
         self.last_update_from: tuple[int, torch.Tensor] | None = None  # the one before
+
+    def set_optimizer(self, optimizer: torch.optim.Optimizer | None) -> None:
+        """Track ``optimizer`` (checked by :func:`check_curvature_options`)."""
+        self.optimizer = optimizer
+        self.adaptive = optimizer is not None and type(optimizer).__name__ != "SGD"
 
     @property
     def active(self) -> bool:

@@ -159,9 +159,12 @@ class _Loop:
             config.tracker, problem.model, problem.loss_fn, tsdist.shard(self.train_xy), steps,
             test=tsdist.shard(problem.tensors("test")), seed=config.train.seed,
             classification=problem.classification, distributed=self.distributed)
-        self.metric_columns = [*self.tracker.engine.columns(problem.model), "optim/matvecs"]
         context = {"problem": problem, "tracker": self.tracker, "seed": config.train.seed}
         self.optimizer = build_optimizer(config.optim, problem.model, context)
+        if config.tracker.sharpness:  # issue 15: threshold, preconditioned top-k, update share
+            self.tracker.track_optimizer(self.optimizer)
+        self.metric_columns = [*self.tracker.engine.columns(problem.model),
+                               *self.tracker.curvature.columns(), "optim/matvecs"]
         self.schedule = set(measurement_steps(config.tracker, config.train.steps))
         self.pending_minibatch: list[dict[str, float]] = []
         self.health = RunHealth(config.train)  # divergence check; the step the loop is at
@@ -328,6 +331,7 @@ def _train(loop: _Loop, start: int, skip_measure: bool, stop_after: int | None,
         loop.progress.start(total, start, loop.schedule)
     for step in range(start, total + 1):
         loop.health.step = step
+        loop.tracker.curvature.observe(loop.problem.model, step)  # θ_t for the update share
         if step in loop.schedule and not (skip_measure and step == start):
             try:
                 row = loop.measure(step)
