@@ -36,3 +36,16 @@ def test_example_runs_and_writes_a_run_folder(name, tmp_path):
     assert len(run.metrics) >= 2 and run.metrics["step"].iloc[0] == 0
     assert run.status["state"] == "finished"
     assert run.metrics["hessian/f_top"].between(0, 1).all()
+
+
+def test_the_readme_shows_the_tracker_and_names_its_docs():
+    import re
+
+    root = EXAMPLES.parent
+    readme = (root / "README.md").read_text()
+    assert "ts.SubspaceTracker(" in readme and "tracker.on_step(step)" in readme
+    named = set(re.findall(r"docs/[\w-]+\.md", readme))
+    assert {"docs/own-loop.md", "docs/beyond-the-hessian.md"} <= named
+    assert all((root / path).exists() for path in named), sorted(named)
+    own_loop = (root / "docs" / "own-loop.md").read_text()
+    assert set(re.findall(r"examples/\w+\.py", own_loop)) == {f"examples/{n}" for n in CASES}
