@@ -429,3 +429,31 @@ def test_under_torchrun_every_rank_gets_the_single_process_rows_and_rank_0_write
             assert mine[key] == theirs[key], key  # bit-identical on both ranks
             assert mine[key] == pytest.approx(reference[key], rel=1e-9, abs=1e-12), key
     assert ts.load_run(tmp_path / "run").metrics["step"].tolist() == [0, 2]
+
+
+def test_the_cli_measures_through_subspace_tracker_only(tmp_path, monkeypatch):
+    """One code path: every row of a CLI run is a ``SubspaceTracker.measure`` row, and no module
+    but ``subspace_tracker.py`` builds the measuring engine (``Tracker``) itself."""
+    import re
+    from pathlib import Path
+
+    from experiment_fixtures import tiny_config
+    from tinysubspace.experiments.training import run_experiment
+
+    seen = []
+    measure = st.SubspaceTracker.measure
+
+    def spy(self, step, **kwargs):
+        row = measure(self, step, **kwargs)
+        seen.append((step, row["hessian/eig_1"]))
+        return row
+
+    monkeypatch.setattr(st.SubspaceTracker, "measure", spy)
+    run_experiment(tiny_config(train__steps=9), tmp_path / "cli")
+    metrics = ts.load_run(tmp_path / "cli").metrics
+    assert [s for s, _ in seen] == metrics["step"].tolist()
+    assert [v for _, v in seen] == metrics["hessian/eig_1"].tolist()
+    source = Path(st.__file__).parents[1]
+    builders = sorted(str(path.relative_to(source)) for path in source.rglob("*.py")
+                      if re.search(r"(?<![\w.])Tracker\(", path.read_text()))
+    assert builders == ["experiments/subspace_tracker.py"]
