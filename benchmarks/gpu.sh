@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One GPU session: the GPU tests, then the ResNet-18 H·v and tracking tables.
-# Usage (repository root): bash benchmarks/gpu.sh [budget seconds for the tables, default 270]
+# One GPU session: the GPU tests, then the ResNet-18 H·v and tracking tables, then the GPT ones
+# (issue 14: H·v / gradient, block cost per vector, tracked top-k for a 4.8M-parameter gpt).
+# Usage (repository root): bash benchmarks/gpu.sh [ResNet budget s, default 270] [GPT budget s, 180]
 # Logs go to $OUT (or /tmp/gpu-out): pytest.log, gpu.log.
 set -uo pipefail
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -13,3 +14,4 @@ timeout 120 python3 -m pytest -m gpu tests/test_gpu.py -q -rfE -p no:cacheprovid
 echo "pytest exit $?" | tee -a "$OUT/gpu.log"
 tail -n 25 "$OUT/pytest.log"
 python3 benchmarks/gpu.py --budget "${1:-270}" ${GPU_ARGS:-} 2>&1 | tee -a "$OUT/gpu.log"
+python3 benchmarks/gpu_gpt.py --budget "${2:-180}" 2>&1 | tee -a "$OUT/gpu.log"
