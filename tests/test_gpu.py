@@ -129,3 +129,24 @@ def test_tracking_on_cuda_along_sgd(warm):
     f32 = ts.HessianOperator(model, loss_fn, (X, Y), device="cuda")
     tracked = track_eigenpairs(f32, 8, previous, tol=1e-4, warm=warm)
     assert tracked.converged and tracked.vectors.dtype == torch.float32
+
+
+@pytest.mark.parametrize("name", ["gpt", "encoder", "hf-outputs-loss"])
+@pytest.mark.parametrize("method", [m for m in HVP_METHODS if m != "auto"])
+def test_hessian_through_attention_on_cuda(name, method):
+    """Issue 14 on CUDA: with every fused attention kernel allowed (flash, memory-efficient,
+    cuDNN), the operator's products through attention equal the CPU float64 dense reference
+    (itself checked by finite differences in test_transformers.py), and the caller's backend
+    flags are as they were afterwards."""
+    from test_transformers import PROBLEMS, reference
+    from tinysubspace.curvature.attention import attention_backends
+
+    built = PROBLEMS[name]()
+    _, H = reference(name)
+    before = attention_backends()
+    op = ts.HessianOperator(built.model, built.loss_fn, built.data, dtype=F64, device="cuda",
+                            hvp_method=method)
+    V = torch.randn(H.shape[0], 3, generator=torch.Generator().manual_seed(0), dtype=F64)
+    got = (op @ V.cuda()).cpu()
+    assert float((got - H @ V).norm() / (H @ V).norm()) < 1e-10
+    assert attention_backends() == before
