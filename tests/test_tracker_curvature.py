@@ -340,3 +340,26 @@ def test_cli_options_that_cannot_work_are_refused_at_config_time():
         tiny_config(tracker__sharpness=True, optim__name="dom-sgd")
     with pytest.raises(ConfigError, match=r"tracker\.class_means needs train\.loss cross_entropy"):
         tiny_config(tracker__class_means=True, train__loss="mse")
+
+
+def test_a_learning_rate_of_zero_gives_no_threshold_but_keeps_measuring():
+    X, Y = _data()
+    model = _model()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
+    warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(step, 1))  # lr 0, η, η
+    tracker = ts.SubspaceTracker(model, F.cross_entropy, (X, Y), k=1, schedule=1, anchors=(),
+                                 optimizer=optimizer)
+    rows = []
+    for step in range(3):
+        rows.append(tracker.on_step(step))
+        optimizer.zero_grad()
+        F.cross_entropy(model(X), Y).backward()
+        optimizer.step()
+        warmup.step()
+    assert math.isnan(rows[0]["sharpness/threshold"]) and math.isnan(rows[0]["sharpness/ratio"])
+    assert rows[1]["preconditioned/eig_1"] > 0  # P exists after the (lr = 0) first step
+    for row in rows[1:]:
+        assert row["sharpness/threshold"] == pytest.approx(38 / 0.05, rel=1e-12)
+        assert row["sharpness/ratio"] == pytest.approx(row["preconditioned/eig_1"] / (38 / 0.05),
+                                                       rel=1e-12)
+    assert math.isnan(rows[1]["preconditioned/update_share"])  # the lr = 0 step did not move

@@ -32,6 +32,8 @@ on the same data and in the same dtype as the Hessian's top ``2k`` eigenpairs ``
     ``‖V_kᵀ P^{1/2} Δθ‖² / ‖P^{1/2} Δθ‖²`` with ``Δθ = θ_t − θ_{t−1}`` and ``V_k`` the
     preconditioned top-k (``P`` is the state after that update, the diagonal it divided by).
     An adaptive optimizer before its first step has no ``P``: those columns are empty.
+    Where the optimizer has no threshold at a step (a learning rate of 0 during a warm-up
+    or at the end of a decay) ``sharpness/threshold`` and ``sharpness/ratio`` are NaN.
 
 ``cost/curvature_matvecs`` and ``cost/curvature_seconds`` count what the options cost.
 """
@@ -104,10 +106,11 @@ def _check_optimizer(model: torch.nn.Module, optimizer: Any) -> None:
     if not isinstance(optimizer, torch.optim.Optimizer) or kind not in SUPPORTED:
         raise ValueError(f"optimizer= supports torch.optim {', '.join(SUPPORTED)} (their "
                          f"stability thresholds and preconditioners are known), got {kind}")
-    try:
-        sharpness_threshold(optimizer)
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"optimizer=: {error}") from error
+    if all(float(group["lr"]) > 0 for group in optimizer.param_groups):  # warm-ups start at 0
+        try:
+            sharpness_threshold(optimizer)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"optimizer=: {error}") from error
     updated = {id(p) for group in optimizer.param_groups for p in group["params"]}
     missing = [name for name, p in select_parameters(model, None) if id(p) not in updated]
     if missing:
@@ -217,7 +220,7 @@ class CurvatureColumns:
                         values: torch.Tensor, top: torch.Tensor, step: int, seed: int,
                         row: dict[str, float]) -> int:
         """Threshold, preconditioned top-k and the last update's share; returns products."""
-        threshold = sharpness_threshold(self.optimizer)
+        threshold = _threshold(self.optimizer)
         row["sharpness/threshold"] = threshold
         if self.adaptive and not self.optimizer.state:  # no second moments yet: no P
             row.update({f"preconditioned/eig_{i}": math.nan for i in range(1, self.k + 1)})
@@ -254,6 +257,15 @@ class CurvatureColumns:
     def load_state_dict(self, state: dict[str, Any] | None) -> None:
         if state:
             self.previous.update(state.get("previous", {}))
+
+
+def _threshold(optimizer: torch.optim.Optimizer) -> float:
+    """The optimizer's threshold now, NaN where there is none (a learning rate of 0 at the end
+    of a decay or the start of a warm-up; groups a scheduler moved apart)."""
+    try:
+        return sharpness_threshold(optimizer)
+    except ValueError:
+        return math.nan
 
 
 def _geometry(before: torch.Tensor, now: torch.Tensor) -> dict[str, float]:

@@ -45,7 +45,8 @@ class SubspaceCallback(Callback):
         measure_last: also measure at the end of training.
         **options: the tracker's arguments (``k``, ``schedule``, ``out``, ``loggers``,
             ``budget``, ``subset``, ``dtype``, ...). A logger named ``"trainer"`` sends the
-            rows to ``trainer.logger.log_metrics``.
+            rows to ``trainer.logger.log_metrics``; ``optimizer="trainer"`` tracks the
+            trainer's (only) optimizer (threshold, preconditioned top-k, update share).
     """
 
     def __init__(self, loss_fn: Callable, data: Any = None, measure_last: bool = True,
@@ -65,6 +66,8 @@ class SubspaceCallback(Callback):
         if loggers is not None and "trainer" in loggers:
             options["loggers"] = [_trainer_logger(trainer) if spec == "trainer" else spec
                                   for spec in loggers]
+        if isinstance(options.get("optimizer"), str) and options["optimizer"] == "trainer":
+            options["optimizer"] = _only_optimizer(trainer.optimizers)
         self.tracker = SubspaceTracker(pl_module, self.loss_fn, data, **options)
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any,
@@ -84,6 +87,13 @@ class SubspaceCallback(Callback):
     def _record(self, row: dict[str, float] | None) -> None:
         if row is not None:
             self.rows.append(row)
+
+
+def _only_optimizer(optimizers: list[Any]) -> Any:
+    if len(optimizers) != 1:
+        raise ValueError(f"SubspaceCallback(optimizer='trainer') needs exactly one optimizer, "
+                         f"the trainer has {len(optimizers)}; pass optimizer= yourself")
+    return optimizers[0]
 
 
 def _trainer_logger(trainer: Any) -> Callable[[dict[str, float], int], None]:

@@ -50,7 +50,8 @@ class SubspaceCallback(TrainerCallback):
         data: what to measure on (default: the trainer's train dataloader).
         measure_last: also measure at the end of training.
         **options: the tracker's arguments (``k``, ``schedule``, ``out``, ``loggers``,
-            ``budget``, ``subset``, ``dtype``, ...).
+            ``budget``, ``subset``, ``dtype``, ...); ``optimizer="trainer"`` tracks the
+            trainer's optimizer (unwrapped from accelerate's ``AcceleratedOptimizer``).
     """
 
     def __init__(self, loss_fn: Callable = model_loss, data: Any = None,
@@ -66,7 +67,14 @@ class SubspaceCallback(TrainerCallback):
         if data is None or model is None:
             raise ValueError("SubspaceCallback: the trainer gave no model or train dataloader; "
                              "pass data=")
-        self.tracker = SubspaceTracker(model, self.loss_fn, data, **self.options)
+        options = dict(self.options)
+        if isinstance(options.get("optimizer"), str) and options["optimizer"] == "trainer":
+            optimizer = kwargs.get("optimizer")
+            if optimizer is None:
+                raise ValueError("SubspaceCallback(optimizer='trainer'): the trainer gave no "
+                                 "optimizer to on_train_begin")
+            options["optimizer"] = getattr(optimizer, "optimizer", optimizer)
+        self.tracker = SubspaceTracker(model, self.loss_fn, data, **options)
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._record(self.tracker.on_step(int(state.global_step)))
