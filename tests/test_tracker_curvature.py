@@ -363,3 +363,46 @@ def test_a_learning_rate_of_zero_gives_no_threshold_but_keeps_measuring():
         assert row["sharpness/ratio"] == pytest.approx(row["preconditioned/eig_1"] / (38 / 0.05),
                                                        rel=1e-12)
     assert math.isnan(rows[1]["preconditioned/update_share"])  # the lr = 0 step did not move
+
+
+# ----------------------------------------------------------------------------- torchrun
+def _distributed_worker(rank: int, world: int, folder) -> list:
+    """Each rank passes its shard; every option on; the same full-batch step on every rank."""
+    from tinysubspace.runtime.distributed import shard_slice
+
+    X, Y = _data()
+    part = shard_slice(N)
+    model = _model()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
+    tracker = ts.SubspaceTracker(model, F.cross_entropy, (X[part], Y[part]), k=K, schedule=1,
+                                 anchors=(), tol=TOL, ggn=True, class_means=True,
+                                 geometry=True, optimizer=optimizer)
+    rows = []
+    for step in range(3):
+        rows.append(tracker.on_step(step))
+        optimizer.zero_grad()
+        F.cross_entropy(model(X), Y).backward()
+        optimizer.step()
+    return rows
+
+
+@pytest.mark.distributed
+@pytest.mark.skipif(not (torch.distributed.is_available()
+                         and torch.distributed.is_gloo_available()),
+                    reason="torch.distributed with gloo is not available")
+def test_under_torchrun_the_options_give_the_single_process_rows(tmp_path):
+    from distributed_workers import launch
+
+    results = launch(_distributed_worker, tmp_path)
+    assert all("ok" in r for r in results), results
+    _, _, single, _, _ = _train("adam", {"ggn": True, "class_means": True, "geometry": True},
+                                steps=3)
+    columns = ["ggn/eig_1", "ggn/eig_4", "overlap/hessian_ggn", "angles/hessian_ggn_2",
+               "overlap/classmeans_hessian", "overlap/classmeans_ggn", "preconditioned/eig_1",
+               "sharpness/ratio", "preconditioned/update_share", "displacement/hessian_1"]
+    for step in (1, 2):
+        first, second = results[0]["ok"][step], results[1]["ok"][step]
+        for column in columns:
+            assert first[column] == second[column], column
+            assert first[column] == pytest.approx(single[step][column], rel=1e-7, abs=1e-9), \
+                column

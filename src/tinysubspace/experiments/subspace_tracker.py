@@ -145,6 +145,8 @@ class SubspaceTracker:
                                                        classification, distributed)
             classes = check_curvature_options(model, loss_fn, *self._probe, ggn=ggn,
                                               class_means=class_means, optimizer=optimizer)
+            if class_means and (tsdist.is_distributed() if distributed is None else distributed):
+                classes = tsdist.broadcast_object(classes)  # C from rank 0 (it holds examples)
         self.curvature = CurvatureColumns(k, tol, ggn=ggn, class_means=class_means,
                                           geometry=geometry, classes=classes,
                                           optimizer=optimizer)

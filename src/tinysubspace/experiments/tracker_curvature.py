@@ -76,6 +76,8 @@ def check_curvature_options(model: torch.nn.Module, loss_fn: Any, outputs: Any, 
             cross-entropy, an optimizer without a threshold or preconditioner, or one that does
             not update every parameter the tracker measures.
     """
+    if outputs is None:  # a rank without examples under torchrun: the others check
+        return None
     if (ggn or class_means) and not isinstance(outputs, torch.Tensor):
         raise ValueError(f"ggn=True and class_means=True need a model that returns a tensor of "
                          f"outputs, got {type(outputs).__name__}")
