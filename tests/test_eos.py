@@ -237,3 +237,44 @@ def test_figure_of_a_run_without_sharpness_is_a_clear_error(tmp_path):
     store.append_metrics({"step": 0, "train/loss": 1.0})
     with pytest.raises(MissingDataError, match="no sharpness/threshold or preconditioned"):
         figure_sharpness(tmp_path / "plain")
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam"])
+def test_figure_reads_a_tracker_run_with_optimizer(tmp_path, name):
+    """``SubspaceTracker(optimizer=...)`` writes ``preconditioned/eig_*`` and
+    ``sharpness/threshold``: the figure draws those numbers (and λ₁(H) beside Adam's)."""
+    from torch.nn import functional as F  # noqa: N812
+
+    from tinysubspace.plots.common import plotted_data
+    from tinysubspace.plots.eos import figure_sharpness
+
+    torch.manual_seed(0)
+    X = torch.randn(40, 3, dtype=torch.float64)
+    Y = (X[:, 0] > 0).long()
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(),
+                                torch.nn.Linear(4, 2)).double()
+    optimizer = (torch.optim.SGD(model.parameters(), lr=0.5) if name == "sgd"
+                 else torch.optim.Adam(model.parameters(), lr=0.02))
+    tracker = ts.SubspaceTracker(model, F.cross_entropy, (X, Y), k=2, schedule=2, anchors=(),
+                                 out=tmp_path / "run", optimizer=optimizer)
+    for step in range(7):
+        tracker.on_step(step)
+        optimizer.zero_grad()
+        F.cross_entropy(model(X), Y).backward()
+        optimizer.step()
+    tracker.close()
+    metrics = load_run(tmp_path / "run").metrics
+    data = plotted_data(figure_sharpness(tmp_path / "run", labels=["x"]))["x"]
+    assert data["prefix"] == ("sharpness" if name == "sgd" else "preconditioned")
+    finite = metrics.dropna(subset=["preconditioned/eig_1"])
+    np.testing.assert_array_equal(data["step"], finite["step"])
+    np.testing.assert_array_equal(data["lambda_1"], finite["preconditioned/eig_1"])
+    assert data["threshold"] == (2 / 0.5 if name == "sgd" else pytest.approx(38 / 0.02))
+    assert ("raw_lambda_1" in data) == (name == "adam")
+    if name == "adam":
+        np.testing.assert_array_equal(data["raw_lambda_1"], metrics["hessian/eig_1"])
+    from tinysubspace.cli.main import main
+
+    assert main(["plot", str(tmp_path / "run"), "--dpi", "40"]) == 0  # drawn by default
+    assert (tmp_path / "run" / "figures" / "sharpness.png").exists()
+    assert not (tmp_path / "run" / "figures" / "outliers.png").exists()  # no ggn= columns

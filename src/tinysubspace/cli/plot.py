@@ -19,6 +19,7 @@ from tinysubspace.plots.blocks import (
     figure_block_sharpness,
 )
 from tinysubspace.plots.common import as_run
+from tinysubspace.plots.eos import figure_sharpness
 from tinysubspace.plots.figures import (
     DEFAULT_FIGURES,
     FIGURES,
@@ -28,12 +29,16 @@ from tinysubspace.plots.figures import (
     figure_filename,
     too_few_measurements,
 )
+from tinysubspace.plots.ggn import figure_outliers
 from tinysubspace.results.store import Run, RunStoreError
 
 # Issue 14's figures of one run: key -> (file stem, function); drawn by default when the run has
 # block data.
 BLOCK_FIGURES = {"blocks": ("block_densities", figure_block_densities),
-                 "block-sharpness": ("block_sharpness", figure_block_sharpness)}
+                 "block-sharpness": ("block_sharpness", figure_block_sharpness),
+                 # issue 15: runs with the tracker's optimizer= / ggn= columns (or the drivers')
+                 "sharpness": ("sharpness", lambda run: figure_sharpness(run)),
+                 "outliers": ("outliers", lambda run: figure_outliers(run))}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,7 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         choices=[*FIGURES, *BLOCK_FIGURES], metavar="N",
                         help="figure of the paper to draw: 1-12, or 'overlap' (Table 1's "
                              "overlap(g, Hg) over training), 'blocks' (block densities), "
-                             "'block-sharpness'; repeatable (default: every figure the run "
+                             "'block-sharpness', 'sharpness' (lambda_max against the "
+                             "optimizer's threshold), 'outliers' (H against the GGN and the "
+                             "class means); repeatable (default: every figure the run "
                              "has data for)")
     parser.add_argument("--heterogeneity", action="store_true",
                         help="draw the block-heterogeneity scores of every RUN side by side")
@@ -114,11 +121,15 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _defaults(run: Run) -> tuple[str, ...]:
-    """The paper's figures, and the block figures where the run has block data."""
-    tracked = any(str(c).startswith("block/") for c in run.metrics.columns)
+    """The paper's figures, and the block, sharpness and outlier figures where the run has
+    their data."""
+    columns = run.metrics.columns
+    tracked = any(str(c).startswith("block/") for c in columns)
     stored = bool(block_steps(run))
     return (*DEFAULT_FIGURES, *(["blocks"] if stored else []),
-            *(["block-sharpness"] if stored or tracked else []))
+            *(["block-sharpness"] if stored or tracked else []),
+            *(["sharpness"] if "sharpness/threshold" in columns else []),
+            *(["outliers"] if "overlap/hessian_ggn" in columns else []))
 
 
 def _heterogeneity(runs: list[Run], args: argparse.Namespace) -> int:

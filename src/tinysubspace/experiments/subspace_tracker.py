@@ -38,13 +38,19 @@ from tinysubspace.experiments.config import TrackerConfig
 from tinysubspace.experiments.loggers import Logger, build_loggers
 from tinysubspace.experiments.schedules import Budget, as_schedule
 from tinysubspace.experiments.tracker import DTYPES, Tracker, block_config, preserved_state
-from tinysubspace.experiments.tracker_curvature import CurvatureColumns, check_curvature_options
+from tinysubspace.experiments.tracker_curvature import (
+    CurvatureColumns,
+    check_curvature_options,
+    operator_factory,
+)
 from tinysubspace.experiments.tracker_data import (
     check_data_device,
     check_mean_loss,
+    check_steps,
     count_examples,
     first_batch,
     is_classification,
+    measurement_dtype,
     measurement_view,
     subset_indices,
     take_subset,
@@ -93,16 +99,11 @@ class SubspaceTracker:
         check_subset: with ``subset``, compare once (at the first measurement) the subset's
             top-k with the full data's: columns ``subset/overlap_top`` (eq. 5) and
             ``subset/eig_1_full``.
-        ggn: also the Gauss–Newton matrix's top ``2k`` eigenvalues (``ggn/eig_i``), eq. 5
-            between its top-k subspace and the Hessian's and their principal angles.
-        class_means: also eq. 5 between the span of the ``C`` class-mean gradients (Papyan)
-            and the top-k subspace (softmax cross-entropy classifiers).
-        geometry: also the principal angles between the top-k subspace now and at the previous
-            measurement, and each top eigenvector's displacement since then.
-        optimizer: the training loop's optimizer (SGD, Adam, AdamW, RMSprop, Adagrad): its
-            stability threshold, the top-k of the preconditioned Hessian ``P^{-1/2} H P^{-1/2}``
-            and the last update's share of it (columns in
-            :mod:`~tinysubspace.experiments.tracker_curvature`).
+        ggn, class_means, geometry, optimizer: columns beyond the Hessian's
+            (:mod:`~tinysubspace.experiments.tracker_curvature`): the GGN's top-2k and its
+            overlap with H's; the class-mean span's overlap; principal angles and displacement
+            since the last measurement; the loop's optimizer's threshold, preconditioned top-k
+            and update share.
         name: the run's name (default: the folder's name).
         classification: whether ``train/accuracy`` is defined (``None``: detected from the
             outputs: ``(n, C)`` scores and integer labels).
@@ -134,8 +135,8 @@ class SubspaceTracker:
         self.model, self.loss_fn, self.seed = model, loss_fn, int(seed)
         self.schedule, self.schedule_spec = as_schedule(schedule), schedule
         self.budget = None if budget is None else Budget(budget)
-        self.anchors = _steps("anchors", anchors)
-        self.save_vectors_at = _steps("save_vectors_at", save_vectors_at)
+        self.anchors = check_steps("anchors", anchors)
+        self.save_vectors_at = check_steps("save_vectors_at", save_vectors_at)
         if mode not in ("eval", "train"):
             raise ValueError(f"mode must be 'eval' or 'train', got {mode!r}")
         if not (isinstance(tol, (int, float)) and tol > 0):
@@ -156,7 +157,7 @@ class SubspaceTracker:
                                hvp_batch_size=batch_size, mode=mode, solver=solver,
                                **block_config(model, blocks, block_options))
         self.engine = Tracker(config, loss_fn, data, test, classification,
-                              distributed=distributed, dtype=_dtype(dtype, model))
+                              distributed=distributed, dtype=measurement_dtype(dtype, model))
         self.is_main = not self.engine.distributed or tsdist.is_main()
         self.columns = [*self.engine.columns(model), "cost/overhead"]
         if self.check_subset:
@@ -223,12 +224,9 @@ class SubspaceTracker:
                    **options)
 
     def track_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
-        """Add the ``optimizer=`` columns to a tracker built before its optimizer (the CLI's
-        projected optimizers need the tracker first). Call it before the first measurement.
-
-        Raises:
-            ValueError: as ``optimizer=`` in the constructor, or after a measurement.
-        """
+        """``optimizer=`` for a tracker built before its optimizer (the CLI's projected
+        optimizers need the tracker first), once, before the first measurement (else
+        ``ValueError``)."""
         if self.last_step is not None or self.curvature.optimizer is not None:
             raise ValueError("track_optimizer must be called once, before the first measurement")
         check_curvature_options(self.model, self.loss_fn, *self._probe, ggn=False,
@@ -362,11 +360,7 @@ class SubspaceTracker:
                    else self.budget.fraction, "seed": self.seed, "subset": self.subset,
                    "check_subset": self.check_subset}
         if self.curvature.active:
-            opt = self.curvature.optimizer
-            tracker["curvature"] = {"ggn": self.curvature.ggn,
-                                    "class_means": self.curvature.class_means,
-                                    "geometry": self.curvature.geometry,
-                                    "optimizer": None if opt is None else type(opt).__name__}
+            tracker["curvature"] = self.curvature.settings()
         for key in ("dense_until", "dense_every", "sparse_every", "extra_steps",
                     "minibatch_every", "spectrum", "spectrum_probes", "spectrum_steps"):
             tracker.pop(key)
@@ -398,15 +392,8 @@ class SubspaceTracker:
         atomic_write_bytes(self.out / STATE_FILE, buffer.getvalue())
 
     def _curvature(self, eig: Any, previous: torch.Tensor | None, step: int) -> dict[str, float]:
-        """The optional columns (:mod:`~tinysubspace.experiments.tracker_curvature`) at the
-        model's current parameters, on the measured data with the tracker's settings."""
-        engine = self.engine
-        settings = {"dtype": engine.dtype, "mode": engine.config.mode, "distributed":
-                    engine.distributed, "batch_size": engine.config.hvp_batch_size}
-
-        def make(kind: type) -> Any:
-            return kind(self.model, self.loss_fn, self.train, **settings)
-
+        """The optional columns at the model's parameters, on the measured data."""
+        make = operator_factory(self.model, self.loss_fn, self.train, self.engine)
         with preserved_state(self.model):
             return self.curvature.measure(self.model, make, eig.vectors, eig.values, previous,
                                           step, self.seed + step)
@@ -423,22 +410,3 @@ class SubspaceTracker:
             "subset/eig_1_full": float(full.values[0])}
         return dict(self.subset_report)
 
-
-def _steps(what: str, steps: Sequence[int]) -> frozenset[int]:
-    steps = list(steps)
-    if any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in steps):
-        raise ValueError(f"{what} must be steps >= 0, got {steps}")
-    return frozenset(steps)
-
-
-def _dtype(dtype: torch.dtype | str | None, model: torch.nn.Module) -> torch.dtype:
-    if dtype is None:
-        return next(model.parameters()).dtype
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)} or a torch.dtype, got "
-                             f"{dtype!r}")
-        return DTYPES[dtype]
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ValueError(f"dtype must be a floating torch.dtype, got {dtype!r}")
-    return dtype

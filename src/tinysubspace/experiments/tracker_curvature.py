@@ -61,7 +61,21 @@ from tinysubspace.metrics import (
 )
 from tinysubspace.optim.stability import sharpness, sharpness_threshold
 
-__all__ = ["CurvatureColumns", "check_curvature_options"]
+__all__ = ["CurvatureColumns", "check_curvature_options", "operator_factory"]
+
+
+def operator_factory(model: torch.nn.Module, loss_fn: Any, data: Any,
+                     engine: Any) -> Callable[[type], Any]:
+    """``make(kind)``: an operator of class ``kind`` (``HessianOperator``, ``GGNOperator``) of
+    ``model`` on ``data`` with the settings of the tracker's ``engine`` (dtype, mode, chunk
+    size, distributed)."""
+    settings = {"dtype": engine.dtype, "mode": engine.config.mode,
+                "distributed": engine.distributed, "batch_size": engine.config.hvp_batch_size}
+
+    def make(kind: type) -> Any:
+        return kind(model, loss_fn, data, **settings)
+
+    return make
 
 
 def check_curvature_options(model: torch.nn.Module, loss_fn: Any, outputs: Any, targets: Any,
@@ -144,6 +158,12 @@ class CurvatureColumns:
         """Track ``optimizer`` (checked by :func:`check_curvature_options`)."""
         self.optimizer = optimizer
         self.adaptive = optimizer is not None and type(optimizer).__name__ != "SGD"
+
+    def settings(self) -> dict[str, Any]:
+        """What is measured, for the run's ``config.json`` (``tracker.curvature``)."""
+        opt = self.optimizer
+        return {"ggn": self.ggn, "class_means": self.class_means, "geometry": self.geometry,
+                "optimizer": None if opt is None else type(opt).__name__}
 
     @property
     def active(self) -> bool:

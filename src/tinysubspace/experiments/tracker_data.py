@@ -11,7 +11,7 @@ indices ``sort(randperm(N, seed)[:n])`` of the ``N`` examples in data order.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -20,10 +20,11 @@ from torch.utils.data import DataLoader, IterableDataset, Subset
 
 from tinysubspace.curvature.data import Batch, BatchSource, call_model
 from tinysubspace.curvature.hessian import module_mode
-from tinysubspace.experiments.tracker import output_logits, preserved_state
+from tinysubspace.experiments.tracker import DTYPES, output_logits, preserved_state
 
-__all__ = ["check_data_device", "check_mean_loss", "count_examples", "is_classification",
-           "measurement_view", "subset_indices", "take_subset"]
+__all__ = ["check_data_device", "check_mean_loss", "check_steps", "count_examples",
+           "is_classification", "measurement_dtype", "measurement_view", "subset_indices",
+           "take_subset"]
 
 
 def measurement_view(data: Any) -> Any:
@@ -220,3 +221,26 @@ def is_classification(outputs: Any, targets: Any) -> bool:
     return (isinstance(targets, torch.Tensor) and logits.ndim == 2 and logits.shape[1] >= 2
             and targets.ndim == 1 and not targets.is_floating_point()
             and targets.shape[0] == logits.shape[0])
+
+
+def check_steps(what: str, steps: Sequence[int]) -> frozenset[int]:
+    """``steps`` as a set, checked to be integers >= 0 (``ValueError`` naming ``what``)."""
+    steps = list(steps)
+    if any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in steps):
+        raise ValueError(f"{what} must be steps >= 0, got {steps}")
+    return frozenset(steps)
+
+
+def measurement_dtype(dtype: torch.dtype | str | None, model: torch.nn.Module) -> torch.dtype:
+    """The measurement dtype: ``dtype`` (a ``torch.dtype`` or a name in ``DTYPES``), or the
+    parameters' dtype for ``None``; ``ValueError`` for anything else."""
+    if dtype is None:
+        return next(model.parameters()).dtype
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)} or a torch.dtype, got "
+                             f"{dtype!r}")
+        return DTYPES[dtype]
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+    return dtype

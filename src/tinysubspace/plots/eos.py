@@ -2,7 +2,10 @@
 
 Reads what :mod:`tinysubspace.experiments.edge_of_stability` writes: ``sharpness/*`` (the
 Hessian) and, for adaptive optimizers, ``preconditioned/*`` (``P^{-1/2} H P^{-1/2}``) columns of
-``metrics.csv``. Never trains or computes a Hessian.
+``metrics.csv``; or what a tracker with ``optimizer=`` (``tracker.sharpness``) writes:
+``sharpness/threshold`` with ``preconditioned/eig_*`` (``H``'s own values for SGD) and
+``hessian/eig_*`` (:mod:`tinysubspace.experiments.tracker_curvature`). Never trains or computes
+a Hessian.
 """
 
 from __future__ import annotations
@@ -26,6 +29,10 @@ def sharpness_prefix(run: Run) -> str:
     Raises:
         MissingDataError: the run has neither kind of column.
     """
+    if _is_tracker_run(run):
+        values = run.metrics[["preconditioned/eig_1", "hessian/eig_1"]].to_numpy(float)
+        same = np.isnan(values[:, 0]) | (values[:, 0] == values[:, 1])
+        return "sharpness" if same.all() else "preconditioned"
     for prefix in ("preconditioned", "sharpness"):
         column = f"{prefix}/threshold"
         if column in run.metrics and np.isfinite(run.metrics[column].to_numpy(float)).any():
@@ -77,16 +84,34 @@ def figure_sharpness(runs: Sequence[RunLike] | RunLike, labels: Sequence[str] | 
     return finish(figure, data)
 
 
+def _is_tracker_run(run: Run) -> bool:
+    """A tracker run with ``optimizer=``: thresholds but no driver ``…/lambda_1`` columns."""
+    columns = run.metrics.columns
+    return ("sharpness/ratio" in columns and "preconditioned/eig_1" in columns
+            and "sharpness/lambda_1" not in columns
+            and np.isfinite(run.metrics["sharpness/threshold"].to_numpy(float)).any())
+
+
+def _columns(run: Run, prefix: str) -> dict[str, str]:
+    """Where λ₁, λ₂, the threshold and the raw λ₁(H) are stored in ``run``."""
+    if _is_tracker_run(run):
+        return {"lambda_1": "preconditioned/eig_1", "lambda_2": "preconditioned/eig_2",
+                "threshold": "sharpness/threshold", "raw": "hessian/eig_1"}
+    return {"lambda_1": f"{prefix}/lambda_1", "lambda_2": f"{prefix}/lambda_2",
+            "threshold": f"{prefix}/threshold", "raw": "sharpness/lambda_1"}
+
+
 def _curves(run: Run) -> dict[str, Any]:
     prefix = sharpness_prefix(run)
-    step, lam1 = series(run, f"{prefix}/lambda_1")
-    step2, lam2 = (series(run, f"{prefix}/lambda_2") if f"{prefix}/lambda_2" in run.metrics
+    names = _columns(run, prefix)
+    step, lam1 = series(run, names["lambda_1"])
+    step2, lam2 = (series(run, names["lambda_2"]) if names["lambda_2"] in run.metrics
                    else (np.empty(0), np.empty(0)))
-    _, threshold = series(run, f"{prefix}/threshold")
+    _, threshold = series(run, names["threshold"])
     loss_step, loss = series(run, "train/loss")
     curves: dict[str, Any] = {"prefix": prefix, "step": step, "lambda_1": lam1, "step2": step2,
                               "lambda_2": lam2, "threshold": float(threshold[-1]),
                               "loss_step": loss_step, "loss": loss}
     if prefix == "preconditioned":
-        curves["raw_step"], curves["raw_lambda_1"] = series(run, "sharpness/lambda_1")
+        curves["raw_step"], curves["raw_lambda_1"] = series(run, names["raw"])
     return curves
