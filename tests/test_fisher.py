@@ -147,3 +147,43 @@ def test_categorical_outputs_must_be_a_matrix():
     op = ts.FisherOperator(model, nn.CrossEntropyLoss(), (X, Y), kind="true")
     with pytest.raises(ValueError, match=r"outputs of shape \(batch, classes\), got shape"):
         op @ torch.ones(op.shape[0])
+
+
+# ----------------------------------------------------------------------------- torchrun
+BOUNDS = (0, 7, 23)  # rank 0 holds 7 examples, rank 1 16 (of 23): uneven shards
+
+
+def _fisher_worker(rank: int, world: int, folder) -> dict:
+    problem = Case("mlp_layernorm", "ce", "tuple").build()
+    part = slice(BOUNDS[rank], BOUNDS[rank + 1])
+    data = (problem.inputs[part], problem.targets[part])
+    out = {}
+    for kind in ("empirical", "true", "mc"):
+        op = ts.FisherOperator(problem.model, problem.loss_fn, data, kind=kind, dtype=F64,
+                               batch_size=4, mc_samples=3, seed=5)
+        out[kind] = (op.distributed, op.num_examples, _dense(op))
+    return out
+
+
+@pytest.mark.distributed
+@pytest.mark.skipif(not (torch.distributed.is_available()
+                         and torch.distributed.is_gloo_available()), reason="needs gloo")
+def test_distributed_fisher_equals_the_single_process_one(tmp_path):
+    """Empirical and true Fisher of two uneven shards equal the whole set's references; the MC
+    Fisher (targets drawn per rank and batch) is the same matrix on both ranks and PSD."""
+    from distributed_workers import launch
+
+    results = launch(_fisher_worker, tmp_path, timeout_s=10)
+    problem = Case("mlp_layernorm", "ce", "tuple").build()
+    f = _flat(problem)
+    grads = per_example_gradients(f)
+    expected = {"empirical": grads.T @ grads / len(grads), "true": reference_ggn(f, "ce")}
+    for result in results:
+        assert "ok" in result, result.get("error")
+        for kind, reference in expected.items():
+            dist, n, dense = result["ok"][kind]
+            assert dist and n == 23
+            assert relative_error(dense, reference) < TOL, kind
+        mc = result["ok"]["mc"][2]
+        assert float(torch.linalg.eigvalsh((mc + mc.T) / 2).min()) > -1e-12
+    assert torch.equal(results[0]["ok"]["mc"][2], results[1]["ok"]["mc"][2])
