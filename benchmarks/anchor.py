@@ -17,6 +17,11 @@ and the retained graph's size; with ``--tracking COUNT``, the tracker's work per
 (``g``, ``H·g``, warm :func:`~tinysubspace.linalg.warm_start.track_eigenpairs`) with kept and
 with rebuilt graphs, against a cold anchor solve at the same tolerance, along SGD.
 
+``tol_scale``: ``top_eigenpairs`` is calibrated with both criteria, ``"top"`` (``‖r_i‖ ≤
+tol·|θ_1|``, the default) and ``"pair"`` (``‖r_i‖ ≤ tol·|θ_i|``, ARPACK's), so the tolerances
+that reach the same accuracy can be compared with eigsh's directly; ``--track-tol-scale`` sets
+the tracker rows' criterion.
+
 Run: ``OMP_NUM_THREADS=1 python benchmarks/anchor.py [--problem fashion digits] [--quick]``.
 """
 
@@ -42,6 +47,7 @@ from common import (
 )
 from tinysubspace import HessianOperator, top_eigenpairs
 from tinysubspace.curvature.hvp import DEFAULT_GRAPH_MEMORY
+from tinysubspace.linalg.deflation import CHECK_STEPS
 from tinysubspace.linalg.warm_start import track_eigenpairs
 from tracking import trajectory
 
@@ -91,12 +97,26 @@ def anchor_solve(problem: Problem, k: int, tol: float, dtype: torch.dtype) -> tu
     return np.sort(vals)[::-1].copy(), hv.matvecs
 
 
-def ours_solve(problem: Problem, k: int, tol: float, dtype: torch.dtype) -> tuple:
+def ours_solve(problem: Problem, k: int, tol: float, dtype: torch.dtype,
+               tol_scale: str = "top", check_steps: int = CHECK_STEPS) -> tuple:
     """Cold: a fresh operator (its graph kept from the first product), ``top_eigenpairs``."""
     op = HessianOperator(problem.model, problem.loss_fn, (problem.X, problem.Y), dtype=dtype)
     with threadpool_limits(1, user_api="blas"):
-        result = top_eigenpairs(op, k, tol=tol, seed=0)
+        result = top_eigenpairs(op, k, tol=tol, seed=0, tol_scale=tol_scale,
+                                check_steps=check_steps)
     return result.values.double().numpy(), op.matvecs
+
+
+def ours_pair_solve(problem: Problem, k: int, tol: float, dtype: torch.dtype) -> tuple:
+    """As :func:`ours_solve` with ARPACK's criterion ``‖r_i‖ ≤ tol·|θ_i|``
+    (``tol_scale="pair"``): the same tolerance means the same test as eigsh's."""
+    return ours_solve(problem, k, tol, dtype, tol_scale="pair")
+
+
+def ours_unchecked_solve(problem: Problem, k: int, tol: float, dtype: torch.dtype) -> tuple:
+    """As :func:`ours_solve` without the multiplicity check (``check_steps=0``): what ARPACK
+    does, with no guarantee for a repeated eigenvalue; shows what the check costs."""
+    return ours_solve(problem, k, tol, dtype, check_steps=0)
 
 
 def ours_eigsh_solve(problem: Problem, k: int, tol: float, dtype: torch.dtype) -> tuple:
@@ -111,6 +131,8 @@ def ours_eigsh_solve(problem: Problem, k: int, tol: float, dtype: torch.dtype) -
 SOLVERS: dict[str, Callable[..., tuple]] = {
     "anchor: eigsh on PyHessian-style H·v": anchor_solve,
     "ts.top_eigenpairs on HessianOperator (kept graph)": ours_solve,
+    "ts.top_eigenpairs, tol_scale='pair' (ARPACK's test)": ours_pair_solve,
+    "ts.top_eigenpairs, check_steps=0 (no multiplicity check, as ARPACK)": ours_unchecked_solve,
     "eigsh on HessianOperator.to_scipy() (kept graph)": ours_eigsh_solve,
 }
 
@@ -168,18 +190,18 @@ def hvp_costs(problem: Problem, dtype: torch.dtype, repeat: int, block: int = 10
 
 
 def _measurement(problem: Problem, k: int, tol: float, dtype: torch.dtype, previous,
-                 graph_memory: float | int, seed: int):
+                 graph_memory: float | int, seed: int, tol_scale: str = "top"):
     """The tracker's work at one measurement: ``g``, ``H·g`` and the warm-started solve."""
     op = HessianOperator(problem.model, problem.loss_fn, (problem.X, problem.Y), dtype=dtype,
                          graph_memory=graph_memory)
     _, g = op.loss_and_gradient()
     op @ g
     with threadpool_limits(1, user_api="blas"):
-        return track_eigenpairs(op, k, previous, tol=tol, seed=seed)
+        return track_eigenpairs(op, k, previous, tol=tol, seed=seed, tol_scale=tol_scale)
 
 
 def tracking_rows(make: Callable[[], Problem], k: int, tol: float, dtype: torch.dtype,
-                  start: int, every: int, count: int) -> list:
+                  start: int, every: int, count: int, tol_scale: str = "top") -> list:
     """Per measurement along SGD: a cold anchor solve (eigsh at ``tol``) against the tracker's
     work (g, H·g, warm ``track_eigenpairs`` at ``tol``) with kept and with rebuilt graphs."""
     problem = make()
@@ -194,10 +216,11 @@ def tracking_rows(make: Callable[[], Problem], k: int, tol: float, dtype: torch.
         seconds["anchor"] = time.perf_counter() - t
         for name, memory in (("kept", DEFAULT_GRAPH_MEMORY), ("rebuilt", 0)):
             t = time.perf_counter()
-            previous[name] = _measurement(problem, k, tol, dtype, previous[name], memory, index)
+            previous[name] = _measurement(problem, k, tol, dtype, previous[name], memory, index,
+                                          tol_scale)
             seconds[name] = time.perf_counter() - t
-        rows.append([problem.name, index, k, f"{tol:g}", seconds["anchor"], seconds["kept"],
-                     seconds["rebuilt"], seconds["kept"] / seconds["anchor"],
+        rows.append([problem.name, index, k, f"{tol:g} {tol_scale}", seconds["anchor"],
+                     seconds["kept"], seconds["rebuilt"], seconds["kept"] / seconds["anchor"],
                      seconds["rebuilt"] / seconds["anchor"], anchor_products,
                      previous["kept"].matvecs,
                      f"{os.getloadavg()[0]:.1f}"])
@@ -221,6 +244,7 @@ def main() -> None:
                         help="also COUNT tracker measurements (g, H·g, warm solve) per problem")
     parser.add_argument("--track-k", type=int, default=20)
     parser.add_argument("--track-tol", type=float, default=1e-4)
+    parser.add_argument("--track-tol-scale", default="top", choices=["top", "pair"])
     parser.add_argument("--every", type=int, default=10, help="SGD steps between measurements")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
@@ -252,7 +276,7 @@ def main() -> None:
         if args.tracking:
             make = (lambda: fashion_problem(args.n)) if name == "fashion" else digits_problem
             tracks += tracking_rows(make, args.track_k, args.track_tol, dtype, args.steps,
-                                    args.every, args.tracking)
+                                    args.every, args.tracking, args.track_tol_scale)
     header = ["problem", "dtype", "grad ms", "anchor H·v ms", "anchor / grad", "kept H·v ms",
               "kept / grad", "kept block per vector / grad", "rebuilt H·v ms", "rebuilt / grad",
               "graph MiB", "budget GiB"]
