@@ -95,6 +95,38 @@ def test_out_in_a_read_only_folder_is_refused(tmp_path, capsys):
     assert "cannot write in" in _one_line_error(capsys)
 
 
+def _immutable(path) -> bool:
+    """Set the immutable attribute on ``path`` (``chattr +i``: binds root too); ``False``
+    where that is not possible (not root, no chattr, a file system without it)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("chattr") is None:
+        return False
+    return subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode == 0
+
+
+def test_out_in_an_immutable_folder_is_refused(tmp_path, capsys):
+    """A real immutable folder (no monkeypatching), as the parent of ``--out`` and as ``--out``
+    itself: refused before anything is loaded, nothing created."""
+    import subprocess
+
+    parent, existing = tmp_path / "parent", tmp_path / "existing"
+    parent.mkdir()
+    existing.mkdir()
+    if not (_immutable(parent) and _immutable(existing)):
+        subprocess.run(["chattr", "-i", str(parent), str(existing)], capture_output=True)
+        pytest.skip("cannot set the immutable attribute here (needs root and chattr)")
+    try:
+        assert _run(parent / "run") == 2
+        assert f"--out {parent / 'run'}: cannot write in {parent}" in _one_line_error(capsys)
+        assert _run(existing) == 2
+        assert f"cannot write in {existing}" in _one_line_error(capsys)
+        assert not any(parent.iterdir()) and not any(existing.iterdir())
+    finally:
+        subprocess.run(["chattr", "-i", str(parent), str(existing)], check=True)
+
+
 def test_a_failed_creation_leaves_no_half_made_folder(tmp_path, monkeypatch, capsys):
     def no_room(path, payload):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
