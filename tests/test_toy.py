@@ -202,6 +202,29 @@ def test_top_eigenpairs_find_the_exactly_degenerate_top_pair():
     assert ts.subspace_overlap(eig.vectors[:, :2], top) == pytest.approx(1.0, abs=1e-12)
 
 
+@pytest.mark.parametrize("d, n", [(8, 2), (20, 200)])
+def test_default_solver_finds_the_degenerate_top_pair_and_f_top_is_one(d, n):
+    """Issue 12 item 1 on the paper's own toy model (λ_1 = λ_2 = 1/4 at θ = 0, eqs. 9 and 19):
+    the default solve (single start vector) returns both copies, ``converged`` and
+    ``multiplicity_checked``, and f_top = 1 as with the dense eigenvectors. Without the
+    multiplicity check (``check_steps=0``, the solver before issue 12) it returned
+    ``[1/4, 0]`` with ``converged=True`` and a wrong f_top."""
+    data = toy.make_toy_data(k=2, d=d, n=n, sigma=0.0, orthogonal=True)
+    theta = torch.zeros(2 * d, dtype=F64)
+    op = toy.SoftmaxHessian(theta, data)
+    g = toy.softmax_gradient(theta, data)
+    dense_values, dense_vectors = torch.linalg.eigh(toy.softmax_hessian(theta, data))
+    assert ts.top_fraction(g, dense_vectors[:, -2:]) == pytest.approx(1.0, abs=1e-12)
+    eig = ts.top_eigenpairs(op, k=2, tol=1e-10)
+    assert eig.converged and eig.multiplicity_checked
+    assert torch.allclose(eig.values, dense_values.flip(0)[:2], rtol=0, atol=1e-12)
+    assert ts.subspace_overlap(eig.vectors, dense_vectors[:, -2:]) == pytest.approx(1.0, abs=1e-10)
+    assert ts.top_fraction(g, eig.vectors) == pytest.approx(1.0, abs=1e-10)
+    blind = ts.top_eigenpairs(op, k=2, tol=1e-10, check_steps=0)
+    assert blind.converged and float(blind.values[1]) < 0.1  # the old silent miss
+    assert ts.top_fraction(g, blind.vectors) < 0.9
+
+
 # ------------------------------------------------------ the closed form, eqs. 14–19
 @pytest.fixture(scope="module")
 def solution():
