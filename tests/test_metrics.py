@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import tinysubspace as ts
+from tinysubspace.metrics import orthonormality_error
 
 pytestmark = pytest.mark.usefixtures("global_rng_untouched")
 
@@ -161,6 +162,21 @@ def test_non_orthonormal_basis_is_named():
     with pytest.raises(ValueError, match="the columns of V1 must be orthonormal"):
         ts.subspace_overlap(skewed, cols(e(0)))
     assert ts.top_fraction(g, 1.01 * cols(e(0)), atol=0.05) > 0  # a looser atol accepts it
+
+
+def test_long_float32_bases_are_checked_in_float64():
+    """A float32 basis of long columns (a 1.2M-parameter ConvNet's eigenvectors) is orthonormal
+    to rounding, but its Gram matrix accumulated in float32 is off by 1e-2: the check must not
+    refuse it (issue 14: the tracker failed at step 0 on blocks-convnet-fashion)."""
+    p = 2_000_000
+    V64 = torch.ones(p, 2, dtype=F64) / math.sqrt(p)
+    V64[1::2, 1] *= -1
+    V = V64.float()
+    assert float((V.T @ V - torch.eye(2)).abs().max()) > 1e-3  # float32 accumulation
+    assert orthonormality_error(V) < 1e-9
+    g = torch.linspace(-1, 2, p, dtype=F64)
+    assert ts.top_fraction(g.float(), V) == pytest.approx(ts.top_fraction(g, V64), rel=1e-2)
+    assert ts.subspace_overlap(V, V64) == pytest.approx(1.0, rel=1e-6)  # computed in float64
 
 
 def test_zero_vectors():
