@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import tinysubspace as ts
-from tinysubspace.metrics import orthonormality_error
+from tinysubspace.metrics import default_basis_atol, orthonormality_error
 
 pytestmark = pytest.mark.usefixtures("global_rng_untouched")
 
@@ -177,6 +177,25 @@ def test_long_float32_bases_are_checked_in_float64():
     g = torch.linspace(-1, 2, p, dtype=F64)
     assert ts.top_fraction(g.float(), V) == pytest.approx(ts.top_fraction(g, V64), rel=1e-2)
     assert ts.subspace_overlap(V, V64) == pytest.approx(1.0, rel=1e-6)  # computed in float64
+
+
+def test_default_tolerance_grows_with_the_length_of_float32_columns():
+    """float32 eigenvectors of p = 1.2M parameters are orthonormal to ~1e-4 (rounding in their
+    orthogonalisation); the default check accepts 5e-4 there and still refuses 5e-3."""
+    p = 1_200_000
+    V64 = torch.zeros(p, 2, dtype=F64)
+    V64[0, 0] = V64[1, 1] = 1.0
+    for skew, accepted in ((5e-4, True), (5e-3, False)):
+        V = V64.clone()
+        V[0, 1] = skew  # <v1, v2> = skew
+        V = V.float()
+        assert default_basis_atol(V) == pytest.approx(10 * math.sqrt(p) * 2.0**-23)
+        if accepted:
+            assert ts.subspace_overlap(V, V) == pytest.approx(1.0, abs=1e-3)
+        else:
+            with pytest.raises(ValueError, match="the columns of V1 must be orthonormal"):
+                ts.subspace_overlap(V, V)
+    assert default_basis_atol(V64[:10]) == 1e-6  # short float64 columns: unchanged
 
 
 def test_zero_vectors():

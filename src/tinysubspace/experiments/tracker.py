@@ -177,10 +177,10 @@ class Tracker:
         row: dict[str, float] = {}
         now = V.detach().float().cpu()
         for t1, W in sorted(self.state.anchors.items()):
-            row[f"overlap/top/t1={t1}"] = subspace_overlap(W[:, :k], now[:, :k], atol=1e-4)
-            row[f"overlap/next/t1={t1}"] = subspace_overlap(W[:, k:], now[:, k:], atol=1e-4)
+            row[f"overlap/top/t1={t1}"] = subspace_overlap(W[:, :k], now[:, :k])
+            row[f"overlap/next/t1={t1}"] = subspace_overlap(W[:, k:], now[:, k:])
             for d in range(2, 2 * k + 1):
-                row[f"overlap/d={d}/t1={t1}"] = subspace_overlap(W[:, :d], now[:, :d], atol=1e-4)
+                row[f"overlap/d={d}/t1={t1}"] = subspace_overlap(W[:, :d], now[:, :d])
         return row
 
     def _block_metrics(self, model: torch.nn.Module, seed: int) -> dict[str, float]:
