@@ -28,6 +28,7 @@ from tinysubspace.results.store import load_run
 from tinysubspace.results.table1 import (
     FULL_OVERLAP_COLUMNS,
     TABLE1_ROWS,
+    full_data_steps,
     full_overlap_table,
     measured_functions,
     run_overlap,
@@ -243,6 +244,28 @@ def test_table1_on_synthetic_runs_equals_hand_computation(tmp_path):
     back = pd.read_csv(io.StringIO(table1_csv(table1([a, b, c], last_n=3))))
     assert back.shape == (9, 15) and back["full"].iloc[0] == pytest.approx(0.95)
     assert back["data"].iloc[0] == "digits" and back["data"].isna().sum() == 7  # 7 rows: no run
+
+
+def test_a_thinned_full_data_column_says_how_often_it_was_measured(tmp_path):
+    """tracker.overlap_every = 5: 200 of the last 1,000 steps; the table, the end-of-run line and
+    the report's key numbers say "every 5 steps", not "every step"."""
+    from tinysubspace.results.key_numbers import key_numbers
+    from tinysubspace.results.summary import table1_line
+
+    run = _run(tmp_path, "thin", "softmax-mnist", minibatch=[0.5] * 10)
+    steps = np.arange(4, 1000, 5)
+    pd.DataFrame({"step": steps, "full/overlap_g_Hg": 0.9}).to_csv(run.path / "full_overlap.csv",
+                                                                    index=False)
+    ours = run_overlap(run, 1000)
+    assert (ours.full.count, ours.full.first_step, ours.full.last_step) == (200, 4, 999)
+    assert full_data_steps(ours) == "every 5 steps"
+    assert table1([run]).set_index("row").loc["softmax-mnist", "full_source"] == "every 5 steps"
+    assert "full data 0.900 (every 5 steps)" in table1_line(run)
+    assert any("(every 5 steps)" in line.quantity for line in key_numbers(run))
+    dense = _run(tmp_path, "dense", "softmax-mnist", every=[0.9, 0.8, 0.7])
+    assert full_data_steps(run_overlap(dense, 1000)) == "every step"
+    sparse = _run(tmp_path, "sparse", "softmax-mnist", full=[0.1, 0.5, 0.6])
+    assert full_data_steps(run_overlap(sparse, 1000)) == "3 measurements"
 
 
 def test_table1_says_which_data_set_filled_each_row(tmp_path):

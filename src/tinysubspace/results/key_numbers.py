@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from tinysubspace.results.store import Run
-from tinysubspace.results.table1 import TABLE1_ROWS, run_overlap, table1_row_id
+from tinysubspace.results.table1 import TABLE1_ROWS, full_data_steps, run_overlap, table1_row_id
 
 __all__ = ["KeyNumber", "eq4_overlap", "key_numbers"]
 
@@ -70,8 +70,7 @@ def _overlap_numbers(run: Run, last_n: int) -> list[KeyNumber]:
     full = ours.full.value if ours.full else math.nan
     minibatch = ours.minibatch.value if ours.minibatch else math.nan
     test = ours.test.value if ours.test else math.nan
-    how = "every step" if ours.every_step else f"{ours.full.count if ours.full else 0} " \
-        "measurements"
+    how = full_data_steps(ours)
     return [
         KeyNumber(f"mean overlap(g, Hg), full training set, last {last_n} steps ({how})", full,
                   f"{row.paper:.2f}" if row else "— (not a Table 1 row)", "Table 1"),

@@ -6,7 +6,13 @@ from __future__ import annotations
 import math
 
 from tinysubspace.results.store import Run
-from tinysubspace.results.table1 import FULL_OVERLAP_FILE, TABLE1_ROWS, run_overlap, table1_row_id
+from tinysubspace.results.table1 import (
+    FULL_OVERLAP_FILE,
+    TABLE1_ROWS,
+    full_data_steps,
+    run_overlap,
+    table1_row_id,
+)
 
 __all__ = ["summary_table", "table1_line"]
 
@@ -61,7 +67,7 @@ def table1_line(run: Run, last_n: int = 1000) -> str | None:
     ours = run_overlap(run, last_n)
     parts = [f"{name} {'-' if mean is None else f'{mean.value:.3f}'}" for name, mean in
              (("full data", ours.full), ("mini-batch", ours.minibatch), ("test", ours.test))]
-    parts[0] += " (every step)" if ours.every_step else " (measurements only)"
+    parts[0] += f" ({full_data_steps(ours)})" if ours.every_step else " (measurements only)"
     row = next((r for r in TABLE1_ROWS if r.row_id == table1_row_id(run)), None)
     paper = f"; paper {row.paper:.2f} ({row.row_id})" if row else ""
     return f"Table 1 (mean over the last {last_n} steps): {', '.join(parts)}{paper}"

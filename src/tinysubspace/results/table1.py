@@ -46,6 +46,7 @@ __all__ = [
     "RunOverlap",
     "Table1Row",
     "WindowMean",
+    "full_data_steps",
     "full_overlap_table",
     "measured_functions",
     "run_data",
@@ -252,16 +253,26 @@ def _value(mean: WindowMean | None) -> float:
     return math.nan if mean is None else mean.value
 
 
+def full_data_steps(overlap: RunOverlap) -> str:
+    """How the full-data column was sampled: ``every step`` or ``every N steps`` (from
+    ``full_overlap.csv``; ``tracker.overlap_every = N``), ``M measurements`` (the tracker's, in
+    metrics.csv) or ``not measured``.
+
+    >>> w = WindowMean(0.9, 4, 999, 200, "full_overlap.csv:full/overlap_g_Hg")
+    >>> full_data_steps(RunOverlap("r", None, w, None, None, True, {}))
+    'every 5 steps'
+    """
+    full = overlap.full
+    if full is None:
+        return "not measured"
+    if not overlap.every_step:
+        return f"{full.count} measurements"
+    stride = round((full.last_step - full.first_step) / (full.count - 1)) if full.count > 1 else 1
+    return "every step" if stride <= 1 else f"every {stride} steps"
+
+
 def _full_source(results: list[RunOverlap]) -> str:
-    kinds = []
-    for r in results:
-        if r.full is None:
-            kinds.append("not measured")
-        elif r.every_step:
-            kinds.append("every step")
-        else:
-            kinds.append(f"{r.full.count} measurements")
-    return ", ".join(dict.fromkeys(kinds))
+    return ", ".join(dict.fromkeys(full_data_steps(r) for r in results))
 
 
 def _steps(r: RunOverlap) -> str:
@@ -277,7 +288,7 @@ def table1(runs: Iterable[Run], last_n: int = 1000) -> pd.DataFrame:
     Columns: ``row``, ``dataset``, ``model``, ``comment``, ``paper``; ``full`` (the paper's
     column: mean over runs of each run's full-data window mean), ``full_std`` (over runs; NaN
     for one run), ``minibatch``, ``minibatch_std``, ``test``, ``runs``, ``full_source``
-    (``every step`` or ``N measurements``), ``same_function`` (``yes``: no dropout or batch
+    (:func:`full_data_steps`), ``same_function`` (``yes``: no dropout or batch
     norm, so the mini-batch column measures the same function; ``no``), ``steps`` (the windows
     averaged, per run), ``data`` (the data sets the runs trained on, e.g. ``digits`` for an
     MNIST row filled by ``…-digits`` runs; more than one name: the row averages different data
