@@ -35,6 +35,7 @@ __all__ = [
     "NUM_CLASSES",
     "NUM_EXAMPLES",
     "Case",
+    "CountingData",
     "Problem",
     "build_model",
     "make_inputs",
@@ -110,6 +111,17 @@ def make_inputs(model_name: str, loss_name: str, seed: int,
     else:
         Y = torch.randn(num_examples, NUM_CLASSES, generator=generator)
     return X, Y
+
+
+class CountingData:
+    """A re-iterable list of batches that counts the passes made over it."""
+
+    def __init__(self, batches: list) -> None:
+        self.batches, self.passes = batches, 0
+
+    def __iter__(self):
+        self.passes += 1
+        return iter(self.batches)
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 import tinysubspace as ts
-from cases import CASES, Case
+from cases import CASES, Case, CountingData
 from distributed_workers import launch
 from reference import FlatLoss, reference_hessian, relative_error
 from reference_outputs import (
@@ -41,17 +41,6 @@ def _flat(problem, train: bool = False) -> FlatLoss:
 
 def _dense(op) -> torch.Tensor:
     return op @ torch.eye(op.shape[0], dtype=F64)
-
-
-class CountingData:
-    """A re-iterable list of batches that counts the passes made over it."""
-
-    def __init__(self, batches: list) -> None:
-        self.batches, self.passes = batches, 0
-
-    def __iter__(self):
-        self.passes += 1
-        return iter(self.batches)
 
 
 # ------------------------------------------------------------------ the references themselves

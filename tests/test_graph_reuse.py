@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 import tinysubspace as ts
-from cases import CASES, Case
+from cases import CASES, Case, CountingData
 from distributed_workers import launch
 from reference import FlatLoss, reference_gradient, reference_hessian, relative_error
 from tinysubspace.curvature.hvp import graph_budget, graph_nbytes, validate_graph_memory
@@ -34,17 +34,6 @@ needs_gloo = pytest.mark.skipif(
 
 def _randn(*shape: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=F64)
-
-
-class CountingData:
-    """A re-iterable list of batches that counts the passes made over it."""
-
-    def __init__(self, batches: list) -> None:
-        self.batches, self.passes = batches, 0
-
-    def __iter__(self):
-        self.passes += 1
-        return iter(self.batches)
 
 
 def _chunks(case: Case) -> int:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import tinysubspace as ts
-from cases import CASES, LOSSES, MODELS, Case, build_model, make_inputs
+from cases import CASES, LOSSES, MODELS, Case, CountingData, build_model, make_inputs
 from reference import (
     FlatLoss,
     finite_difference_gradient,
@@ -34,17 +34,6 @@ MODEL_LOSS = sorted({(case.model, case.loss) for case in CASES})
 
 def _randn(*shape: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=F64)
-
-
-class CountingData:
-    """A re-iterable list of batches that counts the passes made over it."""
-
-    def __init__(self, batches: list) -> None:
-        self.batches, self.passes = batches, 0
-
-    def __iter__(self):
-        self.passes += 1
-        return iter(self.batches)
 
 
 # ------------------------------------------------------------------ the reference itself

@@ -26,7 +26,7 @@ import torch
 
 from tinysubspace.curvature.attention import exact_attention
 
-__all__ = ["Batch", "BatchSource", "call_model", "count_tokens"]
+__all__ = ["Batch", "BatchSource", "NonFiniteError", "call_model", "checked_loss", "count_tokens"]
 
 
 @dataclass(frozen=True)
@@ -190,3 +190,23 @@ def _unpack(item: Any, index: int) -> tuple[Any, Any, int]:
 def _is_tensor_pair(data: Any) -> bool:
     return (isinstance(data, tuple) and len(data) == 2
             and all(isinstance(item, torch.Tensor) for item in data))
+
+
+class NonFiniteError(FloatingPointError):
+    """A loss, gradient or Hessian-vector product came out NaN or infinite."""
+
+
+def checked_loss(loss: Any, index: int) -> torch.Tensor:
+    """``loss`` if it is a finite scalar tensor (a mean-reduced loss of batch ``index``).
+
+    Raises:
+        ValueError: not a scalar tensor (e.g. ``reduction='none'``).
+        NonFiniteError: not finite.
+    """
+    if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
+        shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise ValueError(f"loss_fn must return a scalar (mean-reduced) tensor, got {shape}; "
+                         "use reduction='mean'")
+    if not torch.isfinite(loss):
+        raise NonFiniteError(f"the loss of batch {index} is {loss.item()} (not finite)")
+    return loss

@@ -33,8 +33,8 @@ from typing import Any
 import torch
 from torch.func import functional_call
 
-from tinysubspace.curvature.data import Batch, call_model
-from tinysubspace.curvature.hessian import HessianOperator, NonFiniteError, module_mode
+from tinysubspace.curvature.data import Batch, call_model, checked_loss
+from tinysubspace.curvature.hessian import HessianOperator, module_mode
 
 __all__ = ["GGNOperator", "GaussNewtonResidual", "OutputCurvature"]
 
@@ -144,14 +144,8 @@ class GGNOperator(HessianOperator):
     def _checked_loss(self, outputs: torch.Tensor, batch: Batch, index: int,
                       targets: Any = None) -> torch.Tensor:
         """``loss_fn(outputs, targets)`` (default: the batch's), checked scalar and finite."""
-        loss = self.loss_fn(outputs, batch.targets if targets is None else targets)
-        if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
-            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
-            raise ValueError(f"loss_fn must return a scalar (mean-reduced) tensor, got {shape}; "
-                             "use reduction='mean'")
-        if not torch.isfinite(loss):
-            raise NonFiniteError(f"the loss of batch {index} is {loss.item()} (not finite)")
-        return loss
+        return checked_loss(self.loss_fn(outputs, batch.targets if targets is None else targets),
+                            index)
 
 
 class GaussNewtonResidual(GGNOperator):

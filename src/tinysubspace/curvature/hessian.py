@@ -30,7 +30,13 @@ import torch
 from torch.func import functional_call
 
 from tinysubspace.curvature import collectives as tsdist
-from tinysubspace.curvature.data import Batch, BatchSource, call_model
+from tinysubspace.curvature.data import (
+    Batch,
+    BatchSource,
+    NonFiniteError,
+    call_model,
+    checked_loss,
+)
 from tinysubspace.curvature.hvp import (
     DEFAULT_GRAPH_MEMORY,
     GradientGraph,
@@ -46,10 +52,6 @@ from tinysubspace.curvature.operator import SymmetricOperator
 __all__ = ["HessianOperator", "NonDeterministicError", "NonFiniteError"]
 
 LossFn = Callable[[Any, Any], torch.Tensor]
-
-
-class NonFiniteError(FloatingPointError):
-    """A loss, gradient or Hessian-vector product came out NaN or infinite."""
 
 
 class NonDeterministicError(RuntimeError):
@@ -341,13 +343,7 @@ class HessianOperator(SymmetricOperator):
             state.update({name: b.clone() for name, b in self._buffers.items()})
         with module_mode(self.model, train=self.mode == "train"):
             outputs = call_model(_Bound(self.model, state), batch.inputs)
-        loss = self.loss_fn(outputs, batch.targets)
-        if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
-            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
-            raise ValueError(f"loss_fn must return a scalar (mean-reduced) tensor, got {shape}; "
-                             "use reduction='mean'")
-        if not torch.isfinite(loss):
-            raise NonFiniteError(f"the loss of batch {index} is {loss.item()} (not finite)")
+        loss = checked_loss(self.loss_fn(outputs, batch.targets), index)
         if torch.is_grad_enabled() and not loss.requires_grad:
             raise ValueError(f"the loss does not depend on any measured parameter "
                              f"({', '.join(self.layout.names)}): the forward pass does not use "
