@@ -105,6 +105,14 @@ def timeit_interleaved(fns: dict[str, Callable[[], object]], repeat: int = 5, wa
     return best
 
 
+def exact_device() -> str:
+    """``"cuda"`` where there is a GPU, else ``"cpu"``, with TF32 matmuls off so that GPU
+    products are float32 products (the accuracy the tables compare at)."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def machine_line() -> str:
     load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
     cuda = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA"

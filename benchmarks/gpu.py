@@ -24,6 +24,7 @@ from torch import nn
 from common import (
     EXACT_HVP_METHODS,
     Problem,
+    exact_device,
     machine_line,
     print_table,
     synthetic_mnist_problem,
@@ -88,9 +89,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny CPU smoke test")
     args = parser.parse_args()
     start = time.perf_counter()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+    device = exact_device()
     width, n, chunk, repeat = (4, 32, 16, 1) if args.quick else (64, args.n, args.chunk, 2)
     print(machine_line(), flush=True)
     problem = cifar_problem(n, device, width=width)

@@ -25,7 +25,7 @@ import time
 
 import torch
 
-from common import Problem, machine_line, print_table, timeit_interleaved
+from common import Problem, exact_device, machine_line, print_table, timeit_interleaved
 from gpu import hvp_table
 from tinysubspace import HessianOperator, load_dataset
 from tinysubspace.problems.block_curvature import block_operator
@@ -80,9 +80,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny CPU smoke test")
     args = parser.parse_args()
     start = time.perf_counter()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+    device = exact_device()
     shape = (2, 16, 2, 32) if args.quick else (6, 256, 8, 128)  # layers, width, heads, T
     sequences, chunk, repeat = (16, 8, 1) if args.quick else (args.sequences, args.chunk, 2)
     print(machine_line(), flush=True)
