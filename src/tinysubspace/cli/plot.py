@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from matplotlib.figure import Figure
@@ -79,20 +80,10 @@ def main(args: argparse.Namespace) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if args.heterogeneity:
-        return _heterogeneity(runs, args)
+        return _many_runs(figure_block_heterogeneity, "block heterogeneity",
+                          "blocks_heterogeneity", runs, args)
     if args.overlay:
-        try:
-            figure = figure_f_top(runs)
-            for run in runs:
-                if (why := too_few_measurements(run)) is not None:
-                    raise MissingDataError(why)
-        except MissingDataError as error:
-            print(f"error: Fig. 12 (overlay): {error}", file=sys.stderr)
-            return 1
-        out = args.out or Path(runs[0].path) / "figures"
-        for path in _save(figure, out / "fig12_f_top_overlay", args.pdf, args.dpi):
-            print(path)
-        return 0
+        return _many_runs(_overlay, "Fig. 12 (overlay)", "fig12_f_top_overlay", runs, args)
     explicit = bool(args.figure)
     status = 0
     for run in runs:
@@ -132,15 +123,25 @@ def _defaults(run: Run) -> tuple[str, ...]:
             *(["outliers"] if "overlap/hessian_ggn" in columns else []))
 
 
-def _heterogeneity(runs: list[Run], args: argparse.Namespace) -> int:
-    """``blocks_heterogeneity.png`` of every run's scores in ``--out`` (default: the first
-    run's ``figures/``)."""
+def _overlay(runs: list[Run]) -> Figure:
+    """Fig. 12: every run's f_top in one panel; each run needs two measurements or more."""
+    figure = figure_f_top(runs)
+    for run in runs:
+        if (why := too_few_measurements(run)) is not None:
+            raise MissingDataError(why)
+    return figure
+
+
+def _many_runs(draw: Callable[[list[Run]], Figure], what: str, stem: str, runs: list[Run],
+               args: argparse.Namespace) -> int:
+    """One figure of all ``runs`` (``draw(runs)``), saved as ``stem`` in ``--out`` (default:
+    the first run's ``figures/``); a run without the data is an error naming ``what``."""
     try:
-        figure = figure_block_heterogeneity(runs)
+        figure = draw(runs)
     except MissingDataError as error:
-        print(f"error: block heterogeneity: {error}", file=sys.stderr)
+        print(f"error: {what}: {error}", file=sys.stderr)
         return 1
     out = args.out or Path(runs[0].path) / "figures"
-    for path in _save(figure, out / "blocks_heterogeneity", args.pdf, args.dpi):
+    for path in _save(figure, out / stem, args.pdf, args.dpi):
         print(path)
     return 0
