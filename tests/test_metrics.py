@@ -166,13 +166,15 @@ def test_non_orthonormal_basis_is_named():
 
 def test_long_float32_bases_are_checked_in_float64():
     """A float32 basis of long columns (a 1.2M-parameter ConvNet's eigenvectors) is orthonormal
-    to rounding, but its Gram matrix accumulated in float32 is off by 1e-2: the check must not
+    to rounding, but its Gram matrix accumulated in float32 is off by up to 1e-2: the check must not
     refuse it (issue 14: the tracker failed at step 0 on blocks-convnet-fashion)."""
     p = 2_000_000
     V64 = torch.ones(p, 2, dtype=F64) / math.sqrt(p)
     V64[1::2, 1] *= -1
     V = V64.float()
-    assert float((V.T @ V - torch.eye(2)).abs().max()) > 1e-3  # float32 accumulation
+    # accumulated in float32 the Gram matrix is off by 5e-5 to 1e-2, depending on the BLAS
+    # build's summation order (measured on two machines); in float64 by less than 1e-9
+    assert float((V.T @ V - torch.eye(2)).abs().max()) > 1e-6
     assert orthonormality_error(V) < 1e-9
     g = torch.linspace(-1, 2, p, dtype=F64)
     assert ts.top_fraction(g.float(), V) == pytest.approx(ts.top_fraction(g, V64), rel=1e-2)

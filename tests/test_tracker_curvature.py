@@ -131,6 +131,27 @@ def test_ggn_class_means_and_geometry_columns_match_dense_references():
         assert row["cost/curvature_matvecs"] > 0
 
 
+def test_geometry_accepts_float32_bases_orthonormal_to_float32_rounding():
+    """A 10⁶-parameter float32 model's eigenvectors are orthonormal to ~√p·ε₃₂, not to 1e-4:
+    the columns use the metrics' own rule (``default_basis_atol``), as the tracker's anchor
+    overlaps do. A fixed ``atol=1e-4`` refused these bases."""
+    from tinysubspace.experiments.tracker_curvature import _geometry
+    from tinysubspace.metrics import default_basis_atol, orthonormality_error
+
+    gen = torch.Generator().manual_seed(0)
+    p = 1_000_000
+    before = torch.linalg.qr(torch.randn(p, 3, generator=gen)).Q
+    now = torch.linalg.qr(before + 0.1 * torch.randn(p, 3, generator=gen)).Q
+    before = (before * (1 + 2e-4)).float()  # off by 4e-4: float32 rounding of long columns
+    assert 1e-4 < orthonormality_error(before) <= default_basis_atol(before)
+    row = _geometry(before, now.float())
+    expected = torch.arccos(torch.linalg.svdvals(before.double().T @ now.double()).clamp(max=1))
+    for i in range(3):
+        assert row[f"angles/previous_{i + 1}"] == pytest.approx(float(expected[i]), abs=1e-3)
+    with pytest.raises(ValueError, match="orthonormal"):  # the rule still refuses a bad basis
+        _geometry(before * 1.01, now.float())
+
+
 # ----------------------------------------------------------- optimizer, preconditioning
 def test_sgd_threshold_ratio_and_update_share_match_dense_references():
     lr = 0.3

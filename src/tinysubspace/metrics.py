@@ -250,14 +250,17 @@ def eigenvector_displacement(V_old: torch.Tensor, V_new: torch.Tensor) -> torch.
         ``(k,)`` tensor of ``d_i``.
 
     Raises:
-        ValueError: shapes differ, not 2-D, or a column is not a unit vector (to 1e-6).
+        ValueError: shapes differ, not 2-D, or a column is not a unit vector (to
+            :func:`default_basis_atol`, the rule every basis here is checked by; norms in
+            float64).
     """
     if V_old.ndim != 2 or V_old.shape != V_new.shape:
         raise ValueError(f"V_old and V_new must be (p, k) matrices of the same shape, got "
                          f"{tuple(V_old.shape)} and {tuple(V_new.shape)}")
     for name, V in (("V_old", V_old), ("V_new", V_new)):
-        error = float((V.norm(dim=0) - 1).abs().max()) if V.shape[1] else 0.0
-        if not error <= 1e-6:
+        wide = V.to(torch.promote_types(V.dtype, torch.float64))
+        error = float((wide.norm(dim=0) - 1).abs().max()) if V.shape[1] else 0.0
+        if not error <= default_basis_atol(V):
             raise ValueError(f"the columns of {name} must be unit vectors (max | ‖v‖ − 1 | = "
                              f"{error:.2e})")
     sign = torch.where((V_old * V_new).sum(0) < 0, -1.0, 1.0).to(V_old.dtype)

@@ -119,7 +119,7 @@ def _step_shares(solved: dict[str, tuple[Any, Eigenpairs]],
     for prefix, (op, eig) in solved.items():
         step = op.to_preconditioned(delta) if isinstance(op, PreconditionedOperator) else delta
         step = step.to(dtype=eig.vectors.dtype)
-        row[f"{prefix}/step_share"] = (top_fraction(step, eig.vectors, atol=1e-6)
+        row[f"{prefix}/step_share"] = (top_fraction(step, eig.vectors)
                                        if float(step.norm()) > 0 else math.nan)
     return row
 

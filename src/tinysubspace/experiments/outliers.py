@@ -108,9 +108,9 @@ class _Measurer:
             self.previous[name] = eig
         row["hessian/f_top"] = top_fraction(g, bases["hessian"]) if float(g.norm()) else math.nan
         row.update(self._class_means(G, bases, k))
-        angles = principal_angles(bases["hessian"], bases["ggn"], atol=1e-6)
+        angles = principal_angles(bases["hessian"], bases["ggn"])
         row.update({f"angles/hessian_ggn_{i + 1}": float(a) for i, a in enumerate(angles)})
-        row["overlap/hessian_ggn"] = subspace_overlap(bases["hessian"], bases["ggn"], atol=1e-6)
+        row["overlap/hessian_ggn"] = subspace_overlap(bases["hessian"], bases["ggn"])
         return row
 
     def _class_means(self, G: GGNOperator, bases: dict[str, torch.Tensor],
@@ -124,8 +124,8 @@ class _Measurer:
         row["classmeans/rank"] = span.shape[1]
         row.update({f"papyan/eig_{i + 1}": float(v) for i, v in enumerate(values)})
         for name, basis in bases.items():
-            row[f"overlap/classmeans_{name}"] = subspace_overlap(span, basis, atol=1e-6)
-            row[f"overlap/papyan_{name}"] = subspace_overlap(papyan, basis, atol=1e-6)
+            row[f"overlap/classmeans_{name}"] = subspace_overlap(span, basis)
+            row[f"overlap/papyan_{name}"] = subspace_overlap(papyan, basis)
         return row
 
 

@@ -224,8 +224,8 @@ class CurvatureColumns:
         self.previous["ggn"] = eig.vectors.detach().clone()
         row.update({f"ggn/eig_{i + 1}": float(v) for i, v in enumerate(eig.values)})
         ggn_top = eig.vectors[:, :self.k]
-        row["overlap/hessian_ggn"] = subspace_overlap(top, ggn_top, atol=1e-4)
-        angles = principal_angles(top, ggn_top, atol=1e-4)
+        row["overlap/hessian_ggn"] = subspace_overlap(top, ggn_top)
+        angles = principal_angles(top, ggn_top)
         row.update({f"angles/hessian_ggn_{i + 1}": float(a) for i, a in enumerate(angles)})
         return ggn_top
 
@@ -233,9 +233,9 @@ class CurvatureColumns:
                      ggn_top: torch.Tensor | None) -> dict[str, float]:
         span = class_mean_basis(class_gradient_means(G, self.classes, cross_class=False))
         row = {"classmeans/rank": float(span.shape[1]),
-               "overlap/classmeans_hessian": subspace_overlap(span, top, atol=1e-4)}
+               "overlap/classmeans_hessian": subspace_overlap(span, top)}
         if ggn_top is not None:
-            row["overlap/classmeans_ggn"] = subspace_overlap(span, ggn_top, atol=1e-4)
+            row["overlap/classmeans_ggn"] = subspace_overlap(span, ggn_top)
         return row
 
     def _preconditioned(self, model: torch.nn.Module, make: Callable[[type], Any],
@@ -271,7 +271,7 @@ class CurvatureColumns:
         delta = _flat_parameters(model).to(top) - self.last_update_from[1].to(top)
         if op is not None:
             delta = op.to_preconditioned(delta)
-        return top_fraction(delta, top, atol=1e-4) if float(delta.norm()) > 0 else math.nan
+        return top_fraction(delta, top) if float(delta.norm()) > 0 else math.nan
 
     def state_dict(self) -> dict[str, Any]:
         return {"previous": dict(self.previous)}
@@ -291,7 +291,7 @@ def _threshold(optimizer: torch.optim.Optimizer) -> float:
 
 
 def _geometry(before: torch.Tensor, now: torch.Tensor) -> dict[str, float]:
-    angles = principal_angles(before, now, atol=1e-4)
+    angles = principal_angles(before, now)
     moved = eigenvector_displacement(before, now)
     row = {f"angles/previous_{i + 1}": float(a) for i, a in enumerate(angles)}
     row.update({f"displacement/hessian_{i + 1}": float(d) for i, d in enumerate(moved)})
