@@ -16,21 +16,23 @@ PACKAGE = Path(ts.__file__).parent
 
 # Each layer and the layers it may import (itself always allowed).
 ALLOWED: dict[str, set[str]] = {
-    "curvature": set(),
-    "linalg": set(),
+    "operator": set(),
+    "curvature": {"operator"},
+    "linalg": {"operator"},
     "metrics": set(),
-    "optim": {"curvature", "linalg", "metrics"},
-    "problems": {"curvature", "linalg", "metrics"},
+    "optim": {"operator", "curvature", "linalg", "metrics"},
+    "problems": {"operator", "curvature", "linalg", "metrics"},
     "results": {"linalg"},
     "runtime": {"curvature"},
-    "experiments": {"curvature", "linalg", "metrics", "optim", "problems", "results", "runtime"},
-    "integrations": {"curvature", "linalg", "metrics", "optim", "problems", "results",
+    "experiments": {"operator", "curvature", "linalg", "metrics", "optim", "problems", "results",
+                    "runtime"},
+    "integrations": {"operator", "curvature", "linalg", "metrics", "optim", "problems", "results",
                      "runtime", "experiments"},
     "plots": {"results", "linalg", "metrics", "problems"},
-    "cli": {"curvature", "linalg", "metrics", "optim", "problems", "results", "runtime",
-            "experiments", "plots", "integrations"},
+    "cli": {"operator", "curvature", "linalg", "metrics", "optim", "problems", "results",
+            "runtime", "experiments", "plots", "integrations"},
 }
-CORE_LAYERS = ("curvature", "linalg", "metrics")
+CORE_LAYERS = ("operator", "curvature", "linalg", "metrics")
 HEAVY = ("pandas", "matplotlib")
 
 

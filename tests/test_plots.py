@@ -239,8 +239,8 @@ def test_vector_steps_exist():
 
 
 def test_fig4_reads_what_spectral_density_stores(tmp_path):
-    from tinysubspace.curvature.operator import DenseOperator
     from tinysubspace.linalg.density import spectral_density
+    from tinysubspace.operator import DenseOperator
 
     run_dir = write_run(tmp_path / "stored", spectrum=False)
     A = torch.diag(torch.linspace(0, 1, 30, dtype=torch.float64))

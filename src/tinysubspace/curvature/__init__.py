@@ -24,14 +24,14 @@ from tinysubspace.curvature.hessian import (
     NonFiniteError,
 )
 from tinysubspace.curvature.hvp import HVP_METHODS
-from tinysubspace.curvature.operator import (
-    DenseOperator,
-    DifferenceOperator,
-    SymmetricOperator,
-)
 from tinysubspace.curvature.preconditioned import (
     PreconditionedOperator,
     preconditioner_diagonal,
+)
+from tinysubspace.operator import (
+    DenseOperator,
+    DifferenceOperator,
+    SymmetricOperator,
 )
 
 __all__ = [

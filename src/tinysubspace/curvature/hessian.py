@@ -47,7 +47,7 @@ from tinysubspace.curvature.hvp import (
     validate_graph_memory,
 )
 from tinysubspace.curvature.layout import ParameterLayout, select_parameters
-from tinysubspace.curvature.operator import SymmetricOperator
+from tinysubspace.operator import SymmetricOperator
 
 __all__ = ["HessianOperator", "NonDeterministicError", "NonFiniteError"]
 

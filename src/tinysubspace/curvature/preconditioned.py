@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from tinysubspace.curvature.operator import SymmetricOperator
+from tinysubspace.operator import SymmetricOperator
 
 __all__ = ["PreconditionedOperator", "preconditioner_diagonal"]
 

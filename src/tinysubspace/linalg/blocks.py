@@ -118,7 +118,7 @@ def hutchinson_trace(op, probes: int = 10, seed: int = 0) -> TraceEstimate:
     Raises:
         ValueError: ``probes < 1``.
 
-    >>> from tinysubspace.curvature.operator import DenseOperator
+    >>> from tinysubspace.operator import DenseOperator
     >>> A = DenseOperator(torch.diag(torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)))
     >>> hutchinson_trace(A, probes=4).value  # zᵀ D z = tr D for every ±1 vector
     6.0

@@ -193,7 +193,7 @@ def spectral_density(op, steps: int = 90, probes: int = 1,
     Raises:
         ValueError: ``steps`` outside ``[1, p]``, ``probes < 1`` or an unknown ``probe``.
 
-    >>> from tinysubspace.curvature.operator import DenseOperator
+    >>> from tinysubspace.operator import DenseOperator
     >>> A = DenseOperator(torch.diag(torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)))
     >>> dens = spectral_density(A, steps=3, probes=1, seed=0)
     >>> [round(float(x), 6) for x in dens.nodes[0]], round(float(dens.weights.sum()), 12)

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tinysubspace.curvature.operator import SymmetricOperator
+from tinysubspace.operator import SymmetricOperator
 from tinysubspace.problems.datasets.mixture import sample_gaussian_mixture
 
 __all__ = [
