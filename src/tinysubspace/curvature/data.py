@@ -18,15 +18,19 @@ twice-differentiable kernel (:mod:`tinysubspace.curvature.attention`).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+import contextlib
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.func import functional_call
 
 from tinysubspace.curvature.attention import exact_attention
 
-__all__ = ["Batch", "BatchSource", "NonFiniteError", "call_model", "checked_loss", "count_tokens"]
+__all__ = ["Batch", "BatchSource", "NonFiniteError", "call_model", "check_mean_loss",
+           "check_operator_loss", "checked_loss", "count_tokens", "mean_check_tolerance"]
 
 
 @dataclass(frozen=True)
@@ -210,3 +214,135 @@ def checked_loss(loss: Any, index: int) -> torch.Tensor:
     if not torch.isfinite(loss):
         raise NonFiniteError(f"the loss of batch {index} is {loss.item()} (not finite)")
     return loss
+
+
+# ----------------------------------------------------------------- the mean-loss check
+MEAN_CHECK_ROWS = 8  # rows of the first batch the mean-loss check runs on
+
+
+def mean_check_tolerance(*dtypes: torch.dtype) -> float:
+    """Relative tolerance of :func:`check_mean_loss` for losses computed in ``dtypes``:
+    ``32 ε`` of the coarsest floating dtype, at least ``1e-3``, at most ``0.25``.
+
+    A mean-reduced loss of the batch repeated twice equals the loss of the batch up to rounding
+    (a model's kernels may add in another order for a longer batch: bfloat16 losses 2.34375 and
+    2.32812 differ by 0.67%, under one ``ε = 2⁻⁷``); a sum doubles (relative change 1).
+
+    >>> mean_check_tolerance(torch.float64), mean_check_tolerance(torch.bfloat16)
+    (0.001, 0.25)
+    """
+    eps = max((torch.finfo(d).eps for d in dtypes if d.is_floating_point), default=0.0)
+    return min(0.25, max(1e-3, 32 * eps))
+
+
+def check_mean_loss(loss_fn: Callable[[Any, Any], Any], outputs_of: Callable[[Any], Any],
+                    batch: Batch, loss: Any = None) -> None:
+    """Raise when ``loss_fn`` is not a mean over the batch: the loss of the batch repeated twice
+    (every tensor whose first dimension is the batch's, concatenated with itself) must equal the
+    loss of the batch within :func:`mean_check_tolerance` of the dtypes involved (a mean does
+    not change, a sum doubles). A loss that is not a finite scalar, and a model or loss that
+    raises, are left to the passes that name them (:func:`checked_loss`).
+
+    Args:
+        loss_fn: ``loss_fn(outputs, targets)``.
+        outputs_of: ``inputs ↦ outputs`` (the model, without a graph).
+        batch: the batch (a few rows suffice).
+        loss: ``loss_fn`` on ``batch`` if already computed.
+
+    Raises:
+        ValueError: the loss changes with the batch's length (e.g. ``reduction="sum"``).
+    """
+    rows = _leading_size(batch.targets) or _leading_size(batch.inputs)
+    if rows is None:
+        return
+    try:  # an error here is raised, with its context, by the pass that meets it
+        if loss is None:
+            loss = loss_fn(outputs_of(batch.inputs), batch.targets)
+        outputs = outputs_of(_repeat_rows(batch.inputs, rows))
+        twice = loss_fn(outputs, _repeat_rows(batch.targets, rows))
+    except Exception:
+        return
+    if not (_finite_scalar(loss) and _finite_scalar(twice)):
+        return
+    once, doubled = float(loss), float(twice)
+    tol = mean_check_tolerance(loss.dtype, twice.dtype,
+                               *(t.dtype for t in _floating_tensors(outputs)))
+    if abs(once) > 1e-12 and abs(doubled / once - 1) > tol:
+        raise ValueError(f"loss_fn must return the mean over the batch (reduction='mean'): "
+                         f"the same batch repeated twice gives {doubled:.6g} instead of "
+                         f"{once:.6g} (x{doubled / once:.3g}); a sum grows with the batch size")
+
+
+def check_operator_loss(model: torch.nn.Module, loss_fn: Callable[[Any, Any], Any],
+                        batches: Iterable[Batch], *states: Mapping[str, torch.Tensor]) -> None:
+    """:func:`check_mean_loss` on the first :data:`MEAN_CHECK_ROWS` rows of the first batch,
+    the model called in eval mode with the parameters and buffers of ``states`` (merged: an
+    operator's snapshot; the model's own tensors and flags are left as they were), no graph.
+
+    Raises:
+        ValueError: ``loss_fn`` is not a mean over the batch (e.g. ``reduction="sum"``).
+    """
+    state = {name: t for mapping in states for name, t in mapping.items()}
+    batch = next(iter(batches), None)
+    if batch is None:
+        return
+    rows = _leading_size(batch.targets) or _leading_size(batch.inputs)
+    keep = min(rows or 0, MEAN_CHECK_ROWS)
+    if rows is not None and keep < rows:
+        batch = Batch(_first_rows(batch.inputs, rows, keep), _first_rows(batch.targets, rows,
+                                                                         keep), keep)
+
+    def outputs_of(inputs: Any) -> Any:
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            return functional_call(model, state, args, kwargs)
+
+        with torch.no_grad(), _eval_mode(model):
+            return call_model(forward, inputs)
+
+    check_mean_loss(loss_fn, outputs_of, batch)
+
+
+@contextlib.contextmanager
+def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Every submodule in eval mode; each one's own flag restored on exit."""
+    saved = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, flag in saved:
+            module.training = flag
+
+
+def _finite_scalar(loss: Any) -> bool:
+    return isinstance(loss, torch.Tensor) and loss.ndim == 0 and math.isfinite(float(loss))
+
+
+def _floating_tensors(obj: Any) -> list[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return [obj] if obj.is_floating_point() else []
+    if isinstance(obj, Mapping):
+        obj = list(obj.values())
+    if isinstance(obj, (tuple, list)):
+        return [t for item in obj for t in _floating_tensors(item)]
+    return []
+
+
+def _map_rows(obj: Any, rows: int, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """``fn`` applied to every tensor in ``obj`` whose first dimension is ``rows``."""
+    if isinstance(obj, torch.Tensor):
+        return fn(obj) if obj.ndim > 0 and obj.shape[0] == rows else obj
+    if isinstance(obj, Mapping):
+        return {key: _map_rows(value, rows, fn) for key, value in obj.items()}
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_map_rows(value, rows, fn) for value in obj)
+    return obj
+
+
+def _repeat_rows(obj: Any, rows: int) -> Any:
+    """The batch twice: every tensor of ``rows`` rows concatenated with itself."""
+    return _map_rows(obj, rows, lambda t: torch.cat([t, t]))
+
+
+def _first_rows(obj: Any, rows: int, keep: int) -> Any:
+    return _map_rows(obj, rows, lambda t: t[:keep])

@@ -35,6 +35,7 @@ from tinysubspace.curvature.data import (
     BatchSource,
     NonFiniteError,
     call_model,
+    check_operator_loss,
     checked_loss,
 )
 from tinysubspace.curvature.hvp import (
@@ -111,7 +112,8 @@ class HessianOperator(SymmetricOperator):
     Raises:
         ValueError: bad ``mode`` or ``hvp_method`` (``jvp`` in train mode with batch norm or
             dropout), an empty data set, a bad parameter selection, or (at the first pass) one
-            that the loss does not depend on.
+            that the loss does not depend on; a ``loss_fn`` that is not a mean over the batch
+            (``reduction="sum"``: :func:`~tinysubspace.curvature.data.check_operator_loss`).
         TypeError: ``data`` of an unusable kind.
         DistributedError: (distributed) ranks hold different parameters or another rank failed.
     """
@@ -154,6 +156,8 @@ class HessianOperator(SymmetricOperator):
                        if name not in measured}
         self._buffers = {name: _snapshot(t, device, dtype) for name, t in model.named_buffers()}
         self._num_examples = self._count_examples()
+        check_operator_loss(model, loss_fn, self.batches, self._fixed, self._buffers, dict(
+            zip(self.layout.names, self._leaves, strict=True)))  # loss_fn is a mean (data.py)
 
     # ------------------------------------------------------------------ public
     @property

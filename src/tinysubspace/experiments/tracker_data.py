@@ -10,7 +10,6 @@ indices ``sort(randperm(N, seed)[:n])`` of the ``N`` examples in data order.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -19,6 +18,7 @@ from torch.func import functional_call
 from torch.utils.data import DataLoader, IterableDataset, Subset
 
 from tinysubspace.curvature.data import Batch, BatchSource, call_model
+from tinysubspace.curvature.data import check_mean_loss as mean_loss_rule
 from tinysubspace.curvature.hessian import module_mode
 from tinysubspace.experiments.tracker import DTYPES, output_logits, preserved_state
 
@@ -122,17 +122,6 @@ def _rows(obj: Any, rows: torch.Tensor, size: int) -> Any:
     return obj
 
 
-def _repeat(obj: Any) -> Any:
-    """Every tensor with a batch dimension concatenated with itself (the batch twice)."""
-    if isinstance(obj, torch.Tensor):
-        return torch.cat([obj, obj]) if obj.ndim > 0 else obj
-    if isinstance(obj, Mapping):
-        return {key: _repeat(value) for key, value in obj.items()}
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_repeat(value) for value in obj)
-    return obj
-
-
 def first_batch(data: Any, device: torch.device, rows: int = 8) -> Batch | None:
     """The first ``rows`` examples of the first non-empty batch, on ``device``."""
     if _is_pair(data):
@@ -188,9 +177,9 @@ def _eval_outputs(model: torch.nn.Module, inputs: Any) -> Any:
 
 
 def check_mean_loss(model: torch.nn.Module, loss_fn: Any, batch: Batch) -> Any:
-    """Check that ``loss_fn`` returns a scalar *mean* on ``batch``: the loss of the batch
-    repeated twice must equal the loss of the batch (a mean does not change, a sum doubles).
-    Returns the model's outputs on ``batch``.
+    """Check that ``loss_fn`` returns a scalar *mean* on ``batch`` (the operators' rule,
+    :func:`tinysubspace.curvature.data.check_mean_loss`: the batch repeated twice gives the same
+    loss, within a tolerance that follows the dtype). Returns the model's outputs on ``batch``.
 
     Raises:
         ValueError: the loss is not a scalar tensor, or it changes with the batch's length.
@@ -202,12 +191,7 @@ def check_mean_loss(model: torch.nn.Module, loss_fn: Any, batch: Batch) -> Any:
             shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
             raise ValueError(f"loss_fn must return a scalar tensor, the mean loss of the batch, "
                              f"got {shape}; use reduction='mean'")
-        twice = loss_fn(_eval_outputs(model, _repeat(batch.inputs)), _repeat(batch.targets))
-    once, doubled = float(loss), float(twice)
-    if math.isfinite(once) and abs(once) > 1e-12 and abs(doubled / once - 1) > 1e-3:
-        raise ValueError(f"loss_fn must return the mean over the batch (reduction='mean'): "
-                         f"the same batch repeated twice gives {doubled:.6g} instead of "
-                         f"{once:.6g} (x{doubled / once:.3g}); a sum grows with the batch size")
+        mean_loss_rule(loss_fn, lambda inputs: _eval_outputs(model, inputs), batch, loss=loss)
     return outputs
 
 
