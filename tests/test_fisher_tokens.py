@@ -253,3 +253,31 @@ def test_bad_examples_are_named():
     with pytest.raises(ValueError, match=r"outputs of shape \(batch, classes\), got shape "
                                          r"\(3, 4, 5\)"):
         seq @ torch.ones(seq.shape[0], dtype=F64)
+
+
+def test_class_means_leave_padding_out():
+    """Rows labelled -100 change no class mean, count or weight: the same as without them; and
+    with classes as points (Papyan's M = G), M is the padded GGN."""
+    from tinysubspace.curvature.class_means import class_gradient_means, papyan_basis
+
+    gen = torch.Generator().manual_seed(1)
+    with torch.random.fork_rng():
+        torch.manual_seed(1)
+        model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    X = torch.randn(12, 4, dtype=F64, generator=gen)
+    Y = torch.arange(12) % 3
+    padded = Y.clone()
+    padded[[1, 5, 6]] = -100
+    keep = padded != -100
+    with_pad = class_gradient_means(ts.GGNOperator(model, functional.cross_entropy,
+                                                   (X, padded), batch_size=5), 3)
+    without = class_gradient_means(ts.GGNOperator(model, functional.cross_entropy,
+                                                  (X[keep], Y[keep]), batch_size=5), 3)
+    assert torch.equal(with_pad.counts, without.counts) and int(with_pad.counts.sum()) == 9
+    assert relative_error(with_pad.means, without.means) < 1e-12
+    assert relative_error(with_pad.weights, without.weights) < 1e-12
+    centres = X[:3]
+    op = ts.GGNOperator(model, functional.cross_entropy, (centres[Y], padded))
+    values, vectors = papyan_basis(class_gradient_means(op, 3), 6)
+    G = _dense(op)
+    assert relative_error(vectors @ torch.diag(values) @ vectors.T, G) < 1e-10

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tinysubspace.curvature.fisher import ignore_index_of
 from tinysubspace.curvature.ggn import GGNOperator
 
 __all__ = ["ClassMeans", "class_gradient_means", "class_mean_basis", "papyan_basis"]
@@ -40,7 +41,8 @@ class ClassMeans:
     Attributes:
         means: ``(C, C, p)``; ``means[c, c']`` is ``δ_{c,c'}`` (zero for an empty class).
         counts: ``(C,)`` examples per class ``N_c``.
-        weights: ``(C, C)`` ``w_{c c'} = (1/N) Σ_{i ∈ c} p_{i c'}`` (sum 1).
+        weights: ``(C, C)`` ``w_{c c'} = (1/N) Σ_{i ∈ c} p_{i c'}`` (sum 1; ``N = Σ_c N_c``,
+            the examples whose label is not padding).
         backward_passes: output-graph backward passes used (per batch ``C²``, or ``C``).
     """
 
@@ -61,7 +63,8 @@ def class_gradient_means(op: GGNOperator, num_classes: int,
 
     Args:
         op: a :class:`GGNOperator` (or subclass) of a softmax cross-entropy classifier whose
-            targets are class indices ``0 … C − 1``; its dtype, parameter subset and mode are used.
+            targets are class indices ``0 … C − 1`` (or ``ignore_index``, -100: padding, left
+            out of every mean, count and weight); its dtype, parameter subset and mode are used.
         num_classes: ``C`` (the model's output width).
         cross_class: compute every ``δ_{c,c'}``; ``False``: the true-label means ``δ_{c,c}`` only
             (``C`` backward passes per batch instead of ``C²``; other entries left zero).
@@ -70,7 +73,7 @@ def class_gradient_means(op: GGNOperator, num_classes: int,
         ValueError: outputs that are not ``(n, C)``, or targets outside ``0 … C − 1``.
     """
     C, p = int(num_classes), op.shape[0]
-    passes = 0
+    passes, ignore = 0, ignore_index_of(op.loss_fn)
 
     def local_sum() -> torch.Tensor:  # [Σ_{i∈c} δ_{i,c'} (C·C·p), N_c (C), Σ_{i∈c} p_{ic'} (C·C)]
         nonlocal passes
@@ -79,11 +82,13 @@ def class_gradient_means(op: GGNOperator, num_classes: int,
         weights = torch.zeros(C, C, dtype=op.dtype, device=op.device)
         for batch in op.batches:
             y = torch.as_tensor(batch.targets, device=op.device).reshape(-1).long()
+            counted = y != ignore  # padding labels belong to no class
             with torch.enable_grad():
                 z = op._batch_outputs(batch)
-                _check(z, y, C)
-                probs = torch.softmax(z.detach(), dim=1)
-                members = torch.nn.functional.one_hot(y, C).to(op.dtype)  # (n, C)
+                _check(z, y[counted], C)
+                probs = torch.softmax(z.detach(), dim=1) * counted[:, None]
+                members = torch.nn.functional.one_hot(y.clamp_min(0), C).to(op.dtype) \
+                    * counted[:, None]  # (n, C)
                 counts += members.sum(0)
                 weights += members.T @ probs
                 for c in range(C):
@@ -102,7 +107,7 @@ def class_gradient_means(op: GGNOperator, num_classes: int,
     total = op._sum_over_data(local_sum)
     sums = total[:C * C * p].reshape(C, C, p)
     counts = total[C * C * p:C * C * p + C]
-    weights = total[C * C * p + C:].reshape(C, C) / op.num_examples
+    weights = total[C * C * p + C:].reshape(C, C) / counts.sum().clamp_min(1)
     means = sums / counts.clamp_min(1)[:, None, None]
     return ClassMeans(means, counts, weights, passes)
 
