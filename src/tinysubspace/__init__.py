@@ -92,6 +92,8 @@ _LAZY: dict[str, str] = {
     "RunStore": "tinysubspace.results.store",
     "Run": "tinysubspace.results.store",
     "load_run": "tinysubspace.results.store",
+    # losses in the measurement's dtype (core, imported on use)
+    "causal_lm_loss": "tinysubspace.curvature.losses",
 }
 _LAZY_MODULES: dict[str, str] = {
     "toy": "tinysubspace.problems.toy",
@@ -157,6 +159,7 @@ __all__ = [
     "block_spectra",
     "broadened_density",
     "build_model",
+    "causal_lm_loss",
     "class_gradient_means",
     "class_mean_basis",
     "dataset_names",

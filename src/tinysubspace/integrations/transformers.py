@@ -10,7 +10,11 @@ tinysubspace[transformers]``).
     trainer.train()
 
 Batches are dicts with ``labels``; the model is called as ``model(**batch)`` and its own loss
-(``outputs.loss``, a mean over the labels) is the loss measured. At the beginning of each
+(``outputs.loss``, a mean over the labels) is the loss measured, except where it would lose the
+measurement's precision: Hugging Face computes it after ``logits.float()``, so with
+``dtype=torch.float64`` a causal LM (a ``...ForCausalLM`` class) is measured with
+:func:`~tinysubspace.curvature.losses.causal_lm_loss` (the same loss in float64), and any other
+model's float32 loss gives a ``UserWarning`` (pass ``loss_fn=``). At the beginning of each
 optimizer step (before its update) the callback calls
 :meth:`~tinysubspace.SubspaceTracker.on_step` with ``state.global_step``, and at the end of
 training it measures the final parameters. It measures on the trainer's train dataloader (a
@@ -19,8 +23,11 @@ sequential copy: the training order is untouched) or on the ``data`` given.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
+
+import torch
 
 try:
     from transformers import TrainerCallback
@@ -28,9 +35,10 @@ except ImportError as error:
     raise ImportError("tinysubspace.integrations.transformers needs transformers: "
                       "pip install tinysubspace[transformers]") from error
 
+from tinysubspace.curvature.losses import causal_lm_loss
 from tinysubspace.experiments.subspace_tracker import SubspaceTracker
 
-__all__ = ["SubspaceCallback", "model_loss"]
+__all__ = ["SubspaceCallback", "measured_loss", "model_loss"]
 
 
 def model_loss(outputs: Any, labels: Any) -> Any:
@@ -39,14 +47,46 @@ def model_loss(outputs: Any, labels: Any) -> Any:
     if loss is None:
         raise ValueError("the model returned no loss: the batches need 'labels' (or pass "
                          "loss_fn=)")
+    logits = outputs.get("logits") if isinstance(outputs, dict) else getattr(outputs, "logits",
+                                                                              None)
+    if (isinstance(logits, torch.Tensor) and logits.is_floating_point()
+            and torch.finfo(loss.dtype).eps > torch.finfo(logits.dtype).eps):
+        warnings.warn(f"the model's own loss is {loss.dtype} while its logits are "
+                      f"{logits.dtype}: the loss, gradient and H·v are only {loss.dtype}-"
+                      f"accurate; pass loss_fn= a loss computed from the logits (for a causal "
+                      f"LM: tinysubspace.causal_lm_loss)", UserWarning, stacklevel=2)
     return loss
+
+
+def measured_loss(model: Any, loss_fn: Callable, dtype: Any) -> Callable:
+    """The loss to measure: ``loss_fn``, except the model's own loss of a causal LM
+    (``type(model).__name__`` ends in ``ForCausalLM``) measured in a dtype finer than float32,
+    which becomes :func:`~tinysubspace.curvature.losses.causal_lm_loss` (Hugging Face's own
+    loss is computed in float32). Causal LMs are the classes of Hugging Face's causal-LM auto
+    mapping (``GPT2LMHeadModel``, ``LlamaForCausalLM``, ...) and any ``...ForCausalLM``."""
+    finer = isinstance(dtype, torch.dtype) and dtype.is_floating_point and \
+        torch.finfo(dtype).eps < torch.finfo(torch.float32).eps
+    finer = finer or dtype in ("float64", "double")
+    if loss_fn is model_loss and finer and _is_causal_lm(model):
+        return causal_lm_loss
+    return loss_fn
+
+
+def _is_causal_lm(model: Any) -> bool:
+    name = type(model).__name__
+    try:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    except ImportError:  # pragma: no cover - an older transformers
+        return name.endswith("ForCausalLM")
+    return name.endswith("ForCausalLM") or name in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
 
 
 class SubspaceCallback(TrainerCallback):
     """A ``transformers.TrainerCallback`` that runs a :class:`~tinysubspace.SubspaceTracker`.
 
     Args:
-        loss_fn: ``loss_fn(outputs, labels)`` (default: the model's own loss).
+        loss_fn: ``loss_fn(outputs, labels)`` (default: the model's own loss; in float64, a
+            causal LM's is computed by ``causal_lm_loss``: :func:`measured_loss`).
         data: what to measure on (default: the trainer's train dataloader).
         measure_last: also measure at the end of training.
         **options: the tracker's arguments (``k``, ``schedule``, ``out``, ``loggers``,
@@ -74,7 +114,8 @@ class SubspaceCallback(TrainerCallback):
                 raise ValueError("SubspaceCallback(optimizer='trainer'): the trainer gave no "
                                  "optimizer to on_train_begin")
             options["optimizer"] = getattr(optimizer, "optimizer", optimizer)
-        self.tracker = SubspaceTracker(model, self.loss_fn, data, **options)
+        loss_fn = measured_loss(model, self.loss_fn, options.get("dtype"))
+        self.tracker = SubspaceTracker(model, loss_fn, data, **options)
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._record(self.tracker.on_step(int(state.global_step)))
