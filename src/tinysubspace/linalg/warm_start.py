@@ -50,9 +50,9 @@ from __future__ import annotations
 
 import torch
 
+from tinysubspace.linalg.basis import KrylovBasis, random_block, working_dtype
 from tinysubspace.linalg.deflation import CHECK_STEPS
 from tinysubspace.linalg.lanczos import Eigenpairs, top_eigenpairs
-from tinysubspace.linalg.orthogonalize import orthonormalize_against, random_block
 
 __all__ = ["WARM_STARTS", "track_eigenpairs", "warm_block_size"]
 
@@ -163,7 +163,8 @@ def track_eigenpairs(op, k: int, previous: Eigenpairs | torch.Tensor | None = No
         return top_eigenpairs(op, k, tol=tol, seed=seed, max_matvecs=max_matvecs, skip=skip,
                               block_size=block_size or 1, basis_size=basis_size,
                               check_steps=check_steps, tol_scale=tol_scale)
-    init = _previous_block(previous, op.shape[0]).to(device=op.device, dtype=op.dtype)
+    init = _previous_block(previous, op.shape[0]).to(device=op.device,
+                                                     dtype=working_dtype(op.dtype))
     if warm == "krylov":
         init = _krylov_start(init, seed)
         b = block_size or 1
@@ -181,7 +182,8 @@ def _krylov_start(block: torch.Tensor, seed: int) -> torch.Tensor:
     them)."""
     g = random_block(block.shape[0], 1, block.dtype, block.device,
                      torch.Generator().manual_seed(seed))[:, 0]
-    block = orthonormalize_against(block, None)
+    basis = KrylovBasis(block.shape[0], block.dtype, block.device, block.shape[1], images=False)
+    block = basis.add_columns(block)
     if block.shape[1] == 0:  # previous vectors all zero: nothing to start from
         return g
     v = block.sum(dim=1)
