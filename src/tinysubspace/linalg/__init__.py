@@ -5,10 +5,12 @@ Lanczos, for SLQ), ``lanczos`` (:func:`top_eigenpairs`: thick-restart block Lanc
 Rayleigh–Ritz residuals), ``rayleigh_ritz`` (its working state), ``krylov_schur`` (its
 single-vector form), ``deflation`` (the multiplicity check), ``tolerance`` (the convergence
 criterion: ``tol``, ``tol_scale``, the precision floor), ``warm_start``
-(:func:`track_eigenpairs` between training steps), ``density`` (stochastic Lanczos quadrature,
+(:func:`track_eigenpairs` between training steps), ``amortised`` (its multiplicity check spread
+over the measurements), ``density`` (stochastic Lanczos quadrature,
 exact spectra).
 """
 
+from tinysubspace.linalg.deflation import GuardState
 from tinysubspace.linalg.density import (
     SpectralDensity,
     broadened_density,
@@ -22,6 +24,7 @@ from tinysubspace.linalg.warm_start import WARM_STARTS, track_eigenpairs
 __all__ = [
     "WARM_STARTS",
     "Eigenpairs",
+    "GuardState",
     "SpectralDensity",
     "broadened_density",
     "exact_spectrum",

@@ -34,8 +34,9 @@ from dataclasses import dataclass
 import torch
 
 from tinysubspace.linalg.basis import KrylovBasis, apply_operator
+from tinysubspace.linalg.tolerance import ConvergenceCriterion
 
-__all__ = ["CHECK_STEPS", "DeflatedSearch", "deflated_search"]
+__all__ = ["CHECK_STEPS", "DeflatedSearch", "GuardState", "deflated_search", "miss_bar"]
 
 CHECK_STEPS = 8
 """Default products of the multiplicity check (``top_eigenpairs(check_steps=...)``)."""
@@ -53,6 +54,8 @@ class DeflatedSearch:
         products: operator products used (``j``).
         exact: the Krylov space became invariant or filled ``V^⊥``: ``top`` is the largest
             eigenvalue of ``H`` on ``V^⊥`` seen from the start vector, not a bound.
+        ritz_vector: ``(p,)`` the unit Ritz vector of ``top`` (in ``span(basis)``, ``⊥ V``): the
+            best start for a later search (the amortised check's guard).
     """
 
     basis: torch.Tensor
@@ -60,10 +63,35 @@ class DeflatedSearch:
     top: float
     products: int
     exact: bool
+    ritz_vector: torch.Tensor
 
 
-def deflated_search(op, V: torch.Tensor, bar: float, steps: int,
-                    gen: torch.Generator) -> DeflatedSearch:
+@dataclass(frozen=True)
+class GuardState:
+    """The amortised multiplicity check's state, carried from one measurement to the next in
+    the result (``Eigenpairs.guard``) and passed back in with it (no hidden cache).
+
+    Attributes:
+        vector: ``(p,)`` unit guard vector (the top Ritz vector of the last search on
+            ``(I − VVᵀ) H (I − VVᵀ)``), or ``None`` (the next search starts at random).
+        since_full: measurements since the last full check (0: this one ran it).
+    """
+
+    vector: torch.Tensor | None
+    since_full: int
+
+
+def miss_bar(values: torch.Tensor, criterion: ConvergenceCriterion) -> float:
+    """``θ_n`` plus its residual bar: a Ritz value of ``(I − VVᵀ) H (I − VVᵀ)`` above it is a
+    missed eigenvalue (``values``: the ``n`` found, descending)."""
+    scale = max(float(values.abs().max()), float(torch.finfo(values.dtype).tiny))
+    margin = criterion.bars(values[-1:], scale)
+    margin = float(margin[0]) if isinstance(margin, torch.Tensor) else margin
+    return float(values[-1]) + margin
+
+
+def deflated_search(op, V: torch.Tensor, bar: float, steps: int, gen: torch.Generator,
+                    start: torch.Tensor | None = None) -> DeflatedSearch:
     """Up to ``steps`` Lanczos steps on ``(I − VVᵀ) H (I − VVᵀ)``, stopping early once a Ritz
     value exceeds ``bar``.
 
@@ -74,6 +102,8 @@ def deflated_search(op, V: torch.Tensor, bar: float, steps: int,
         bar: a Ritz value above this is a missed eigenvalue (``θ_n + tol·|θ_1|``).
         steps: most products (≥ 1).
         gen: source of the random start vector.
+        start: ``(p,)`` start vector instead (projected onto ``V^⊥``; a random one if nothing
+            of it is left there, or if it is ``None``).
 
     Raises:
         FloatingPointError: the operator returned NaN or infinity.
@@ -82,7 +112,7 @@ def deflated_search(op, V: torch.Tensor, bar: float, steps: int,
                         locked=V)
     steps = min(steps, basis.room)  # a Krylov space in V^⊥ has at most dim V^⊥ vectors
     T = torch.zeros(steps, steps, dtype=torch.float64)
-    q = basis.random_direction(gen)
+    q = _start(basis, start, gen)
     top, exact = float("-inf"), False
     while basis.size < steps:
         w = apply_operator(op, q[:, None], basis.size)[:, 0]
@@ -90,7 +120,8 @@ def deflated_search(op, V: torch.Tensor, bar: float, steps: int,
         f, h = basis.orthogonal_part(w)  # h = Qᵀ H q_j = Qᵀ P H P q_j (q_j ⊥ V): column j of T
         j = basis.size
         T[:j, j - 1] = T[j - 1, :j] = h.cpu().double()
-        top = float(torch.linalg.eigvalsh(T[:j, :j])[-1])
+        theta, Y = torch.linalg.eigh(T[:j, :j])
+        top = float(theta[-1])
         beta = float(f.norm())
         if top > bar:
             break
@@ -98,4 +129,15 @@ def deflated_search(op, V: torch.Tensor, bar: float, steps: int,
             exact = True  # invariant, or V^⊥ exhausted: nothing above top is reachable from q
             break
         q = f / beta
-    return DeflatedSearch(basis.Q, basis.HQ, top, basis.size, exact)
+    ritz = basis.Q @ Y[:, -1].to(basis.dtype).to(basis.device)
+    return DeflatedSearch(basis.Q, basis.HQ, top, basis.size, exact, ritz / ritz.norm())
+
+
+def _start(basis: KrylovBasis, start: torch.Tensor | None, gen: torch.Generator) -> torch.Tensor:
+    """``start`` projected onto the room of ``basis`` and normalised, or a random direction."""
+    if start is not None and start.shape == (basis.p,):
+        kept = KrylovBasis(basis.p, basis.dtype, basis.device, 1, locked=basis.locked,
+                           images=False).add_columns(start.to(basis.device, basis.dtype)[:, None])
+        if kept.shape[1]:
+            return kept[:, 0]
+    return basis.random_direction(gen)

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import torch
 
 from tinysubspace.linalg.basis import KrylovBasis, apply_operator, working_dtype
-from tinysubspace.linalg.deflation import CHECK_STEPS, deflated_search
+from tinysubspace.linalg.deflation import CHECK_STEPS, GuardState, deflated_search, miss_bar
 from tinysubspace.linalg.krylov_schur import KrylovResult, krylov_schur
 from tinysubspace.linalg.rayleigh_ritz import RitzBasis
 from tinysubspace.linalg.stagnation import ProgressWatch, stagnation_message
@@ -71,6 +71,13 @@ class Eigenpairs:
             a result made elsewhere); a missed copy of a repeated eigenvalue is then possible.
         tol_scale: what the solve's ``tol`` was relative to: ``"top"`` (``‖r_i‖ ≤ tol·|θ_1|``)
             or ``"pair"`` (``‖r_i‖ ≤ tol·|θ_i|``, ARPACK's); :mod:`tinysubspace.linalg.tolerance`.
+        certificate: what this result's multiplicity was certified by: ``"full"`` (the full
+            check passed: ``multiplicity_checked``), ``"guard"`` (only the amortised check's
+            guard advanced, :func:`~tinysubspace.linalg.warm_start.track_eigenpairs` with
+            ``check="amortised"``: a miss is found within its stated number of measurements),
+            or ``"none"``.
+        guard: the amortised check's state to pass on with this result (``None`` unless
+            ``check="amortised"``).
     """
 
     values: torch.Tensor
@@ -81,6 +88,8 @@ class Eigenpairs:
     skip: int = 0
     multiplicity_checked: bool = False
     tol_scale: str = "top"
+    certificate: str = "none"
+    guard: GuardState | None = None
 
 
 @dataclass(frozen=True)
@@ -227,7 +236,8 @@ def top_eigenpairs(op, k: int, tol: float = 1e-6, init: torch.Tensor | None = No
                                          criterion.product_error), RuntimeWarning, stacklevel=2)
     return Eigenpairs(*(t[..., skip:].to(op.dtype).clone() for t in
                         (found.values, found.vectors, found.residuals)),
-                      found.products, found.converged, skip, checked, tol_scale)
+                      found.products, found.converged, skip, checked, tol_scale,
+                      "full" if checked else "none")
 
 
 def _block_solve(op, state: RitzBasis, plan: SolvePlan, criterion: ConvergenceCriterion, *,
@@ -288,10 +298,7 @@ def _check_multiplicity(op, found: KrylovResult, plan: SolvePlan,
         room = plan.budget - found.products
         if room < 1:
             return found, False
-        scale = max(float(found.values.abs().max()), float(torch.finfo(op.dtype).tiny))
-        margin = criterion.bars(found.values[n - 1:n], scale)
-        margin = float(margin[0]) if isinstance(margin, torch.Tensor) else margin
-        bar = float(found.values[n - 1]) + margin
+        bar = miss_bar(found.values[:n], criterion)
         search = deflated_search(op, found.vectors, bar, min(steps, room), gen)
         used = found.products + search.products
         if search.top <= bar:
