@@ -165,9 +165,12 @@ def top_eigenpairs(op, k: int, tol: float = 1e-6, init: torch.Tensor | None = No
     invisible to a single start vector). If it finds one, the solve goes on with it and
     checks again.
 
-    A ``tol`` near or below the precision floor of the operator's dtype is detected
+    A ``tol`` near or below the precision floor of the operator's dtype, or below its declared
+    relative product error ``op.product_error`` (e.g. a finite-difference ``H·v``), is detected
     (:mod:`tinysubspace.linalg.stagnation`): when the residuals stop decreasing the solve stops
     with ``converged=False`` and a ``RuntimeWarning`` naming the tolerance that is reachable.
+    A float16 / bfloat16 operator is solved in float32 (its products in its own dtype) and its
+    results returned in its dtype.
 
     Args:
         op: symmetric operator with ``shape``, ``dtype`` (real floating point), ``device`` and
@@ -202,12 +205,15 @@ def top_eigenpairs(op, k: int, tol: float = 1e-6, init: torch.Tensor | None = No
 
     Raises:
         FloatingPointError: the operator returned NaN or infinity.
+        RuntimeError: no random direction outside the basis could be drawn (never expected:
+            :meth:`~tinysubspace.linalg.basis.KrylovBasis.fill_random`).
         TypeError: ``init`` is not a tensor.
         ValueError: ``k + skip ≥ p``, ``tol ≤ 0``, ``init`` of the wrong shape, complex or not
             finite, ``max_matvecs`` below ``k + skip`` or below the number of columns of
             ``init``, a negative ``check_steps``, a ``tol_scale`` other than ``"top"`` or
-            ``"pair"``, an operator whose dtype is not real floating
-            point, or products of another shape, dtype or device than the operator declares.
+            ``"pair"``, an ``op.product_error`` outside ``[0, 1)``, an operator whose dtype is
+            not real floating point, or products of another shape, dtype or device than the
+            operator declares.
     """
     p = _validate(op, k=k, skip=skip, tol=tol, init=init, block_size=block_size,
                   basis_size=basis_size, max_matvecs=max_matvecs, check_steps=check_steps,

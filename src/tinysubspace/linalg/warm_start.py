@@ -41,7 +41,10 @@ found within a few steps when ``λ* − θ_n`` is large against the spread of th
 ``V^⊥`` below it; one just above ``θ_n`` with that rest close below (1.55 over a bulk up to 1.45 in
 the same case) can need more steps (``check_steps=16`` there) and is otherwise returned as missed
 with ``converged=True`` — the returned values are then off by at most that distance.
-``multiplicity_checked`` says whether the check ran. Tests (tests/test_tracking.py):
+``multiplicity_checked`` says whether the check ran. ``check="amortised"`` spreads its cost over
+the measurements (a full check at least every ``M``, a carried guard vector in between; a miss is
+found within ``M`` measurements, :mod:`tinysubspace.linalg.amortised`).
+Tests (tests/test_tracking.py):
 ``test_krylov_warm_start_finds_an_eigenvector_entering_a_nearly_invariant_subspace``,
 ``test_the_reach_of_the_multiplicity_check_grows_with_check_steps``.
 """
