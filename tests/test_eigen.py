@@ -14,7 +14,7 @@ import torch
 import tinysubspace as ts
 from cases import CASES, ten_class_problem
 from reference import FlatLoss, reference_hessian
-from tinysubspace.linalg.orthogonalize import random_block
+from tinysubspace.linalg.basis import random_block
 from tinysubspace.linalg.tridiagonal import lanczos_tridiagonal
 
 pytestmark = pytest.mark.usefixtures("global_rng_untouched")
@@ -307,12 +307,12 @@ def test_single_vector_exactly_invariant_start_goes_on_at_random(basis_size, mon
     """``H e_5 = 26 e_5`` exactly: the residual is zero after one product, and the solver must
     go on from random directions — with the smallest basis (n + 1 = 4: a restart every product
     from the fourth on) as with a roomy one."""
-    from tinysubspace.linalg import krylov_schur
+    from tinysubspace.linalg.basis import KrylovBasis
 
     calls = []
-    original = krylov_schur._random_direction
-    monkeypatch.setattr(krylov_schur, "_random_direction",
-                        lambda basis, gen: calls.append(basis.shape[0]) or original(basis, gen))
+    original = KrylovBasis.random_direction
+    monkeypatch.setattr(KrylovBasis, "random_direction",
+                        lambda basis, gen: calls.append(basis.size) or original(basis, gen))
     A = torch.diag(torch.arange(30, 0, -1, dtype=F64))
     e5 = torch.zeros(30, dtype=F64)
     e5[4] = 1.0

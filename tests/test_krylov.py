@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import tinysubspace as ts
-from tinysubspace.linalg.orthogonalize import orthonormalize_against, random_block
+from tinysubspace.linalg.basis import orthonormalize_against, random_block
 
 pytestmark = pytest.mark.usefixtures("global_rng_untouched")
 

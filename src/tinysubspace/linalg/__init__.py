@@ -1,12 +1,16 @@
 """The solver core: algorithms that see only an operator (``shape``, ``dtype``, ``device``, ``@``).
 
-``orthogonalize`` (Gram–Schmidt, random blocks), ``tridiagonal`` (textbook Lanczos, for SLQ),
-``lanczos`` (:func:`top_eigenpairs`: thick-restart block Lanczos with exact Rayleigh–Ritz
-residuals), ``krylov_schur`` (its single-vector form), ``tolerance`` (what ``tol`` is relative
-to: ``tol_scale``), ``warm_start`` (:func:`track_eigenpairs`
-between training steps), ``density`` (stochastic Lanczos quadrature, exact spectra).
+``basis`` (the one Krylov basis: Gram–Schmidt, random directions), ``tridiagonal`` (textbook
+Lanczos, for SLQ), ``lanczos`` (:func:`top_eigenpairs`: thick-restart block Lanczos with exact
+Rayleigh–Ritz residuals), ``rayleigh_ritz`` (its working state), ``krylov_schur`` (its
+single-vector form), ``deflation`` (the multiplicity check), ``tolerance`` (the convergence
+criterion: ``tol``, ``tol_scale``, the precision floor), ``warm_start``
+(:func:`track_eigenpairs` between training steps), ``amortised`` (its multiplicity check spread
+over the measurements), ``density`` (stochastic Lanczos quadrature,
+exact spectra).
 """
 
+from tinysubspace.linalg.deflation import GuardState
 from tinysubspace.linalg.density import (
     SpectralDensity,
     broadened_density,
@@ -20,6 +24,7 @@ from tinysubspace.linalg.warm_start import WARM_STARTS, track_eigenpairs
 __all__ = [
     "WARM_STARTS",
     "Eigenpairs",
+    "GuardState",
     "SpectralDensity",
     "broadened_density",
     "exact_spectrum",

@@ -45,6 +45,7 @@ from tinysubspace.linalg.density import (
     spectral_density,
 )
 from tinysubspace.linalg.lanczos import top_eigenpairs
+from tinysubspace.operator import SymmetricOperator
 
 __all__ = [
     "BlockSpectrum",
@@ -60,11 +61,12 @@ __all__ = [
 ]
 
 
-class RestrictedOperator:
+class RestrictedOperator(SymmetricOperator):
     """``S_bᵀ A S_b``: the diagonal block of a symmetric operator on the coordinates ``index``.
 
     A product embeds ``v`` (zeros elsewhere), applies ``A`` and keeps the rows ``index``; it costs
-    one product of ``A`` per column.
+    one product of ``A`` per column. Validation of ``v`` and the count of products
+    (:attr:`matvecs`) are the protocol's (:class:`~tinysubspace.operator.SymmetricOperator`).
 
     Raises:
         ValueError: ``index`` empty, out of range or with repeats.
@@ -81,15 +83,25 @@ class RestrictedOperator:
                              f"{int(index.max()) if index.numel() else 0}]")
         if torch.unique(index).numel() != index.numel():
             raise ValueError("a block's indices must not repeat")
+        super().__init__(int(index.numel()), op.dtype, op.device)
         self.op, self.index = op, index.to(op.device)
-        self.shape = (int(index.numel()), int(index.numel()))
-        self.dtype, self.device = op.dtype, op.device
 
-    def __matmul__(self, v: torch.Tensor) -> torch.Tensor:
-        block = v.reshape(self.shape[0], -1)
+    def _matmat(self, block: torch.Tensor) -> torch.Tensor:
         full = torch.zeros(self.op.shape[0], block.shape[1], dtype=self.dtype, device=self.device)
-        full[self.index] = block.to(dtype=self.dtype, device=self.device)
-        return (self.op @ full)[self.index].reshape(v.shape)
+        full[self.index] = block
+        return (self.op @ full)[self.index]
+
+
+class _Adapted(SymmetricOperator):
+    """A duck-typed operator (``shape``, ``dtype``, ``device``, ``@``) given the protocol's
+    validation and product count."""
+
+    def __init__(self, op) -> None:
+        super().__init__(op.shape[0], op.dtype, op.device)
+        self.op = op
+
+    def _matmat(self, block: torch.Tensor) -> torch.Tensor:
+        return self.op @ block
 
 
 @dataclass(frozen=True)
@@ -177,30 +189,20 @@ def block_spectrum(op, name: str = "", k: int = 5, steps: int = 40, probes: int 
     if min(k, steps, probes) < 1:
         raise ValueError(f"k, steps and probes must be at least 1, got {k}, {steps}, {probes}")
     p = op.shape[0]
-    counted = _Counting(op)
+    counted = op if isinstance(op, SymmetricOperator) else _Adapted(op)
+    before = counted.matvecs
     if p <= exact_size:
         values = exact_spectrum(counted, block=p).to(device="cpu", dtype=torch.float64)
         density = SpectralDensity(values.flip(0)[None, :], torch.full((1, p), 1.0 / p,
                                                                       dtype=torch.float64),
                                   p, "exact", None)
         return BlockSpectrum(name, p, values[:k], density_trace(density), density,
-                             counted.matvecs, True)
+                             counted.matvecs - before, True)
     eig = top_eigenpairs(counted, min(k, p - 1), tol=tol, seed=seed)
     density = spectral_density(counted, steps=min(steps, p), probes=probes, seed=seed)
     return BlockSpectrum(name, p, eig.values.detach().to(device="cpu", dtype=torch.float64),
-                         density_trace(density), density, counted.matvecs, eig.converged)
-
-
-class _Counting:
-    """``op`` with a count of the columns it was applied to."""
-
-    def __init__(self, op) -> None:
-        self.op, self.matvecs = op, 0
-        self.shape, self.dtype, self.device = op.shape, op.dtype, op.device
-
-    def __matmul__(self, v: torch.Tensor) -> torch.Tensor:
-        self.matvecs += 1 if v.ndim == 1 else v.shape[1]
-        return self.op @ v
+                         density_trace(density), density, counted.matvecs - before,
+                         eig.converged)
 
 
 # ------------------------------------------------------------------------------ heterogeneity

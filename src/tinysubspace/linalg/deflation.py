@@ -22,7 +22,9 @@ well-separated copies (``γ ≳ 0.5``, as in the paper's toy model) within 8–1
 ``p ≤ 10⁶``, copies only slightly above ``θ_n`` later or not at all. Those are also the cheap
 misses: an eigenvalue within ``tol·|θ_1|`` of ``θ_n`` is not a miss at all (the values returned
 are right to the tolerance). An invariant Krylov space of ``H_⊥`` (or one that fills ``V^⊥``)
-ends the check early with its exact top eigenvalue.
+ends the check early with its exact top eigenvalue. The search grows a
+:class:`~tinysubspace.linalg.basis.KrylovBasis` locked against ``V``: the same
+reorthogonalisation, breakdown rule and random directions as every other Lanczos path.
 """
 
 from __future__ import annotations
@@ -31,10 +33,10 @@ from dataclasses import dataclass
 
 import torch
 
-from tinysubspace.linalg.krylov_schur import apply_operator
-from tinysubspace.linalg.orthogonalize import orthonormalize_against, random_block
+from tinysubspace.linalg.basis import KrylovBasis, apply_operator
+from tinysubspace.linalg.tolerance import ConvergenceCriterion
 
-__all__ = ["CHECK_STEPS", "DeflatedSearch", "deflated_search"]
+__all__ = ["CHECK_STEPS", "DeflatedSearch", "GuardState", "deflated_search", "miss_bar"]
 
 CHECK_STEPS = 8
 """Default products of the multiplicity check (``top_eigenpairs(check_steps=...)``)."""
@@ -52,6 +54,8 @@ class DeflatedSearch:
         products: operator products used (``j``).
         exact: the Krylov space became invariant or filled ``V^⊥``: ``top`` is the largest
             eigenvalue of ``H`` on ``V^⊥`` seen from the start vector, not a bound.
+        ritz_vector: ``(p,)`` the unit Ritz vector of ``top`` (in ``span(basis)``, ``⊥ V``): the
+            best start for a later search (the amortised check's guard).
     """
 
     basis: torch.Tensor
@@ -59,63 +63,81 @@ class DeflatedSearch:
     top: float
     products: int
     exact: bool
+    ritz_vector: torch.Tensor
 
 
-def deflated_search(op, V: torch.Tensor, bar: float, steps: int,
-                    gen: torch.Generator) -> DeflatedSearch:
+@dataclass(frozen=True)
+class GuardState:
+    """The amortised multiplicity check's state, carried from one measurement to the next in
+    the result (``Eigenpairs.guard``) and passed back in with it (no hidden cache).
+
+    Attributes:
+        vector: ``(p,)`` unit guard vector (the top Ritz vector of the last search on
+            ``(I − VVᵀ) H (I − VVᵀ)``), or ``None`` (the next search starts at random).
+        since_full: measurements since the last full check (0: this one ran it).
+    """
+
+    vector: torch.Tensor | None
+    since_full: int
+
+
+def miss_bar(values: torch.Tensor, criterion: ConvergenceCriterion) -> float:
+    """``θ_n`` plus its residual bar: a Ritz value of ``(I − VVᵀ) H (I − VVᵀ)`` above it is a
+    missed eigenvalue (``values``: the ``n`` found, descending)."""
+    scale = max(float(values.abs().max()), float(torch.finfo(values.dtype).tiny))
+    margin = criterion.bars(values[-1:], scale)
+    margin = float(margin[0]) if isinstance(margin, torch.Tensor) else margin
+    return float(values[-1]) + margin
+
+
+def deflated_search(op, V: torch.Tensor, bar: float, steps: int, gen: torch.Generator,
+                    start: torch.Tensor | None = None) -> DeflatedSearch:
     """Up to ``steps`` Lanczos steps on ``(I − VVᵀ) H (I − VVᵀ)``, stopping early once a Ritz
     value exceeds ``bar``.
 
     Args:
         op: symmetric operator (``shape``, ``dtype``, ``device``, ``@`` on ``(p, 1)`` blocks).
-        V: ``(p, n)`` orthonormal columns (the pairs a solve found), ``n < p``.
+        V: ``(p, n)`` orthonormal columns (the pairs a solve found), ``n < p``, in the working
+            dtype (the search's vectors are in ``V``'s dtype).
         bar: a Ritz value above this is a missed eigenvalue (``θ_n + tol·|θ_1|``).
         steps: most products (≥ 1).
         gen: source of the random start vector.
+        start: ``(p,)`` start vector instead (projected onto ``V^⊥``; a random one if nothing
+            of it is left there, or if it is ``None``).
 
     Raises:
         FloatingPointError: the operator returned NaN or infinity.
     """
-    p = V.shape[0]
-    room = p - V.shape[1]  # dim V^⊥: a Krylov space there has at most this many vectors
-    steps = min(steps, room)
-    Q = V.new_empty(steps, p)  # rows: the Lanczos vectors
-    HQ = V.new_empty(steps, p)
+    basis = KrylovBasis(V.shape[0], V.dtype, V.device, capacity=min(steps, V.shape[0]),
+                        locked=V)
+    steps = min(steps, basis.room)  # a Krylov space in V^⊥ has at most dim V^⊥ vectors
     T = torch.zeros(steps, steps, dtype=torch.float64)
-    q = _random_unit(V, gen)
-    eps = float(torch.finfo(V.dtype).eps)
-    top, exact, j = float("-inf"), False, 0
-    while j < steps:
-        w = apply_operator(op, q[:, None], j)[:, 0]
-        Q[j], HQ[j] = q, w
-        h = Q[: j + 1] @ w  # Qᵀ H q_j (q_j ⊥ V, so also Qᵀ P H P q_j): column j of T
-        T[: j + 1, j] = T[j, : j + 1] = h.cpu().double()
-        f = _project_out(w, V, Q[: j + 1])
-        j += 1
-        top = float(torch.linalg.eigvalsh(T[:j, :j])[-1])
+    q = _start(basis, start, gen)
+    top, exact = float("-inf"), False
+    while basis.size < steps:
+        w = apply_operator(op, q[:, None], basis.size)[:, 0]
+        basis.append(q, w)
+        f, h = basis.orthogonal_part(w)  # h = Qᵀ H q_j = Qᵀ P H P q_j (q_j ⊥ V): column j of T
+        j = basis.size
+        T[:j, j - 1] = T[j - 1, :j] = h.cpu().double()
+        theta, Y = torch.linalg.eigh(T[:j, :j])
+        top = float(theta[-1])
         beta = float(f.norm())
         if top > bar:
             break
-        if j == room or beta <= 10 * eps * max(abs(top), float(w.norm())):
+        if basis.room == 0 or basis.invariant(beta, max(abs(top), float(w.norm()))):
             exact = True  # invariant, or V^⊥ exhausted: nothing above top is reachable from q
             break
         q = f / beta
-    return DeflatedSearch(Q[:j].T, HQ[:j].T, top, j, exact)
+    ritz = basis.Q @ Y[:, -1].to(basis.dtype).to(basis.device)
+    return DeflatedSearch(basis.Q, basis.HQ, top, basis.size, exact, ritz / ritz.norm())
 
 
-def _project_out(w: torch.Tensor, V: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
-    """``w`` with its components along the columns of ``V`` and the rows of ``Q`` removed
-    (classical Gram–Schmidt, twice)."""
-    for _ in range(2):
-        w = w - V @ (V.T @ w)
-        w = w - Q.T @ (Q @ w)
-    return w
-
-
-def _random_unit(V: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """A unit random vector orthogonal to the columns of ``V``."""
-    while True:
-        candidate = random_block(V.shape[0], 1, V.dtype, V.device, gen)
-        direction = orthonormalize_against(candidate, V)
-        if direction.shape[1]:
-            return direction[:, 0]
+def _start(basis: KrylovBasis, start: torch.Tensor | None, gen: torch.Generator) -> torch.Tensor:
+    """``start`` projected onto the room of ``basis`` and normalised, or a random direction."""
+    if start is not None and start.shape == (basis.p,):
+        kept = KrylovBasis(basis.p, basis.dtype, basis.device, 1, locked=basis.locked,
+                           images=False).add_columns(start.to(basis.device, basis.dtype)[:, None])
+        if kept.shape[1]:
+            return kept[:, 0]
+    return basis.random_direction(gen)

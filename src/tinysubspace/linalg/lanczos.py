@@ -26,6 +26,12 @@ converged solve is followed by a multiplicity check (:mod:`tinysubspace.linalg.d
 Lanczos steps on ``(I − VVᵀ) H (I − VVᵀ)`` from a fresh random start. A missed eigenvalue above
 ``θ_n`` found there joins the basis, the iteration goes on, and the check is repeated.
 A tolerance below the precision floor is detected (:mod:`tinysubspace.linalg.stagnation`).
+
+Every path (cold, warm, block, multiplicity check; SLQ in :mod:`tinysubspace.linalg.tridiagonal`)
+grows the same :class:`~tinysubspace.linalg.basis.KrylovBasis` and decides convergence with one
+:class:`~tinysubspace.linalg.tolerance.ConvergenceCriterion` (``tol``, ``tol_scale``, the dtype's
+floor and the operator's ``product_error``). Half-precision operators are solved in float32 (only
+the products run in half precision) and their results returned in the operator's dtype.
 """
 
 from __future__ import annotations
@@ -35,11 +41,12 @@ from dataclasses import dataclass
 
 import torch
 
-from tinysubspace.linalg.deflation import CHECK_STEPS, deflated_search
-from tinysubspace.linalg.krylov_schur import KrylovResult, apply_operator, krylov_schur
-from tinysubspace.linalg.orthogonalize import orthonormalize_against, random_block
+from tinysubspace.linalg.basis import KrylovBasis, apply_operator, working_dtype
+from tinysubspace.linalg.deflation import CHECK_STEPS, GuardState, deflated_search, miss_bar
+from tinysubspace.linalg.krylov_schur import KrylovResult, krylov_schur
+from tinysubspace.linalg.rayleigh_ritz import RitzBasis
 from tinysubspace.linalg.stagnation import ProgressWatch, stagnation_message
-from tinysubspace.linalg.tolerance import check_tol_scale, relative_residual, thresholds
+from tinysubspace.linalg.tolerance import ConvergenceCriterion, check_tol_scale
 
 __all__ = ["Eigenpairs", "top_eigenpairs"]
 
@@ -64,6 +71,13 @@ class Eigenpairs:
             a result made elsewhere); a missed copy of a repeated eigenvalue is then possible.
         tol_scale: what the solve's ``tol`` was relative to: ``"top"`` (``‖r_i‖ ≤ tol·|θ_1|``)
             or ``"pair"`` (``‖r_i‖ ≤ tol·|θ_i|``, ARPACK's); :mod:`tinysubspace.linalg.tolerance`.
+        certificate: what this result's multiplicity was certified by: ``"full"`` (the full
+            check passed: ``multiplicity_checked``), ``"guard"`` (only the amortised check's
+            guard advanced, :func:`~tinysubspace.linalg.warm_start.track_eigenpairs` with
+            ``check="amortised"``: a miss is found within its stated number of measurements),
+            or ``"none"``.
+        guard: the amortised check's state to pass on with this result (``None`` unless
+            ``check="amortised"``).
     """
 
     values: torch.Tensor
@@ -74,82 +88,26 @@ class Eigenpairs:
     skip: int = 0
     multiplicity_checked: bool = False
     tol_scale: str = "top"
+    certificate: str = "none"
+    guard: GuardState | None = None
 
 
-class _Krylov:
-    """The solver's working state: basis ``Q``, its image ``HQ``, the projected matrix ``T`` and
-    ``G = HQᵀ HQ``. ``Q`` and ``HQ`` are views of row buffers holding ``capacity`` vectors, so a
-    step copies no old vectors (and every view is a contiguous block, transposed).
-    """
+@dataclass(frozen=True)
+class SolvePlan:
+    """The sizes of one solve: ``n = skip + k`` pairs wanted, ``block`` vectors added per
+    iteration, ``basis_size`` vectors before a thick restart, at most ``budget`` products, and
+    ``check_steps`` products per multiplicity check."""
 
-    def __init__(self, like: torch.Tensor, capacity: int) -> None:
-        p = like.shape[0]
-        self._Q = like.new_empty(capacity, p)  # row i is the basis vector q_i
-        self._HQ = like.new_empty(capacity, p)
-        self.size = 0
-        self.T = like.new_zeros(0, 0)
-        self.G = like.new_zeros(0, 0)
-
-    @property
-    def Q(self) -> torch.Tensor:  # (p, m)
-        return self._Q[: self.size].T
-
-    @property
-    def HQ(self) -> torch.Tensor:  # (p, m)
-        return self._HQ[: self.size].T
-
-    def extend(self, block: torch.Tensor, image: torch.Tensor) -> None:
-        cross = self.Q.T @ image  # (m, b): Qᵀ H Qn (the old-new entries of T)
-        corner = block.T @ image
-        corner = (corner + corner.T) / 2
-        self.T = torch.cat([torch.cat([self.T, cross], 1),
-                            torch.cat([cross.T, corner], 1)], 0)
-        g_cross, g_corner = self.HQ.T @ image, image.T @ image
-        self.G = torch.cat([torch.cat([self.G, g_cross], 1),
-                            torch.cat([g_cross.T, g_corner], 1)], 0)
-        end = self.size + block.shape[1]
-        if end > self._Q.shape[0]:  # (only a start block wider than the basis size)
-            grow = end - self._Q.shape[0]
-            self._Q = torch.cat([self._Q, self._Q.new_empty(grow, self._Q.shape[1])])
-            self._HQ = torch.cat([self._HQ, self._HQ.new_empty(grow, self._HQ.shape[1])])
-        self._Q[self.size:end] = block.T
-        self._HQ[self.size:end] = image.T
-        self.size = end
-
-    def ritz(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Ritz values (descending) and coefficient vectors ``y`` of the projected matrix."""
-        theta, Y = torch.linalg.eigh((self.T + self.T.T) / 2)
-        return theta.flip(0), Y.flip(1)
-
-    def restart(self, Y: torch.Tensor, theta: torch.Tensor) -> None:
-        """Keep only the Ritz vectors ``Q Y`` (thick restart)."""
-        keep = Y.shape[1]
-        self._Q[:keep] = Y.T @ self._Q[: self.size]
-        self._HQ[:keep] = Y.T @ self._HQ[: self.size]
-        self.size = keep
-        self.T, self.G = torch.diag(theta), Y.T @ self.G @ Y
-
-    def residual_gram(self, theta: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
-        """``RᵀR`` of the Ritz residuals ``R = HQ Y − Q Y diag(θ)``, from small matrices only:
-        ``Yᵀ G Y − diag(θ²)`` (``QᵀHQ = T``, ``TY = Yθ``), in float64. Cancellation leaves an
-        error of about ``eps · ‖H‖²`` (see :func:`_estimate_floor`)."""
-        Y64, G64 = Y.double(), self.G.double()
-        M = Y64.T @ G64 @ Y64 - torch.diag(theta.double() ** 2)
-        return (M + M.T) / 2
-
-    def residual_directions(self, theta: torch.Tensor, Y: torch.Tensor, b: int) -> torch.Tensor:
-        """The ``b`` leading left singular directions of ``R = HQ Y − Q Y diag(θ)`` (all of
-        ``R`` if it has at most ``b`` columns), computed as ``R Z`` without forming ``R``."""
-        if Y.shape[1] > b:
-            _, Z = torch.linalg.eigh(self.residual_gram(theta, Y))
-            Z = Z[:, -b:].flip(1).to(Y.dtype)
-            return self.HQ @ (Y @ Z) - self.Q @ (Y @ (theta[:, None] * Z))
-        return self.HQ @ Y - self.Q @ (Y * theta)
+    n: int
+    block: int
+    basis_size: int
+    budget: int
+    check_steps: int
 
 
-def _validate(op, k: int, skip: int, tol: float, init: torch.Tensor | None,
+def _validate(op, *, k: int, skip: int, tol: float, init: torch.Tensor | None,
               block_size: int | None, basis_size: int | None, max_matvecs: int | None,
-              check_steps: int, tol_scale: str = "top") -> int:
+              check_steps: int, tol_scale: str) -> int:
     p = op.shape[0]
     check_tol_scale(tol_scale)
     if not isinstance(op.dtype, torch.dtype) or not op.dtype.is_floating_point:
@@ -207,9 +165,12 @@ def top_eigenpairs(op, k: int, tol: float = 1e-6, init: torch.Tensor | None = No
     invisible to a single start vector). If it finds one, the solve goes on with it and
     checks again.
 
-    A ``tol`` near or below the precision floor of the operator's dtype is detected
+    A ``tol`` near or below the precision floor of the operator's dtype, or below its declared
+    relative product error ``op.product_error`` (e.g. a finite-difference ``H·v``), is detected
     (:mod:`tinysubspace.linalg.stagnation`): when the residuals stop decreasing the solve stops
     with ``converged=False`` and a ``RuntimeWarning`` naming the tolerance that is reachable.
+    A float16 / bfloat16 operator is solved in float32 (its products in its own dtype) and its
+    results returned in its dtype.
 
     Args:
         op: symmetric operator with ``shape``, ``dtype`` (real floating point), ``device`` and
@@ -244,63 +205,65 @@ def top_eigenpairs(op, k: int, tol: float = 1e-6, init: torch.Tensor | None = No
 
     Raises:
         FloatingPointError: the operator returned NaN or infinity.
+        RuntimeError: no random direction outside the basis could be drawn (never expected:
+            :meth:`~tinysubspace.linalg.basis.KrylovBasis.fill_random`).
         TypeError: ``init`` is not a tensor.
         ValueError: ``k + skip ≥ p``, ``tol ≤ 0``, ``init`` of the wrong shape, complex or not
             finite, ``max_matvecs`` below ``k + skip`` or below the number of columns of
             ``init``, a negative ``check_steps``, a ``tol_scale`` other than ``"top"`` or
-            ``"pair"``, an operator whose dtype is not real floating
-            point, or products of another shape, dtype or device than the operator declares.
+            ``"pair"``, an ``op.product_error`` outside ``[0, 1)``, an operator whose dtype is
+            not real floating point, or products of another shape, dtype or device than the
+            operator declares.
     """
-    p = _validate(op, k, skip, tol, init, block_size, basis_size, max_matvecs, check_steps,
-                  tol_scale)
+    p = _validate(op, k=k, skip=skip, tol=tol, init=init, block_size=block_size,
+                  basis_size=basis_size, max_matvecs=max_matvecs, check_steps=check_steps,
+                  tol_scale=tol_scale)
+    criterion = ConvergenceCriterion.for_operator(op, tol, tol_scale)
     n = k + skip
     gen = torch.Generator().manual_seed(seed)
     start = _start_block(op, init, n, block_size, gen)
     b = block_size or (1 if init is None else max(1, min(n, start.shape[1])))
     m = min(p, max(basis_size or max(2 * n + 2 * b, n + 20), n + b))
-    budget = max_matvecs if max_matvecs is not None else 50 * p
-    watch = ProgressWatch(tol, op.dtype, p, window=max(3 * m, 100))
+    plan = SolvePlan(n, b, m, max_matvecs if max_matvecs is not None else 50 * p, check_steps)
+    watch = criterion.watch(window=max(3 * m, 100))
     if b == 1 and start.shape[1] == 1:  # a Krylov basis: Krylov–Schur, residuals for free
-        found = krylov_schur(op, start, n, tol, m, budget, gen, watch, tol_scale)
+        found = krylov_schur(op, start, n, criterion, basis_size=m, budget=plan.budget,
+                             gen=gen, watch=watch)
     else:
-        state = _Krylov(start, capacity=m)
+        state = RitzBasis(start, capacity=m)
         state.extend(start, apply_operator(op, start, 0))
-        found = _block_solve(op, state, n, (tol, tol_scale), b, m, budget, start.shape[1], gen,
-                             watch)
-    found, checked = _check_multiplicity(op, found, n, (tol, tol_scale), b, m, budget,
-                                         check_steps, gen, watch)
+        found = _block_solve(op, state, plan, criterion, used=start.shape[1], gen=gen,
+                             watch=watch)
+    found, checked = _check_multiplicity(op, found, plan, criterion, gen=gen, watch=watch)
     if watch.stalled and not found.converged:
         scale = max(float(found.values.abs().max()), float(torch.finfo(op.dtype).tiny))
-        reached = relative_residual(found.residuals, thresholds(
-            found.values, scale, tol, tol_scale, op.dtype), tol, scale)
-        warnings.warn(stagnation_message(tol, op.dtype, reached, watch.window,
-                                         found.products), RuntimeWarning, stacklevel=2)
-    return Eigenpairs(found.values[skip:].clone(), found.vectors[:, skip:].clone(),
-                      found.residuals[skip:].clone(), found.products, found.converged, skip,
-                      checked, tol_scale)
+        reached = criterion.relative(found.residuals, criterion.bars(found.values, scale), scale)
+        warnings.warn(stagnation_message(tol, op.dtype, reached, watch.window, found.products,
+                                         criterion.product_error), RuntimeWarning, stacklevel=2)
+    return Eigenpairs(*(t[..., skip:].to(op.dtype).clone() for t in
+                        (found.values, found.vectors, found.residuals)),
+                      found.products, found.converged, skip, checked, tol_scale,
+                      "full" if checked else "none")
 
 
-def _block_solve(op, state: _Krylov, n: int, criterion: tuple[float, str], b: int, m: int,
-                 budget: int, used: int, gen: torch.Generator,
-                 watch: ProgressWatch) -> KrylovResult:
+def _block_solve(op, state: RitzBasis, plan: SolvePlan, criterion: ConvergenceCriterion, *,
+                 used: int, gen: torch.Generator, watch: ProgressWatch) -> KrylovResult:
     """The general iteration (module docstring) from a basis ``state`` that already holds its
-    first vectors and their images (``used`` products so far); ``criterion = (tol,
-    tol_scale)``."""
-    p = op.shape[0]
-    tol, tol_scale = criterion
+    first vectors and their images (``used`` products so far)."""
+    p, n, b, m, budget = op.shape[0], plan.n, plan.block, plan.basis_size, plan.budget
     while True:
         theta, Y = state.ritz()
         scale = max(float(theta.abs().max()), float(torch.finfo(theta.dtype).tiny))
-        threshold = thresholds(theta[:n], scale, tol, tol_scale, op.dtype)
+        threshold = criterion.bars(theta[:n], scale)
         # residual norms from the small Gram matrix first: p-sized work only where needed
         estimate = state.residual_gram(theta[:n], Y[:, :n]).diagonal().clamp_min(0).sqrt()
-        floor = _estimate_floor(op, max(scale, float(state.G.diagonal().max()) ** 0.5))
+        floor = criterion.estimate_slack(max(scale, float(state.G.diagonal().max()) ** 0.5))
         enough = state.Q.shape[1] >= n
         maybe = enough and bool((estimate <= threshold + floor).all())
         full = state.Q.shape[1] >= p
         if not (maybe or full or used >= budget) and enough:
             # stalled: stop
-            maybe = watch.update(relative_residual(estimate, threshold, tol, scale), used)
+            maybe = watch.update(criterion.relative(estimate, threshold, scale), used)
         if maybe or full or used >= budget:
             V, HV = state.Q @ Y[:, :n], state.HQ @ Y[:, :n]
             R = HV - V * theta[:n]
@@ -308,7 +271,7 @@ def _block_solve(op, state: _Krylov, n: int, criterion: tuple[float, str], b: in
             # fewer than n basis vectors give fewer than n Ritz pairs: never "converged" then
             done = (enough and bool((res <= threshold).all())) or full
             stalled = not done and (watch.stalled or watch.update(
-                relative_residual(res, threshold, tol, scale), used))
+                criterion.relative(res, threshold, scale), used))
             if done or stalled or used >= budget:
                 return KrylovResult(theta[:n], V, HV, res, used, done, full)
             directions = _next_block(R, res, threshold, b)
@@ -320,14 +283,14 @@ def _block_solve(op, state: _Krylov, n: int, criterion: tuple[float, str], b: in
         if state.Q.shape[1] + b > m:
             keep = min(max(n + b, (m + n) // 2), m - b)
             state.restart(Y[:, :keep], theta[:keep])
-        block = _orthonormal_fill(directions, state.Q, b, gen)[:, : budget - used]
+        block = _orthonormal_fill(directions, state, b, gen)[:, : budget - used]
         image = apply_operator(op, block, used)
         used += block.shape[1]
         state.extend(block, image)
 
 
-def _check_multiplicity(op, found: KrylovResult, n: int, criterion: tuple[float, str], b: int,
-                        m: int, budget: int, steps: int, gen: torch.Generator,
+def _check_multiplicity(op, found: KrylovResult, plan: SolvePlan,
+                        criterion: ConvergenceCriterion, *, gen: torch.Generator,
                         watch: ProgressWatch) -> tuple[KrylovResult, bool]:
     """The multiplicity check after a converged solve, and whether it was complete.
 
@@ -336,46 +299,36 @@ def _check_multiplicity(op, found: KrylovResult, n: int, criterion: tuple[float,
     the check's Lanczos vectors (and their images: no product is repeated) join ``V`` as the
     basis of a continued solve, which is checked again. A full basis is exact (checked).
     """
+    n, steps = plan.n, plan.check_steps
     while found.converged and not found.full and steps > 0:
-        room = budget - found.products
+        room = plan.budget - found.products
         if room < 1:
             return found, False
-        scale = max(float(found.values.abs().max()), float(torch.finfo(op.dtype).tiny))
-        margin = thresholds(found.values[n - 1:n], scale, criterion[0], criterion[1], op.dtype)
-        margin = float(margin[0]) if isinstance(margin, torch.Tensor) else margin
-        bar = float(found.values[n - 1]) + margin
+        bar = miss_bar(found.values[:n], criterion)
         search = deflated_search(op, found.vectors, bar, min(steps, room), gen)
         used = found.products + search.products
         if search.top <= bar:
             return found._replace(products=used), search.exact or search.products == steps
-        state = _Krylov(found.vectors, capacity=max(m, n + search.products + b))
+        state = RitzBasis(found.vectors, capacity=max(plan.basis_size,
+                                                      n + search.products + plan.block))
         state.extend(found.vectors, found.images)
         state.extend(search.basis, search.images)
-        found = _block_solve(op, state, n, criterion, b, m, budget, used, gen, watch)
+        found = _block_solve(op, state, plan, criterion, used=used, gen=gen, watch=watch)
     return found, found.full
-
-
-def _estimate_floor(op, norm: float) -> float:
-    """How far a residual norm from :meth:`_Krylov.residual_gram` may be off: the Gram
-    entries are ``p``-term sums in the operator's precision, so ``yᵀGy − θ²`` carries an error
-    of about ``√p · eps · ‖H‖²`` (taken 10 times larger; ``norm`` ≥ the largest ``‖Hq‖`` seen)."""
-    eps = torch.finfo(op.dtype).eps
-    return (10 * eps * op.shape[0] ** 0.5) ** 0.5 * norm
 
 
 def _start_block(op, init: torch.Tensor | None, n: int, block_size: int | None,
                  gen: torch.Generator) -> torch.Tensor:
-    """Orthonormal first block: ``init`` (rank-revealed), filled up at random if needed."""
-    p = op.shape[0]
+    """Orthonormal first block in the working dtype: ``init`` (rank-revealed), filled up at
+    random if needed."""
+    p, work = op.shape[0], working_dtype(op.dtype)
     want = block_size or 1
-    columns = torch.empty(p, 0, dtype=op.dtype, device=op.device)
+    columns = KrylovBasis(p, work, op.device, want, images=False)
     if init is not None:
-        columns = orthonormalize_against(init.reshape(p, -1).to(op.device, op.dtype), None)
-        want = block_size or max(1, min(n, init.reshape(p, -1).shape[1]))
-    while columns.shape[1] < want:
-        extra = random_block(p, want - columns.shape[1], op.dtype, op.device, gen)
-        columns = torch.cat([columns, orthonormalize_against(extra, columns)], 1)
-    return columns
+        block = init.reshape(p, -1)
+        columns.add_columns(block.to(device=op.device, dtype=work))
+        want = block_size or max(1, min(n, block.shape[1]))
+    return columns.fill_random(max(want, columns.size), gen).clone()
 
 
 def _next_block(R: torch.Tensor, res: torch.Tensor, threshold: float | torch.Tensor,
@@ -398,12 +351,10 @@ def _next_block(R: torch.Tensor, res: torch.Tensor, threshold: float | torch.Ten
     return block
 
 
-def _orthonormal_fill(block: torch.Tensor, Q: torch.Tensor, b: int,
+def _orthonormal_fill(block: torch.Tensor, state: KrylovBasis, b: int,
                       gen: torch.Generator) -> torch.Tensor:
-    """``block`` made orthonormal to ``Q``; random directions replace any already spanned."""
-    block = orthonormalize_against(block, Q)
-    p = Q.shape[0]
-    while block.shape[1] < min(b, p - Q.shape[1]):
-        extra = random_block(p, b - block.shape[1], Q.dtype, Q.device, gen)
-        block = torch.cat([block, orthonormalize_against(extra, torch.cat([Q, block], 1))], 1)
-    return block
+    """``block`` made orthonormal to the basis ``state``; random directions replace any already
+    spanned (up to ``b`` columns, as many as there is room for)."""
+    scratch = KrylovBasis(state.p, state.dtype, state.device, b, locked=state.Q, images=False)
+    scratch.add_columns(block)
+    return scratch.fill_random(max(scratch.size, min(b, scratch.room + scratch.size)), gen)

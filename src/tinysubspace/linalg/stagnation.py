@@ -7,10 +7,12 @@ less would run to its budget (``50 p`` products: 10,000 for ``p = 200`` in float
 ``tol = 1e-9``; hours for a network). :class:`ProgressWatch` stops it instead.
 
 It is armed only when ``tol`` is within a factor :data:`ARM_FACTOR` of the rounding level of a
-``p``-term sum, ``√p · eps`` (float64 solves at ordinary tolerances never are, so their results
-cannot change), and then watches the largest wanted residual: when its best value has not halved
-over :data:`window` products, the solve has stagnated at the floor. The solver then returns
-``converged=False`` and warns with the tolerance that was reached.
+``p``-term sum, ``√p · eps``, or of the operator's own relative product error ``δ``
+(``op.product_error``, e.g. a finite-difference ``H·v``); float64 solves with exact products at
+ordinary tolerances never are, so their results cannot change. Armed, it watches the largest wanted
+residual: when its best value has not halved over :data:`window` products, the solve has stagnated
+at the floor. The solver then returns ``converged=False`` and warns with the tolerance that was
+reached.
 """
 
 from __future__ import annotations
@@ -34,10 +36,14 @@ class ProgressWatch:
         dtype: the operator's dtype.
         p: the operator's dimension.
         window: products without a halving of the best residual that count as stagnation.
+        product_error: the relative error ``δ`` of each product (0: exact to rounding).
     """
 
-    def __init__(self, tol: float, dtype: torch.dtype, p: int, window: int) -> None:
-        self.armed = tol < ARM_FACTOR * math.sqrt(p) * torch.finfo(dtype).eps
+    def __init__(self, tol: float, dtype: torch.dtype, p: int, window: int,
+                 product_error: float = 0.0) -> None:
+        floor = max(math.sqrt(p) * torch.finfo(dtype).eps, product_error)
+        self.armed = tol < ARM_FACTOR * floor
+        self.product_error = product_error
         self.window = window
         self.best = math.inf  # smallest relative residual seen
         self._mark = math.inf  # the best value at the last halving
@@ -71,10 +77,13 @@ def reachable_tolerance(reached: float) -> float:
 
 
 def stagnation_message(tol: float, dtype: torch.dtype, reached: float, window: int,
-                       products: int) -> str:
+                       products: int, product_error: float = 0.0) -> str:
     """The warning a stagnated solve gives (``reached``: its largest residual / ``|θ_1|``)."""
+    accuracy = (f" (products accurate to {product_error:.1e} relative)" if product_error > 0
+                else "")
     return (f"top_eigenpairs: tol={tol:.1e} is below what this {str(dtype).replace('torch.', '')} "
-            f"operator can reach: the residuals stopped decreasing (no halving in {window} "
-            f"products) at {reached:.1e} · |λ1|, so the solve stopped after {products} products "
-            f"with converged=False. Use tol >= {reachable_tolerance(reached):.0e}, or an "
-            "operator in float64 (dtype=torch.float64).")
+            f"operator{accuracy} can reach: the residuals stopped decreasing (no halving in "
+            f"{window} products) at {reached:.1e} · |λ1|, so the solve stopped after {products} "
+            f"products with converged=False. Use tol >= {reachable_tolerance(reached):.0e}, or an "
+            "operator in float64 (dtype=torch.float64)"
+            + (" with exact products." if product_error > 0 else "."))

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from tinysubspace.linalg.basis import KrylovBasis, apply_operator, working_dtype
+
 __all__ = ["Tridiagonal", "lanczos_tridiagonal"]
 
 
@@ -37,7 +39,9 @@ def lanczos_tridiagonal(op, start: torch.Tensor, steps: int,
                \\quad \\alpha_j = q_j^T A q_j
 
     Stops early (returning fewer steps) when the Krylov space becomes invariant
-    (``β_j ≈ 0``), which gives exact eigenvalues of ``A`` restricted to it.
+    (``β_j ≈ 0``, :meth:`~tinysubspace.linalg.basis.KrylovBasis.invariant`), which gives exact
+    eigenvalues of ``A`` restricted to it. The basis is a
+    :class:`~tinysubspace.linalg.basis.KrylovBasis` (float32 for a half-precision operator).
 
     Args:
         op: a symmetric operator (``op @ v``, ``op.shape``).
@@ -54,23 +58,22 @@ def lanczos_tridiagonal(op, start: torch.Tensor, steps: int,
     norm = start.norm()
     if not norm > 0:
         raise ValueError("the start vector of Lanczos must be non-zero")
-    Q = torch.zeros(p, steps, dtype=start.dtype, device=start.device)
-    Q[:, 0] = start / norm
+    basis = KrylovBasis(p, working_dtype(start.dtype), start.device, steps, images=False)
+    q = (start / norm).to(basis.dtype)
     alpha, beta = [], []
-    for j in range(steps):
-        w = op @ Q[:, j]
-        alpha.append(Q[:, j] @ w)
-        for _ in range(2):  # full reorthogonalisation against every previous vector
-            w = w - Q[:, : j + 1] @ (Q[:, : j + 1].T @ w)
-        if j == steps - 1:
+    while True:
+        basis.append(q)
+        w = apply_operator(op, q[:, None], basis.size - 1)[:, 0]
+        f, h = basis.orthogonal_part(w)  # full reorthogonalisation against every previous q
+        alpha.append(h[-1])
+        if basis.size == steps:
             break
-        b = w.norm()
-        scale = max(float(torch.stack(alpha).abs().max()), float(torch.finfo(start.dtype).tiny))
-        if b <= 1e3 * torch.finfo(start.dtype).eps * scale:  # invariant subspace found
+        b = f.norm()
+        scale = max(float(torch.stack(alpha).abs().max()), float(w.norm()))
+        if basis.invariant(float(b), scale):  # invariant subspace found
             break
         beta.append(b)
-        Q[:, j + 1] = w / b
-    m = len(alpha)
-    alpha_t = torch.stack(alpha)
-    beta_t = torch.stack(beta) if beta else alpha_t.new_zeros(0)
-    return Tridiagonal(alpha_t, beta_t[: m - 1], Q[:, :m] if keep_basis else None)
+        q = f / b
+    alpha_t = torch.stack(alpha).to(start.dtype)
+    beta_t = torch.stack(beta).to(start.dtype) if beta else alpha_t.new_zeros(0)
+    return Tridiagonal(alpha_t, beta_t, basis.Q.to(start.dtype) if keep_basis else None)

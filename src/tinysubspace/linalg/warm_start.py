@@ -41,7 +41,10 @@ found within a few steps when ``λ* − θ_n`` is large against the spread of th
 ``V^⊥`` below it; one just above ``θ_n`` with that rest close below (1.55 over a bulk up to 1.45 in
 the same case) can need more steps (``check_steps=16`` there) and is otherwise returned as missed
 with ``converged=True`` — the returned values are then off by at most that distance.
-``multiplicity_checked`` says whether the check ran. Tests (tests/test_tracking.py):
+``multiplicity_checked`` says whether the check ran. ``check="amortised"`` spreads its cost over
+the measurements (a full check at least every ``M``, a carried guard vector in between; a miss is
+found within ``M`` measurements, :mod:`tinysubspace.linalg.amortised`).
+Tests (tests/test_tracking.py):
 ``test_krylov_warm_start_finds_an_eigenvector_entering_a_nearly_invariant_subspace``,
 ``test_the_reach_of_the_multiplicity_check_grows_with_check_steps``.
 """
@@ -50,9 +53,16 @@ from __future__ import annotations
 
 import torch
 
+from tinysubspace.linalg.amortised import (
+    CHECK_EVERY,
+    GUARD_STEPS,
+    amortised_check,
+    check_amortised_arguments,
+)
+from tinysubspace.linalg.basis import KrylovBasis, random_block, working_dtype
 from tinysubspace.linalg.deflation import CHECK_STEPS
 from tinysubspace.linalg.lanczos import Eigenpairs, top_eigenpairs
-from tinysubspace.linalg.orthogonalize import orthonormalize_against, random_block
+from tinysubspace.linalg.tolerance import ConvergenceCriterion
 
 __all__ = ["WARM_STARTS", "track_eigenpairs", "warm_block_size"]
 
@@ -119,7 +129,9 @@ def track_eigenpairs(op, k: int, previous: Eigenpairs | torch.Tensor | None = No
                      tol: float = 1e-4, seed: int = 0, max_matvecs: int | None = None,
                      skip: int = 0, block_size: int | None = None,
                      basis_size: int | None = None, warm: str = "auto",
-                     check_steps: int = CHECK_STEPS, tol_scale: str = "top") -> Eigenpairs:
+                     check_steps: int = CHECK_STEPS, tol_scale: str = "top",
+                     check: str = "full", check_every: int = CHECK_EVERY,
+                     guard_steps: int = GUARD_STEPS) -> Eigenpairs:
     """The ``k`` largest eigenpairs of ``op``, warm-started from a previous measurement.
 
     Args:
@@ -146,6 +158,15 @@ def track_eigenpairs(op, k: int, previous: Eigenpairs | torch.Tensor | None = No
             :func:`top_eigenpairs`); ``0`` skips it.
         tol_scale: ``"top"`` (default) or ``"pair"``: what ``tol`` is relative to
             (:mod:`tinysubspace.linalg.tolerance`); recorded in the result.
+        check: ``"full"`` (default): the multiplicity check of ``check_steps`` products at
+            every measurement; ``"amortised"``: a full check every ``check_every``
+            measurements (and at the first: ``previous`` without a guard state) and
+            ``guard_steps`` products of a guard carried in ``previous.guard`` at the others; a
+            missed eigenvalue is found within ``check_every`` measurements
+            (:mod:`tinysubspace.linalg.amortised` states the guarantee). Needs ``skip=0``.
+            Each result's ``certificate`` says which check it passed.
+        check_every: ``M`` of ``check="amortised"``.
+        guard_steps: the guard's products per measurement with ``check="amortised"``.
 
     Returns:
         :class:`Eigenpairs`: values descending, orthonormal vectors, exact residuals, the
@@ -154,24 +175,35 @@ def track_eigenpairs(op, k: int, previous: Eigenpairs | torch.Tensor | None = No
 
     Raises:
         TypeError: ``previous`` of an unusable kind.
-        ValueError: ``previous`` of the wrong shape, an unknown ``warm``, or a bad ``k``,
-            ``skip``, ``tol``, ``tol_scale``, ``block_size``, ``basis_size`` or ``max_matvecs`` (see
-            :func:`top_eigenpairs`).
+        ValueError: ``previous`` of the wrong shape, an unknown ``warm`` or ``check``, a bad
+            ``check_every`` or ``guard_steps``, ``skip > 0`` with ``check="amortised"``, or a
+            bad ``k``, ``skip``, ``tol``, ``tol_scale``, ``block_size``, ``basis_size`` or
+            ``max_matvecs`` (see :func:`top_eigenpairs`).
     """
     warm = resolve_warm_start(warm, op.device)
-    if previous is None:
-        return top_eigenpairs(op, k, tol=tol, seed=seed, max_matvecs=max_matvecs, skip=skip,
-                              block_size=block_size or 1, basis_size=basis_size,
+    check_amortised_arguments(check, check_every, guard_steps, skip)
+    init, b = None, block_size or 1
+    if previous is not None:
+        init = _previous_block(previous, op.shape[0]).to(device=op.device,
+                                                         dtype=working_dtype(op.dtype))
+        if warm == "krylov":
+            init = _krylov_start(init, seed)
+        else:
+            b = block_size or warm_block_size(k + skip, init.shape[1])
+    warm_init, budget = init, max_matvecs
+
+    def solve(check_steps: int, init: torch.Tensor | None = warm_init,
+              max_matvecs: int | None = budget) -> Eigenpairs:
+        return top_eigenpairs(op, k, tol=tol, init=init, seed=seed, max_matvecs=max_matvecs,
+                              skip=skip, block_size=b, basis_size=basis_size,
                               check_steps=check_steps, tol_scale=tol_scale)
-    init = _previous_block(previous, op.shape[0]).to(device=op.device, dtype=op.dtype)
-    if warm == "krylov":
-        init = _krylov_start(init, seed)
-        b = block_size or 1
-    else:
-        b = block_size or warm_block_size(k + skip, init.shape[1])
-    return top_eigenpairs(op, k, tol=tol, init=init, seed=seed, max_matvecs=max_matvecs,
-                          skip=skip, block_size=b, basis_size=basis_size,
-                          check_steps=check_steps, tol_scale=tol_scale)
+
+    if check == "full":
+        return solve(check_steps)
+    return amortised_check(op, solve, previous, check_steps=check_steps,
+                           check_every=check_every, guard_steps=guard_steps,
+                           criterion=ConvergenceCriterion.for_operator(op, tol, tol_scale),
+                           seed=seed, max_matvecs=max_matvecs)
 
 
 def _krylov_start(block: torch.Tensor, seed: int) -> torch.Tensor:
@@ -181,7 +213,8 @@ def _krylov_start(block: torch.Tensor, seed: int) -> torch.Tensor:
     them)."""
     g = random_block(block.shape[0], 1, block.dtype, block.device,
                      torch.Generator().manual_seed(seed))[:, 0]
-    block = orthonormalize_against(block, None)
+    basis = KrylovBasis(block.shape[0], block.dtype, block.device, block.shape[1], images=False)
+    block = basis.add_columns(block)
     if block.shape[1] == 0:  # previous vectors all zero: nothing to start from
         return g
     v = block.sum(dim=1)
