@@ -160,3 +160,38 @@ def test_readme_starts_with_tinysubspace_run():
 
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     assert "&& tinysubspace run\n" in readme
+
+
+# ------------------------------------------------------------------- issue 24, item 7
+def test_a_tracker_k_too_large_for_the_model_is_refused_before_the_folder_exists(
+        capsys, tmp_path):
+    """Was: the folder made (status 'running', a header-only metrics.csv with 2k eigenvalue
+    columns), then `k + skip = 200000` from the solver, and the same --out refused after."""
+    from tinysubspace.cli.checks import check_tracker_k, parameter_count
+    from tinysubspace.experiments.build import build_problem
+    from tinysubspace.experiments.catalog import load_experiment
+    from tinysubspace.experiments.config import ConfigError
+
+    config = load_experiment("fig1-fc-digits", TINY)
+    model = build_problem(config).model  # the reference: the model the run trains
+    p = sum(q.numel() for q in model.parameters() if q.requires_grad)
+    assert parameter_count(config) == p == 64 * 12 + 12 + 12 * 10 + 10
+    mixture = load_experiment("fig1-fc-digits", {**TINY, "data.name": "gaussian-mixture",
+                                                 "data.dim": 7, "data.classes": 3,
+                                                 "data.even_odd": True})
+    assert parameter_count(mixture) == sum(
+        q.numel() for q in build_problem(mixture).model.parameters()) == 7 * 12 + 12 + 12 * 2 + 2
+    largest = (p - 1) // 2
+    check_tracker_k(load_experiment("fig1-fc-digits", {**TINY, "tracker.k": largest}))
+    with pytest.raises(ConfigError, match=rf"tracker.k={largest + 1} is too large .* next k "
+                                          rf".* 2k = {2 * largest + 2}\), .* {p:,} trainable "
+                                          rf"parameters; use --set tracker.k=N with N ≤ {largest}"):
+        check_tracker_k(load_experiment("fig1-fc-digits", {**TINY, "tracker.k": largest + 1}))
+    out = tmp_path / "x"
+    assert main(["run", "--set", "tracker.k=100000", "--set", "train.steps=5", "--out", str(out),
+                 "--quiet", "--threads", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "tracker.k=100000 is too large" in err and "Traceback" not in err
+    assert not out.exists()
+    assert main(["run", *_sets(**{"train.steps": 2}), "--out", str(out), "--quiet",
+                 "--threads", "1"]) == 0  # the same --out is free afterwards

@@ -21,6 +21,7 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
+from tinysubspace.cli.checks import check_tracker_k
 from tinysubspace.experiments.catalog import DEFAULT_EXPERIMENT, load_experiment
 from tinysubspace.experiments.config import (
     ConfigError,
@@ -107,6 +108,7 @@ def _prepare(args: argparse.Namespace) -> tuple[ExperimentConfig, Path, str]:
     if args.resume and not args.out:
         raise ConfigError("--resume needs --out DIR (the run to continue)")
     config = _config(args)
+    check_tracker_k(config)  # before any folder exists
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     out = tsdist.broadcast_object(  # rank 0's clock names the folder
         Path(args.out) if args.out else Path("runs") / f"{config.name}-{stamp}")
