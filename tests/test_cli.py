@@ -195,3 +195,23 @@ def test_a_tracker_k_too_large_for_the_model_is_refused_before_the_folder_exists
     assert not out.exists()
     assert main(["run", *_sets(**{"train.steps": 2}), "--out", str(out), "--quiet",
                  "--threads", "1"]) == 0  # the same --out is free afterwards
+
+
+def test_missing_data_is_one_line_in_the_command_lines_words(capsys, tmp_path):
+    """Was: 28 lines, one per path, ending `pass root=DIR` and `pass fallback_to_test=True`
+    (the Python API's names)."""
+    from tinysubspace.experiments.catalog import load_experiment
+
+    nowhere = tmp_path / "nowhere"
+    assert main(["run", "table1-softmax-mnist", "--data-root", str(nowhere), "--out",
+                 str(tmp_path / "r"), "--quiet", "--threads", "1"]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines()
+             if line.startswith("tinysubspace run:")]
+    assert len(lines) == 1
+    message = lines[0]
+    assert f"could not find the MNIST train files in {nowhere}, {nowhere / 'MNIST/raw'}" in message
+    assert "pass --data-root DIR" in message and "add --set data.fallback_to_test=true" in message
+    assert "root=DIR" not in message and "fallback_to_test=True" not in message
+    assert not (tmp_path / "r").exists()
+    # the advice given is accepted as given
+    load_experiment("table1-softmax-mnist", {"data.fallback_to_test": "true"})

@@ -10,6 +10,7 @@ import sys
 
 import numpy as np
 
+from tinysubspace.cli.messages import command_line_message
 from tinysubspace.experiments.block_runs import measure_run_blocks
 from tinysubspace.results.store import RunStoreError
 
@@ -53,7 +54,7 @@ def main(args: argparse.Namespace) -> int:
                                        steps=args.steps, probes=args.probes,
                                        exact_size=args.exact_size, seed=args.seed)
         except (RunStoreError, FileNotFoundError, ValueError) as error:
-            print(f"tinysubspace blocks: {error}", file=sys.stderr)
+            print(f"tinysubspace blocks: {command_line_message(error)}", file=sys.stderr)
             return 2
         for file in files:
             with np.load(file) as data:

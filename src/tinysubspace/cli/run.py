@@ -22,6 +22,7 @@ from datetime import datetime
 from pathlib import Path
 
 from tinysubspace.cli.checks import check_tracker_k
+from tinysubspace.cli.messages import command_line_message
 from tinysubspace.experiments.catalog import DEFAULT_EXPERIMENT, load_experiment
 from tinysubspace.experiments.config import (
     ConfigError,
@@ -132,7 +133,7 @@ def _run(args: argparse.Namespace) -> int:
         return 130
     except (RunStoreError, ConfigError, FileNotFoundError, ValueError, pickle.UnpicklingError,
             OSError) as error:
-        _say(f"tinysubspace run: {error}")
+        _say(f"tinysubspace run: {command_line_message(error)}")
         return 2
     return _report(outcome, out)
 
