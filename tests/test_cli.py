@@ -215,3 +215,29 @@ def test_missing_data_is_one_line_in_the_command_lines_words(capsys, tmp_path):
     assert not (tmp_path / "r").exists()
     # the advice given is accepted as given
     load_experiment("table1-softmax-mnist", {"data.fallback_to_test": "true"})
+
+
+def test_blocks_on_a_run_measured_in_the_users_own_loop_says_what_it_needs(capsys, tmp_path):
+    """Was: `unknown key 'source'` (the tracker's config.json is not an experiment's)."""
+    import torch
+    from torch import nn
+    from torch.nn import functional
+
+    import tinysubspace as ts
+
+    gen = torch.Generator().manual_seed(0)
+    X, Y = torch.randn(20, 3, generator=gen), torch.randint(0, 2, (20,), generator=gen)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    out = tmp_path / "mine"
+    tracker = ts.SubspaceTracker(model, functional.cross_entropy, (X, Y), k=1, out=out,
+                                 anchors=())
+    tracker.on_step(0)
+    tracker.close()
+    assert main(["blocks", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"{out} was measured by SubspaceTracker in your own training loop" in err
+    assert "experiment config, which this run does not have" in err
+    assert "SubspaceTracker(..., blocks='auto')" in err and "block_spectra(" in err
+    assert "unknown key" not in err and "Traceback" not in err
