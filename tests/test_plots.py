@@ -417,3 +417,45 @@ def test_a_run_stores_lanczos_top_eigenvalues_equal_to_the_exact_spectrum(tmp_pa
                                atol=1e-9 * exact[0])
     data = plotted_data(plots.figure_top_edge_density(tmp_path / "run"))
     assert data["source"] == "lanczos" and data["realizations"] == 1
+
+
+# ------------------------------------------------------------------- issue 24, item 7
+def _immutable(path) -> bool:
+    """``chattr +i path`` (binds root too); ``False`` where that is not possible."""
+    import shutil
+    import subprocess
+
+    return shutil.which("chattr") is not None and subprocess.run(
+        ["chattr", "+i", str(path)], capture_output=True).returncode == 0
+
+
+def test_plot_of_a_read_only_run_folder_says_use_out(tmp_path, capsys, monkeypatch):
+    """Was: a 15-line OSError traceback. A real immutable folder where possible, and a write
+    refused by the file system (EACCES) everywhere."""
+    import errno
+    import subprocess
+
+    from tinysubspace.cli.main import main
+
+    run = write_run(tmp_path / "ro")
+    if _immutable(run):
+        try:
+            assert main(["plot", str(run), "--figure", "1"]) == 2
+            err = capsys.readouterr().err
+            assert f"cannot write the figures in {run / 'figures'}" in err
+            assert "use --out DIR to write them in another folder" in err
+            assert "Traceback" not in err and not (run / "figures").exists()
+        finally:
+            subprocess.run(["chattr", "-i", str(run)], check=True)
+
+    def refused(self, *args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(args[0]))
+
+    monkeypatch.setattr(Figure, "savefig", refused)
+    for argv in (["plot", str(run), "--figure", "2"], ["plot", str(run), str(run), "--overlay"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "(Permission denied); use --out DIR to write them in another folder" in err
+    monkeypatch.undo()
+    assert main(["plot", str(run), "--figure", "2", "--out", str(tmp_path / "elsewhere")]) == 0
+    assert (tmp_path / "elsewhere" / "fig02_subspace_overlap.png").exists()
