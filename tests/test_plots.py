@@ -459,3 +459,33 @@ def test_plot_of_a_read_only_run_folder_says_use_out(tmp_path, capsys, monkeypat
     monkeypatch.undo()
     assert main(["plot", str(run), "--figure", "2", "--out", str(tmp_path / "elsewhere")]) == 0
     assert (tmp_path / "elsewhere" / "fig02_subspace_overlap.png").exists()
+
+
+def test_sharpness_threshold_is_drawn_over_steps_not_at_its_last_value(tmp_path):
+    """Was: one flat line at threshold[-1]; with a cosine schedule the real 2/η threshold went
+    from 12,667 to 132,647. The dashed line now passes through every recorded threshold."""
+    import math
+
+    from tinysubspace.plots.eos import figure_sharpness
+    from tinysubspace.results.store import RunStore
+
+    steps, lr0, total = list(range(0, 100, 10)), 1.5e-4, 100
+    lrs = [lr0 * (0.55 + 0.45 * math.cos(math.pi * s / total)) for s in steps]  # cosine
+    store = RunStore(tmp_path / "cos", ["step", "train/loss", "sharpness/lambda_1",
+                                        "sharpness/lambda_2", "sharpness/threshold"])
+    store.create({"name": "cosine", "tracker": {"k": 2}})
+    for step, lr in zip(steps, lrs, strict=True):
+        store.append_metrics({"step": step, "train/loss": 1 / (1 + step),
+                              "sharpness/lambda_1": 1e4 + step, "sharpness/lambda_2": 5e3,
+                              "sharpness/threshold": 2 / lr})
+    figure = figure_sharpness(tmp_path / "cos", labels=["x"])
+    data = plotted_data(figure)["x"]
+    expected = np.array([2 / lr for lr in lrs])
+    (line,) = [ln for ln in figure.axes[1].get_lines()
+               if str(ln.get_label()).startswith("threshold")]
+    np.testing.assert_array_equal(line.get_xdata(), steps)
+    np.testing.assert_allclose(line.get_ydata(), expected, rtol=1e-15)
+    assert expected[-1] / expected[0] > 1.5  # the schedule moved it: a flat line would be wrong
+    assert line.get_label() == f"threshold {expected[0]:.4g} → {expected[-1]:.4g}"
+    assert data["threshold"] == expected[-1]
+    assert_png(figure, tmp_path / "sharpness.png")
