@@ -240,7 +240,8 @@ def test_the_report_renders_in_a_real_browser_offline_with_table1_beside_the_pap
     assert float(cells["ours: test set"]) == pytest.approx(full.mean() - 0.1, abs=5e-5)
     assert float(cells["ours: mini-batch"]) == pytest.approx(minibatch.mean(), abs=5e-5)
     numbers = {line[0]: line[1:] for line in _tables(dom, "key-numbers")[0][1:]}
-    table1_line = numbers["mean overlap(g, Hg), full training set, last 1000 steps (every step)"]
+    table1_line = numbers["mean overlap(g, Hg), full training set, steps 0–299 (the whole run, "
+                          "shorter than 1000 steps) (every step)"]  # a 300-step run (issue 24)
     assert table1_line[1:] == ["0.96", "Table 1"]
     metrics = pd.read_csv(path / "metrics.csv")
     f_top = numbers["f_top at the last measurement"]
@@ -276,6 +277,9 @@ def test_the_summary_ends_with_table1_when_every_step_was_measured(tmp_path):
     minibatch = pd.read_csv(path / "minibatch.csv")["minibatch/overlap_g_Hg"].mean()
     test = pd.read_csv(path / "metrics.csv")["test/overlap_g_Hg"].mean()
     text = summary_table(load_run(path))
-    assert text.splitlines()[-1] == (
-        "Table 1 (mean over the last 1000 steps): full data 0.600 (every step), mini-batch "
-        f"{minibatch:.3f}, test {test:.3f}; paper 0.96 (fc-mnist-lr0.01)")
+    # a 100-step run: the window reaches step 0, so the line says what it averaged (issue 24)
+    assert text.splitlines()[-2] == (
+        "Table 1 (mean over steps 0–99 (the whole run, shorter than 1000 steps)): full data "
+        f"0.600 (every step), mini-batch {minibatch:.3f}, test {test:.3f}; paper 0.96 "
+        "(fc-mnist-lr0.01)")
+    assert text.splitlines()[-1].startswith("warning: the mean covers steps 0–99, the whole run")

@@ -13,6 +13,7 @@ from tinysubspace.results.table1 import (
     run_overlap,
     table1_row_id,
 )
+from tinysubspace.results.window import short_run_warning, window_text
 
 __all__ = ["summary_table", "table1_line"]
 
@@ -61,7 +62,8 @@ def summary_table(run: Run, max_rows: int = 30) -> str:
 
 def table1_line(run: Run, last_n: int = 1000) -> str | None:
     """``Table 1 (mean over the last N steps): full data 0.960 (every step), mini-batch 0.915,
-    test 0.951; paper 0.96 (softmax-mnist)`` — ``None`` for a run without ``full_overlap.csv``."""
+    test 0.951; paper 0.96 (softmax-mnist)`` — ``None`` for a run without ``full_overlap.csv``.
+    A run shorter than ``N`` steps says which steps were averaged, with a warning line."""
     if not (run.path / FULL_OVERLAP_FILE).exists():
         return None
     ours = run_overlap(run, last_n)
@@ -70,7 +72,12 @@ def table1_line(run: Run, last_n: int = 1000) -> str | None:
     parts[0] += f" ({full_data_steps(ours)})" if ours.every_step else " (measurements only)"
     row = next((r for r in TABLE1_ROWS if r.row_id == table1_row_id(run)), None)
     paper = f"; paper {row.paper:.2f} ({row.row_id})" if row else ""
-    return f"Table 1 (mean over the last {last_n} steps): {', '.join(parts)}{paper}"
+    window = ours.full or ours.minibatch
+    over = window_text(window, last_n)
+    over = f"the {over}" if over.startswith("last") else over
+    line = f"Table 1 (mean over {over}): {', '.join(parts)}{paper}"
+    warning = short_run_warning(window, last_n)
+    return line if warning is None else f"{line}\nwarning: {warning}"
 
 
 def _cell(value: float, fmt: str) -> str:
