@@ -283,3 +283,27 @@ def test_the_summary_ends_with_table1_when_every_step_was_measured(tmp_path):
         f"0.600 (every step), mini-batch {minibatch:.3f}, test {test:.3f}; paper 0.96 "
         "(fc-mnist-lr0.01)")
     assert text.splitlines()[-1].startswith("warning: the mean covers steps 0–99, the whole run")
+
+
+def test_compare_and_table1_say_when_runs_used_different_thread_counts(tmp_path, capsys):
+    """The default thread count is the free cores at launch (recorded as meta.threads), so one
+    command launched twice may differ in the last digits: where runs are compared, say so."""
+    from run_fixtures import write_run
+
+    paths = []
+    for name, threads in (("a", 1), ("b", 2), ("c", 2)):
+        path = write_run(tmp_path / "runs" / name, table1_row="softmax-mnist", vectors=False,
+                         spectrum=False)
+        config = json.loads((path / "config.json").read_text())
+        config["meta"]["threads"] = threads
+        (path / "config.json").write_text(json.dumps(config))
+        paths.append(path)
+    a, b, c = map(str, paths)
+    assert cli(["compare", a, b, "--out", str(tmp_path / "ab.png")]) == 0
+    err = capsys.readouterr().err
+    assert f"note: these runs used different torch thread counts ({a}: 1, {b}: 2; " in err
+    assert "run each with the same --threads N" in err
+    assert cli(["compare", b, c, "--out", str(tmp_path / "bc.png")]) == 0
+    assert "thread counts" not in capsys.readouterr().err
+    assert cli(["table1", str(tmp_path / "runs"), "--last", "100"]) == 0
+    assert "different torch thread counts" in capsys.readouterr().err

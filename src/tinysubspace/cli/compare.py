@@ -14,6 +14,7 @@ from tinysubspace.results.projected import (
     compare_table,
 )
 from tinysubspace.results.store import MissingDataError, RunStoreError, load_run
+from tinysubspace.results.summary import thread_counts_note
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,6 +45,8 @@ def main(args: argparse.Namespace) -> int:
     except (RunStoreError, MissingDataError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    if (note := thread_counts_note(runs)) is not None:
+        print(f"note: {note}", file=sys.stderr)
     out = args.out or Path(args.runs[0]).resolve().parent / "compare.png"
     out.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(out, dpi=args.dpi)

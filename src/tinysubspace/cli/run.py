@@ -40,7 +40,9 @@ from tinysubspace.runtime.threads import ENV_VAR, ThreadsError, apply_threads, c
 
 EPILOG = ("Every key and its default: `tinysubspace config EXPERIMENT` (add --set options to "
           "see their effect). Continue a stopped run with `tinysubspace run --resume --out "
-          f"DIR`. Threads: --threads N or ${ENV_VAR} (default: the free physical cores).")
+          f"DIR`. Threads: --threads N or ${ENV_VAR} (default: the free physical cores at "
+          "launch, recorded in config.json meta.threads; the count changes the last digits of "
+          "the numbers, so give --threads N to runs you will compare).")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

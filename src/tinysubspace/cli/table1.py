@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from tinysubspace.results.store import RunStoreError, load_run
+from tinysubspace.results.summary import thread_counts_note
 from tinysubspace.results.table1 import (
     table1,
     table1_csv,
@@ -58,6 +59,8 @@ def main(args: argparse.Namespace) -> int:
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    if (note := thread_counts_note(rows)) is not None:
+        print(f"note: {note}", file=sys.stderr)
     for warning in table1_warnings(table, args.last):
         print(f"warning: {warning}", file=sys.stderr)
     for row in table.itertuples(index=False):

@@ -15,7 +15,7 @@ from tinysubspace.results.table1 import (
 )
 from tinysubspace.results.window import short_run_warning, window_text
 
-__all__ = ["summary_table", "table1_line"]
+__all__ = ["summary_table", "table1_line", "thread_counts_note"]
 
 
 def _columns(k: int) -> list[tuple[str, str, str]]:
@@ -86,3 +86,23 @@ def _cell(value: float, fmt: str) -> str:
     except (TypeError, ValueError):
         return str(value)
     return "-" if math.isnan(number) else fmt.format(number)
+
+
+def thread_counts_note(runs: list[Run]) -> str | None:
+    """A note when ``runs`` were made with different torch thread counts (``meta.threads`` of
+    their config.json; ``None``: all the same, or not recorded).
+
+    The default count is the free cores at launch, so one command launched twice can differ;
+    the order of floating-point sums changes with it, and with it the last digits of every
+    number (two launches differed by 1e-7 in f_top and 0.013 in the next-10 overlap, where
+    eigenvalues are close).
+    """
+    counts = {str(run.path): (run.config.get("meta") or {}).get("threads") for run in runs}
+    known = {path: n for path, n in counts.items() if n is not None}
+    if len(set(known.values())) < 2:
+        return None
+    listed = ", ".join(f"{path}: {n}" for path, n in known.items())
+    return (f"these runs used different torch thread counts ({listed}; meta.threads in "
+            "config.json): the order of floating-point sums differs, so their numbers differ "
+            "in the last digits (more where eigenvalues are close); to compare them exactly, "
+            "run each with the same --threads N")
