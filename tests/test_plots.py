@@ -489,3 +489,49 @@ def test_sharpness_threshold_is_drawn_over_steps_not_at_its_last_value(tmp_path)
     assert line.get_label() == f"threshold {expected[0]:.4g} → {expected[-1]:.4g}"
     assert data["threshold"] == expected[-1]
     assert_png(figure, tmp_path / "sharpness.png")
+
+
+def test_block_densities_have_axis_labels(tmp_path):
+    """Was: panels without axis labels. Stored arrays written by hand (two blocks)."""
+    from tinysubspace.plots.blocks import figure_block_densities
+
+    run = write_run(tmp_path / "blocks", vectors=False, spectrum=False)
+    (run / "blocks").mkdir()
+    np.savez(run / "blocks" / "step_00000000.npz", names=np.array(["a", "b"]),
+             sizes=np.array([4, 6]), nodes=np.array([0.0, 1.0, 2.0, 0.5, 3.0]),
+             weights=np.array([0.5, 0.25, 0.25, 0.5, 0.5]), offsets=np.array([0, 3, 5]),
+             heterogeneity=np.array(0.3))
+    figure = figure_block_densities(run, columns=4)
+    first, second = figure.axes[:2]
+    assert first.get_xlabel() == second.get_xlabel() == (
+        r"eigenvalue $\lambda$ of the block's Hessian")
+    assert first.get_ylabel() == "spectral density (log)" and second.get_ylabel() == ""
+    assert_png(figure, tmp_path / "blocks.png")
+
+
+def test_fig2_leaves_out_anchors_the_run_never_reached(tmp_path):
+    """Was: the legend listed t1 = 400 on a 250-step run (a column of NaN)."""
+    run = write_run(tmp_path / "short")
+    table = pd.read_csv(run / "metrics.csv")
+    table["overlap/top/t1=400"] = np.nan
+    table["overlap/next/t1=400"] = np.nan
+    table.to_csv(run / "metrics.csv", index=False)
+    figure = plots.figure_subspace_overlap(run)
+    labels = figure.legends[0].get_texts()
+    assert [t.get_text() for t in labels] == [f"$t_1$ = {t1}" for t1 in ANCHORS]
+    assert set(plotted_data(figure)["top"]) == set(ANCHORS)
+    nine = plots.figure_overlap_by_dimension(run)
+    assert all(400 not in per_t1 for per_t1 in plotted_data(nine).values())
+
+
+def test_compare_title_promises_a_test_curve_only_with_a_test_set(tmp_path):
+    from tinysubspace.plots.projected import figure_compare
+
+    with_test = write_run(tmp_path / "t", vectors=False, spectrum=False)
+    without = write_run(tmp_path / "n", vectors=False, spectrum=False)
+    table = pd.read_csv(without / "metrics.csv").drop(columns=["test/accuracy", "test/loss"])
+    table.to_csv(without / "metrics.csv", index=False)
+    assert figure_compare([without]).axes[1].get_title() == (
+        "training accuracy (no test set measured)")
+    assert figure_compare([with_test, without]).axes[1].get_title() == (
+        "training accuracy (test: dashed)")

@@ -307,3 +307,42 @@ def test_compare_and_table1_say_when_runs_used_different_thread_counts(tmp_path,
     assert "thread counts" not in capsys.readouterr().err
     assert cli(["table1", str(tmp_path / "runs"), "--last", "100"]) == 0
     assert "different torch thread counts" in capsys.readouterr().err
+
+
+def test_a_second_compare_keeps_the_first_figure(tmp_path, capsys):
+    """Was: compare.png overwritten silently."""
+    runs = [str(write_run(tmp_path / name, vectors=False, spectrum=False)) for name in "ab"]
+    assert cli(["compare", *runs]) == 0
+    assert capsys.readouterr().err.strip().endswith(f"figure: {tmp_path / 'compare.png'}")
+    first = (tmp_path / "compare.png").read_bytes()
+    assert cli(["compare", *runs, "--smooth", "3"]) == 0
+    assert capsys.readouterr().err.strip().endswith(f"figure: {tmp_path / 'compare-2.png'}")
+    assert (tmp_path / "compare.png").read_bytes() == first
+    assert cli(["compare", *runs, "--out", str(tmp_path / "compare.png")]) == 0
+    assert f"note: replacing {tmp_path / 'compare.png'}" in capsys.readouterr().err
+
+
+def test_the_report_marks_missing_values_one_way(tmp_path):
+    """Was: both NaN and — for values not measured."""
+    import pandas as pd
+
+    path = write_run(tmp_path / "run", table1_row="softmax-mnist", vectors=False,
+                     spectrum=False)
+    table = pd.read_csv(path / "metrics.csv").drop(columns=["hessian/f_top"])
+    table.to_csv(path / "metrics.csv", index=False)
+    page = render_report(path, figures=(), dpi=30)
+    cells = re.findall(r"<td[^>]*>(.*?)</td>", page)
+    assert "NaN" not in cells and "nan" not in cells
+    row = page[page.index("f_top at the last measurement"):]
+    assert re.match(r"f_top at the last measurement</td><td class=n>—</td>", row)
+
+
+def test_the_summary_says_when_it_leaves_rows_out(tmp_path):
+    """Was: 30 of 61 rows shown without a word."""
+    path = write_run(tmp_path / "run", vectors=False, spectrum=False, last_step=600)
+    text = summary_table(load_run(path))
+    body = [line for line in text.splitlines()[2:] if line.strip() and line[0] == " "]
+    assert len(body) == 30
+    assert f"(30 of 61 measurements shown, evenly spread; all are in {path / 'metrics.csv'})" \
+        in text
+    assert "measurements shown" not in summary_table(load_run(path), max_rows=100)

@@ -33,7 +33,8 @@ def summary_table(run: Run, max_rows: int = 30) -> str:
     ``tracker.k``, 10 if unset) over time, as an aligned text table; columns the run lacks are
     left out.
 
-    At most ``max_rows`` rows, evenly spread over the run (the first and last always shown).
+    At most ``max_rows`` rows, evenly spread over the run (the first and last always shown);
+    a line under the table says how many of how many when rows are left out.
 
     Raises:
         ValueError: ``max_rows < 2``.
@@ -56,6 +57,9 @@ def summary_table(run: Run, max_rows: int = 30) -> str:
     widths = [max(len(line[j]) for line in cells) for j in range(len(columns))]
     lines = ["  ".join(c.rjust(w) for c, w in zip(line, widths, strict=True)) for line in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    if len(picks) < len(table):
+        lines.append(f"({len(picks)} of {len(table)} measurements shown, evenly spread; all "
+                     f"are in {run.path / 'metrics.csv'})")
     extra = table1_line(run)
     return "\n".join(lines + ([] if extra is None else ["", extra]))
 
