@@ -305,3 +305,28 @@ def test_unknown_hvp_method_is_rejected_at_construction():
                                    dtype=torch.float64)
     v = torch.randn(op.shape[0], dtype=torch.float64, generator=gen)
     assert torch.allclose(op @ v, reference @ v, rtol=1e-12, atol=1e-14)
+
+
+def test_dict_batches_for_a_model_that_takes_one_tensor_say_how_they_are_called():
+    """Was: torch's `forward() got an unexpected keyword argument 'image'` from inside the
+    operator. Now: how dict batches are called and how to adapt; the pairs it suggests work."""
+    gen = torch.Generator().manual_seed(0)
+    X, Y = torch.randn(12, 4, generator=gen), torch.randint(0, 3, (12,), generator=gen)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 3))
+    loader = torch.utils.data.DataLoader(
+        [{"image": x, "labels": y} for x, y in zip(X, Y, strict=True)], batch_size=5,
+        generator=torch.Generator().manual_seed(0))  # (its base seed leaves the global RNG)
+    op = ts.HessianOperator(model, nn.functional.cross_entropy, loader, dtype=F64)
+    with pytest.raises(TypeError, match=r"a batch that is a dict is called as model\(\*\*batch\), "
+                                        r"its keys \('image', 'labels'\) as keyword arguments, "
+                                        r"with batch\['labels'\] as the targets; the model does "
+                                        r"not take them \(.*unexpected keyword argument 'image'"
+                                        r".*\(inputs, targets\) pairs"):
+        op.loss_and_gradient()
+    pairs = [(b["image"], b["labels"]) for b in loader]  # the advice, as written
+    dense = reference_hessian(FlatLoss(model, nn.functional.cross_entropy, X, Y))
+    op = ts.HessianOperator(model, nn.functional.cross_entropy, pairs, dtype=F64)
+    eye = torch.eye(op.shape[0], dtype=F64)
+    assert relative_error(op @ eye, dense) < 1e-10

@@ -160,3 +160,84 @@ def test_readme_starts_with_tinysubspace_run():
 
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     assert "&& tinysubspace run\n" in readme
+
+
+# ------------------------------------------------------------------- issue 24, item 7
+def test_a_tracker_k_too_large_for_the_model_is_refused_before_the_folder_exists(
+        capsys, tmp_path):
+    """Was: the folder made (status 'running', a header-only metrics.csv with 2k eigenvalue
+    columns), then `k + skip = 200000` from the solver, and the same --out refused after."""
+    from tinysubspace.cli.checks import check_tracker_k, parameter_count
+    from tinysubspace.experiments.build import build_problem
+    from tinysubspace.experiments.catalog import load_experiment
+    from tinysubspace.experiments.config import ConfigError
+
+    config = load_experiment("fig1-fc-digits", TINY)
+    model = build_problem(config).model  # the reference: the model the run trains
+    p = sum(q.numel() for q in model.parameters() if q.requires_grad)
+    assert parameter_count(config) == p == 64 * 12 + 12 + 12 * 10 + 10
+    mixture = load_experiment("fig1-fc-digits", {**TINY, "data.name": "gaussian-mixture",
+                                                 "data.dim": 7, "data.classes": 3,
+                                                 "data.even_odd": True})
+    assert parameter_count(mixture) == sum(
+        q.numel() for q in build_problem(mixture).model.parameters()) == 7 * 12 + 12 + 12 * 2 + 2
+    largest = (p - 1) // 2
+    check_tracker_k(load_experiment("fig1-fc-digits", {**TINY, "tracker.k": largest}))
+    with pytest.raises(ConfigError, match=rf"tracker.k={largest + 1} is too large .* next k "
+                                          rf".* 2k = {2 * largest + 2}\), .* {p:,} trainable "
+                                          rf"parameters; use --set tracker.k=N with N ≤ {largest}"):
+        check_tracker_k(load_experiment("fig1-fc-digits", {**TINY, "tracker.k": largest + 1}))
+    out = tmp_path / "x"
+    assert main(["run", "--set", "tracker.k=100000", "--set", "train.steps=5", "--out", str(out),
+                 "--quiet", "--threads", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "tracker.k=100000 is too large" in err and "Traceback" not in err
+    assert not out.exists()
+    assert main(["run", *_sets(**{"train.steps": 2}), "--out", str(out), "--quiet",
+                 "--threads", "1"]) == 0  # the same --out is free afterwards
+
+
+def test_missing_data_is_one_line_in_the_command_lines_words(capsys, tmp_path):
+    """Was: 28 lines, one per path, ending `pass root=DIR` and `pass fallback_to_test=True`
+    (the Python API's names)."""
+    from tinysubspace.experiments.catalog import load_experiment
+
+    nowhere = tmp_path / "nowhere"
+    assert main(["run", "table1-softmax-mnist", "--data-root", str(nowhere), "--out",
+                 str(tmp_path / "r"), "--quiet", "--threads", "1"]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines()
+             if line.startswith("tinysubspace run:")]
+    assert len(lines) == 1
+    message = lines[0]
+    assert f"could not find the MNIST train files in {nowhere}, {nowhere / 'MNIST/raw'}" in message
+    assert "pass --data-root DIR" in message and "add --set data.fallback_to_test=true" in message
+    assert "root=DIR" not in message and "fallback_to_test=True" not in message
+    assert not (tmp_path / "r").exists()
+    # the advice given is accepted as given
+    load_experiment("table1-softmax-mnist", {"data.fallback_to_test": "true"})
+
+
+def test_blocks_on_a_run_measured_in_the_users_own_loop_says_what_it_needs(capsys, tmp_path):
+    """Was: `unknown key 'source'` (the tracker's config.json is not an experiment's)."""
+    import torch
+    from torch import nn
+    from torch.nn import functional
+
+    import tinysubspace as ts
+
+    gen = torch.Generator().manual_seed(0)
+    X, Y = torch.randn(20, 3, generator=gen), torch.randint(0, 2, (20,), generator=gen)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    out = tmp_path / "mine"
+    tracker = ts.SubspaceTracker(model, functional.cross_entropy, (X, Y), k=1, out=out,
+                                 anchors=())
+    tracker.on_step(0)
+    tracker.close()
+    assert main(["blocks", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"{out} was measured by SubspaceTracker in your own training loop" in err
+    assert "experiment config, which this run does not have" in err
+    assert "SubspaceTracker(..., blocks='auto')" in err and "block_spectra(" in err
+    assert "unknown key" not in err and "Traceback" not in err

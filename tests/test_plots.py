@@ -417,3 +417,121 @@ def test_a_run_stores_lanczos_top_eigenvalues_equal_to_the_exact_spectrum(tmp_pa
                                atol=1e-9 * exact[0])
     data = plotted_data(plots.figure_top_edge_density(tmp_path / "run"))
     assert data["source"] == "lanczos" and data["realizations"] == 1
+
+
+# ------------------------------------------------------------------- issue 24, item 7
+def _immutable(path) -> bool:
+    """``chattr +i path`` (binds root too); ``False`` where that is not possible."""
+    import shutil
+    import subprocess
+
+    return shutil.which("chattr") is not None and subprocess.run(
+        ["chattr", "+i", str(path)], capture_output=True).returncode == 0
+
+
+def test_plot_of_a_read_only_run_folder_says_use_out(tmp_path, capsys, monkeypatch):
+    """Was: a 15-line OSError traceback. A real immutable folder where possible, and a write
+    refused by the file system (EACCES) everywhere."""
+    import errno
+    import subprocess
+
+    from tinysubspace.cli.main import main
+
+    run = write_run(tmp_path / "ro")
+    if _immutable(run):
+        try:
+            assert main(["plot", str(run), "--figure", "1"]) == 2
+            err = capsys.readouterr().err
+            assert f"cannot write the figures in {run / 'figures'}" in err
+            assert "use --out DIR to write them in another folder" in err
+            assert "Traceback" not in err and not (run / "figures").exists()
+        finally:
+            subprocess.run(["chattr", "-i", str(run)], check=True)
+
+    def refused(self, *args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(args[0]))
+
+    monkeypatch.setattr(Figure, "savefig", refused)
+    for argv in (["plot", str(run), "--figure", "2"], ["plot", str(run), str(run), "--overlay"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "(Permission denied); use --out DIR to write them in another folder" in err
+    monkeypatch.undo()
+    assert main(["plot", str(run), "--figure", "2", "--out", str(tmp_path / "elsewhere")]) == 0
+    assert (tmp_path / "elsewhere" / "fig02_subspace_overlap.png").exists()
+
+
+def test_sharpness_threshold_is_drawn_over_steps_not_at_its_last_value(tmp_path):
+    """Was: one flat line at threshold[-1]; with a cosine schedule the real 2/η threshold went
+    from 12,667 to 132,647. The dashed line now passes through every recorded threshold."""
+    import math
+
+    from tinysubspace.plots.eos import figure_sharpness
+    from tinysubspace.results.store import RunStore
+
+    steps, lr0, total = list(range(0, 100, 10)), 1.5e-4, 100
+    lrs = [lr0 * (0.55 + 0.45 * math.cos(math.pi * s / total)) for s in steps]  # cosine
+    store = RunStore(tmp_path / "cos", ["step", "train/loss", "sharpness/lambda_1",
+                                        "sharpness/lambda_2", "sharpness/threshold"])
+    store.create({"name": "cosine", "tracker": {"k": 2}})
+    for step, lr in zip(steps, lrs, strict=True):
+        store.append_metrics({"step": step, "train/loss": 1 / (1 + step),
+                              "sharpness/lambda_1": 1e4 + step, "sharpness/lambda_2": 5e3,
+                              "sharpness/threshold": 2 / lr})
+    figure = figure_sharpness(tmp_path / "cos", labels=["x"])
+    data = plotted_data(figure)["x"]
+    expected = np.array([2 / lr for lr in lrs])
+    (line,) = [ln for ln in figure.axes[1].get_lines()
+               if str(ln.get_label()).startswith("threshold")]
+    np.testing.assert_array_equal(line.get_xdata(), steps)
+    np.testing.assert_allclose(line.get_ydata(), expected, rtol=1e-15)
+    assert expected[-1] / expected[0] > 1.5  # the schedule moved it: a flat line would be wrong
+    assert line.get_label() == f"threshold {expected[0]:.4g} → {expected[-1]:.4g}"
+    assert data["threshold"] == expected[-1]
+    assert_png(figure, tmp_path / "sharpness.png")
+
+
+def test_block_densities_have_axis_labels(tmp_path):
+    """Was: panels without axis labels. Stored arrays written by hand (two blocks)."""
+    from tinysubspace.plots.blocks import figure_block_densities
+
+    run = write_run(tmp_path / "blocks", vectors=False, spectrum=False)
+    (run / "blocks").mkdir()
+    np.savez(run / "blocks" / "step_00000000.npz", names=np.array(["a", "b"]),
+             sizes=np.array([4, 6]), nodes=np.array([0.0, 1.0, 2.0, 0.5, 3.0]),
+             weights=np.array([0.5, 0.25, 0.25, 0.5, 0.5]), offsets=np.array([0, 3, 5]),
+             heterogeneity=np.array(0.3))
+    figure = figure_block_densities(run, columns=4)
+    first, second = figure.axes[:2]
+    assert first.get_xlabel() == second.get_xlabel() == (
+        r"eigenvalue $\lambda$ of the block's Hessian")
+    assert first.get_ylabel() == "spectral density (log)" and second.get_ylabel() == ""
+    assert_png(figure, tmp_path / "blocks.png")
+
+
+def test_fig2_leaves_out_anchors_the_run_never_reached(tmp_path):
+    """Was: the legend listed t1 = 400 on a 250-step run (a column of NaN)."""
+    run = write_run(tmp_path / "short")
+    table = pd.read_csv(run / "metrics.csv")
+    table["overlap/top/t1=400"] = np.nan
+    table["overlap/next/t1=400"] = np.nan
+    table.to_csv(run / "metrics.csv", index=False)
+    figure = plots.figure_subspace_overlap(run)
+    labels = figure.legends[0].get_texts()
+    assert [t.get_text() for t in labels] == [f"$t_1$ = {t1}" for t1 in ANCHORS]
+    assert set(plotted_data(figure)["top"]) == set(ANCHORS)
+    nine = plots.figure_overlap_by_dimension(run)
+    assert all(400 not in per_t1 for per_t1 in plotted_data(nine).values())
+
+
+def test_compare_title_promises_a_test_curve_only_with_a_test_set(tmp_path):
+    from tinysubspace.plots.projected import figure_compare
+
+    with_test = write_run(tmp_path / "t", vectors=False, spectrum=False)
+    without = write_run(tmp_path / "n", vectors=False, spectrum=False)
+    table = pd.read_csv(without / "metrics.csv").drop(columns=["test/accuracy", "test/loss"])
+    table.to_csv(without / "metrics.csv", index=False)
+    assert figure_compare([without]).axes[1].get_title() == (
+        "training accuracy (no test set measured)")
+    assert figure_compare([with_test, without]).axes[1].get_title() == (
+        "training accuracy (test: dashed)")

@@ -138,6 +138,8 @@ def test_summary_table_shows_lambda_k_and_k_plus_1_of_the_run(run_dir):
     lines = summary_table(run, max_rows=4).splitlines()
     assert lines[0].split() == ["step", "loss", "acc", "f_top", "overlap(g,Hg)", "λ1", "λ2",
                                 "λ3", "λ4", "matvecs", "seconds"]
+    assert lines[-1].startswith("(4 of 31 measurements shown")  # issue 24: rows left out, said
+    lines = lines[:-1]
     steps = [int(line.split()[0]) for line in lines[2:]]
     assert steps == [0, 100, 200, 300]  # evenly spread, first and last included
     assert lines[-1].split()[7] == f"{run.metrics['hessian/eig_3'].iloc[-1]:.4g}"
@@ -240,7 +242,8 @@ def test_the_report_renders_in_a_real_browser_offline_with_table1_beside_the_pap
     assert float(cells["ours: test set"]) == pytest.approx(full.mean() - 0.1, abs=5e-5)
     assert float(cells["ours: mini-batch"]) == pytest.approx(minibatch.mean(), abs=5e-5)
     numbers = {line[0]: line[1:] for line in _tables(dom, "key-numbers")[0][1:]}
-    table1_line = numbers["mean overlap(g, Hg), full training set, last 1000 steps (every step)"]
+    table1_line = numbers["mean overlap(g, Hg), full training set, steps 0–299 (the whole run, "
+                          "shorter than 1000 steps) (every step)"]  # a 300-step run (issue 24)
     assert table1_line[1:] == ["0.96", "Table 1"]
     metrics = pd.read_csv(path / "metrics.csv")
     f_top = numbers["f_top at the last measurement"]
@@ -276,6 +279,72 @@ def test_the_summary_ends_with_table1_when_every_step_was_measured(tmp_path):
     minibatch = pd.read_csv(path / "minibatch.csv")["minibatch/overlap_g_Hg"].mean()
     test = pd.read_csv(path / "metrics.csv")["test/overlap_g_Hg"].mean()
     text = summary_table(load_run(path))
-    assert text.splitlines()[-1] == (
-        "Table 1 (mean over the last 1000 steps): full data 0.600 (every step), mini-batch "
-        f"{minibatch:.3f}, test {test:.3f}; paper 0.96 (fc-mnist-lr0.01)")
+    # a 100-step run: the window reaches step 0, so the line says what it averaged (issue 24)
+    assert text.splitlines()[-2] == (
+        "Table 1 (mean over steps 0–99 (the whole run, shorter than 1000 steps)): full data "
+        f"0.600 (every step), mini-batch {minibatch:.3f}, test {test:.3f}; paper 0.96 "
+        "(fc-mnist-lr0.01)")
+    assert text.splitlines()[-1].startswith("warning: the mean covers steps 0–99, the whole run")
+
+
+def test_compare_and_table1_say_when_runs_used_different_thread_counts(tmp_path, capsys):
+    """The default thread count is the free cores at launch (recorded as meta.threads), so one
+    command launched twice may differ in the last digits: where runs are compared, say so."""
+    from run_fixtures import write_run
+
+    paths = []
+    for name, threads in (("a", 1), ("b", 2), ("c", 2)):
+        path = write_run(tmp_path / "runs" / name, table1_row="softmax-mnist", vectors=False,
+                         spectrum=False)
+        config = json.loads((path / "config.json").read_text())
+        config["meta"]["threads"] = threads
+        (path / "config.json").write_text(json.dumps(config))
+        paths.append(path)
+    a, b, c = map(str, paths)
+    assert cli(["compare", a, b, "--out", str(tmp_path / "ab.png")]) == 0
+    err = capsys.readouterr().err
+    assert f"note: these runs used different torch thread counts ({a}: 1, {b}: 2; " in err
+    assert "run each with the same --threads N" in err
+    assert cli(["compare", b, c, "--out", str(tmp_path / "bc.png")]) == 0
+    assert "thread counts" not in capsys.readouterr().err
+    assert cli(["table1", str(tmp_path / "runs"), "--last", "100"]) == 0
+    assert "different torch thread counts" in capsys.readouterr().err
+
+
+def test_a_second_compare_keeps_the_first_figure(tmp_path, capsys):
+    """Was: compare.png overwritten silently."""
+    runs = [str(write_run(tmp_path / name, vectors=False, spectrum=False)) for name in "ab"]
+    assert cli(["compare", *runs]) == 0
+    assert capsys.readouterr().err.strip().endswith(f"figure: {tmp_path / 'compare.png'}")
+    first = (tmp_path / "compare.png").read_bytes()
+    assert cli(["compare", *runs, "--smooth", "3"]) == 0
+    assert capsys.readouterr().err.strip().endswith(f"figure: {tmp_path / 'compare-2.png'}")
+    assert (tmp_path / "compare.png").read_bytes() == first
+    assert cli(["compare", *runs, "--out", str(tmp_path / "compare.png")]) == 0
+    assert f"note: replacing {tmp_path / 'compare.png'}" in capsys.readouterr().err
+
+
+def test_the_report_marks_missing_values_one_way(tmp_path):
+    """Was: both NaN and — for values not measured."""
+    import pandas as pd
+
+    path = write_run(tmp_path / "run", table1_row="softmax-mnist", vectors=False,
+                     spectrum=False)
+    table = pd.read_csv(path / "metrics.csv").drop(columns=["hessian/f_top"])
+    table.to_csv(path / "metrics.csv", index=False)
+    page = render_report(path, figures=(), dpi=30)
+    cells = re.findall(r"<td[^>]*>(.*?)</td>", page)
+    assert "NaN" not in cells and "nan" not in cells
+    row = page[page.index("f_top at the last measurement"):]
+    assert re.match(r"f_top at the last measurement</td><td class=n>—</td>", row)
+
+
+def test_the_summary_says_when_it_leaves_rows_out(tmp_path):
+    """Was: 30 of 61 rows shown without a word."""
+    path = write_run(tmp_path / "run", vectors=False, spectrum=False, last_step=600)
+    text = summary_table(load_run(path))
+    body = [line for line in text.splitlines()[2:] if line.strip() and line[0] == " "]
+    assert len(body) == 30
+    assert f"(30 of 61 measurements shown, evenly spread; all are in {path / 'metrics.csv'})" \
+        in text
+    assert "measurements shown" not in summary_table(load_run(path), max_rows=100)

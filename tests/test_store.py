@@ -277,3 +277,67 @@ def test_damaged_tables_and_foreign_checkpoints(tmp_path):
     with pytest.raises(RunStoreError, match=r"is not a tinysubspace checkpoint \(no integer "
                                             r"'step'\)"):
         store.load_checkpoint()
+
+
+# ------------------------------------------------------- damage found on reading (issue 24)
+def _damage(path):
+    """``load_run(path)`` and the RunDamageWarning messages it gave."""
+    import warnings
+
+    from tinysubspace.results.damage import RunDamageWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run = load_run(path)
+    notes = [str(w.message) for w in caught if issubclass(w.category, RunDamageWarning)]
+    assert list(run.damage) == notes
+    return run, notes
+
+
+def test_damage_to_a_finished_run_is_said_not_hidden(tmp_path, capsys):
+    """Was silent: a finished run's cut-short last row dropped (status step 300, data ending at
+    290), duplicated rows accepted, a missing eigenvector file replaced by the nearest step."""
+    from run_fixtures import write_run
+    from tinysubspace.cli.main import main
+    from tinysubspace.plots.arrays import figure_top_eigenvector
+
+    path = write_run(tmp_path / "run")
+    config = json.loads((path / "config.json").read_text())
+    config["tracker"]["save_vectors_at"] = [0, 100, 200]
+    (path / "config.json").write_text(json.dumps(config))
+    clean, notes = _damage(path)
+    assert notes == [] and clean.metrics["step"].iloc[-1] == 300
+    text = (path / "metrics.csv").read_text()
+    (path / "metrics.csv").write_text(text[: text.rfind("\n", 0, -1) + 12])  # row 300 cut
+    run, notes = _damage(path)
+    assert run.metrics["step"].iloc[-1] == 290
+    assert len(notes) == 1 and "metrics.csv: its last row is cut short ('300," in notes[0]
+    assert "status.json says the run finished at step 300; the data ends at step 290" in notes[0]
+    assert main(["plot", str(path), "--figure", "1", "--out", str(tmp_path / "f")]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("warning: ") and "its last row is cut short" in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    status = json.loads((path / "status.json").read_text())
+    (path / "status.json").write_text(json.dumps({**status, "state": "running"}))
+    assert _damage(path)[1] == []  # a running run's cut row: the expected mark of a crash
+    (path / "status.json").write_text(json.dumps(status))
+    (path / "metrics.csv").write_text(text)
+    lines = text.splitlines(keepends=True)
+    (path / "metrics.csv").write_text("".join(lines[:3] + lines[2:3] + lines[3:]))  # step 10 x2
+    run, notes = _damage(path)
+    assert run.metrics["step"].tolist() == clean.metrics["step"].tolist()
+    assert notes == [f"{path / 'metrics.csv'}: steps 10 have more than one row (a run writes one "
+                     "per measured step); the identical copies were left out"]
+    other = lines[2].replace(lines[2].split(",")[3], "0.5", 1)
+    (path / "metrics.csv").write_text("".join([*lines[:3], other, *lines[3:]]))
+    run, notes = _damage(path)
+    assert (run.metrics["step"] == 10).sum() == 2 and "rows of steps 10 differ" in notes[0]
+    (path / "metrics.csv").write_text(text)
+    (path / "eigenvectors" / "step_00000100.pt").unlink()
+    run, notes = _damage(path)
+    assert notes == [f"{path}/eigenvectors: step_00000100.pt missing (tracker.save_vectors_at "
+                     "lists step 100, which was measured); figures of eigenvectors use the "
+                     "saved steps [0, 200]"]
+    figure = figure_top_eigenvector(run, steps=[100, 200])
+    assert [ax.get_title() for ax in figure.axes[:2]] == ["(a) step 0 (none saved at 100)",
+                                                          "(b) step 200"]

@@ -242,7 +242,7 @@ def test_table1_on_synthetic_runs_equals_hand_computation(tmp_path):
         in text
     assert "last 3 steps" in text and "Full data (the paper's column)" in text
     back = pd.read_csv(io.StringIO(table1_csv(table1([a, b, c], last_n=3))))
-    assert back.shape == (9, 15) and back["full"].iloc[0] == pytest.approx(0.95)
+    assert back.shape == (9, 16) and back["full"].iloc[0] == pytest.approx(0.95)  # + short
     assert back["data"].iloc[0] == "digits" and back["data"].isna().sum() == 7  # 7 rows: no run
 
 
@@ -294,7 +294,7 @@ def test_dropout_and_batch_norm_runs_say_which_function_each_column_measures(tmp
         "train mode")
     table = table1([run], last_n=10)
     assert table.set_index("row").loc["convnet-cifar10-dropout-bn-dense", "same_function"] == "no"
-    assert "| 0.93 | 0.85 | 0.55 † |" in table1_markdown(table, 10)
+    assert "| 0.93 | 0.85 ‡ | 0.55 † |" in table1_markdown(table, 10)  # ‡: 2 steps < 10
     plain = _run(tmp_path, "plain", "softmax-mnist", minibatch=[0.5], model={"name": "softmax"})
     assert measured_functions(plain)["same"] == "yes"
 
@@ -356,3 +356,55 @@ def test_the_table1_experiments_measure_as_the_paper():
         assert load_experiment(name).tracker.k == 2  # two classes
     assert load_experiment("appB-fig5-density-fc256-cifar100").tracker.spectrum_top == 1000
     assert load_experiment("fig1-fc-digits").tracker.overlap_last == 0  # the default: off
+
+
+def test_a_run_shorter_than_the_window_says_what_was_averaged_and_warns(tmp_path, capsys):
+    """Issue 24: a 300-step run printed "last 1000 steps" (summary, table1, report, figure) and
+    table1 put -0.32 beside the paper's 0.96 without a word. The window reached step 0, so the
+    start of training was averaged in: every place now names the steps, and table1 warns."""
+    from tinysubspace.cli.main import main
+    from tinysubspace.plots.overlap import figure_overlap_g_Hg
+    from tinysubspace.plots.report import render_report
+    from tinysubspace.results.key_numbers import key_numbers
+    from tinysubspace.results.summary import table1_line
+    from tinysubspace.results.table1 import table1_warnings
+
+    early = np.linspace(-0.9, 0.2, 150)  # the start of training, far from the late value
+    short = _run(tmp_path, "short", "softmax-mnist", every=[*early, *[0.1] * 150])
+    ours = run_overlap(short, 1000)
+    expected = (early.sum() + 0.1 * 150) / 300  # by hand: every step 0..299
+    assert (ours.full.first_step, ours.full.last_step, ours.full.count) == (0, 299, 300)
+    assert ours.full.value == pytest.approx(expected)
+    table = table1([short])
+    assert table.set_index("row").loc["softmax-mnist", "short"] == 1
+    text = table1_markdown(table, 1000)
+    assert f"| 0.96 | {expected:.2f} ‡ |" in text and "‡: a run shorter than 1000 steps" in text
+    (warning,) = table1_warnings(table, 1000)
+    assert warning.startswith("row softmax-mnist: 1 of 1 runs are shorter than 1000 steps "
+                              "(full 0-299 (300)")
+    assert f"ours ({expected:.2f}) is not comparable with the paper's 0.96" in warning
+    line = table1_line(short)
+    assert line.startswith("Table 1 (mean over steps 0–299 (the whole run, shorter than 1000 "
+                           "steps)): full data")
+    assert "\nwarning: the mean covers steps 0–299, the whole run" in line
+    assert key_numbers(short)[0].quantity.startswith(
+        "mean overlap(g, Hg), full training set, steps 0–299 (the whole run")
+    page = render_report(short, figures=(), dpi=30)
+    assert "Table 1: mean overlap(g, Hg), steps 0–299 (the whole run" in page
+    assert "<p class=warn>Warning: the mean covers steps 0–299" in page
+    assert "overlap(g, Hg), last 1000 steps" not in page
+    assert "full training set, last 1000 steps" not in page
+    band = list(figure_overlap_g_Hg(short).axes[0].patches)
+    assert band and "the whole run, shorter than 1000 (Table 1)" in band[0].get_label()
+    assert main(["table1", str(short.path)]) == 0
+    assert "warning: row softmax-mnist: 1 of 1 runs are shorter" in capsys.readouterr().err
+    # a run longer than the window: the last 1000 steps, no mark, no warning
+    long = _run(tmp_path, "long", "softmax-mnist", every=[*early, *[0.9] * 1850])
+    table = table1([long])
+    assert table.set_index("row").loc["softmax-mnist", "short"] == 0 and not table1_warnings(
+        table, 1000)
+    assert "‡" not in table1_markdown(table, 1000)
+    assert table1_line(long).startswith("Table 1 (mean over the last 1000 steps)")
+    assert "\n" not in table1_line(long)
+    assert main(["table1", str(long.path)]) == 0
+    assert "warning" not in capsys.readouterr().err

@@ -10,8 +10,9 @@ import sys
 
 import numpy as np
 
+from tinysubspace.cli.messages import command_line_message
 from tinysubspace.experiments.block_runs import measure_run_blocks
-from tinysubspace.results.store import RunStoreError
+from tinysubspace.results.store import RunStoreError, read_config
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,17 +44,37 @@ def _point(text: str) -> str | int:
                                          f"{text!r}") from None
 
 
+def check_experiment_run(path: str) -> None:
+    """Refuse a run this command cannot rebuild: one measured by ``ts.SubspaceTracker`` (or a
+    training-loop callback) in the user's own loop has no experiment config (its
+    ``config.json`` names a ``source`` instead), so its model and data cannot be made again.
+
+    Raises:
+        RunStoreError: not a run folder, or a run made outside ``tinysubspace run``.
+    """
+    source = read_config(path).get("source")
+    if source is not None:
+        raise RunStoreError(
+            f"{path} was measured by {source} in your own training loop, not made by "
+            "`tinysubspace run`: `tinysubspace blocks` rebuilds the model and data from a run's "
+            "experiment config, which this run does not have. Measure blocks where the model "
+            "lives: SubspaceTracker(..., blocks='auto') writes block/NAME/eig_1 columns (drawn "
+            "by `tinysubspace plot RUN --figure block-sharpness`), or call "
+            "tinysubspace.problems.block_curvature.block_spectra(model, loss_fn, data)")
+
+
 def main(args: argparse.Namespace) -> int:
     """Measure every run; 0: done, 2: not a run (or no checkpoint for ``final``)."""
     at = tuple(dict.fromkeys(args.at or ["init", "final"]))
     for run in args.runs:
         try:
+            check_experiment_run(run)
             files = measure_run_blocks(run, at, args.blocks, data_root=args.data_root,
                                        examples=args.examples, k=args.k,
                                        steps=args.steps, probes=args.probes,
                                        exact_size=args.exact_size, seed=args.seed)
         except (RunStoreError, FileNotFoundError, ValueError) as error:
-            print(f"tinysubspace blocks: {error}", file=sys.stderr)
+            print(f"tinysubspace blocks: {command_line_message(error)}", file=sys.stderr)
             return 2
         for file in files:
             with np.load(file) as data:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -59,7 +60,20 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if getattr(args, "_unavailable", None):
         parser.error(f"the '{args._unavailable}' command is not available in this build")
-    return int(args._main(args) or 0)
+    with warnings.catch_warnings():
+        warnings.showwarning = _one_line_damage(warnings.showwarning)
+        return int(args._main(args) or 0)
+
+
+def _one_line_damage(show):
+    """``warnings.showwarning`` that prints a damaged run folder's warning
+    (``RunDamageWarning``) as one ``warning: …`` line and passes others to ``show``."""
+    def showwarning(message, category, filename, lineno, file=None, line=None) -> None:
+        if category.__name__ == "RunDamageWarning":
+            print(f"warning: {message}", file=sys.stderr)
+        else:
+            show(message, category, filename, lineno, file, line)
+    return showwarning
 
 
 if __name__ == "__main__":

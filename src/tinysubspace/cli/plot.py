@@ -63,22 +63,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dpi", type=int, default=150)
 
 
+class FigureWriteError(OSError):
+    """The figures' folder cannot be written (the message says to choose one with ``--out``)."""
+
+
 def _save(figure: Figure, stem: Path, pdf: bool, dpi: int) -> list[Path]:
-    """Write ``stem.png`` (and ``stem.pdf``); returns the paths written."""
-    stem.parent.mkdir(parents=True, exist_ok=True)
+    """Write ``stem.png`` (and ``stem.pdf``); returns the paths written.
+
+    Raises:
+        FigureWriteError: the folder cannot be made or written (a read-only run folder, say).
+    """
     paths = [stem.with_suffix(".png")] + ([stem.with_suffix(".pdf")] if pdf else [])
-    for path in paths:
-        figure.savefig(path, dpi=dpi)
+    try:
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        for path in paths:
+            figure.savefig(path, dpi=dpi)
+    except OSError as error:
+        raise FigureWriteError(
+            f"cannot write the figures in {stem.parent} ({error.strerror or error}); use --out "
+            "DIR to write them in another folder") from None
     return paths
 
 
 def main(args: argparse.Namespace) -> int:
-    """Draw and save the figures; 0: done, 1: an asked-for figure had no data, 2: not a run."""
+    """Draw and save the figures; 0: done, 1: an asked-for figure had no data, 2: not a run,
+    or a folder the figures cannot be written in."""
     try:
         runs = [as_run(path) for path in args.runs]
-    except RunStoreError as error:
+        return _draw(runs, args)
+    except (RunStoreError, FigureWriteError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+
+
+def _draw(runs: list[Run], args: argparse.Namespace) -> int:
+    """Draw and save the figures of loaded ``runs``; the exit status of :func:`main`."""
     if args.heterogeneity:
         return _many_runs(figure_block_heterogeneity, "block heterogeneity",
                           "blocks_heterogeneity", runs, args)

@@ -21,6 +21,8 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
+from tinysubspace.cli.checks import check_tracker_k
+from tinysubspace.cli.messages import command_line_message
 from tinysubspace.experiments.catalog import DEFAULT_EXPERIMENT, load_experiment
 from tinysubspace.experiments.config import (
     ConfigError,
@@ -38,7 +40,9 @@ from tinysubspace.runtime.threads import ENV_VAR, ThreadsError, apply_threads, c
 
 EPILOG = ("Every key and its default: `tinysubspace config EXPERIMENT` (add --set options to "
           "see their effect). Continue a stopped run with `tinysubspace run --resume --out "
-          f"DIR`. Threads: --threads N or ${ENV_VAR} (default: the free physical cores).")
+          f"DIR`. Threads: --threads N or ${ENV_VAR} (default: the free physical cores at "
+          "launch, recorded in config.json meta.threads; the count changes the last digits of "
+          "the numbers, so give --threads N to runs you will compare).")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -107,6 +111,7 @@ def _prepare(args: argparse.Namespace) -> tuple[ExperimentConfig, Path, str]:
     if args.resume and not args.out:
         raise ConfigError("--resume needs --out DIR (the run to continue)")
     config = _config(args)
+    check_tracker_k(config)  # before any folder exists
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     out = tsdist.broadcast_object(  # rank 0's clock names the folder
         Path(args.out) if args.out else Path("runs") / f"{config.name}-{stamp}")
@@ -130,7 +135,7 @@ def _run(args: argparse.Namespace) -> int:
         return 130
     except (RunStoreError, ConfigError, FileNotFoundError, ValueError, pickle.UnpicklingError,
             OSError) as error:
-        _say(f"tinysubspace run: {error}")
+        _say(f"tinysubspace run: {command_line_message(error)}")
         return 2
     return _report(outcome, out)
 

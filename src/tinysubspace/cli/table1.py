@@ -8,7 +8,14 @@ import sys
 from pathlib import Path
 
 from tinysubspace.results.store import RunStoreError, load_run
-from tinysubspace.results.table1 import table1, table1_csv, table1_markdown, table1_row_id
+from tinysubspace.results.summary import thread_counts_note
+from tinysubspace.results.table1 import (
+    table1,
+    table1_csv,
+    table1_markdown,
+    table1_row_id,
+    table1_warnings,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -52,6 +59,10 @@ def main(args: argparse.Namespace) -> int:
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    if (note := thread_counts_note(rows)) is not None:
+        print(f"note: {note}", file=sys.stderr)
+    for warning in table1_warnings(table, args.last):
+        print(f"warning: {warning}", file=sys.stderr)
     for row in table.itertuples(index=False):
         if "," in str(row.data):
             print(f"note: row {row.row} averages runs on different data sets ({row.data}); "

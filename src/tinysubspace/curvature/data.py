@@ -92,13 +92,33 @@ def call_model(model: torch.nn.Module | Any, inputs: Any) -> Any:
     Attention (``F.scaled_dot_product_attention``, ``nn.MultiheadAttention``) runs by its math
     kernel during the call, so that double backprop and ``torch.func.jvp`` work through it; the
     caller's kernel choice is restored afterwards (:func:`~tinysubspace.curvature.attention.
-    exact_attention`)."""
+    exact_attention`).
+
+    Raises:
+        TypeError: a dict batch whose keys the model's ``forward`` does not take (the message
+            says how dict batches are called and how to adapt the model or the data).
+    """
     with exact_attention():
         if isinstance(inputs, Mapping):
-            return model(**inputs)
+            try:
+                return model(**inputs)
+            except TypeError as error:
+                if "keyword argument" not in str(error) and "positional argument" not in str(error):
+                    raise
+                raise TypeError(_dict_batch_advice(model, inputs, error)) from error
         if isinstance(inputs, (tuple, list)):
             return model(*inputs)
         return model(inputs)
+
+
+def _dict_batch_advice(model: Any, inputs: Mapping, error: TypeError) -> str:
+    """Why ``model(**batch)`` failed for a dict batch, and how to adapt the model or the data."""
+    keys = ", ".join(repr(key) for key in inputs)
+    return (f"a batch that is a dict is called as model(**batch), its keys ({keys}) as keyword "
+            f"arguments, with batch['labels'] as the targets; the model does not "
+            f"take them ({error}). Give the model a forward that takes these keywords (e.g. "
+            "forward(self, image, labels=None)), or give the data as (inputs, targets) pairs, "
+            "e.g. [(b['image'], b['labels']) for b in loader]")
 
 
 class BatchSource:

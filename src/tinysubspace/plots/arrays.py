@@ -220,12 +220,20 @@ def _mark_lambda_k(ax: Any, values: np.ndarray, k: int) -> dict[str, float]:
 
 
 # ------------------------------------------------------------------------ Figs. 6 and 7
-def _vector_steps(run: Run, steps: Sequence[int] | None, default: Sequence[int]) -> list[int]:
+def _vector_steps(run: Run, steps: Sequence[int] | None,
+                  default: Sequence[int]) -> dict[int, str]:
+    """``{saved step: panel title}``, the nearest saved step for each wanted one; a title says
+    when it stands in for another step (a file missing, or never saved)."""
     saved = list(run.eigenvector_steps)
     if not saved:
         raise MissingDataError(f"Figs. 6/7 need eigenvectors/step_*.pt files; {run.path} saved "
                                "none (tracker.save_vectors_at)")
-    return choose_steps(saved, steps if steps is not None else default)
+    titles: dict[int, str] = {}
+    for want in steps if steps is not None else default:
+        (step,) = choose_steps(saved, [want])
+        titles.setdefault(step, f"step {step}" if step == want else
+                          f"step {step} (none saved at {want})")
+    return titles
 
 
 def top_eigenvector(run: Run, step: int) -> tuple[np.ndarray, list[ParameterGroup]]:
@@ -240,8 +248,9 @@ def top_eigenvector(run: Run, step: int) -> tuple[np.ndarray, list[ParameterGrou
     return v, label_parameters(saved["param_names"], saved["param_shapes"])
 
 
-def _eigenvector_panels(run: Run, chosen: list[int], top_layer_only: bool,
+def _eigenvector_panels(run: Run, titles: dict[int, str], top_layer_only: bool,
                         title: str) -> Figure:
+    chosen = list(titles)
     figure, axes = new_figure(len(chosen), width=4.6, height=3.0,
                               rows=2 if len(chosen) > 2 else 1)
     data: dict[int, Any] = {}
@@ -257,7 +266,8 @@ def _eigenvector_panels(run: Run, chosen: list[int], top_layer_only: bool,
                     color=f"C{index % 10}", label=group.label)
             entries[group.label] = values
         ax.axhline(0, color="0.6", lw=0.5)
-        ax.set(xlabel="parameter index", ylabel="entry of $v_1$", title=f"({letter}) step {step}")
+        ax.set(xlabel="parameter index", ylabel="entry of $v_1$",
+               title=f"({letter}) {titles[step]}")
         data[step] = {"vector": v, "groups": entries}
     axes[0].legend(fontsize="x-small", ncol=1 if len(data[chosen[0]]["groups"]) <= 6 else 2)
     figure.suptitle(title)

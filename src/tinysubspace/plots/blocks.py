@@ -123,6 +123,8 @@ def figure_block_densities(run: RunLike, steps: Sequence[int] | None = None,
             ax.semilogy(grid, np.maximum(values, 1e-12), "-" if j == 0 else "--", lw=1,
                         label=f"step {step}")
         ax.set_title(f"{name} (p={int(stored[0]['sizes'][i])})", fontsize=8)
+        ax.set_xlabel(r"eigenvalue $\lambda$ of the block's Hessian", fontsize=7)
+        ax.set_ylabel("spectral density (log)" if i % columns == 0 else "", fontsize=7)
         ax.set_ylim(bottom=1e-6)
         ax.tick_params(labelsize=7)
     axes[0].legend(fontsize=7)

@@ -49,9 +49,13 @@ def figure_sharpness(runs: Sequence[RunLike] | RunLike, labels: Sequence[str] | 
     For an adaptive optimizer the thresholded quantity is the preconditioned sharpness; the raw
     Hessian's ``λ_1`` is drawn too (thin, right axis) to show how far it moves meanwhile.
 
-    Data: ``{label: {"prefix", "step", "lambda_1", "step2", "lambda_2", "threshold",
-    "loss_step", "loss", "raw_step", "raw_lambda_1"}}`` (``raw_*`` only for preconditioned
-    runs).
+    The threshold (``2/η`` for gradient descent, ``38/η`` for Adam's preconditioned sharpness)
+    moves with a learning-rate schedule (a cosine schedule took it from 12,667 to 132,647): it is
+    drawn over the steps it was recorded at, not as one flat line.
+
+    Data: ``{label: {"prefix", "step", "lambda_1", "step2", "lambda_2", "threshold_step",
+    "thresholds", "threshold", "loss_step", "loss", "raw_step", "raw_lambda_1"}}``
+    (``threshold``: the last one; ``raw_*`` only for preconditioned runs).
 
     Raises:
         MissingDataError: a run without sharpness columns.
@@ -69,8 +73,8 @@ def figure_sharpness(runs: Sequence[RunLike] | RunLike, labels: Sequence[str] | 
         if len(curves["lambda_2"]):
             ax_lam.plot(curves["step2"], curves["lambda_2"], "-", color="C1", alpha=0.4, lw=0.8,
                         label=r"$\lambda_2$")
-        ax_lam.axhline(curves["threshold"], color="k", ls="--", lw=1,
-                       label=f"threshold {curves['threshold']:.4g}")
+        ax_lam.plot(curves["threshold_step"], curves["thresholds"], "--", color="k", lw=1,
+                    label=_threshold_label(curves["thresholds"]))
         name = "preconditioned sharpness" if curves["prefix"] == "preconditioned" else "sharpness"
         ax_lam.set(xlabel="step", ylabel=name, title=f"{name} and its threshold")
         if log_sharpness:
@@ -79,9 +83,18 @@ def figure_sharpness(runs: Sequence[RunLike] | RunLike, labels: Sequence[str] | 
             twin = ax_lam.twinx()
             twin.plot(curves["raw_step"], curves["raw_lambda_1"], "-", color="C2", lw=0.8)
             twin.set_ylabel(r"$\lambda_1(H)$ (green)", color="C2")
-        ax_lam.legend(fontsize="small", loc="lower right")
+        ax_lam.legend(fontsize="small", loc="best")
         data[label] = curves
     return finish(figure, data)
+
+
+def _threshold_label(thresholds: np.ndarray) -> str:
+    """``threshold 40`` for a constant one, ``threshold 1.267e+04 → 1.326e+05`` for one that
+    moved (first and last recorded values)."""
+    first, last = float(thresholds[0]), float(thresholds[-1])
+    if np.allclose(thresholds, last, rtol=1e-9, atol=0):
+        return f"threshold {last:.4g}"
+    return f"threshold {first:.4g} → {last:.4g}"
 
 
 def _is_tracker_run(run: Run) -> bool:
@@ -107,10 +120,11 @@ def _curves(run: Run) -> dict[str, Any]:
     step, lam1 = series(run, names["lambda_1"])
     step2, lam2 = (series(run, names["lambda_2"]) if names["lambda_2"] in run.metrics
                    else (np.empty(0), np.empty(0)))
-    _, threshold = series(run, names["threshold"])
+    threshold_step, threshold = series(run, names["threshold"])
     loss_step, loss = series(run, "train/loss")
     curves: dict[str, Any] = {"prefix": prefix, "step": step, "lambda_1": lam1, "step2": step2,
-                              "lambda_2": lam2, "threshold": float(threshold[-1]),
+                              "lambda_2": lam2, "threshold_step": threshold_step,
+                              "thresholds": threshold, "threshold": float(threshold[-1]),
                               "loss_step": loss_step, "loss": loss}
     if prefix == "preconditioned":
         curves["raw_step"], curves["raw_lambda_1"] = series(run, names["raw"])

@@ -146,6 +146,8 @@ def figure_subspace_overlap(run: RunLike, log_x: bool = False) -> Figure:
             if column not in run.metrics:
                 continue
             t2, values = series(run, column, since=t1)
+            if not len(t2):  # an anchor the run never reached (t1 = 400 of a 250-step run)
+                continue
             ax.plot(t2, values, "o-", ms=2, color=f"C{index}", label=f"$t_1$ = {t1}")
             data[kind][t1] = {"t2": t2, "overlap": values}
         ax.set(xlabel="$t_2$ (step)", ylim=(-0.02, 1.02), title=titles[kind],
@@ -227,8 +229,8 @@ def figure_overlap_by_dimension(run: RunLike,
         data[d] = {}
         for index, t1 in enumerate(columns):
             column = f"overlap/d={d}/t1={t1}"
-            if column in run.metrics:
-                t2, values = series(run, column, since=t1)
+            t2, values = series(run, column, since=t1) if column in run.metrics else ((), ())
+            if len(t2):  # (an anchor the run never reached has no curve, no legend entry)
                 ax.plot(t2, values, "-", color=f"C{index}", label=f"$t_1$ = {t1}")
                 data[d][t1] = {"t2": t2, "overlap": values}
         ax.set(xlabel="$t_2$ (step)", ylabel="overlap", ylim=(-0.02, 1.02),

@@ -67,8 +67,9 @@ def figure_overlap_g_Hg(run: RunLike, last_n: int = 1000, smooth: int = 50) -> F
             label = f"{label} (mean of {smooth})"
         ax.plot(steps, values, style, ms=3, lw=1.0, color=color, label=label)
     last = max(float(d["step"].max()) for d in data.values())
-    ax.axvspan(max(last - last_n, 0), last, color="0.9", zorder=0,
-               label=f"last {last_n} steps (Table 1)")
+    band = (f"last {last_n} steps (Table 1)" if last >= last_n else
+            f"steps 0–{last:.0f}: the whole run, shorter than {last_n} (Table 1)")
+    ax.axvspan(max(last - last_n, 0), last, color="0.9", zorder=0, label=band)
     ax.set(xlabel="step", ylabel=r"overlap$(g, Hg)$", ylim=(-1.02, 1.02),
            title=r"overlap$(g, Hg) = g^T H g / (\|g\|\,\|Hg\|)$")
     ax.legend(fontsize="small", loc="lower right")

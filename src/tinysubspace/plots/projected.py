@@ -33,6 +33,7 @@ def figure_compare(runs: Sequence[RunLike], labels: Sequence[str] | None = None,
     labels = list(labels) if labels is not None else short_labels([run_label(r) for r in loaded])
     figure, (ax_loss, ax_acc, ax_f) = new_figure(3, width=4.6)
     data: dict[str, Any] = {}
+    tested = False  # a dashed test curve drawn
     for index, (run, label) in enumerate(zip(loaded, labels, strict=True)):
         if "train/loss" not in run.metrics or run.metrics["train/loss"].dropna().empty:
             raise MissingDataError(f"{run.path} has no train/loss measurements (metrics.csv)")
@@ -51,6 +52,7 @@ def figure_compare(runs: Sequence[RunLike], labels: Sequence[str] | None = None,
                         label=label)
         if "test/accuracy" in curves and np.isfinite(curves["test/accuracy"]).any():
             ax_acc.plot(curves["step"], curves["test/accuracy"], "--", color=color)
+            tested = True
         if "hessian/f_top" in curves:
             ax_f.plot(curves["step"], curves["hessian/f_top"], "o-", ms=3, color=color)
         if curves["switched_at"] is not None:
@@ -62,7 +64,8 @@ def figure_compare(runs: Sequence[RunLike], labels: Sequence[str] | None = None,
     ax_loss.set(xlabel="step", ylabel="training loss",
                 title=f"loss: full data (o), mini-batch ({smooth}-step mean)")
     ax_acc.set(xlabel="step", ylabel="accuracy", ylim=(-0.02, 1.02),
-               title="training accuracy (test: dashed)")
+               title="training accuracy (test: dashed)" if tested else
+               "training accuracy (no test set measured)")
     ax_f.set(xlabel="step", ylabel=r"$f_{\mathrm{top}}$", ylim=(-0.02, 1.02),
              title=r"$f_{\mathrm{top}}$ of the full-batch gradient (eq. 2)")
     ax_acc.legend(fontsize="small")

@@ -26,6 +26,7 @@ from tinysubspace.plots.figures import (
 from tinysubspace.results.key_numbers import key_numbers
 from tinysubspace.results.store import Run
 from tinysubspace.results.table1 import TABLE1_ROWS, run_overlap, table1_row_id
+from tinysubspace.results.window import short_run_warning, window_text
 
 __all__ = ["flatten_config", "metrics_summary", "render_report", "write_report"]
 
@@ -33,12 +34,13 @@ SUMMARY_COLUMNS = ("train/loss", "train/accuracy", "hessian/f_top", "hessian/f_n
                    "hessian/overlap_g_Hg", "hessian/eig_1", "hessian/residual_max",
                    "test/loss", "test/accuracy", "test/f_top", "test/overlap_g_Hg",
                    "cost/matvecs", "cost/seconds")
+MISSING = "—"  # one mark for a value not measured (a NaN reads the same)
 
 _STYLE = """body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:1em 0;font-size:90%}
 td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}th{background:#f2f2f2}
 td.n{text-align:right;font-family:monospace}figure{margin:2em 0}img{max-width:100%}
-figcaption{color:#555;font-size:90%}.skip{color:#888}"""
+figcaption{color:#555;font-size:90%}.skip{color:#888}.warn{color:#a40}"""
 
 
 def flatten_config(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -74,7 +76,7 @@ def _png(figure: Figure, dpi: int) -> str:
 
 def _value(value: Any) -> str:
     if isinstance(value, float):
-        return "NaN" if math.isnan(value) else f"{value:.4g}"
+        return MISSING if math.isnan(value) else f"{value:.4g}"
     if isinstance(value, (list, tuple, dict)):
         return html.escape(json.dumps(value))
     return html.escape(str(value))
@@ -95,22 +97,27 @@ def _table1_section(run: Run, last_n: int = 1000) -> str:
     numbers beside the paper's (:func:`~tinysubspace.results.key_numbers.key_numbers`)."""
     row_id = table1_row_id(run)
     row = next((r for r in TABLE1_ROWS if r.row_id == row_id), None)
-    title = f"<h2>Table 1: mean overlap(g, Hg), last {last_n} steps</h2>"
     try:
         ours = run_overlap(run, last_n)
     except ValueError as error:
+        title = f"<h2>Table 1: mean overlap(g, Hg), last {last_n} steps</h2>"
         return f"{title}<p class=skip>{html.escape(str(error))}</p>"
+    window = ours.full or ours.minibatch
+    title = f"<h2>Table 1: mean overlap(g, Hg), {html.escape(window_text(window, last_n))}</h2>"
+    warning = short_run_warning(window, last_n, "the mean")
+    if warning is not None:
+        title += f"<p class=warn>Warning: {html.escape(warning)}.</p>"
 
     def cell(mean: Any) -> Any:
-        return mean.value if mean is not None else "—"
+        return mean.value if mean is not None else MISSING
 
     def window(mean: Any) -> str:
-        return "—" if mean is None else (f"{mean.source}, steps {mean.first_step}–"
+        return MISSING if mean is None else (f"{mean.source}, steps {mean.first_step}–"
                                          f"{mean.last_step} ({mean.count} values)")
 
     cells = {"row": row.row_id if row else "(none: no table1_row)",
              "setting": f"{row.dataset} {row.model} {row.comment}".strip() if row else "",
-             "paper": row.paper if row else "—", "ours: full data": cell(ours.full),
+             "paper": row.paper if row else MISSING, "ours: full data": cell(ours.full),
              "ours: mini-batch": cell(ours.minibatch), "ours: test set": cell(ours.test)}
     sources = [{"column": name, "averaged": window(mean), "function": function}
                for name, mean, function in (

@@ -20,6 +20,7 @@ import numpy as np
 
 from tinysubspace.results.store import Run
 from tinysubspace.results.table1 import TABLE1_ROWS, full_data_steps, run_overlap, table1_row_id
+from tinysubspace.results.window import window_text
 
 __all__ = ["KeyNumber", "eq4_overlap", "key_numbers"]
 
@@ -71,12 +72,13 @@ def _overlap_numbers(run: Run, last_n: int) -> list[KeyNumber]:
     minibatch = ours.minibatch.value if ours.minibatch else math.nan
     test = ours.test.value if ours.test else math.nan
     how = full_data_steps(ours)
+    window = window_text(ours.full or ours.minibatch, last_n)
     return [
-        KeyNumber(f"mean overlap(g, Hg), full training set, last {last_n} steps ({how})", full,
+        KeyNumber(f"mean overlap(g, Hg), full training set, {window} ({how})", full,
                   f"{row.paper:.2f}" if row else "— (not a Table 1 row)", "Table 1"),
-        KeyNumber(f"mean overlap(g, Hg), mini-batches, last {last_n} steps", minibatch,
+        KeyNumber(f"mean overlap(g, Hg), mini-batches, {window}", minibatch,
                   "— (the paper measures on the entire training set)", "Sec. 2"),
-        KeyNumber(f"mean overlap(g, Hg), test set, last {last_n} steps", test,
+        KeyNumber(f"mean overlap(g, Hg), test set, {window}", test,
                   "\"large … on a test set as well\" (not with random labels); no number",
                   "Sec. 2.2")]
 

@@ -9,6 +9,7 @@ a resumed run reproduces an uninterrupted one.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import math
@@ -16,6 +17,7 @@ import numbers
 import os
 import pickle
 import socket
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -25,6 +27,12 @@ from typing import Any
 import pandas as pd
 import torch
 
+from tinysubspace.results.damage import (
+    RunDamageWarning,
+    cut_row_note,
+    drop_duplicate_rows,
+    missing_vectors_note,
+)
 from tinysubspace.results.folder import (
     CHECKPOINT,
     CONFIG,
@@ -290,6 +298,7 @@ class Run:
     metrics: pd.DataFrame
     minibatch: pd.DataFrame
     status: dict[str, Any]
+    damage: tuple[str, ...] = ()  # what load_run found damaged (results/damage.py)
 
     @property
     def eigenvector_steps(self) -> list[int]:
@@ -323,20 +332,23 @@ class Run:
             return {key: arrays[key] for key in arrays.files}
 
 
-def _read_csv(path: Path) -> pd.DataFrame:
-    """A CSV table of the run (empty if missing); a last row cut short by a crash is dropped.
+def _read_csv(path: Path) -> tuple[pd.DataFrame, str]:
+    """A CSV table of the run (empty if missing) and the last row if it was cut short by a
+    crash (dropped from the table; ``""``: none).
 
     Raises:
         RunStoreError: the file is not a readable CSV table.
     """
     if not path.exists():
-        return pd.DataFrame()
+        return pd.DataFrame(), ""
     try:
         text = path.read_text(encoding="utf-8")
+        cut = ""
         if text and not text.endswith("\n"):  # drop a row cut short by a crash
-            text = text[: text.rfind("\n") + 1]
-        return pd.read_csv(io.StringIO(text), on_bad_lines="skip") if text.strip() else \
+            cut, text = text[text.rfind("\n") + 1:], text[: text.rfind("\n") + 1]
+        table = pd.read_csv(io.StringIO(text), on_bad_lines="skip") if text.strip() else \
             pd.DataFrame()
+        return table, cut
     except (UnicodeDecodeError, pd.errors.ParserError) as error:
         raise RunStoreError(f"{path} is not a readable CSV table ({error})") from None
 
@@ -358,11 +370,24 @@ def load_run(path: str | Path) -> Run:
 
     Raises:
         RunStoreError: ``path`` holds no run, or a damaged ``config.json`` or table.
+
+    Warns:
+        RunDamageWarning: damage that reading would hide (a finished run's cut-short last row,
+            duplicated rows, missing eigenvector files), also listed in ``Run.damage``.
     """
     path = Path(path)
     config = read_config(path)
-    return Run(path, config, _read_csv(path / METRICS), _read_csv(path / MINIBATCH),
-               _read_status(path))
+    status = _read_status(path)
+    (metrics, cut), (minibatch, _) = _read_csv(path / METRICS), _read_csv(path / MINIBATCH)
+    metrics, repeated = drop_duplicate_rows(metrics, path / METRICS)
+    minibatch, repeated_minibatch = drop_duplicate_rows(minibatch, path / MINIBATCH)
+    run = Run(path, config, metrics, minibatch, status)
+    damage = tuple(note for note in (
+        cut_row_note(path / METRICS, cut, metrics, status), repeated, repeated_minibatch,
+        missing_vectors_note(path, config, metrics, run.eigenvector_steps)) if note)
+    for note in damage:
+        warnings.warn(note, RunDamageWarning, stacklevel=2)
+    return dataclasses.replace(run, damage=damage)
 
 
 # ------------------------------------------------------------------ runs given by folder or object

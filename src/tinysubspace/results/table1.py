@@ -37,6 +37,7 @@ import numpy as np
 import pandas as pd
 
 from tinysubspace.results.store import Run
+from tinysubspace.results.window import covers_start
 
 __all__ = [
     "FULL_OVERLAP_COLUMNS",
@@ -55,6 +56,7 @@ __all__ = [
     "table1_csv",
     "table1_markdown",
     "table1_row_id",
+    "table1_warnings",
     "window_mean",
 ]
 
@@ -292,7 +294,8 @@ def table1(runs: Iterable[Run], last_n: int = 1000) -> pd.DataFrame:
     norm, so the mini-batch column measures the same function; ``no``), ``steps`` (the windows
     averaged, per run), ``data`` (the data sets the runs trained on, e.g. ``digits`` for an
     MNIST row filled by ``…-digits`` runs; more than one name: the row averages different data
-    sets).
+    sets), ``short`` (how many runs are shorter than the window: their mean starts at step 0,
+    :func:`~tinysubspace.results.window.covers_start`).
 
     Raises:
         ValueError: a run without ``table1_row`` or with an unknown one (the known are listed).
@@ -317,6 +320,7 @@ def table1(runs: Iterable[Run], last_n: int = 1000) -> pd.DataFrame:
             "full_source": _full_source(results),
             "same_function": ", ".join(dict.fromkeys(r.functions["same"] for r in results)),
             "steps": "; ".join(_steps(r) for r in results),
+            "short": sum(covers_start(r.full or r.minibatch, last_n) for r in results),
             "data": ", ".join(dict.fromkeys(r.data or "?" for r in results))})
     return pd.DataFrame.from_records(records)
 
@@ -335,9 +339,11 @@ def table1_markdown(table: pd.DataFrame, last_n: int = 1000) -> str:
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in table.itertuples(index=False):
         mark = " †" if "no" in str(r.same_function).split(", ") else ""
+        short = " ‡" if getattr(r, "short", 0) else ""
         lines.append(f"| {r.dataset} | {r.model} | {r.comment} | {r.paper:.2f} | "
-                     f"{_cell(r.full, r.full_std)} | {_cell(r.minibatch, r.minibatch_std, mark)}"
-                     f" | {_cell(r.test)} | {r.runs} | {r.full_source or '—'} | "
+                     f"{_cell(r.full, r.full_std, short)} | "
+                     f"{_cell(r.minibatch, r.minibatch_std, mark)} | {_cell(r.test)} | "
+                     f"{r.runs} | {r.full_source or '—'} | "
                      f"{r.data or '—'} |")
     lines += ["", f"Mean overlap(g, Hg) (eq. 3) over the last {last_n} steps of each run. "
               "Full data (the paper's column): g and H of the whole training set (PAPER.txt, "
@@ -352,7 +358,25 @@ def table1_markdown(table: pd.DataFrame, last_n: int = 1000) -> str:
               "paper reports training-set values only; — : no run or not measured. Trained on: "
               "the data set of the row's runs (an MNIST row filled by `…-digits` runs says "
               "digits; two names: runs on different data sets averaged together)."]
+    if "short" in table and table["short"].sum() > 0:
+        lines.append(f"‡: a run shorter than {last_n} steps: its mean covers the whole run from "
+                     "step 0, so the start of training is averaged in; not comparable with the "
+                     "paper's (the last 1000 steps of a long run).")
     return "\n".join(lines)
+
+
+def table1_warnings(table: pd.DataFrame, last_n: int = 1000) -> list[str]:
+    """One warning per row that averages a run shorter than the window (:func:`table1`'s
+    ``short`` column): what was averaged, ours beside the paper's."""
+    warnings = []
+    for r in table.itertuples(index=False):
+        if getattr(r, "short", 0):
+            ours = "—" if not np.isfinite(r.full) else f"{r.full:.2f}"
+            warnings.append(f"row {r.row}: {r.short} of {r.runs} runs are shorter than "
+                            f"{last_n} steps ({r.steps}); their mean averages in the start of "
+                            f"training, so ours ({ours}) is not comparable with the paper's "
+                            f"{r.paper:.2f}; train longer or pass --last N")
+    return warnings
 
 
 def table1_csv(table: pd.DataFrame) -> str:
