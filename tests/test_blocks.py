@@ -252,6 +252,7 @@ def _dense_block(name: str, model, blocks) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize(("problem", "blocks"), [("gpt", "auto"), ("gpt", "types"),
                                                  ("encoder", "types")])
+@pytest.mark.slow
 def test_block_spectra_match_eigh_of_the_dense_diagonal_blocks(problem, blocks):
     built = {"gpt": gpt_problem, "encoder": encoder_problem}[problem]()
     result = ts.block_spectra(built.model, built.loss_fn, built.data, blocks, k=3, steps=12,
@@ -324,6 +325,7 @@ def gpt_run(tmp_path_factory):
     return path, config, files
 
 
+@pytest.mark.slow
 def test_run_blocks_are_those_of_the_runs_models(gpt_run):
     from tinysubspace.experiments.build import build_problem
     from tinysubspace.plots.blocks import block_steps, load_blocks
@@ -428,6 +430,7 @@ def test_blocks_command(gpt_run, capsys):
     assert "step 0, heterogeneity" in out and "h.0:" in out
 
 
+@pytest.mark.slow
 def test_plot_command_draws_the_block_figures(gpt_run, tmp_path, capsys):
     from run_fixtures import write_run
     from tinysubspace.cli.main import main

@@ -73,6 +73,7 @@ def test_resume_needs_out(capsys):
     assert "--resume needs --out" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_run_then_plot_table_and_report(capsys, tmp_path):
     out = tmp_path / "run"
     assert main(["run", *_sets(), "--out", str(out), "--quiet"]) == 0

@@ -128,6 +128,7 @@ def operator_results(tmp_path_factory):
     return launch(_operator_worker, tmp_path_factory.mktemp("operator"), timeout_s=5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", OPERATOR_CASES, ids=str)
 @pytest.mark.distributed
 @needs_gloo
@@ -269,6 +270,7 @@ def _torchrun(out: Path, settings: dict[str, str], **env: str) -> None:
     assert load_run(out).status["state"] == "finished"
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 @needs_gloo
 def test_torchrun_tracked_run_equals_the_single_process_run(tmp_path, single_run):
@@ -286,6 +288,7 @@ def _resume_worker(rank: int, world: int, folder: Path) -> list:
     return outcomes
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 @needs_gloo
 def test_a_run_stopped_and_resumed_on_two_processes_equals_the_single_process_run(

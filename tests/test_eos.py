@@ -59,6 +59,7 @@ def _simulate(make, curvature: float, steps: int = 3000) -> float:
     lambda w: torch.optim.SGD(w, lr=0.1, momentum=0.6, dampening=0.3),
     lambda w: torch.optim.SGD(w, lr=0.1, momentum=0.9, nesterov=True),
 ], ids=["gd", "heavy-ball", "dampened", "nesterov"])
+@pytest.mark.slow
 def test_sgd_thresholds_separate_convergence_from_divergence(make):
     """The independent reference: torch's own optimizer on a quadratic just below and above."""
     threshold = sharpness_threshold(make(_weight()))

@@ -21,6 +21,7 @@ CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_example_runs_and_writes_a_run_folder(name, tmp_path):
     needs, args = CASES[name]

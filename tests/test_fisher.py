@@ -45,6 +45,7 @@ def test_per_example_gradients_average_to_the_gradient():
         assert relative_error(per_example_gradients(f).mean(0), reference_gradient(f)) < 1e-13
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", SOME_CASES, ids=str)
 def test_empirical_fisher_matches_reference(case):
     problem = case.build()
@@ -53,6 +54,7 @@ def test_empirical_fisher_matches_reference(case):
     assert relative_error(_dense(_fisher(problem, kind="empirical")), expected) < TOL
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", SOME_CASES, ids=str)
 def test_true_fisher_is_the_ggn(case):
     problem = case.build()
@@ -168,6 +170,7 @@ def _fisher_worker(rank: int, world: int, folder) -> dict:
 @pytest.mark.distributed
 @pytest.mark.skipif(not (torch.distributed.is_available()
                          and torch.distributed.is_gloo_available()), reason="needs gloo")
+@pytest.mark.slow
 def test_distributed_fisher_equals_the_single_process_one(tmp_path):
     """Empirical and true Fisher of two uneven shards equal the whole set's references; the MC
     Fisher (targets drawn per rank and batch) is the same matrix on both ranks and PSD."""

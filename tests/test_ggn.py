@@ -61,6 +61,7 @@ def test_reference_ggn_is_the_hessian_for_a_linear_model_and_psd():
 
 
 # ------------------------------------------------------------------ products
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_ggn_matches_reference(case):
     problem = case.build()
@@ -77,6 +78,7 @@ def test_ggn_matches_reference(case):
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.seed == 0 and c.data == "batches"],
                          ids=str)
+@pytest.mark.slow
 def test_residual_is_hessian_minus_ggn(case):
     problem = case.build()
     f = _flat(problem)
@@ -242,6 +244,7 @@ def _ggn_worker(rank: int, world: int, folder: Path) -> dict:
 @pytest.mark.distributed
 @pytest.mark.skipif(not (torch.distributed.is_available()
                          and torch.distributed.is_gloo_available()), reason="needs gloo")
+@pytest.mark.slow
 def test_distributed_ggn_equals_the_single_process_one(tmp_path):
     results = launch(_ggn_worker, tmp_path, timeout_s=10)
     problem = DIST_CASE.build()

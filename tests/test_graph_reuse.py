@@ -52,6 +52,7 @@ def _xfail_torch_mse_jvp(case: Case, method: str) -> list:
 @pytest.mark.parametrize(("case", "method"), [
     pytest.param(case, method, marks=_xfail_torch_mse_jvp(case, method), id=f"{case}-{method}")
     for case in SEED0_CASES for method in METHODS])
+@pytest.mark.slow
 def test_repeated_and_mixed_products_match_reference(case, method, reference_of):
     H, g_ref, loss_ref = reference_of(case)
     op = case.build().operator(dtype=F64, hvp_method=method)
@@ -304,6 +305,7 @@ def _distributed_worker(rank: int, world: int, folder) -> dict:
             "distributed": op.distributed}
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 @needs_gloo
 def test_distributed_products_with_kept_graphs(tmp_path):

@@ -60,6 +60,7 @@ def test_unequal_batches_would_be_caught():
 
 
 # ------------------------------------------------------------------ products, loss, gradient
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_products_match_reference(case, reference_of):
     H, _, _ = reference_of(case)

@@ -59,6 +59,7 @@ def _lightning_run(pl, callback, steps=7):
     return module, initial
 
 
+@pytest.mark.slow
 def test_lightning_callback_records_the_trackers_rows_and_changes_nothing(pl, tmp_path):
     from tinysubspace.integrations.lightning import SubspaceCallback
 
@@ -126,6 +127,7 @@ def _hf_run(hf, callback, steps=5):
     return model, initial
 
 
+@pytest.mark.slow
 def test_transformers_callback_measures_the_models_own_loss_and_changes_nothing(hf, tmp_path):
     from tinysubspace.integrations.transformers import SubspaceCallback
 
@@ -170,6 +172,7 @@ def test_lightning_callback_tracks_the_trainers_optimizer(pl, tmp_path):
     assert 0 <= callback.rows[-1]["preconditioned/update_share"] <= 1
 
 
+@pytest.mark.slow
 def test_transformers_callback_tracks_the_trainers_adamw(hf, tmp_path):
     from tinysubspace.integrations.transformers import SubspaceCallback
 

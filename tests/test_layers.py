@@ -98,7 +98,10 @@ CORE_MODULES = sorted({_module(p) for p in LAYER_FILES
                        if p.relative_to(PACKAGE).parts[0].removesuffix(".py") in CORE_LAYERS})
 
 
-@pytest.mark.parametrize("module", ["tinysubspace", *CORE_MODULES])
+# each core module in a fresh interpreter costs a torch import: the package itself is in the quick
+# tier, the modules one by one in the slow one
+@pytest.mark.parametrize("module", ["tinysubspace", *(pytest.param(m, marks=pytest.mark.slow)
+                                                     for m in CORE_MODULES)])
 def test_core_modules_leave_pandas_and_matplotlib_out(module):
     assert _fresh_import(module) == []
 

@@ -370,6 +370,7 @@ COMMON_SUITE = [common_settings(name) for name in sorted(OPTIMIZERS)] + [
 @pytest.mark.parametrize("optim", COMMON_SUITE,
                          ids=[f"{o['name']}{'-fullbatch' if 'project' in o else ''}"
                               for o in COMMON_SUITE])
+@pytest.mark.slow
 def test_training_run_resumes_with_the_optimizer_state(tmp_path, optim):
     """The common suite: every registered optimizer trains (the loss falls), records its HVP
     cost, and a run stopped and resumed from its checkpoint reproduces the uninterrupted one."""

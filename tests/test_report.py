@@ -25,6 +25,7 @@ def run_dir(tmp_path_factory):
     return write_run(tmp_path_factory.mktemp("runs") / "fixture", table1_row="softmax-mnist")
 
 
+@pytest.mark.slow
 def test_report_is_one_offline_page_with_every_figure(run_dir):
     page = render_report(run_dir, dpi=30)
     images = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)

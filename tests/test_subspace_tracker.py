@@ -104,6 +104,7 @@ def _train(model, tracker_kwargs, steps=12, seed=0, loader_generator=False):
     return model, optimizer, (torch.get_rng_state(), np.random.rand(), random.random())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["eval", "train"])
 @pytest.mark.parametrize("loader_generator", [False, True])
 def test_training_with_the_tracker_ends_bit_identical_to_training_without(mode, tmp_path,
@@ -218,6 +219,7 @@ def test_csv_tensorboard_and_callable_loggers_get_the_same_rows(tmp_path):
         rows[1]["overlap/top/t1=0"], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_plot_report_and_table1_read_an_own_loop_run(tmp_path):
     from tinysubspace.cli.main import main
 
@@ -405,6 +407,7 @@ def _distributed_worker(rank: int, world: int, folder) -> dict:
 @pytest.mark.skipif(not (torch.distributed.is_available()
                          and torch.distributed.is_gloo_available()),
                     reason="torch.distributed with gloo is not available")
+@pytest.mark.slow
 def test_under_torchrun_every_rank_gets_the_single_process_rows_and_rank_0_writes(tmp_path):
     from distributed_workers import launch
 

@@ -116,6 +116,7 @@ def runs(tmp_path_factory):
     return root / "on", root / "off"
 
 
+@pytest.mark.slow
 def test_every_step_is_measured_and_agrees_with_the_trackers_column(runs):
     on = load_run(runs[0])
     every = full_overlap_table(on)

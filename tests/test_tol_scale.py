@@ -126,6 +126,7 @@ def _tracker(problem, **changes):
     return Tracker(config, problem.loss_fn, problem.tensors("train"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("solver", ["track", "cold"])
 def test_tracker_measures_with_its_tol_scale(solver):
     from experiment_fixtures import tiny_config

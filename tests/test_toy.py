@@ -470,6 +470,7 @@ def test_k_classes_top_k_subspace(biases):
         assert float(sim.alignment[i, k - 1]) > 0.999  # gradient on the smaller one
 
 
+@pytest.mark.slow
 def test_footnote_13_setting_ten_classes_with_biases():
     """d = 1000, k = 10, random (non-orthogonal) unit means, biases: k − 1 large eigenvalues,
     one smaller, the gradient aligned with it, rank k(k − 1) = 90 (about 3 s)."""
@@ -491,6 +492,7 @@ def run_command(argv):
     return toy_command.main(parser.parse_args(argv))
 
 
+@pytest.mark.slow
 def test_command_prints_the_tables_and_writes_the_plots(tmp_path, capsys):
     argv = ["--d", "6", "--n", "6", "--steps", "1000", "--measurements", "8",
             "--init-std", "1.0", "--sweep-sigma", "0.01,0.02", "--out", str(tmp_path)]

@@ -58,6 +58,7 @@ def _dense_blocks(model, loss_fn, X, Y) -> tuple[dict[str, torch.Tensor], FlatFu
     return blocks, f
 
 
+@pytest.mark.slow
 def test_block_columns_are_the_dense_diagonal_blocks_at_every_measurement(tracked_run):
     from tinysubspace.experiments.build import build_problem
 

@@ -187,6 +187,7 @@ def _adam_diagonal(optimizer, state_per_param: dict) -> torch.Tensor:
     return torch.cat(parts)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["adam", "adamw", "rmsprop"])
 def test_adaptive_preconditioned_top_k_and_update_share_match_dense(name):
     _, optimizer, rows, thetas, states = _train(name, {}, steps=4)
@@ -411,6 +412,7 @@ def _distributed_worker(rank: int, world: int, folder) -> list:
 @pytest.mark.skipif(not (torch.distributed.is_available()
                          and torch.distributed.is_gloo_available()),
                     reason="torch.distributed with gloo is not available")
+@pytest.mark.slow
 def test_under_torchrun_the_options_give_the_single_process_rows(tmp_path):
     from distributed_workers import launch
 

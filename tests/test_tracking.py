@@ -240,6 +240,7 @@ def test_float32_operator_converges_at_the_default_tolerance():
 
 
 # --------------------------------------------------------------- a small MLP during training
+@pytest.mark.slow
 @pytest.mark.parametrize("warm", ["subspace", "krylov"])
 def test_mlp_hessian_tracked_along_sgd_matches_dense_reference(warm):
     """A 4-class MLP (6 → 12 → 4, p = 136), a few SGD steps between measurements; float64

@@ -58,6 +58,7 @@ def test_resume_after_a_crash_reproduces_the_uninterrupted_run(uninterrupted, tm
     pd.testing.assert_frame_equal(resumed[1], whole[1], check_exact=True)
 
 
+@pytest.mark.slow
 def test_resume_after_kill_9_reproduces_the_uninterrupted_run(uninterrupted, tmp_path):
     path = tmp_path / "killed"
     sets = [arg for key, value in TINY.items() for arg in ("--set", f"{key}={value}")]

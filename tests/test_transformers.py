@@ -202,6 +202,7 @@ def _dense(op) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------- tests
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(PROBLEMS))
 def test_reference_agrees_with_finite_differences(name):
     f, H = reference(name)
@@ -209,6 +210,7 @@ def test_reference_agrees_with_finite_differences(name):
     assert _rel(f.finite_difference_hessian(), H) < 1e-7
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("name", sorted(PROBLEMS))
 def test_hessian_through_attention_is_exact(name, method):
