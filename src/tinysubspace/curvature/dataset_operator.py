@@ -21,10 +21,9 @@ product may use (``leaves``, ``layout``, ``batch_loss``, ``functional_loss``, ``
 ``output_loss``) are what the H·V strategies (:mod:`tinysubspace.curvature.hvp`) and the
 linearised products (:mod:`tinysubspace.curvature.linearized`) see.
 
-A batch product may be approximate (finite differences): it then returns a
-:class:`~tinysubspace.curvature.hvp.ProductEstimate` whose per-column error bound is weighted and
-summed like the product itself (the triangle inequality), and kept as
-:attr:`DataSetOperator.last_product_error`.
+A batch product may be approximate (finite differences): a
+:class:`~tinysubspace.curvature.hvp.ProductEstimate`, whose per-column error is weighted and summed
+like the product (:attr:`DataSetOperator.last_product_error`).
 """
 
 from __future__ import annotations
@@ -301,19 +300,12 @@ class DataSetOperator(SymmetricOperator):
                     f"(relative, tolerance {rtol:.1e}); likely causes: "
                     + "; ".join(self._randomness_suspects()))
 
-    # ---------------------------------------------------------------- graphs
+    # ------------------------------------ kept graphs (only a Hessian product keeps any)
     def release_graphs(self) -> None:
-        """Free kept gradient graphs (only a Hessian product keeps any; here a no-op)."""
+        """Free kept gradient graphs (none here)."""
 
-    @property
-    def retained_graph_bytes(self) -> int:
-        """Memory held by kept gradient graphs, in bytes (0: this operator keeps none)."""
-        return 0
-
-    @property
-    def retained_graph_chunks(self) -> int:
-        """How many chunks have their gradient graph kept (0: this operator keeps none)."""
-        return 0
+    retained_graph_bytes = property(lambda self: 0, doc="Bytes of kept gradient graphs (none).")
+    retained_graph_chunks = property(lambda self: 0, doc="Chunks with a kept graph (none).")
 
     # ---------------------------------------------------------------- internals
     def _matmat(self, block: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 __all__ = ["DEFAULT_GRAPH_MEMORY", "GradientGraph", "build_gradient_graph", "free_memory",
-           "graph_budget", "graph_nbytes", "validate_graph_memory"]
+           "graph_budget", "graph_nbytes", "once_only_kernels", "validate_graph_memory"]
 
 DEFAULT_GRAPH_MEMORY = 0.25
 """Default budget for retained gradient graphs: this fraction of the memory free on the
@@ -35,6 +35,8 @@ class GradientGraph:
         live: indices of the gradients that depend on the parameters (curvature flows there).
         size: ``n_j``, the chunk's weight in the mean.
         nbytes: memory the graph holds (:func:`graph_nbytes`; 0 when not measured).
+        once_only: a kernel on the graph is differentiable only once (:func:`once_only_kernels`):
+            double backward through it would silently leave out that kernel's curvature.
     """
 
     loss: torch.Tensor
@@ -42,6 +44,7 @@ class GradientGraph:
     live: tuple[int, ...]
     size: int
     nbytes: int = 0
+    once_only: tuple[str, ...] = ()
 
 
 def build_gradient_graph(op: Any, batch: Any, index: int, measure: bool = False) -> GradientGraph:
@@ -52,7 +55,29 @@ def build_gradient_graph(op: Any, batch: Any, index: int, measure: bool = False)
         grads = torch.autograd.grad(loss, op.leaves, create_graph=True, allow_unused=True)
     live = tuple(i for i, g in enumerate(grads) if g is not None and g.requires_grad)
     nbytes = graph_nbytes(grads, exclude=op.leaves) if measure else 0
-    return GradientGraph(loss.detach(), tuple(grads), live, batch.size, nbytes)
+    return GradientGraph(loss.detach(), tuple(grads), live, batch.size, nbytes,
+                         once_only_kernels(loss))
+
+
+def once_only_kernels(loss: torch.Tensor) -> tuple[str, ...]:
+    """Names of the custom ``autograd.Function`` s on the graph of ``loss`` whose backward is
+    marked ``@once_differentiable``. torch 2.13 does not raise when such a backward is
+    differentiated again (the second derivative through it is silently dropped), so the
+    double-backward strategies check this list instead."""
+    found, stack, visited = set(), [loss.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in visited:
+            continue
+        visited.add(node)
+        cls = getattr(node, "_forward_cls", None)
+        code = getattr(getattr(cls, "backward", None), "__code__", None)
+        if code is not None and getattr(code, "co_qualname", "once_differentiable.") \
+                .startswith("once_differentiable.") and code.co_name == "wrapper" \
+                and code.co_filename.endswith("function.py"):  # co_qualname: Python >= 3.11
+            found.add(cls.__name__)
+        stack.extend(child for child, _ in node.next_functions)
+    return tuple(sorted(found))
 
 
 def graph_nbytes(grads: tuple[torch.Tensor | None, ...], exclude: list[torch.Tensor]) -> int:

@@ -5,7 +5,8 @@ mean-reduced loss :math:`\\ell_j(\\theta)` on each batch, the loss measured is
 
 .. math::  L(\\theta) = \\frac{1}{N} \\sum_j n_j\\, \\ell_j(\\theta),
 
-exactly the mean over all examples, and ``op @ V`` returns :math:`\\nabla^2 L(\\theta)\\, V`.
+exactly the mean over all examples, and ``op @ V`` returns :math:`\\nabla^2 L(\\theta)\\, V`
+(exactly, or by finite differences of gradients when ``hvp_method`` says so).
 The snapshot, the data loop, the weighting and the sum over ranks are the base's
 (:class:`~tinysubspace.curvature.dataset_operator.DataSetOperator`); this module supplies the
 per-batch product :math:`\\nabla^2 \\ell_j V`, by the strategy ``hvp_method`` names
@@ -78,6 +79,10 @@ class HessianOperator(DataSetOperator):
             ``"jvp"`` (forward-over-reverse, vmapped), or ``"auto"`` (default: ``jvp`` on CUDA in
             eval mode, ``loop`` otherwise — the fastest measured, docs/performance.md; it falls
             back to ``loop`` where torch's ``jvp`` fails for the loss, e.g. mean-squared error).
+            Approximate: ``"finite_difference"`` / ``"finite_difference4"``, central differences
+            of ordinary gradients (no double backward; :class:`~tinysubspace.curvature.hvp.
+            FiniteDifference`); their error estimate is :attr:`last_product_error`, their floor
+            :attr:`product_error` (docs/scale.md).
         graph_memory: budget for keeping each chunk's gradient graph between products (``loop``
             and ``batched``; ``jvp`` keeps none): an ``int`` is bytes, a ``float`` in ``[0, 1]``
             the fraction of the memory free on ``device`` when the first graph is built
