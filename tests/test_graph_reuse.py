@@ -222,11 +222,11 @@ def _hooked_size(op: ts.HessianOperator) -> int:
 
     batch = next(iter(op.batches))
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.enable_grad():
-        loss = op._batch_loss(batch, 0)
-        grads = torch.autograd.grad(loss, op._leaves, create_graph=True)
+        loss = op.batch_loss(batch, 0)
+        grads = torch.autograd.grad(loss, op.leaves, create_graph=True)
     for g in grads:
         storages[g.untyped_storage().data_ptr()] = g.untyped_storage().nbytes()
-    for leaf in op._leaves:
+    for leaf in op.leaves:
         storages.pop(leaf.untyped_storage().data_ptr(), None)
     return sum(storages.values())
 

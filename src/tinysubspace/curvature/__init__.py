@@ -1,7 +1,9 @@
-"""The curvature core: exact operators over a whole data set (H·V, never the matrix).
+"""The curvature core: operators over a whole data set (H·V, never the matrix).
 
-``operator`` (the operator protocol, dense operators, ``A − B``), ``hessian``
-(:class:`HessianOperator`), ``ggn`` and ``fisher`` (Gauss–Newton and Fisher matrices),
+``dataset_operator`` (:class:`DataSetOperator`: the snapshot, the data loop, the weighting of
+uneven batches, the sum over ranks; each operator supplies its per-batch product), ``hessian``
+(:class:`HessianOperator`), ``ggn`` and ``fisher`` (Gauss–Newton and Fisher matrices; their
+shared ``Jᵀ M J V`` engine is ``linearized``), ``graphs`` (kept gradient graphs),
 ``preconditioned`` (``P^{-1/2} A P^{-1/2}`` for an optimizer's diagonal ``P``),
 ``class_means`` (Papyan's class means of per-example gradients),
 ``hvp`` (the exact H·V strategies), ``data`` (batches and calling the model), ``layout``
@@ -16,6 +18,7 @@ from tinysubspace.curvature.class_means import (
     papyan_basis,
 )
 from tinysubspace.curvature.collectives import DistributedError
+from tinysubspace.curvature.dataset_operator import DataSetOperator
 from tinysubspace.curvature.fisher import FisherOperator
 from tinysubspace.curvature.ggn import GaussNewtonResidual, GGNOperator
 from tinysubspace.curvature.hessian import (
@@ -37,6 +40,7 @@ from tinysubspace.operator import (
 __all__ = [
     "HVP_METHODS",
     "ClassMeans",
+    "DataSetOperator",
     "DenseOperator",
     "DifferenceOperator",
     "DistributedError",

@@ -18,7 +18,7 @@ subspace costs an SVD of ``p × C²`` (no Lanczos). The true-label means ``δ_{c
 (``g = Σ_c (N_c/N) δ_{c,c}``).
 
 Cost: one pass over the data, ``C²`` backward passes through each batch's output graph (``δ_{c,c}``
-alone: ``C``). Sums meet in the operator's ``_sum_over_data``, so the means are distributed like
+alone: ``C``). Sums meet in the operator's ``sum_over_data``, so the means are distributed like
 the operator's products.
 """
 
@@ -84,7 +84,7 @@ def class_gradient_means(op: GGNOperator, num_classes: int,
             y = torch.as_tensor(batch.targets, device=op.device).reshape(-1).long()
             counted = y != ignore  # padding labels belong to no class
             with torch.enable_grad():
-                z = op._batch_outputs(batch)
+                z = op.batch_outputs(batch)
                 _check(z, y[counted], C)
                 probs = torch.softmax(z.detach(), dim=1) * counted[:, None]
                 members = torch.nn.functional.one_hot(y.clamp_min(0), C).to(op.dtype) \
@@ -98,13 +98,13 @@ def class_gradient_means(op: GGNOperator, num_classes: int,
                         # ∇ Σ_{i∈c} ℓ(z_i, c') = Jᵀ u with u_i = 1[i∈c] (p_i − e_{c'})
                         u = members[:, c:c + 1] * (probs - torch.nn.functional.one_hot(
                             torch.full_like(y, c2), C).to(op.dtype))
-                        grads = torch.autograd.grad(z, op._leaves, grad_outputs=u,
+                        grads = torch.autograd.grad(z, op.leaves, grad_outputs=u,
                                                     retain_graph=True, allow_unused=True)
                         sums[c, c2] += op.layout.flatten(grads, like=sums[c, c2])
                         passes += 1
         return torch.cat([sums.reshape(-1), counts, weights.reshape(-1)])
 
-    total = op._sum_over_data(local_sum)
+    total = op.sum_over_data(local_sum)
     sums = total[:C * C * p].reshape(C, C, p)
     counts = total[C * C * p:C * C * p + C]
     weights = total[C * C * p + C:].reshape(C, C) / counts.sum().clamp_min(1)

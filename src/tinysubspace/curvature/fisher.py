@@ -50,7 +50,8 @@ from torch.nn import functional
 
 from tinysubspace.curvature import collectives as tsdist
 from tinysubspace.curvature.data import Batch
-from tinysubspace.curvature.ggn import GGNOperator, OutputCurvature
+from tinysubspace.curvature.dataset_operator import DataSetOperator
+from tinysubspace.curvature.linearized import OutputCurvature, linearized_product
 
 __all__ = ["FISHER_EXAMPLES", "FISHER_KINDS", "LIKELIHOODS", "FisherOperator",
            "checked_examples", "counted_examples", "expected_output_curvature", "ignore_index_of",
@@ -89,7 +90,7 @@ def likelihood_of(loss_fn: Callable[..., Any]) -> str:
                      f"one of {LIKELIHOODS}")
 
 
-class FisherOperator(GGNOperator):
+class FisherOperator(DataSetOperator):
     """Exact Fisher information of the mean loss over a data set: empirical, Monte Carlo or true.
 
     Args:
@@ -161,7 +162,16 @@ class FisherOperator(GGNOperator):
         noise = torch.randn((self.mc_samples, *z.shape), generator=gen, dtype=torch.float64)
         return (z + sigma * noise).to(device=outputs.device, dtype=outputs.dtype)
 
+    def batch_product(self, batch: Batch, index: int, block: torch.Tensor) -> torch.Tensor:
+        """``F_j V = Jᵀ M_j J V`` for one batch, ``M_j`` the kind's output-space matrix."""
+        return linearized_product(self, batch, index, block, self._output_curvature)
+
     # ---------------------------------------------------------------- internals
+    def _checked_loss(self, outputs: torch.Tensor, batch: Batch, index: int,
+                      targets: Any = None) -> torch.Tensor:
+        """The batch's checked mean loss of ``outputs`` (:meth:`output_loss`)."""
+        return self.output_loss(outputs, batch, index, targets)
+
     def _output_curvature(self, outputs: torch.Tensor, batch: Batch,
                           index: int) -> OutputCurvature:
         """``w ↦ (1/m) Σ_e r_e (r_eᵀ w_e)`` over the batch's ``m`` examples (module docstring;
