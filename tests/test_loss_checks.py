@@ -147,3 +147,17 @@ def test_the_sum_loss_hessian_would_have_been_n_times_too_large():
     total = reference_hessian(FlatLoss(problem.model, _sum_ce, problem.inputs,
                                        problem.targets))
     assert relative_error(total, len(problem.targets) * mean) < 1e-12
+
+
+def test_the_tracker_measures_a_bf16_model_and_refuses_a_bf16_sum():
+    """End to end: the issue's false refusal was at ``SubspaceTracker(...)``."""
+    model, X, Y = _bf16_problem()
+    tracker = ts.SubspaceTracker(model, functional.cross_entropy, (X, Y), k=2, dtype="float32")
+    row = tracker.on_step(0)
+    tracker.close()
+    with torch.no_grad():
+        expected = float(functional.cross_entropy(model.float()(X.float()), Y))
+    assert row["train/loss"] == pytest.approx(expected, rel=1e-5)
+    model.to(torch.bfloat16)
+    with pytest.raises(ValueError, match=SUM_BF16):
+        ts.SubspaceTracker(model, _sum_ce, (X, Y), k=2, dtype="float32")
