@@ -457,6 +457,14 @@ def test_plot_of_a_read_only_run_folder_says_use_out(tmp_path, capsys, monkeypat
         err = capsys.readouterr().err
         assert "(Permission denied); use --out DIR to write them in another folder" in err
     monkeypatch.undo()
+
+    def no_write(self, *args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(self))
+
+    monkeypatch.setattr(type(run), "write_text", no_write)
+    assert main(["report", str(run), "--dpi", "20"]) == 2
+    assert "use --out FILE to write it elsewhere" in capsys.readouterr().err
+    monkeypatch.undo()
     assert main(["plot", str(run), "--figure", "2", "--out", str(tmp_path / "elsewhere")]) == 0
     assert (tmp_path / "elsewhere" / "fig02_subspace_overlap.png").exists()
 

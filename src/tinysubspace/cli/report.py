@@ -33,6 +33,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         print(write_report(run, args.out, dpi=args.dpi))
     except OSError as error:
-        print(f"error: cannot write the report: {error}", file=sys.stderr)
+        print(f"error: cannot write the report: {error}; use --out FILE to write it "
+              "elsewhere", file=sys.stderr)
         return 2
     return 0
