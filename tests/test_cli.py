@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -16,11 +18,22 @@ def _sets(**extra: object) -> list[str]:
 
 
 def test_every_command_is_available():
-    parser = build_parser()
     for name in COMMANDS:
-        args = parser.parse_args([name, "x"] if name in ("plot", "report", "compare", "blocks")
-                                 else [name])
-        assert getattr(args, "_unavailable", None) is None, name
+        argv = [name, "x"] if name in ("plot", "report", "compare", "blocks") else [name]
+        for parser in (build_parser(), build_parser(name)):
+            args = parser.parse_args(argv)
+            assert args.command == name and callable(args._main), name
+
+
+def test_a_command_imports_only_its_own_module():
+    """``tinysubspace list`` loads the list command, not the report's or the plots' modules."""
+    code = ("import sys; from tinysubspace.cli.main import main; main(['list']); "
+            "print(sorted(m for m in sys.modules if m.startswith('tinysubspace.cli.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.strip().splitlines()[-1]
+    assert "tinysubspace.cli.list_experiments" in out
+    for other in ("run", "report", "plot", "blocks", "compare", "toy"):
+        assert f"'tinysubspace.cli.{other}'" not in out, out
 
 
 def test_list_shows_the_default_and_descriptions(capsys):

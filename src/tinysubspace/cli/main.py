@@ -27,7 +27,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line; the options of ``command`` only (its module alone imported), or
+    of every sub-command when ``command`` is None."""
     from tinysubspace import __version__
 
     parser = argparse.ArgumentParser(
@@ -39,27 +41,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"tinysubspace {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
-        command = sub.add_parser(name, help=help_text, description=help_text)
-        try:
+        command_parser = sub.add_parser(name, help=help_text, description=help_text)
+        if command is None or name == command:
             module = importlib.import_module(module_name)
-        except ModuleNotFoundError as error:  # a sub-command not built yet
-            if error.name != module_name:
-                raise
-            command.set_defaults(_unavailable=name)
-            continue
-        module.add_arguments(command)
-        command.set_defaults(_main=module.main)
+            module.add_arguments(command_parser)
+            command_parser.set_defaults(_main=module.main)
     return parser
 
 
+def _command_of(argv: list[str]) -> str | None:
+    """The sub-command ``argv`` names (its first word that is one), or None."""
+    return next((word for word in argv if word in COMMANDS), None)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(_command_of(argv))
     args = parser.parse_args(argv)
     if args.command is None:  # `tinysubspace` alone: what it can do (`tinysubspace run` trains)
         parser.print_help()
         return 0
-    if getattr(args, "_unavailable", None):
-        parser.error(f"the '{args._unavailable}' command is not available in this build")
     with warnings.catch_warnings():
         warnings.showwarning = _one_line_damage(warnings.showwarning)
         return int(args._main(args) or 0)
