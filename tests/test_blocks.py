@@ -75,7 +75,7 @@ def test_block_eigenvalues_and_traces_of_a_block_diagonal_operator(exact_size):
         result = block_spectrum(block, k=4, steps=40, probes=30, seed=5, tol=1e-10,
                                 exact_size=exact_size)
         expected = torch.sort(d, descending=True).values[:4]
-        assert torch.allclose(result.eigenvalues, expected, rtol=1e-8, atol=1e-10)
+        assert torch.allclose(result.values, expected, rtol=1e-8, atol=1e-10)
         true_trace = float(d.sum())
         if exact_size:  # formed: exact
             assert result.trace.value == pytest.approx(true_trace, rel=1e-12)
@@ -103,7 +103,8 @@ def test_density_trace_of_an_exact_density_is_the_trace():
     d = torch.tensor([3.0, -1.0, 0.5], dtype=F64)
     result = block_spectrum(ts.DenseOperator(torch.diag(d)), k=2)
     assert density_trace(result.density).value == pytest.approx(2.5, rel=1e-14)
-    assert result.eigenvalues.tolist() == pytest.approx([3.0, 0.5])
+    assert result.values.tolist() == pytest.approx([3.0, 0.5])
+    assert result.eigenvalues is result.values  # the old name still reads
 
 
 @pytest.mark.parametrize("exact_size", [0, 1000])
@@ -263,7 +264,7 @@ def test_block_spectra_match_eigh_of_the_dense_diagonal_blocks(problem, blocks):
         got = result.blocks[key]
         expected = torch.linalg.eigvalsh(Hbb).flip(0)[:3]
         assert got.size == Hbb.shape[0]
-        assert torch.allclose(got.eigenvalues, expected, rtol=1e-7, atol=1e-9), key
+        assert torch.allclose(got.values, expected, rtol=1e-7, atol=1e-9), key
         if got.density.probe == "exact":
             assert got.trace.value == pytest.approx(float(Hbb.trace()), rel=1e-10, abs=1e-12)
         else:  # the Hutchinson samples of the same probes on the dense block
@@ -347,7 +348,7 @@ def test_run_blocks_are_those_of_the_runs_models(gpt_run):
         assert list(stored["names"]) == direct.names
         for i, spectrum in enumerate(direct.blocks.values()):
             assert stored["eigenvalues"][i].tolist() == pytest.approx(
-                spectrum.eigenvalues.tolist(), rel=1e-9)
+                spectrum.values.tolist(), rel=1e-9)
             assert stored["trace"][i] == pytest.approx(spectrum.trace.value, rel=1e-9)
             nodes, weights = stored["densities"][i]
             assert np.allclose(nodes, spectrum.density.nodes.reshape(-1).numpy())
@@ -476,7 +477,7 @@ def test_normalized_heterogeneity_compares_shapes_not_sizes():
     A = _block_diagonal([d], [6])
     dens = [block_spectrum(ts.DenseOperator(c * A), k=1, steps=20, probes=2, seed=0,
                            exact_size=0) for c in (1.0, 3.0)]
-    scales = top_scales([float(s.eigenvalues[0]) for s in dens])
+    scales = top_scales([float(s.values[0]) for s in dens])
     assert scales == pytest.approx([1.0, 3.0], rel=1e-6)
     assert block_heterogeneity([s.density for s in dens], scales=scales) < 1e-6
     assert block_heterogeneity([s.density for s in dens]) > 0.3

@@ -158,7 +158,8 @@ class BlockSpectrum:
     Attributes:
         name: the block's name.
         size: ``p_b``.
-        eigenvalues: ``(min(k, p_b),)`` top eigenvalues, descending.
+        values: ``(min(k, p_b),)`` top eigenvalues, descending (``values``, as in
+            :class:`~tinysubspace.linalg.lanczos.Eigenpairs`; ``eigenvalues`` is the old name).
         trace: Hutchinson estimate of ``tr H_bb`` (exact when the block was formed).
         density: its SLQ density (``probe == "exact"``: the exact spectrum, weights ``1/p_b``).
         matvecs: products of the block operator used.
@@ -167,11 +168,16 @@ class BlockSpectrum:
 
     name: str
     size: int
-    eigenvalues: torch.Tensor
+    values: torch.Tensor
     trace: TraceEstimate
     density: SpectralDensity
     matvecs: int
     converged: bool
+
+    @property
+    def eigenvalues(self) -> torch.Tensor:
+        """The old name of :attr:`values`."""
+        return self.values
 
 
 def block_spectrum(op, name: str = "", k: int = 5, steps: int = 40, probes: int = 4,

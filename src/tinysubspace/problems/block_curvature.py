@@ -121,7 +121,7 @@ def block_spectra(model: torch.nn.Module, loss_fn: Callable, data: Any,
         return BlockSpectra(spectra, empty, math.nan, empty, math.nan)
     densities = [s.density for s in spectra.values()]
     distances = heterogeneity_matrix(densities, points, sigma)
-    scales = top_scales([float(s.eigenvalues[0]) for s in spectra.values()])
+    scales = top_scales([float(s.values[0]) for s in spectra.values()])
     normalized = heterogeneity_matrix(densities, points, sigma, scales)
     return BlockSpectra(spectra, distances, float(distances.sum() / (B * (B - 1))),
                         normalized, float(normalized.sum() / (B * (B - 1))))
@@ -145,7 +145,7 @@ def block_measurements(model: torch.nn.Module, loss_fn: Callable, data: Any,
     row: dict[str, float] = {}
     for name, spectrum in result.blocks.items():
         row.update({f"block/{name}/eig_{i + 1}": float(v)
-                    for i, v in enumerate(spectrum.eigenvalues)})
+                    for i, v in enumerate(spectrum.values)})
         row[f"block/{name}/trace"] = spectrum.trace.value
         row[f"block/{name}/trace_se"] = spectrum.trace.stderr
         row[f"block/{name}/size"] = float(spectrum.size)
