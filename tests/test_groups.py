@@ -260,3 +260,13 @@ def test_a_checkpoint_of_the_old_layout_resumes_its_warm_start_and_anchors():
     assert tracker.engine.warm.get("preconditioned") is None
     assert list(tracker.engine.group("anchors").bases) == [0]
     assert tracker.last_step == 0 and not math.isnan(tracker.clock["spent"])
+
+
+def test_the_blocks_groups_names_are_the_columns_it_fills():
+    from tinysubspace.problems.block_curvature import block_columns, block_measurements
+    from tinysubspace.problems.models.blocks import parameter_blocks
+
+    X, Y = _data()
+    model = _model()
+    row = block_measurements(model, F.cross_entropy, (X, Y), "layers", k=2, steps=4, probes=2)
+    assert list(row) == block_columns(parameter_blocks(model, "layers"), 2)

@@ -24,7 +24,7 @@ from tinysubspace.metrics import (
     subspace_overlap,
     top_fraction,
 )
-from tinysubspace.problems.block_curvature import block_measurements
+from tinysubspace.problems.block_curvature import block_columns, block_measurements
 from tinysubspace.problems.models.blocks import parameter_blocks
 from tinysubspace.runtime import distributed as tsdist
 
@@ -194,8 +194,10 @@ class TestGroup(StatelessGroup):
 
 class BlocksGroup(StatelessGroup):
     """``block/NAME/eig_1 … eig_k``, ``/trace``, ``/trace_se``, ``/size`` of every diagonal
-    Hessian block, ``blocks/heterogeneity`` and ``blocks/heterogeneity_normalized``
-    (:func:`~tinysubspace.problems.block_curvature.block_measurements`)."""
+    Hessian block, ``blocks/heterogeneity`` and ``blocks/heterogeneity_normalized``: the names
+    and the values both from :mod:`~tinysubspace.problems.block_curvature`
+    (:func:`~.block_curvature.block_columns` beside :func:`~.block_curvature.block_measurements`),
+    which the CLI's ``measure_run_blocks`` shares."""
 
     name = "blocks"
 
@@ -205,11 +207,7 @@ class BlocksGroup(StatelessGroup):
         self.block_names = list(parameter_blocks(model, blocks))
 
     def names(self) -> list[str]:
-        cols = []
-        for name in self.block_names:
-            cols += [f"block/{name}/eig_{i}" for i in range(1, self.k + 1)]
-            cols += [f"block/{name}/trace", f"block/{name}/trace_se", f"block/{name}/size"]
-        return [*cols, "blocks/heterogeneity", "blocks/heterogeneity_normalized"]
+        return block_columns(self.block_names, self.k)
 
     def measure(self, ctx: Context) -> dict[str, float]:
         options = ctx.operators.keywords()
