@@ -164,7 +164,7 @@ def test_lightning_callback_tracks_the_trainers_optimizer(pl, tmp_path):
     callback = SubspaceCallback(F.cross_entropy, k=2, schedule=2, anchors=(), tol=1e-8,
                                 dtype=torch.float64, optimizer="trainer")
     _lightning_run(pl, callback, steps=5)
-    assert callback.tracker.curvature.optimizer is not None
+    assert callback.tracker.engine.group("sharpness").optimizer is not None
     for row in callback.rows:  # SGD, lr 0.3, momentum 0.9: (2 + 2β) / η
         assert row["sharpness/threshold"] == pytest.approx(3.8 / 0.3, rel=1e-12)
         assert row["sharpness/ratio"] == pytest.approx(row["hessian/eig_1"] * 0.3 / 3.8,
@@ -179,7 +179,7 @@ def test_transformers_callback_tracks_the_trainers_adamw(hf, tmp_path):
     callback = SubspaceCallback(k=1, schedule=1, anchors=(), dtype=torch.float64, tol=1e-6,
                                 optimizer="trainer")
     _hf_run(hf, callback, steps=3)
-    assert type(callback.tracker.curvature.optimizer).__name__ == "AdamW"
+    assert type(callback.tracker.engine.group("sharpness").optimizer).__name__ == "AdamW"
     rows = callback.rows
     assert rows[0]["sharpness/threshold"] == pytest.approx(38 / 1e-2, rel=1e-9)
     assert math.isnan(rows[0]["preconditioned/eig_1"])  # before AdamW's first step

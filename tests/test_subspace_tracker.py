@@ -320,8 +320,8 @@ def test_resume_alone_continues_the_folder_with_its_anchors_and_warm_start(tmp_p
     model.load_state_dict(model_state["model"])
     tracker = ts.SubspaceTracker(model, F.cross_entropy, (X, Y), k=2, schedule=3,
                                  out=tmp_path / "run", anchors=(0, 6), resume=True, tol=1e-8)
-    assert tracker.engine.state.previous is not None  # the warm start of step 9, from tracker.pt
-    assert sorted(tracker.engine.state.anchors) == [0, 6]
+    assert tracker.engine.warm.get("hessian") is not None  # step 9's warm start, tracker.pt
+    assert sorted(tracker.engine.group("anchors").bases) == [0, 6]
     row = tracker.on_step(8)
     assert row is None  # not scheduled; rows at step >= 8 are dropped
     row = tracker.on_step(9)

@@ -261,10 +261,10 @@ def test_resume_keeps_the_warm_starts_of_the_extra_operators(tmp_path):
         optimizer.zero_grad()
         F.cross_entropy(model(X), Y).backward()
         optimizer.step()
-    saved = tracker.state_dict()["curvature"]["previous"]
+    saved = tracker.state_dict()["warm"]
     resumed = ts.SubspaceTracker(model, F.cross_entropy, (X, Y), resume=True, **options)
     for key in ("ggn", "preconditioned"):
-        assert torch.equal(resumed.curvature.previous[key], saved[key])
+        assert torch.equal(resumed.engine.warm.get(key), saved[key])
     with pytest.raises(RunStoreError, match=r"other settings \(tracker\.curvature\.ggn differ\)"):
         ts.SubspaceTracker(model, F.cross_entropy, (X, Y), resume=True,
                            **{**options, "ggn": False})

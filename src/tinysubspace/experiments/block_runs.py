@@ -35,6 +35,7 @@ import torch
 
 from tinysubspace.experiments.build import build_problem
 from tinysubspace.experiments.config import ExperimentConfig, config_from_dict
+from tinysubspace.experiments.tracker import settings_of
 from tinysubspace.problems.block_curvature import BlockSpectra, block_spectra
 from tinysubspace.results.store import CHECKPOINT, CONFIG, RunStoreError, atomic_write_bytes
 
@@ -42,7 +43,6 @@ __all__ = ["BLOCKS_CSV", "BLOCKS_DIR", "block_arrays", "block_row", "measure_run
 
 BLOCKS_DIR = "blocks"
 BLOCKS_CSV = "blocks.csv"
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 def block_arrays(result: BlockSpectra, step: int, blocking: str) -> dict[str, np.ndarray]:
@@ -117,9 +117,9 @@ def measure_run_blocks(run: str | Path, at: tuple[str | int, ...] = ("init", "fi
         raise ValueError(f"at must hold 'init', 'final' or step numbers >= 0, got {unknown}")
     config = config_from_dict(json.loads((path / CONFIG).read_text()))
     problem = build_problem(config, data_root)
-    tracker = config.tracker
-    settings = {"dtype": DTYPES[tracker.dtype], "mode": tracker.mode,
-                "batch_size": tracker.hvp_batch_size, **options}
+    ops = settings_of(config.tracker, distributed=False).operators.keywords()
+    ops.pop("distributed")  # block_spectra runs on one process
+    settings = {**ops, **options}
     data = _examples(problem.tensors("train"), examples, config.data.seed)
     written = []
     for which in at:

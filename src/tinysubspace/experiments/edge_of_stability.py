@@ -1,7 +1,9 @@
 """Edge-of-stability runs: the sharpness every few steps against the optimizer's threshold.
 
-A small driver of its own (the subspace tracker is being rewritten; this one measures only what
-an edge-of-stability figure needs, cheaply): train as ``config`` says (full batch when
+A small driver of its own (it measures only what an edge-of-stability figure needs, cheaply, and
+the share of the step taken *after* each measurement, which the tracker's groups cannot see;
+operators, solver settings, warm starts, accuracy and schedule are the tracker's:
+:mod:`~tinysubspace.experiments.measurement`): train as ``config`` says (full batch when
 ``optim.batch_size ≥ n``) and at every step of :func:`eos_steps` measure on the whole
 training set
 
@@ -23,6 +25,7 @@ eos-gd-fc-digits --out runs/eos-gd`` runs one from the catalog.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -31,29 +34,30 @@ from typing import Any
 
 import torch
 
-from tinysubspace.curvature.hessian import HessianOperator, NonFiniteError, module_mode
+from tinysubspace.curvature.hessian import NonFiniteError
 from tinysubspace.curvature.preconditioned import PreconditionedOperator
 from tinysubspace.experiments.build import batch_indices, build_optimizer, build_problem
 from tinysubspace.experiments.config import ExperimentConfig, config_to_dict
+from tinysubspace.experiments.groups import accuracy
+from tinysubspace.experiments.schedules import measurement_steps
+from tinysubspace.experiments.tracker import settings_of
 from tinysubspace.linalg.lanczos import Eigenpairs
+from tinysubspace.linalg.warm_state import WarmStart
 from tinysubspace.metrics import top_fraction
-from tinysubspace.optim.stability import sharpness, sharpness_threshold, stability_row
+from tinysubspace.optim.stability import sharpness_threshold, stability_row
 from tinysubspace.results.store import RunStore
 
 __all__ = ["ADAPTIVE", "eos_columns", "eos_steps", "run_edge_of_stability", "train_step"]
 
 ADAPTIVE = ("Adam", "AdamW", "RMSprop", "Adagrad")
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 def eos_steps(tracker: Any, total: int) -> list[int]:
     """Every ``tracker.dense_every`` steps up to ``tracker.dense_until``, then every
-    ``tracker.sparse_every``, plus ``tracker.extra_steps`` and the last step."""
-    steps = set(range(0, min(tracker.dense_until, total) + 1, max(tracker.dense_every, 1)))
-    steps.update(range(0, total + 1, max(tracker.sparse_every, 1)))
-    steps.update(tracker.extra_steps)
-    steps.add(total)
-    return sorted(s for s in steps if 0 <= s <= total)
+    ``tracker.sparse_every``, plus ``tracker.extra_steps`` and the last step: the tracker's
+    :func:`~tinysubspace.experiments.schedules.measurement_steps` without anchors and saved
+    vectors."""
+    return measurement_steps(dataclasses.replace(tracker, anchors=(), save_vectors_at=()), total)
 
 
 def eos_columns(k: int, preconditioned: bool) -> list[str]:
@@ -75,17 +79,19 @@ class _Measurer:
         self.config, self.problem, self.optimizer = config, problem, optimizer
         self.adaptive = type(optimizer).__name__ in ADAPTIVE
         self.threshold = sharpness_threshold(optimizer)
-        self.previous: dict[str, Eigenpairs | None] = {"sharpness": None, "preconditioned": None}
+        self.settings = settings_of(config.tracker, distributed=False)
+        self.warm = WarmStart()
 
     def measure(self, step: int) -> tuple[dict[str, float], dict[str, tuple[Any, Eigenpairs]]]:
         """The row at ``step`` and, per prefix, (operator, eigenpairs) for the step share."""
         cfg, model = self.config.tracker, self.problem.model
         X, Y = self.problem.tensors("train")
-        H = HessianOperator(model, self.problem.loss_fn, (X, Y), dtype=DTYPES[cfg.dtype],
-                            mode=cfg.mode, batch_size=cfg.hvp_batch_size)
+        H = self.settings.operators.hessian(model, self.problem.loss_fn, (X, Y))
         loss, g = H.loss_and_gradient()
+        evaluation = dataclasses.replace(self.settings.operators, mode="eval")
         row = {"step": step, "train/loss": loss, "train/grad_norm": float(g.norm()),
-               "train/accuracy": _accuracy(model, X, Y, self.problem.classification)}
+               "train/accuracy": accuracy(model, (X, Y), evaluation,
+                                          self.problem.classification)}
         operators: dict[str, Any] = {"sharpness": H}
         if self.adaptive and self.optimizer.state:
             operators["preconditioned"] = PreconditionedOperator(H, self.optimizer,
@@ -93,23 +99,14 @@ class _Measurer:
         solved = {}
         for prefix, op in operators.items():
             before = op.matvecs
-            eig = sharpness(op, self.previous[prefix], k=cfg.k, tol=cfg.tol,
-                            seed=self.config.train.seed + step)
-            self.previous[prefix] = eig
+            eig = self.settings.solver.solve(op, cfg.k, self.warm, prefix,
+                                             self.config.train.seed + step, start="subspace")
             threshold = self.threshold if (prefix == "preconditioned") == self.adaptive \
                 else math.nan
             row.update(stability_row(eig, threshold, prefix))
             row[f"{prefix}/matvecs"] = op.matvecs - before
             solved[prefix] = (op, eig)
         return row, solved
-
-
-def _accuracy(model: torch.nn.Module, X: torch.Tensor, Y: torch.Tensor,
-              classification: bool) -> float:
-    if not classification:
-        return math.nan
-    with torch.no_grad(), module_mode(model, train=False):
-        return float((model(X).argmax(1) == Y).double().mean())
 
 
 def _step_shares(solved: dict[str, tuple[Any, Eigenpairs]],

@@ -31,13 +31,13 @@ import torch
 
 from tinysubspace.curvature.hessian import HessianOperator
 from tinysubspace.experiments.config import ExperimentConfig
+from tinysubspace.experiments.tracker import settings_of
 from tinysubspace.metrics import gradient_overlap
 from tinysubspace.results.folder import atomic_write_bytes
 from tinysubspace.results.table1 import FULL_OVERLAP_COLUMNS, FULL_OVERLAP_FILE
 
 __all__ = ["FullOverlap", "full_data_overlap", "overlap_steps"]
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 def overlap_steps(last: int, every: int, total: int) -> list[int]:
@@ -88,8 +88,7 @@ class FullOverlap:
         tracker = config.tracker
         self.steps = set(overlap_steps(tracker.overlap_last, tracker.overlap_every,
                                        config.train.steps))
-        self.options = {"dtype": DTYPES[tracker.dtype], "mode": tracker.mode,
-                        "batch_size": tracker.hvp_batch_size, "distributed": distributed}
+        self.operators = settings_of(tracker, distributed=distributed).operators
         self.loss_fn, self.train, self.test = loss_fn, train, test
         self._trimmed = False  # rows of an interrupted process dropped (on the first write)
 
@@ -118,7 +117,7 @@ class FullOverlap:
             self._append(Path(store.path) / FULL_OVERLAP_FILE, row)
 
     def _operator(self, model: torch.nn.Module, data: Any) -> HessianOperator:
-        return HessianOperator(model, self.loss_fn, data, **self.options)
+        return self.operators.hessian(model, self.loss_fn, data)
 
     def _append(self, path: Path, row: dict[str, float]) -> None:
         """Append one row, flushed and fsynced. The first write of a process keeps only the rows

@@ -1,6 +1,7 @@
 """Where the outliers come from: the Hessian's top subspace next to the GGN's and the class means'.
 
-A small driver of its own (like :mod:`~tinysubspace.experiments.edge_of_stability`): train as
+A small driver of its own (like :mod:`~tinysubspace.experiments.edge_of_stability`; operators,
+solver settings, warm starts, accuracy and schedule are the tracker's): train as
 ``config`` says and at every step of :func:`~tinysubspace.experiments.edge_of_stability.eos_steps`
 measure on the whole training set, with ``k = tracker.k`` (the number of classes, ``C``):
 
@@ -24,6 +25,7 @@ ggn-fc-digits --out runs/ggn-digits`` runs one from the catalog.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -41,10 +43,11 @@ from tinysubspace.curvature.ggn import GGNOperator
 from tinysubspace.curvature.hessian import HessianOperator
 from tinysubspace.experiments.build import build_optimizer, build_problem
 from tinysubspace.experiments.config import ExperimentConfig, config_to_dict
-from tinysubspace.experiments.edge_of_stability import DTYPES, eos_steps, train_step
+from tinysubspace.experiments.edge_of_stability import eos_steps, train_step
+from tinysubspace.experiments.groups import accuracy
+from tinysubspace.experiments.tracker import settings_of
 from tinysubspace.linalg.density import exact_spectrum
-from tinysubspace.linalg.lanczos import Eigenpairs
-from tinysubspace.linalg.warm_start import track_eigenpairs
+from tinysubspace.linalg.warm_state import WarmStart
 from tinysubspace.metrics import (
     eigenvector_displacement,
     principal_angles,
@@ -77,35 +80,33 @@ def outlier_columns(k: int) -> list[str]:
 class _Measurer:
     def __init__(self, config: ExperimentConfig, problem: Any) -> None:
         self.config, self.problem = config, problem
-        self.previous: dict[str, Eigenpairs | None] = {"hessian": None, "ggn": None}
+        self.settings = settings_of(config.tracker, distributed=False)
+        self.warm = WarmStart()
 
     def operators(self) -> tuple[HessianOperator, GGNOperator]:
-        cfg = self.config.tracker
-        kwargs = {"dtype": DTYPES[cfg.dtype], "mode": cfg.mode, "batch_size": cfg.hvp_batch_size}
-        data = self.problem.tensors("train")
-        return (HessianOperator(self.problem.model, self.problem.loss_fn, data, **kwargs),
-                GGNOperator(self.problem.model, self.problem.loss_fn, data, **kwargs))
+        data, ops = self.problem.tensors("train"), self.settings.operators
+        return (ops.hessian(self.problem.model, self.problem.loss_fn, data),
+                ops.build(GGNOperator, self.problem.model, self.problem.loss_fn, data))
 
     def measure(self, step: int) -> dict[str, float]:
-        k, tol = self.config.tracker.k, self.config.tracker.tol
+        k = self.config.tracker.k
         H, G = self.operators()
         loss, g = H.loss_and_gradient()
         row: dict[str, float] = {"step": step, "train/loss": loss,
                                  "train/grad_norm": float(g.norm())}
         bases = {}
         for name, op in (("hessian", H), ("ggn", G)):
-            started = time.perf_counter()
-            eig = track_eigenpairs(op, 2 * k, self.previous[name], tol=tol,
-                                   seed=self.config.train.seed + step)
+            started, previous = time.perf_counter(), self.warm.get(name)
+            eig = self.settings.solver.solve(op, 2 * k, self.warm, name,
+                                             self.config.train.seed + step)
             row[f"cost/{name}_seconds"] = time.perf_counter() - started
             row[f"cost/{name}_products"] = eig.matvecs
             row.update({f"{name}/eig_{i + 1}": float(v) for i, v in enumerate(eig.values)})
             bases[name] = eig.vectors[:, :k]
-            if name == "hessian" and self.previous[name] is not None:
-                moved = eigenvector_displacement(self.previous[name].vectors[:, :k], bases[name])
+            if name == "hessian" and previous is not None:
+                moved = eigenvector_displacement(previous[:, :k], bases[name])
                 row.update({f"displacement/hessian_{i + 1}": float(d)
                             for i, d in enumerate(moved)})
-            self.previous[name] = eig
         row["hessian/f_top"] = top_fraction(g, bases["hessian"]) if float(g.norm()) else math.nan
         row.update(self._class_means(G, bases, k))
         angles = principal_angles(bases["hessian"], bases["ggn"])
@@ -129,15 +130,10 @@ class _Measurer:
         return row
 
 
-def _accuracy(problem: Any) -> float:
-    X, Y = problem.tensors("train")
-    model = problem.model
-    was = model.training
-    model.eval()
-    with torch.no_grad():
-        accuracy = float((model(X).argmax(1) == Y).double().mean())
-    model.train(was)
-    return accuracy
+def _accuracy(problem: Any, settings: Any) -> float:
+    """Training accuracy in eval mode (the tracker's :func:`~.groups.accuracy`)."""
+    evaluation = dataclasses.replace(settings.operators, mode="eval")
+    return accuracy(problem.model, problem.tensors("train"), evaluation)
 
 
 def run_outliers(config: ExperimentConfig, out: str | Path | None, *,
@@ -166,7 +162,7 @@ def run_outliers(config: ExperimentConfig, out: str | Path | None, *,
         for step in range(config.train.steps + 1):
             if step in schedule:
                 row = measurer.measure(step)
-                row["train/accuracy"] = _accuracy(problem)
+                row["train/accuracy"] = _accuracy(problem, measurer.settings)
                 row["wall_time"] = time.perf_counter() - started
                 rows.append(row)
                 if store is not None:

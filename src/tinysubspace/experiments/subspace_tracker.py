@@ -24,7 +24,6 @@ passes its shard and calls :meth:`on_step` at the same steps; rank 0 writes.
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 import time
@@ -35,13 +34,25 @@ from typing import Any
 import torch
 
 from tinysubspace.experiments.config import TrackerConfig
+from tinysubspace.experiments.groups import BlocksGroup, OverheadGroup, SubsetGroup
 from tinysubspace.experiments.loggers import Logger, build_loggers
+from tinysubspace.experiments.measurement import (
+    MeasurementSettings,
+    OperatorSettings,
+    SolverSettings,
+)
 from tinysubspace.experiments.schedules import Budget, as_schedule
-from tinysubspace.experiments.tracker import DTYPES, Tracker, block_config, preserved_state
+from tinysubspace.experiments.tracker import (
+    DTYPES,
+    Tracker,
+    block_config,
+    preserved_state,
+    standard_groups,
+)
 from tinysubspace.experiments.tracker_curvature import (
-    CurvatureColumns,
+    BUCKET,
     check_curvature_options,
-    operator_factory,
+    curvature_groups,
 )
 from tinysubspace.experiments.tracker_data import (
     check_data_device,
@@ -55,15 +66,17 @@ from tinysubspace.experiments.tracker_data import (
     subset_indices,
     take_subset,
 )
-from tinysubspace.experiments.tracker_folder import STATE_FILE, open_run_folder, run_meta
-from tinysubspace.linalg.lanczos import top_eigenpairs
-from tinysubspace.metrics import subspace_overlap
+from tinysubspace.experiments.tracker_folder import (
+    STATE_FILE,
+    open_run_folder,
+    run_config,
+    run_meta,
+)
 from tinysubspace.runtime import distributed as tsdist
 
 __all__ = ["PAPER_ANCHORS", "SubspaceTracker"]
 
 PAPER_ANCHORS = (0, 50, 100, 200, 400)  # t1 of Figs. 2 and 3 (the CLI's default)
-SUBSET_COLUMNS = ("subset/overlap_top", "subset/eig_1_full")
 
 
 class SubspaceTracker:
@@ -108,6 +121,11 @@ class SubspaceTracker:
         classification: whether ``train/accuracy`` is defined (``None``: detected from the
             outputs: ``(n, C)`` scores and integer labels).
         distributed: as :class:`~tinysubspace.HessianOperator` (``None``: on under torchrun).
+        hvp_method: the H·V strategy of every operator (``"auto"``, ``"loop"``, ``"batched"``,
+            ``"jvp"``; :class:`~tinysubspace.HessianOperator`).
+        groups: more column groups (:class:`~tinysubspace.experiments.measurement.
+            ColumnGroup`), measured after the built-in ones, e.g.
+            :class:`~tinysubspace.experiments.residuals.ResidualsGroup`.
         blocks, block_options: per-block columns ``block/NAME/eig_1``, ``block/NAME/trace`` …
             (``"none"``, ``"auto"``, ``"layers"``, ``"types"``; :func:`.tracker.block_config`).
 
@@ -129,7 +147,8 @@ class SubspaceTracker:
                  ggn: bool = False, class_means: bool = False, geometry: bool = False,
                  optimizer: torch.optim.Optimizer | None = None,
                  classification: bool | None = None, distributed: bool | None = None,
-                 blocks: str = "none", block_options: Mapping[str, int] | None = None) -> None:
+                 blocks: str = "none", block_options: Mapping[str, int] | None = None,
+                 hvp_method: str = "auto", groups: Sequence[Any] = ()) -> None:
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"k must be an integer >= 1, got {k!r}")
         self.model, self.loss_fn, self.seed = model, loss_fn, int(seed)
@@ -148,27 +167,26 @@ class SubspaceTracker:
                                               class_means=class_means, optimizer=optimizer)
             if class_means and (tsdist.is_distributed() if distributed is None else distributed):
                 classes = tsdist.broadcast_object(classes)  # C from rank 0 (it holds examples)
-        self.curvature = CurvatureColumns(k, tol, ggn=ggn, class_means=class_means,
-                                          geometry=geometry, classes=classes,
-                                          optimizer=optimizer)
-        config = TrackerConfig(k=k, tol=tol, tol_scale=tol_scale,
-                               anchors=tuple(sorted(self.anchors)),
-                               save_vectors_at=tuple(sorted(self.save_vectors_at)),
-                               hvp_batch_size=batch_size, mode=mode, solver=solver,
-                               **block_config(model, blocks, block_options))
-        self.engine = Tracker(config, loss_fn, data, test, classification,
-                              distributed=distributed, dtype=measurement_dtype(dtype, model))
+        blocks = block_config(model, blocks, block_options)
+        shared = tsdist.is_distributed() if distributed is None else bool(distributed)
+        settings = MeasurementSettings(
+            k, OperatorSettings(dtype=measurement_dtype(dtype, model), mode=mode,
+                                batch_size=batch_size, hvp_method=hvp_method,
+                                distributed=shared),
+            SolverSettings(tol=tol, tol_scale=tol_scale, solver=solver), self.save_vectors_at)
+        self.engine = Tracker(settings, loss_fn, data, test, classification,
+                              groups=[*self._groups(k, test is not None, blocks), *groups])
+        self.blocks, self.extra_groups = blocks, [g.name for g in groups]
+        self._curvature = {"ggn": ggn, "class_means": class_means, "geometry": geometry,
+                           "classes": classes}
+        for group in curvature_groups(k, optimizer=optimizer, **self._curvature):
+            self.engine.add_group(group)
         self.is_main = not self.engine.distributed or tsdist.is_main()
-        self.columns = [*self.engine.columns(model), "cost/overhead"]
-        if self.check_subset:
-            self.columns += list(SUBSET_COLUMNS)
-        self.columns += self.curvature.columns()
         self.started = time.perf_counter()
         self.clock = {"spent": 0.0, "elapsed": 0.0, "last_cost": 0.0}
         self.last_step: int | None = None
         self.skipped = 0
         self.pending_trim = False
-        self.subset_report: dict[str, float] | None = None
         self.out = None if out is None else Path(out)
         self.store = None
         if self.out is not None:
@@ -209,31 +227,51 @@ class SubspaceTracker:
                 classification = tsdist.broadcast_object(classification)
         return data, test, classification
 
+    def _groups(self, k: int, test: bool, blocks: dict[str, Any]) -> list[Any]:
+        """The measurement's column groups, in the columns' order (the curvature options'
+        groups are added after these)."""
+        groups = standard_groups(k, sorted(self.anchors), test)
+        if blocks["blocks"] != "none":
+            groups.append(BlocksGroup(self.model, blocks["blocks"], blocks.get("blocks_k", 1),
+                                      blocks.get("blocks_steps", 20),
+                                      blocks.get("blocks_probes", 4)))
+        groups.append(OverheadGroup())
+        return groups + ([SubsetGroup(self.full_data, self.seed)] if self.check_subset else [])
+
     @classmethod
     def from_config(cls, config: TrackerConfig, model: torch.nn.Module, loss_fn: Callable,
                     data: Any, steps: Sequence[int], **options: Any) -> SubspaceTracker:
-        """A tracker as the CLI configures it (``tracker.*`` keys), measuring at ``steps``."""
-        return cls(model, loss_fn, data, k=config.k, schedule=list(steps), out=None,
-                   loggers=(), tol=config.tol, tol_scale=config.tol_scale,
-                   dtype=DTYPES.get(config.dtype, config.dtype),
-                   anchors=config.anchors, save_vectors_at=config.save_vectors_at,
-                   mode=config.mode, batch_size=config.hvp_batch_size, solver=config.solver,
-                   blocks=config.blocks, block_options={
-                       key: getattr(config, f"blocks_{key}") for key in ("k", "probes", "steps")},
-                   ggn=config.ggn, class_means=config.class_means, geometry=config.geometry,
-                   **options)
+        """A tracker as the CLI configures it (``tracker.*`` keys), measuring at ``steps``;
+        ``options`` are further keywords (``test``, ``seed``, …)."""
+        keywords = {"k": config.k, "tol": config.tol, "tol_scale": config.tol_scale,
+                    "dtype": DTYPES.get(config.dtype, config.dtype), "anchors": config.anchors,
+                    "save_vectors_at": config.save_vectors_at, "mode": config.mode,
+                    "batch_size": config.hvp_batch_size, "solver": config.solver,
+                    "blocks": config.blocks, "ggn": config.ggn,
+                    "class_means": config.class_means, "geometry": config.geometry,
+                    "block_options": {key: getattr(config, f"blocks_{key}")
+                                      for key in ("k", "probes", "steps")}}
+        return cls(model, loss_fn, data, schedule=list(steps), out=None, loggers=(),
+                   **keywords, **options)
 
     def track_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """``optimizer=`` for a tracker built before its optimizer (the CLI's projected
         optimizers need the tracker first), once, before the first measurement (else
         ``ValueError``)."""
-        if self.last_step is not None or self.curvature.optimizer is not None:
+        if self.last_step is not None or any(g.name == "sharpness" for g in self.engine.groups):
             raise ValueError("track_optimizer must be called once, before the first measurement")
         check_curvature_options(self.model, self.loss_fn, *self._probe, ggn=False,
                                 class_means=False, optimizer=optimizer)
-        before = self.curvature.columns()
-        self.curvature.set_optimizer(optimizer)
-        self.columns = [c for c in self.columns if c not in before] + self.curvature.columns()
+        engine = self.engine
+        engine.groups = [g for g in engine.groups if getattr(g, "bucket", None) != BUCKET
+                         and g.name != f"cost_{BUCKET}"]
+        for group in curvature_groups(self.engine.k, optimizer=optimizer, **self._curvature):
+            engine.add_group(group)
+
+    @property
+    def columns(self) -> list[str]:
+        """Every column of this tracker's rows, in order."""
+        return self.engine.columns()
 
     # ------------------------------------------------------------------ the loop
     @property
@@ -263,7 +301,9 @@ class SubspaceTracker:
         """
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"step must be a non-negative integer, got {step!r}")
-        self.curvature.observe(self.model, step)
+        for group in self.engine.groups:  # e.g. θ_t for the update share
+            if hasattr(group, "observe"):
+                group.observe(self.model, step)
         if self.pending_trim:
             self._trim(step)
         if step == self.last_step or not (force or self.due(step)):
@@ -282,17 +322,14 @@ class SubspaceTracker:
                 extra: dict[str, float] | None = None) -> dict[str, float]:
         """Measure at ``step`` now (no schedule, no budget) and log the row."""
         started = time.perf_counter()
-        previous = self.engine.state.previous
-        m = self.engine.measure(self.model, step, seed=self.seed)
+
+        def overhead() -> float:
+            return (self.clock["spent"] + time.perf_counter() - started) / max(
+                self._elapsed(), 1e-12)
+
+        m = self.engine.measure(self.model, step, seed=self.seed, shared={"overhead": overhead})
         row = m.row
-        if self.curvature.active:
-            row.update(self._curvature(m.eigenpairs, previous, step))
-        if self.check_subset and self.subset_report is None:
-            with preserved_state(self.model):
-                row.update(self._compare_with_full_data(m.eigenpairs.vectors))
-        spent = time.perf_counter() - started
         row["epoch"], row["wall_time"] = epoch, self._elapsed()
-        row["cost/overhead"] = (self.clock["spent"] + spent) / max(row["wall_time"], 1e-12)
         row.update(extra or {})
         for logger in self.loggers:
             logger.write(row, step, m.vectors_to_save)
@@ -321,18 +358,19 @@ class SubspaceTracker:
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        """Warm start, anchor bases, clocks: save it with your checkpoint for a resume that
-        reproduces the uninterrupted run."""
+        """Warm starts, the groups' states (anchor bases), clocks: save it with your checkpoint
+        for a resume that reproduces the uninterrupted run."""
         return {**self.engine.state_dict(), "clock": {**self.clock, "elapsed": self._elapsed()},
-                "last_step": self.last_step, "skipped": self.skipped,
-                "curvature": self.curvature.state_dict()}
+                "last_step": self.last_step, "skipped": self.skipped}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (missing entries start empty, as
+        :meth:`Tracker.load_state_dict <tinysubspace.experiments.tracker.Tracker.
+        load_state_dict>` says)."""
         self.engine.load_state_dict(state)
         self.clock = dict(state.get("clock") or {"spent": 0.0, "elapsed": 0.0, "last_cost": 0.0})
         self.started = time.perf_counter()
         self.last_step, self.skipped = state.get("last_step"), int(state.get("skipped", 0))
-        self.curvature.load_state_dict(state.get("curvature"))
 
     def _elapsed(self) -> float:
         return self.clock["elapsed"] + time.perf_counter() - self.started
@@ -342,39 +380,15 @@ class SubspaceTracker:
         self.pending_trim = False
         if self.store is not None:
             self.store.metrics.keep(lambda s: s < step)
-        anchors = self.engine.state.anchors
-        for t1 in [t for t in anchors if t >= step]:
-            del anchors[t1]
+        self.engine.forget_from(step)
         if self.last_step is not None and self.last_step >= step:
             self.last_step = None
 
     # ------------------------------------------------------------------ run folder
-    def _run_config(self, name: str | None) -> dict[str, Any]:
-        engine = self.engine.config
-        spec = self.schedule_spec
-        schedule = (spec if isinstance(spec, (str, int)) else sorted(spec) if isinstance(
-            spec, (list, tuple, set, frozenset, range)) else
-            f"callable {getattr(spec, '__qualname__', type(spec).__name__)}")
-        tracker = {**dataclasses.asdict(engine), "dtype": str(self.engine.dtype).split(".")[-1],
-                   "schedule": schedule, "budget": None if self.budget is None
-                   else self.budget.fraction, "seed": self.seed, "subset": self.subset,
-                   "check_subset": self.check_subset}
-        if self.curvature.active:
-            tracker["curvature"] = self.curvature.settings()
-        for key in ("dense_until", "dense_every", "sparse_every", "extra_steps",
-                    "minibatch_every", "spectrum", "spectrum_probes", "spectrum_steps"):
-            tracker.pop(key)
-        p = sum(t.numel() for t in self.model.parameters() if t.requires_grad)
-        return {"name": name or self.out.name, "table1_row": None, "source": "SubspaceTracker",
-                "description": "measured with ts.SubspaceTracker in the user's own loop",
-                "model": {"class": type(self.model).__name__, "parameters": p},
-                "data": {"examples": self.total_examples}, "train": {"seed": self.seed},
-                "tracker": tracker}
-
     def _open_run(self, name: str | None, resume: bool) -> None:
         from tinysubspace.results.store import RunStore
 
-        config = json.loads(json.dumps(self._run_config(name), default=str))
+        config = json.loads(json.dumps(run_config(self, name), default=str))
         config["meta"] = run_meta(next(self.model.parameters()).device)
         store = RunStore(self.out, self.columns) if self.is_main else None
         state = tsdist.run_on_main(lambda: open_run_folder(store, config, resume))
@@ -390,22 +404,4 @@ class SubspaceTracker:
         buffer = io.BytesIO()
         torch.save({**self.state_dict(), "step": step}, buffer)
         atomic_write_bytes(self.out / STATE_FILE, buffer.getvalue())
-
-    def _curvature(self, eig: Any, previous: torch.Tensor | None, step: int) -> dict[str, float]:
-        """The optional columns at the model's parameters, on the measured data."""
-        make = operator_factory(self.model, self.loss_fn, self.train, self.engine)
-        with preserved_state(self.model):
-            return self.curvature.measure(self.model, make, eig.vectors, eig.values, previous,
-                                          step, self.seed + step)
-
-    def _compare_with_full_data(self, V: torch.Tensor) -> dict[str, float]:
-        """Once per run: the subset's top-k against the full data's (eq. 5)."""
-        k = self.engine.config.k
-        op = self.engine.operator(self.model, self.full_data)
-        full = top_eigenpairs(op, k, tol=self.engine.config.tol, seed=self.seed,
-                              tol_scale=self.engine.config.tol_scale)
-        self.subset_report = {
-            "subset/overlap_top": subspace_overlap(V[:, :k], full.vectors),
-            "subset/eig_1_full": float(full.values[0])}
-        return dict(self.subset_report)
 

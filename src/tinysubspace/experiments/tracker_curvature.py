@@ -1,6 +1,7 @@
 """Curvature beyond the Hessian as tracker options (issue 15, docs/beyond-the-hessian.md).
 
-:class:`CurvatureColumns` adds columns to each row of a
+:func:`curvature_groups` gives the column groups (:mod:`~tinysubspace.experiments.measurement`)
+that add columns to each row of a
 :class:`~tinysubspace.experiments.subspace_tracker.SubspaceTracker`, measured at the same step,
 on the same data and in the same dtype as the Hessian's top ``2k`` eigenpairs ``V``:
 
@@ -41,8 +42,6 @@ on the same data and in the same dtype as the Hessian's top ``2k`` eigenpairs ``
 from __future__ import annotations
 
 import math
-import time
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -50,32 +49,22 @@ from torch.nn import functional as F  # noqa: N812
 
 from tinysubspace.curvature.class_means import class_gradient_means, class_mean_basis
 from tinysubspace.curvature.ggn import GGNOperator
-from tinysubspace.curvature.hessian import HessianOperator
 from tinysubspace.curvature.layout import select_parameters
 from tinysubspace.curvature.preconditioned import SUPPORTED, PreconditionedOperator
+from tinysubspace.experiments.groups import CostGroup
+from tinysubspace.experiments.measurement import Context
 from tinysubspace.metrics import (
     eigenvector_displacement,
     principal_angles,
     subspace_overlap,
     top_fraction,
 )
-from tinysubspace.optim.stability import sharpness, sharpness_threshold
+from tinysubspace.optim.stability import sharpness_threshold
 
-__all__ = ["CurvatureColumns", "check_curvature_options", "operator_factory"]
+__all__ = ["ClassMeansGroup", "GGNGroup", "GeometryGroup", "SharpnessGroup",
+           "check_curvature_options", "curvature_groups", "curvature_settings"]
 
-
-def operator_factory(model: torch.nn.Module, loss_fn: Any, data: Any,
-                     engine: Any) -> Callable[[type], Any]:
-    """``make(kind)``: an operator of class ``kind`` (``HessianOperator``, ``GGNOperator``) of
-    ``model`` on ``data`` with the settings of the tracker's ``engine`` (dtype, mode, chunk
-    size, distributed)."""
-    settings = {"dtype": engine.dtype, "mode": engine.config.mode,
-                "distributed": engine.distributed, "batch_size": engine.config.hvp_batch_size}
-
-    def make(kind: type) -> Any:
-        return kind(model, loss_fn, data, **settings)
-
-    return make
+BUCKET = "curvature"  # cost/curvature_matvecs, cost/curvature_seconds
 
 
 def check_curvature_options(model: torch.nn.Module, loss_fn: Any, outputs: Any, targets: Any,
@@ -134,133 +123,162 @@ def _check_optimizer(model: torch.nn.Module, optimizer: Any) -> None:
                          f"{missing[:5]}; pass the optimizer of all of them")
 
 
-class CurvatureColumns:
-    """The optional columns of a tracker's rows (module docstring).
+def curvature_groups(k: int, *, ggn: bool = False, class_means: bool = False,
+                     geometry: bool = False, classes: int | None = None,
+                     optimizer: torch.optim.Optimizer | None = None) -> list[Any]:
+    """The groups of the options that are on, in the columns' order, and their cost group
+    (``cost/curvature_*``) when any is; ``[]`` when none is."""
+    groups: list[Any] = []
+    if geometry:
+        groups.append(GeometryGroup(k))
+    if ggn:
+        groups.append(GGNGroup(k))
+    if class_means:
+        groups.append(ClassMeansGroup(classes, ggn))
+    if optimizer is not None:
+        groups.append(SharpnessGroup(k, optimizer))
+    return [*groups, CostGroup(BUCKET)] if groups else []
 
-    Args:
-        k: the tracker's top-k. tol: relative residual of every solve.
-        ggn, class_means, geometry: which columns. classes: ``C`` for ``class_means``.
-        optimizer: the optimizer for the sharpness, threshold and preconditioned columns.
-    """
 
-    def __init__(self, k: int, tol: float, *, ggn: bool = False, class_means: bool = False,
-                 geometry: bool = False, classes: int | None = None,
-                 optimizer: torch.optim.Optimizer | None = None) -> None:
-        self.k, self.tol = k, tol
-        self.ggn, self.class_means, self.geometry = bool(ggn), bool(class_means), bool(geometry)
-        self.classes = classes
-        self.set_optimizer(optimizer)
-        self.previous: dict[str, torch.Tensor | None] = {"ggn": None, "preconditioned": None}
-        self.seen: tuple[int, torch.Tensor] | None = None  # (step, θ) of the last on_step
-        self.last_update_from: tuple[int, torch.Tensor] | None = None  # the one before
+class _Group:
+    """A curvature group: no state of its own (warm starts are in the context's
+    :class:`~tinysubspace.linalg.warm_state.WarmStart`); seconds go to ``cost/curvature_*``."""
 
-    def set_optimizer(self, optimizer: torch.optim.Optimizer | None) -> None:
-        """Track ``optimizer`` (checked by :func:`check_curvature_options`)."""
-        self.optimizer = optimizer
-        self.adaptive = optimizer is not None and type(optimizer).__name__ != "SGD"
+    name = ""
+    deferred = False
+    bucket = BUCKET
 
-    def settings(self) -> dict[str, Any]:
-        """What is measured, for the run's ``config.json`` (``tracker.curvature``)."""
-        opt = self.optimizer
-        return {"ggn": self.ggn, "class_means": self.class_means, "geometry": self.geometry,
-                "optimizer": None if opt is None else type(opt).__name__}
+    def state_dict(self) -> dict[str, Any]:
+        return {}
 
-    @property
-    def active(self) -> bool:
-        return self.ggn or self.class_means or self.geometry or self.optimizer is not None
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        return None
 
-    def columns(self) -> list[str]:
-        k, cols = self.k, []
-        if self.geometry:
-            cols += [f"angles/previous_{i}" for i in range(1, k + 1)]
-            cols += [f"displacement/hessian_{i}" for i in range(1, k + 1)]
-        if self.ggn:
-            cols += [f"ggn/eig_{i}" for i in range(1, 2 * k + 1)]
-            cols += ["overlap/hessian_ggn"] + [f"angles/hessian_ggn_{i}" for i in range(1, k + 1)]
-        if self.class_means:
-            cols += ["overlap/classmeans_hessian", "classmeans/rank"]
-            cols += ["overlap/classmeans_ggn"] if self.ggn else []
-        if self.optimizer is not None:
-            cols += ["sharpness/threshold", "sharpness/ratio"]
-            cols += [f"preconditioned/eig_{i}" for i in range(1, k + 1)]
-            cols += ["preconditioned/update_share"]
-        return [*cols, "cost/curvature_matvecs", "cost/curvature_seconds"] if cols else []
 
-    def observe(self, model: torch.nn.Module, step: int) -> None:
-        """Called at every ``on_step(step)``, before measuring: keep ``θ_step`` (and the
-        previous step's parameters, for the update share at ``step``)."""
-        if self.optimizer is not None and (self.seen is None or self.seen[0] != step):
-            self.last_update_from, self.seen = self.seen, (step, _flat_parameters(model))
+class GeometryGroup(_Group):
+    """``angles/previous_i`` (principal angles) and ``displacement/hessian_i`` between the
+    Hessian's top-k now and at the previous measurement (empty at the first)."""
 
-    def measure(self, model: torch.nn.Module, make: Callable[[type], Any], V: torch.Tensor,
-                values: torch.Tensor, previous_V: torch.Tensor | None, step: int,
-                seed: int) -> dict[str, float]:
-        """The columns at ``step``. ``make(kind)`` builds an operator of class ``kind``
-        (``HessianOperator``, ``GGNOperator``) of ``model`` on the tracker's data with its
-        settings; ``V``/``values`` are the Hessian's top ``2k`` eigenpairs, ``previous_V`` the
-        last measurement's (``None`` at the first)."""
-        started, row, matvecs = time.perf_counter(), {}, 0
-        top = V[:, :self.k]
-        if self.geometry and previous_V is not None:
-            row.update(_geometry(previous_V[:, :self.k].to(top), top))
-        ggn_top = None
-        if self.ggn or self.class_means:
-            G = make(GGNOperator)
-            if self.ggn:
-                ggn_top = self._ggn(G, top, seed, row)
-            if self.class_means:
-                row.update(self._class_means(G, top, ggn_top))
-            matvecs += G.matvecs
-        if self.optimizer is not None:
-            matvecs += self._preconditioned(model, make, values, top, step, seed, row)
-        row["cost/curvature_matvecs"] = matvecs
-        row["cost/curvature_seconds"] = time.perf_counter() - started
-        return row
+    name = "geometry"
 
-    def _ggn(self, G: GGNOperator, top: torch.Tensor, seed: int,
-             row: dict[str, float]) -> torch.Tensor:
-        eig = sharpness(G, self.previous["ggn"], k=2 * self.k, tol=self.tol, seed=seed,
-                        warm="auto")
-        self.previous["ggn"] = eig.vectors.detach().clone()
-        row.update({f"ggn/eig_{i + 1}": float(v) for i, v in enumerate(eig.values)})
-        ggn_top = eig.vectors[:, :self.k]
+    def __init__(self, k: int) -> None:
+        self.k = k
+
+    def names(self) -> list[str]:
+        return ([f"angles/previous_{i}" for i in range(1, self.k + 1)]
+                + [f"displacement/hessian_{i}" for i in range(1, self.k + 1)])
+
+    def measure(self, ctx: Context) -> dict[str, float]:
+        if ctx.previous is None:
+            return {}
+        top = ctx.eig.vectors[:, :self.k]
+        return _geometry(ctx.previous[:, :self.k].to(top), top)
+
+
+def _ggn_operator(ctx: Context) -> GGNOperator:
+    """The GGN of the context's model and data, built once per measurement."""
+    if "ggn_operator" not in ctx.shared:
+        ctx.shared["ggn_operator"] = ctx.operators.build(GGNOperator, ctx.model, ctx.loss_fn,
+                                                         ctx.train)
+    return ctx.shared["ggn_operator"]
+
+
+class GGNGroup(_Group):
+    """``ggn/eig_1 … eig_2k`` (warm-started, the context's solver settings), eq. 5 between the
+    top-k of ``H`` and ``G`` (``overlap/hessian_ggn``) and their principal angles."""
+
+    name = "ggn"
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+
+    def names(self) -> list[str]:
+        return ([f"ggn/eig_{i}" for i in range(1, 2 * self.k + 1)] + ["overlap/hessian_ggn"]
+                + [f"angles/hessian_ggn_{i}" for i in range(1, self.k + 1)])
+
+    def measure(self, ctx: Context) -> dict[str, float]:
+        G = _ggn_operator(ctx)
+        before = G.matvecs
+        eig = ctx.solver.solve(G, 2 * self.k, ctx.warm, "ggn", ctx.seed)
+        ctx.charge(BUCKET, G.matvecs - before, 0.0)
+        row = {f"ggn/eig_{i + 1}": float(v) for i, v in enumerate(eig.values)}
+        top, ggn_top = ctx.eig.vectors[:, :self.k], eig.vectors[:, :self.k]
+        ctx.shared["ggn_top"] = ggn_top
         row["overlap/hessian_ggn"] = subspace_overlap(top, ggn_top)
         angles = principal_angles(top, ggn_top)
         row.update({f"angles/hessian_ggn_{i + 1}": float(a) for i, a in enumerate(angles)})
-        return ggn_top
-
-    def _class_means(self, G: GGNOperator, top: torch.Tensor,
-                     ggn_top: torch.Tensor | None) -> dict[str, float]:
-        span = class_mean_basis(class_gradient_means(G, self.classes, cross_class=False))
-        row = {"classmeans/rank": float(span.shape[1]),
-               "overlap/classmeans_hessian": subspace_overlap(span, top)}
-        if ggn_top is not None:
-            row["overlap/classmeans_ggn"] = subspace_overlap(span, ggn_top)
         return row
 
-    def _preconditioned(self, model: torch.nn.Module, make: Callable[[type], Any],
-                        values: torch.Tensor, top: torch.Tensor, step: int, seed: int,
-                        row: dict[str, float]) -> int:
-        """Threshold, preconditioned top-k and the last update's share; returns products."""
+
+class ClassMeansGroup(_Group):
+    """``overlap/classmeans_hessian`` (eq. 5 between the span of the ``C`` class-mean
+    gradients and ``H``'s top-k), ``classmeans/rank`` and, with the GGN group,
+    ``overlap/classmeans_ggn``."""
+
+    name = "class_means"
+
+    def __init__(self, classes: int | None, with_ggn: bool) -> None:
+        self.classes, self.with_ggn = classes, with_ggn
+
+    def names(self) -> list[str]:
+        cols = ["overlap/classmeans_hessian", "classmeans/rank"]
+        return [*cols, "overlap/classmeans_ggn"] if self.with_ggn else cols
+
+    def measure(self, ctx: Context) -> dict[str, float]:
+        G = _ggn_operator(ctx)
+        before = G.matvecs
+        span = class_mean_basis(class_gradient_means(G, self.classes, cross_class=False))
+        ctx.charge(BUCKET, G.matvecs - before, 0.0)
+        row = {"classmeans/rank": float(span.shape[1]),
+               "overlap/classmeans_hessian": subspace_overlap(span, ctx.eig.vectors[:, :ctx.k])}
+        if "ggn_top" in ctx.shared:
+            row["overlap/classmeans_ggn"] = subspace_overlap(span, ctx.shared["ggn_top"])
+        return row
+
+
+class SharpnessGroup(_Group):
+    """``sharpness/threshold`` and ``/ratio``, ``preconditioned/eig_1 … eig_k`` and
+    ``preconditioned/update_share`` of the loop's optimizer (module docstring)."""
+
+    name = "sharpness"
+
+    def __init__(self, k: int, optimizer: torch.optim.Optimizer) -> None:
+        self.k, self.optimizer = k, optimizer
+        self.adaptive = type(optimizer).__name__ != "SGD"
+        self.seen: tuple[int, torch.Tensor] | None = None  # (step, θ) of the last observe
+        self.last_update_from: tuple[int, torch.Tensor] | None = None  # the one before
+
+    def names(self) -> list[str]:
+        return (["sharpness/threshold", "sharpness/ratio"]
+                + [f"preconditioned/eig_{i}" for i in range(1, self.k + 1)]
+                + ["preconditioned/update_share"])
+
+    def observe(self, model: torch.nn.Module, step: int) -> None:
+        """Called at every step, measured or not: keep ``θ_step`` (and the previous step's
+        parameters, for the update share at ``step``)."""
+        if self.seen is None or self.seen[0] != step:
+            self.last_update_from, self.seen = self.seen, (step, _flat_parameters(model))
+
+    def measure(self, ctx: Context) -> dict[str, float]:
         threshold = _threshold(self.optimizer)
-        row["sharpness/threshold"] = threshold
+        row = {"sharpness/threshold": threshold}
         if self.adaptive and not self.optimizer.state:  # no second moments yet: no P
             row.update({f"preconditioned/eig_{i}": math.nan for i in range(1, self.k + 1)})
             row["sharpness/ratio"] = row["preconditioned/update_share"] = math.nan
-            return 0
-        op, matvecs = None, 0
+            return row
+        op, values, top = None, ctx.eig.values, ctx.eig.vectors[:, :self.k]
         if self.adaptive:
-            op = PreconditionedOperator(make(HessianOperator), self.optimizer,
-                                        first_moment_correction=True)
-            eig = sharpness(op, self.previous["preconditioned"], k=self.k, tol=self.tol,
-                            seed=seed)
-            self.previous["preconditioned"] = eig.vectors.detach().clone()
-            values, top, matvecs = eig.values, eig.vectors, op.matvecs
+            op = PreconditionedOperator(ctx.operators.hessian(ctx.model, ctx.loss_fn, ctx.train),
+                                        self.optimizer, first_moment_correction=True)
+            eig = ctx.solver.solve(op, self.k, ctx.warm, "preconditioned", ctx.seed,
+                                   start="subspace")
+            values, top = eig.values, eig.vectors
+            ctx.charge(BUCKET, op.matvecs, 0.0)
         row.update({f"preconditioned/eig_{i + 1}": float(v)
                     for i, v in enumerate(values[:self.k])})
         row["sharpness/ratio"] = float(values[0]) / threshold
-        row["preconditioned/update_share"] = self._update_share(model, op, top, step)
-        return matvecs
+        row["preconditioned/update_share"] = self._update_share(ctx.model, op, top, ctx.step)
+        return row
 
     def _update_share(self, model: torch.nn.Module, op: PreconditionedOperator | None,
                       top: torch.Tensor, step: int) -> float:
@@ -273,12 +291,15 @@ class CurvatureColumns:
             delta = op.to_preconditioned(delta)
         return top_fraction(delta, top) if float(delta.norm()) > 0 else math.nan
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"previous": dict(self.previous)}
 
-    def load_state_dict(self, state: dict[str, Any] | None) -> None:
-        if state:
-            self.previous.update(state.get("previous", {}))
+def curvature_settings(groups: list[Any]) -> dict[str, Any]:
+    """What the curvature groups measure, for the run's ``config.json``
+    (``tracker.curvature``)."""
+    names = {g.name for g in groups}
+    sharp = next((g for g in groups if isinstance(g, SharpnessGroup)), None)
+    return {"ggn": "ggn" in names, "class_means": "class_means" in names,
+            "geometry": "geometry" in names,
+            "optimizer": None if sharp is None else type(sharp.optimizer).__name__}
 
 
 def _threshold(optimizer: torch.optim.Optimizer) -> float:

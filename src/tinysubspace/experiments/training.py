@@ -163,8 +163,8 @@ class _Loop:
         self.optimizer = build_optimizer(config.optim, problem.model, context)
         if config.tracker.sharpness:  # issue 15: threshold, preconditioned top-k, update share
             self.tracker.track_optimizer(self.optimizer)
-        self.metric_columns = [*self.tracker.engine.columns(problem.model),
-                               *self.tracker.curvature.columns(), "optim/matvecs"]
+        self.metric_columns = [*(c for c in self.tracker.columns if c != "cost/overhead"),
+                               "optim/matvecs"]
         self.schedule = set(measurement_steps(config.tracker, config.train.steps))
         self.pending_minibatch: list[dict[str, float]] = []
         self.health = RunHealth(config.train)  # divergence check; the step the loop is at
@@ -214,13 +214,14 @@ class _Loop:
         self.pending_minibatch = []
 
     # ----------------------------------------------------------------- work
-    def measure(self, step: int) -> dict[str, float]:
-        """One measurement (rows and eigenvectors reach the store through the tracker's
+    def measure(self, step: int) -> dict[str, float] | None:
+        """The tracker's ``on_step``: a measurement if ``step`` is scheduled and not measured
+        yet (rows and eigenvectors reach the store through the tracker's
         :class:`RunStoreLogger`)."""
-        row = self.tracker.measure(  # optim/matvecs: products spent by a projected optimizer
+        row = self.tracker.on_step(  # optim/matvecs: products spent by a projected optimizer
             step, epoch=epochs_of(step, len(self.problem.train), self.config.optim.batch_size),
             extra={"optim/matvecs": getattr(self.optimizer, "matvecs", 0)})
-        if self.store is not None:
+        if row is not None and self.store is not None:
             self.flush_minibatch()
         return row
 
@@ -303,7 +304,7 @@ def run_experiment(config: ExperimentConfig, out: str | Path | None, *, resume: 
     with torch.random.fork_rng(devices=_cuda_devices(problem.device)):
         torch.manual_seed(config.train.seed + RANK_SEED_STRIDE * tsdist.rank())
         loop = _Loop(config, problem, None, progress)
-        start, skip_measure = 0, False
+        start = 0
         if out is not None:  # rank 0 owns the run folder; every rank gets the checkpoint
             loop.keeps_files = True
             if tsdist.is_main():
@@ -312,9 +313,9 @@ def run_experiment(config: ExperimentConfig, out: str | Path | None, *, resume: 
             checkpoint = tsdist.run_on_main(
                 lambda: loop.store.resume(resolved) if resume else loop.store.create(resolved))
             if checkpoint is not None:
-                start, skip_measure = loop.restore(checkpoint), True
+                start = loop.restore(checkpoint)
         path = Path(out) if out else None
-        outcome = guarded(lambda: _train(loop, start, skip_measure, stop_after, path),
+        outcome = guarded(lambda: _train(loop, start, stop_after, path),
                           loop.health, path, functools.partial(RunOutcome, path or Path()))
     if loop.store is not None:  # best effort: a full disk must not hide why the run stopped
         loop.store.write_status(outcome.state, outcome.step, outcome.message, best_effort=True)
@@ -323,21 +324,18 @@ def run_experiment(config: ExperimentConfig, out: str | Path | None, *, resume: 
     return outcome
 
 
-def _train(loop: _Loop, start: int, skip_measure: bool, stop_after: int | None,
-           path: Path | None) -> RunOutcome:
+def _train(loop: _Loop, start: int, stop_after: int | None, path: Path | None) -> RunOutcome:
     cfg = loop.config
     total = cfg.train.steps
     if loop.progress is not None:
         loop.progress.start(total, start, loop.schedule)
     for step in range(start, total + 1):
         loop.health.step = step
-        loop.tracker.curvature.observe(loop.problem.model, step)  # θ_t for the update share
-        if step in loop.schedule and not (skip_measure and step == start):
-            try:
-                row = loop.measure(step)
-            except NonFiniteError as error:
-                return _diverged(loop, path, step,
-                                 f"non-finite measurement at step {step}: {error}")
+        try:  # at the tracker's schedule; the step a resumed run starts at was measured
+            row = loop.measure(step)
+        except NonFiniteError as error:
+            return _diverged(loop, path, step, f"non-finite measurement at step {step}: {error}")
+        if row is not None:
             if (why := loop.health.observe(row)) is not None:
                 return _diverged(loop, path, step, why)
             if loop.progress is not None:

@@ -11,9 +11,11 @@ import torch
 
 from tinysubspace.linalg.lanczos import Eigenpairs
 from tinysubspace.linalg.warm_start import track_eigenpairs
+from tinysubspace.linalg.warm_state import WarmStart
 
 __all__ = ["HessianSubspace", "Solver", "SubspaceBasis"]
 
+WARM_NAME = "subspace"  # the refreshed basis's entry in its WarmStart
 Solver = Callable[[Any, int, "torch.Tensor | None", float, int], Eigenpairs]
 
 
@@ -71,6 +73,7 @@ class HessianSubspace:
         self.operator_at, self.k, self.refresh_every = operator_at, k, refresh_every
         self.tol, self.seed, self.solver = tol, seed, solver or _warm_solver
         self.basis: SubspaceBasis | None = None
+        self.warm = WarmStart()  # the last refresh's vectors, the next one's start
         self.matvecs = 0
         self.refreshes = 0
 
@@ -88,9 +91,12 @@ class HessianSubspace:
     def refresh(self, step: int) -> SubspaceBasis:
         """Recompute the basis at the current parameters, warm-started from the previous one."""
         op = self.operator_at()
-        previous = None if self.basis is None else self.basis.vectors.to(op.device, op.dtype)
+        previous = self.warm.get(WARM_NAME)
+        if previous is not None:
+            previous = previous.to(op.device, op.dtype)
         before = op.matvecs
         eig = self.solver(op, self.k, previous, self.tol, self.seed + step)
+        self.warm.update(WARM_NAME, eig.vectors)
         self.matvecs += op.matvecs - before
         self.refreshes += 1
         self.basis = SubspaceBasis(eig.values.detach(), eig.vectors.detach(), step,
@@ -109,3 +115,4 @@ class HessianSubspace:
         b = state["basis"]
         self.basis = None if b is None else SubspaceBasis(b["values"], b["vectors"],
                                                           int(b["step"]), bool(b["converged"]))
+        self.warm.load_state_dict(None if b is None else {WARM_NAME: b["vectors"]})

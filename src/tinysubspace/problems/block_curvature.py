@@ -31,7 +31,8 @@ from tinysubspace.linalg.blocks import (
 )
 from tinysubspace.problems.models.blocks import BlockPart, parameter_blocks
 
-__all__ = ["BlockSpectra", "block_measurements", "block_operator", "block_spectra"]
+__all__ = ["BlockSpectra", "block_columns", "block_measurements", "block_operator",
+           "block_spectra"]
 
 
 @dataclass(frozen=True)
@@ -125,6 +126,16 @@ def block_spectra(model: torch.nn.Module, loss_fn: Callable, data: Any,
     normalized = heterogeneity_matrix(densities, points, sigma, scales)
     return BlockSpectra(spectra, distances, float(distances.sum() / (B * (B - 1))),
                         normalized, float(normalized.sum() / (B * (B - 1))))
+
+
+def block_columns(names: Iterable[str], k: int) -> list[str]:
+    """The columns :func:`block_measurements` fills for blocks ``names`` with ``k`` eigenvalues
+    each (the tracker's ``blocks`` group declares these)."""
+    cols = []
+    for name in names:
+        cols += [f"block/{name}/eig_{i}" for i in range(1, k + 1)]
+        cols += [f"block/{name}/trace", f"block/{name}/trace_se", f"block/{name}/size"]
+    return [*cols, "blocks/heterogeneity", "blocks/heterogeneity_normalized"]
 
 
 def block_measurements(model: torch.nn.Module, loss_fn: Callable, data: Any,

@@ -1,0 +1,203 @@
+"""What one measurement is given: operator settings, solver settings, and the step's context.
+
+A tracker's row is filled by an ordered list of *column groups* (:class:`ColumnGroup`): each
+declares its column names (``names()``) beside the code that fills them (``measure(context)``)
+and keeps its own state (``state_dict`` / ``load_state_dict``). Every group gets the same
+:class:`Context`: the model and data, the step's seed, one :class:`OperatorSettings` (dtype,
+mode, chunk size, H·V method, distributed) and one :class:`SolverSettings` (tol, tol_scale,
+solver, warm start), the shared :class:`~tinysubspace.linalg.warm_state.WarmStart`, and the
+Hessian quantities every group may reuse: ``L``, ``g``, ``H g`` and the top ``2k`` eigenpairs.
+So every operator a group builds and every solve it runs gets the run's settings
+(``settings.operators.build(kind, ...)``, ``settings.solver.solve(...)``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+from tinysubspace.curvature.hessian import HessianOperator
+from tinysubspace.curvature.hvp import HVP_METHODS
+from tinysubspace.linalg.lanczos import Eigenpairs, top_eigenpairs
+from tinysubspace.linalg.tolerance import TOL_SCALES
+from tinysubspace.linalg.warm_start import WARM_STARTS, track_eigenpairs
+from tinysubspace.linalg.warm_state import WarmStart
+
+__all__ = ["SOLVERS", "ColumnGroup", "Context", "MeasurementSettings", "OperatorSettings",
+           "SolverSettings", "measure_groups"]
+
+SOLVERS = ("cold", "track")
+"""``track``: warm-started from the previous measurement (:func:`track_eigenpairs`); ``cold``:
+a cold :func:`top_eigenpairs` at every measurement (the reference)."""
+
+
+@dataclass(frozen=True)
+class OperatorSettings:
+    """How every operator of a measurement is built (the Hessian, the GGN, a block's, the test
+    split's): the keywords of :class:`~tinysubspace.HessianOperator`."""
+
+    dtype: torch.dtype | None = None
+    mode: str = "eval"
+    batch_size: int | None = None
+    hvp_method: str = "auto"
+    distributed: bool = False
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("eval", "train"):
+            raise ValueError(f"mode must be 'eval' or 'train', got {self.mode!r}")
+        if self.hvp_method not in HVP_METHODS:
+            raise ValueError(f"hvp_method must be one of {HVP_METHODS}, got {self.hvp_method!r}")
+
+    def build(self, kind: type, model: torch.nn.Module, loss_fn: Callable, data: Any,
+              **extra: Any) -> Any:
+        """``kind(model, loss_fn, data, **settings, **extra)`` (``HessianOperator``,
+        ``GGNOperator``, …)."""
+        return kind(model, loss_fn, data, **self.keywords(), **extra)
+
+    def hessian(self, model: torch.nn.Module, loss_fn: Callable, data: Any) -> HessianOperator:
+        return self.build(HessianOperator, model, loss_fn, data)
+
+    def keywords(self) -> dict[str, Any]:
+        return {"dtype": self.dtype, "mode": self.mode, "batch_size": self.batch_size,
+                "hvp_method": self.hvp_method, "distributed": self.distributed}
+
+
+@dataclass(frozen=True)
+class SolverSettings:
+    """How every eigensolve of a measurement runs.
+
+    Attributes:
+        tol: relative residual of every pair. tol_scale: ``"top"`` or ``"pair"``
+            (:mod:`tinysubspace.linalg.tolerance`). solver: ``"track"`` or ``"cold"``.
+        warm: how ``track`` uses the previous vectors (:data:`tinysubspace.WARM_STARTS`); a
+            group may ask for another (the preconditioned sharpness uses ``"subspace"``).
+
+    Raises:
+        ValueError: an unknown ``tol_scale``, ``solver`` or ``warm``.
+    """
+
+    tol: float = 1e-4
+    tol_scale: str = "top"
+    solver: str = "track"
+    warm: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.solver not in SOLVERS:
+            raise ValueError(f"tracker.solver must be one of {sorted(SOLVERS)}, got "
+                             f"{self.solver!r}")
+        if self.tol_scale not in TOL_SCALES:
+            raise ValueError(f"tracker.tol_scale must be one of {TOL_SCALES}, got "
+                             f"{self.tol_scale!r}")
+        if self.warm not in WARM_STARTS:
+            raise ValueError(f"warm must be one of {WARM_STARTS}, got {self.warm!r}")
+
+    def solve(self, op: Any, n: int, warm: WarmStart, name: str, seed: int,
+              start: str | None = None) -> Eigenpairs:
+        """The top ``n`` pairs of ``op``, started from ``warm``'s vectors of ``name`` (and kept
+        there for the next solve of that name); ``start`` overrides :attr:`warm`."""
+        previous = warm.get(name)
+        if self.solver == "cold":
+            eig = self.cold(op, n, seed)
+        else:
+            if previous is not None:
+                previous = previous.to(device=op.device, dtype=op.dtype)
+            eig = track_eigenpairs(op, n, previous, tol=self.tol, seed=seed,
+                                   tol_scale=self.tol_scale, warm=start or self.warm)
+        warm.update(name, eig.vectors)
+        return eig
+
+    def cold(self, op: Any, n: int, seed: int) -> Eigenpairs:
+        """The top ``n`` pairs of ``op`` by a cold :func:`top_eigenpairs` (no warm start)."""
+        return top_eigenpairs(op, n, tol=self.tol, seed=seed, tol_scale=self.tol_scale)
+
+
+@dataclass(frozen=True)
+class MeasurementSettings:
+    """Everything a tracker's measurement is set by: the top ``k`` (the solve finds ``2k``),
+    the operators' and the solvers' settings, and the steps whose eigenvectors are kept."""
+
+    k: int
+    operators: OperatorSettings
+    solver: SolverSettings
+    save_vectors_at: frozenset[int] = frozenset()
+
+    def __post_init__(self) -> None:
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
+            raise ValueError(f"k must be an integer >= 1, got {self.k!r}")
+
+
+@dataclass
+class Context:
+    """One measurement's inputs, shared by every column group.
+
+    ``seed`` is the step's (``run_seed + step``, the solves' random starts); ``run_seed`` the
+    run's (the block group's probes, the same at every step). ``op``, ``loss``, ``g``, ``Hg``,
+    ``eig`` are the training Hessian's (top ``2k`` pairs of
+    ``eig``); ``previous`` is the Hessian's basis of the last measurement (``None`` at the
+    first). ``cost`` collects ``{bucket: [products, seconds]}`` for the cost groups; ``shared``
+    holds what one group computes for a later one (the GGN operator and its top-k).
+    """
+
+    model: torch.nn.Module
+    loss_fn: Callable
+    train: Any
+    test: Any
+    step: int
+    seed: int
+    k: int
+    operators: OperatorSettings
+    solver: SolverSettings
+    warm: WarmStart
+    classification: bool
+    op: HessianOperator
+    loss: float
+    g: torch.Tensor
+    Hg: torch.Tensor
+    eig: Eigenpairs
+    previous: torch.Tensor | None = None
+    run_seed: int = 0
+    started: float = field(default_factory=time.perf_counter)
+    cost: dict[str, list[float]] = field(default_factory=dict)
+    shared: dict[str, Any] = field(default_factory=dict)
+
+    def charge(self, bucket: str, products: int, seconds: float) -> None:
+        """Add ``products`` and ``seconds`` to the cost ``bucket``."""
+        spent = self.cost.setdefault(bucket, [0, 0.0])
+        spent[0] += products
+        spent[1] += seconds
+
+
+@runtime_checkable
+class ColumnGroup(Protocol):
+    """A group of columns: ``name``, ``names()`` (its columns, in order), ``measure(context)
+    -> {column: value}`` and its state. A group with ``deferred = True`` is measured after all
+    others (the cost columns); ``bucket`` names the cost bucket its products and seconds go to
+    (``None``: not counted apart)."""
+
+    name: str
+
+    def names(self) -> list[str]: ...
+
+    def measure(self, context: Context) -> dict[str, float]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+def measure_groups(groups: list[Any], context: Context) -> dict[str, float]:
+    """Every group's columns at ``context``: the groups in order, the deferred ones last; the
+    seconds of a group with a ``bucket`` go to that cost bucket."""
+    row: dict[str, float] = {}
+    for group in [g for g in groups if not getattr(g, "deferred", False)] + \
+            [g for g in groups if getattr(g, "deferred", False)]:
+        started = time.perf_counter()
+        row.update(group.measure(context))
+        bucket = getattr(group, "bucket", None)
+        if bucket is not None:
+            context.charge(bucket, 0, time.perf_counter() - started)
+    return row
