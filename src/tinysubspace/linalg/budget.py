@@ -5,9 +5,10 @@ does not iterate to a tolerance. From the previous measurement's orthonormal ``V
 (``p × m0``):
 
 1. one pass ``H V_prev`` (``m0`` products) and the Rayleigh–Ritz pairs of ``span(V_prev)``;
-2. then passes of at most ``b`` products each, until the budget is spent: the ``b`` leading left
-   singular directions of the residuals ``R = H V − V Θ`` of the top ``k`` Ritz pairs (a block
-   Krylov extension, as in ``warm="subspace"``), orthonormalised and multiplied;
+2. then passes of at most ``b ≤ k`` products each (default ``k``), until the budget is spent:
+   the ``b`` leading left singular directions of the residuals ``R = H V − V Θ`` of the top
+   ``k`` Ritz pairs (a block Krylov extension, as in ``warm="subspace"``), orthonormalised and
+   multiplied;
 3. a last Rayleigh–Ritz on the whole basis ``Q`` (``products`` columns): Ritz pairs
    ``(θ_i, v_i = Q y_i)`` with *exact* residuals ``r_i = HQ y_i − θ_i v_i`` (``HQ`` is known:
    no extra product).
@@ -112,8 +113,8 @@ def refine_eigenpairs(op, k: int, previous: Eigenpairs | torch.Tensor, products:
             ``m0 ≤ products`` columns, filled at random up to ``k``).
         products: products to spend (``≥ k`` and ``≥ m0``; ``< p``).
         tol: the bar that decides ``converged`` (never used to stop).
-        block_size: products per extension pass (default: all that remain after the first
-            pass, i.e. two passes in all).
+        block_size: products per extension pass (default ``k``: the residuals of ``k`` pairs
+            span at most ``k`` new directions per pass; ``products − m0 ≤ k`` is one pass).
         seed: seed of any random fill.
         tol_scale: ``"top"`` or ``"pair"`` (:mod:`tinysubspace.linalg.tolerance`).
 
@@ -139,7 +140,7 @@ def refine_eigenpairs(op, k: int, previous: Eigenpairs | torch.Tensor, products:
     used = start.shape[1]
     while used < products:
         theta, Y = state.ritz()
-        b = min(block_size or products - used, products - used)
+        b = min(block_size or k, products - used)
         directions = state.residual_directions(theta[:k], Y[:, :k], b)
         scratch = KrylovBasis(p, work, op.device, b, locked=state.Q, images=False)
         scratch.add_columns(directions)
