@@ -114,6 +114,18 @@ def test_block_size_splits_the_extension_into_passes():
     assert sin_max(result.vectors, top_of(second, 10)[1]) <= result.subspace_error
 
 
+def test_default_passes_add_at_most_k_directions():
+    values = hessian_like_spectrum(120, OUTLIERS, edge_ratio=None, seed=0)
+    first, second = moving_sequence(values, steps=2, rate=1e-2, seed=4)
+    start = ts.top_eigenpairs(ts.DenseOperator(first), 10, tol=1e-10)
+    counter = PassCounter(ts.DenseOperator(second))
+    wide = refine_eigenpairs(counter, 10, start, products=25)
+    assert counter.passes == 3 and wide.matvecs == 25  # 10, then 10 and 5 residual directions
+    one = refine_eigenpairs(ts.DenseOperator(second), 10, start, products=20)
+    U = top_of(second, 10)[1]
+    assert sin_max(wide.vectors, U) < sin_max(one.vectors, U)
+
+
 class PassCounter(ts.SymmetricOperator):
     """Delegates to ``op``, counting block products (passes); optionally sleeps
     ``c0 + c1·b`` seconds per pass (a known pass cost)."""
