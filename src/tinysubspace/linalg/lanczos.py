@@ -75,11 +75,13 @@ class Eigenpairs:
             check passed: ``multiplicity_checked``), ``"guard"`` (only the amortised check's
             guard advanced, :func:`~tinysubspace.linalg.warm_start.track_eigenpairs` with
             ``check="amortised"``: a miss is found within its stated number of measurements),
-            or ``"none"``.
+            ``"folded"`` (the check rode in the block passes,
+            :mod:`tinysubspace.linalg.folded`), or ``"none"``.
         guard: the amortised check's state to pass on with this result (``None`` unless
             ``check="amortised"``).
-        solver: ``"lanczos"`` (solved to ``tol``) or ``"budget"`` (a fixed number of products,
-            :func:`~tinysubspace.linalg.budget.refine_eigenpairs`).
+        solver: ``"lanczos"`` (solved to ``tol``), ``"folded"`` (solved to ``tol`` by
+            :func:`~tinysubspace.linalg.folded.folded_eigenpairs`) or ``"budget"`` (a fixed
+            number of products, :func:`~tinysubspace.linalg.budget.refine_eigenpairs`).
         subspace_error: for ``solver="budget"``, the estimate of ``sin θ_max`` between
             ``span(vectors)`` and the true top-``k`` eigenvectors (Davis–Kahan,
             :mod:`tinysubspace.linalg.budget`); it bounds ``|Δ f_top|`` (:attr:`f_top_error`).

@@ -28,7 +28,10 @@ gradient graph, then ``c1`` per product): on a GPU ``c1 ≪ c0`` (a 20-column bl
 ``previous.pass_cost``, else — when ``previous`` is an :class:`Eigenpairs` — measured once here
 (:func:`~tinysubspace.linalg.pass_cost.measure_pass_cost`, its products counted) and carried on
 in the result's ``pass_cost``; the choice is
-:func:`~tinysubspace.linalg.pass_cost.choose_warm_start`, a pure function of the costs. With
+:func:`~tinysubspace.linalg.pass_cost.choose_warm_start`, a pure function of the costs; where
+it says ``subspace`` (passes cost), the solve is the folded block solver
+(:mod:`tinysubspace.linalg.folded`: the multiplicity check rides in the block passes instead of
+adding ``check_steps`` single-product passes; with ``skip=0`` and ``check="full"``). With
 bare previous vectors and no cost (nothing to carry the measurement in) ``auto`` falls back to
 the device: ``subspace`` on a GPU, ``krylov`` elsewhere. Numbers: docs/performance.md.
 
@@ -74,15 +77,17 @@ from tinysubspace.linalg.amortised import (
 from tinysubspace.linalg.basis import KrylovBasis, random_block, working_dtype
 from tinysubspace.linalg.budget import refine_eigenpairs
 from tinysubspace.linalg.deflation import CHECK_STEPS
+from tinysubspace.linalg.folded import folded_eigenpairs
 from tinysubspace.linalg.lanczos import Eigenpairs, top_eigenpairs
 from tinysubspace.linalg.pass_cost import PassCost, choose_warm_start, measure_pass_cost
 from tinysubspace.linalg.tolerance import ConvergenceCriterion
 
 __all__ = ["SOLVERS", "WARM_STARTS", "track_eigenpairs", "warm_block_size"]
 
-SOLVERS = ("lanczos", "budget")
-"""What :func:`track_eigenpairs` does: solve to ``tol`` (``lanczos``) or spend a fixed number of
-products (``budget``)."""
+SOLVERS = ("lanczos", "budget", "folded")
+"""What :func:`track_eigenpairs` does: solve to ``tol`` (``lanczos``; ``folded``: the warm block
+solver with the multiplicity check in its passes, :mod:`tinysubspace.linalg.folded`) or spend a
+fixed number of products (``budget``)."""
 
 WARM_STARTS = ("auto", "subspace", "krylov")
 """How :func:`track_eigenpairs` uses the previous vectors (see its ``warm`` argument)."""
@@ -187,9 +192,12 @@ def track_eigenpairs(op, k: int, previous: Eigenpairs | torch.Tensor | None = No
             Each result's ``certificate`` says which check it passed.
         check_every: ``M`` of ``check="amortised"``.
         guard_steps: the guard's products per measurement with ``check="amortised"``.
-        solver: ``"lanczos"`` (default: solve to ``tol``) or ``"budget"``: refine ``previous``
-            with exactly ``products`` products (module docstring); a cold solve to ``tol`` when
-            ``previous`` is ``None``. Needs ``skip=0``.
+        solver: ``"lanczos"`` (default: solve to ``tol``), ``"folded"`` (solve to ``tol`` with
+            the warm block solver whose multiplicity check rides in its passes,
+            :func:`~tinysubspace.linalg.folded.folded_eigenpairs`; ``check`` is then ignored) or
+            ``"budget"``: refine ``previous`` with exactly ``products`` products (module
+            docstring). Either is a cold solve to ``tol`` when ``previous`` is ``None``; both
+            need ``skip=0``.
         products: the budget's products per measurement (``solver="budget"`` only; ``≥ k``).
         pass_cost: the measured cost of a pass for ``warm="auto"`` (module docstring); default
             ``previous.pass_cost``, else measured once.
@@ -219,7 +227,14 @@ def track_eigenpairs(op, k: int, previous: Eigenpairs | torch.Tensor | None = No
     if previous is not None:
         init = _previous_block(previous, op.shape[0]).to(device=op.device,
                                                          dtype=working_dtype(op.dtype))
-        warm, pass_cost, extra = _warm_choice(op, warm, previous, pass_cost, init, k + skip)
+        if solver == "lanczos":
+            warm, pass_cost, extra = _warm_choice(op, warm, previous, pass_cost, init, k + skip)
+        if solver == "folded" or (pass_cost is not None and warm == "subspace" and not skip
+                                  and check == "full"):
+            found = folded_eigenpairs(op, k, init, tol=tol, seed=seed, block_size=block_size,
+                                      check_steps=check_steps, max_matvecs=max_matvecs,
+                                      tol_scale=tol_scale)
+            return dataclasses.replace(found, matvecs=found.matvecs + extra, pass_cost=pass_cost)
         if warm == "krylov":
             init = _krylov_start(init, seed)
         else:
@@ -253,8 +268,9 @@ def _check_solver(solver: object, products: object, skip: int) -> None:
     if solver != "budget" and products is not None:
         raise ValueError(f"products={products!r} is the budget of solver='budget'; got "
                          f"solver={solver!r}")
-    if solver == "budget" and skip:
-        raise ValueError(f"solver='budget' refines the top k pairs (skip=0), got skip={skip}")
+    if solver in ("budget", "folded") and skip:
+        raise ValueError(f"solver={solver!r} solves for the top k pairs (skip=0), got "
+                         f"skip={skip}")
 
 
 def _warm_choice(op, warm: str, previous: Eigenpairs | torch.Tensor,
