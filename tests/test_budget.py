@@ -167,6 +167,8 @@ def test_budget_rejects_bad_arguments():
     with pytest.raises(ValueError,
                        match=r"solver must be one of \('lanczos', 'budget', 'folded'\)"):
         track_eigenpairs(op, 3, previous, solver="fixed")
+    with pytest.raises(ValueError, match=r"pass_cost must be a PassCost, 'measure' or None, got"):
+        track_eigenpairs(op, 3, previous, pass_cost="guess")
     with pytest.raises(ValueError, match=r"solver='budget' needs products=N"):
         track_eigenpairs(op, 3, previous, solver="budget")
     with pytest.raises(ValueError, match=r"products=6 is the budget of solver='budget'"):
@@ -230,7 +232,9 @@ def test_auto_measures_the_cost_once_and_carries_it():
     slow_passes = [PassCounter(ts.DenseOperator(A), c0=0.01) for A in matrices]  # c1 ≈ 0
     first = track_eigenpairs(slow_passes[0], 8, None, tol=1e-10)
     assert first.pass_cost is None  # a cold solve chooses nothing
-    second = track_eigenpairs(slow_passes[1], 8, first, tol=1e-10)
+    unasked = track_eigenpairs(ts.DenseOperator(matrices[1]), 8, first, tol=1e-10)
+    assert unasked.pass_cost is None  # no timing unasked: the device rule, reproducible
+    second = track_eigenpairs(slow_passes[1], 8, first, tol=1e-10, pass_cost="measure")
     assert second.pass_cost is not None and second.pass_cost.c0 > 10 * second.pass_cost.c1
     named = track_eigenpairs(ts.DenseOperator(matrices[1]), 8, first, tol=1e-10,
                              solver="folded")

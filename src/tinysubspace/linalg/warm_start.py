@@ -24,16 +24,17 @@ first guess for ``V_{t+1}``). :func:`track_eigenpairs` runs the thick-restart La
 ``warm="auto"`` (default) picks the start from the measured cost of a pass, ``c0 + c1 b`` (a
 gradient graph, then ``c1`` per product): on a GPU ``c1 ≪ c0`` (a 20-column block costs 0.06
 (FC) to 0.3 (ResNet-18) of a single product per column), so passes are what count; on a CPU
-``c1 ≈ c0`` (0.6–1.0), so products are. The cost is ``pass_cost=`` if given, else
-``previous.pass_cost``, else — when ``previous`` is an :class:`Eigenpairs` — measured once here
-(:func:`~tinysubspace.linalg.pass_cost.measure_pass_cost`, its products counted) and carried on
-in the result's ``pass_cost``; the choice is
+``c1 ≈ c0`` (0.6–1.0), so products are. The cost is ``pass_cost=`` if given (``"measure"``:
+timed here by :func:`~tinysubspace.linalg.pass_cost.measure_pass_cost`, its products counted —
+what a tracker does at its first warm measurement), else ``previous.pass_cost``; it is carried on
+in the result's ``pass_cost``, so one measurement serves the whole run; the choice is
 :func:`~tinysubspace.linalg.pass_cost.choose_warm_start`, a pure function of the costs; where
 it says ``subspace`` (passes cost), the solve is the folded block solver
 (:mod:`tinysubspace.linalg.folded`: the multiplicity check rides in the block passes instead of
 adding ``check_steps`` single-product passes; with ``skip=0`` and ``check="full"``). With
-bare previous vectors and no cost (nothing to carry the measurement in) ``auto`` falls back to
-the device: ``subspace`` on a GPU, ``krylov`` elsewhere. Numbers: docs/performance.md.
+no cost known ``auto`` falls back to the device (``subspace`` on a GPU, ``krylov`` elsewhere):
+timing is never taken unasked, so a run without it stays reproducible to the last digit.
+Numbers: docs/performance.md.
 
 ``solver="budget"`` does not solve to ``tol``: it refines ``previous`` with exactly
 ``products`` products (:func:`~tinysubspace.linalg.budget.refine_eigenpairs`: Rayleigh–Ritz,
@@ -156,7 +157,7 @@ def track_eigenpairs(op, k: int, previous: Eigenpairs | torch.Tensor | None = No
                      check: str = "full", check_every: int = CHECK_EVERY,
                      guard_steps: int = GUARD_STEPS, solver: str = "lanczos",
                      products: int | None = None,
-                     pass_cost: PassCost | None = None) -> Eigenpairs:
+                     pass_cost: PassCost | str | None = None) -> Eigenpairs:
     """The ``k`` largest eigenpairs of ``op``, warm-started from a previous measurement.
 
     Args:
@@ -199,8 +200,10 @@ def track_eigenpairs(op, k: int, previous: Eigenpairs | torch.Tensor | None = No
             docstring). Either is a cold solve to ``tol`` when ``previous`` is ``None``; both
             need ``skip=0``.
         products: the budget's products per measurement (``solver="budget"`` only; ``≥ k``).
-        pass_cost: the measured cost of a pass for ``warm="auto"`` (module docstring); default
-            ``previous.pass_cost``, else measured once.
+        pass_cost: the cost of a pass for ``warm="auto"`` (module docstring): a
+            :class:`~tinysubspace.linalg.pass_cost.PassCost`, ``"measure"`` (time it now, on
+            the previous vectors; ``2(1 + n)`` products, counted), or ``None`` (default:
+            ``previous.pass_cost`` if it has one, else the device rule).
 
     Returns:
         :class:`Eigenpairs`: values descending, orthonormal vectors, exact residuals, the
@@ -217,7 +220,7 @@ def track_eigenpairs(op, k: int, previous: Eigenpairs | torch.Tensor | None = No
             ``tol_scale``, ``block_size``, ``basis_size`` or ``max_matvecs`` (see
             :func:`top_eigenpairs`).
     """
-    _check_solver(solver, products, skip)
+    _check_solver(solver, products, skip, pass_cost)
     if solver == "budget" and previous is not None:
         return refine_eigenpairs(op, k, previous, products, tol=tol, block_size=block_size,
                                  seed=seed, tol_scale=tol_scale)
@@ -259,8 +262,11 @@ def track_eigenpairs(op, k: int, previous: Eigenpairs | torch.Tensor | None = No
     return dataclasses.replace(found, matvecs=found.matvecs + extra, pass_cost=pass_cost)
 
 
-def _check_solver(solver: object, products: object, skip: int) -> None:
-    """Raises ValueError for an unknown ``solver`` or a ``products`` that does not fit it."""
+def _check_solver(solver: object, products: object, skip: int, pass_cost: object) -> None:
+    """Raises ValueError for an unknown ``solver``, a ``products`` that does not fit it, or a
+    ``pass_cost`` that is neither a :class:`PassCost`, ``"measure"`` nor ``None``."""
+    if not (pass_cost is None or pass_cost == "measure" or isinstance(pass_cost, PassCost)):
+        raise ValueError(f"pass_cost must be a PassCost, 'measure' or None, got {pass_cost!r}")
     if solver not in SOLVERS:
         raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
     if solver == "budget" and products is None:
@@ -274,7 +280,7 @@ def _check_solver(solver: object, products: object, skip: int) -> None:
 
 
 def _warm_choice(op, warm: str, previous: Eigenpairs | torch.Tensor,
-                 pass_cost: PassCost | None, init: torch.Tensor,
+                 pass_cost: PassCost | str | None, init: torch.Tensor,
                  n: int) -> tuple[str, PassCost | None, int]:
     """The warm start, the pass cost it was chosen by (``None``: not chosen by cost) and the
     products spent measuring it (module docstring)."""
@@ -282,11 +288,10 @@ def _warm_choice(op, warm: str, previous: Eigenpairs | torch.Tensor,
         return warm, pass_cost, 0
     if pass_cost is None and isinstance(previous, Eigenpairs):
         pass_cost = previous.pass_cost
-    extra = 0
-    columns = min(n, init.shape[1])
-    if pass_cost is None and isinstance(previous, Eigenpairs) and columns >= 2:
-        pass_cost = measure_pass_cost(op, init[:, :columns])
-        extra = 2 * (1 + columns)
+    extra, columns = 0, min(n, init.shape[1])
+    if pass_cost == "measure":
+        pass_cost = measure_pass_cost(op, init[:, :columns]) if columns >= 2 else None
+        extra = 2 * (1 + columns) if columns >= 2 else 0
     if pass_cost is None:
         return resolve_warm_start("auto", op.device), None, 0
     return choose_warm_start(pass_cost, n), pass_cost, extra
