@@ -9,6 +9,8 @@ At each measurement, interleaved (the order rotates), one torch and one BLAS thr
   gradient);
 * ``track``: :func:`track_eigenpairs` with its defaults (krylov start + multiplicity check),
   warm from its own previous answer;
+* ``subspace`` and ``folded`` (``--blocks``): the block solvers, the multiplicity check after
+  the solve or folded into its passes;
 * ``budget P``: ``track_eigenpairs(solver="budget", products=P)``, warm from its own previous
   answer (the first measurement is a cold solve to ``tol`` for every warm variant and is left
   out).
@@ -67,13 +69,16 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=10)
     parser.add_argument("--count", type=int, default=13)
     parser.add_argument("--products", type=int, nargs="*", default=[15, 20])
+    parser.add_argument("--blocks", action="store_true",
+                        help="also warm='subspace' (check after) and solver='folded'")
     args = parser.parse_args()
     torch.set_num_threads(1)
     print(machine_line(), "| uptime:", os.popen("uptime").read().strip(), flush=True)
     problem = digits_problem()
     states = trajectory(problem, args.start, args.every, args.count)
     X, Y = problem.X, problem.Y
-    names = ["track", *(f"budget {p}" for p in args.products)]
+    names = ["track", *(f"budget {p}" for p in args.products),
+             *(["subspace", "folded"] if args.blocks else [])]
     previous = dict.fromkeys(names)
     stats = {name: {"ratio": [], "mv": [], "passes": [], "err": [], "ov": [], "est": []}
              for name in ["eigsh", *names]}
@@ -82,6 +87,9 @@ def main() -> None:
     def solver(name, index):
         if name == "track":
             return lambda op: track_eigenpairs(op, k, previous[name], tol=tol, seed=index)
+        if name in ("subspace", "folded"):  # the block solvers: separate check / folded check
+            return lambda op: track_eigenpairs(op, k, previous[name], tol=tol, seed=index,
+                                               warm="subspace", solver=_solver(name))
         products = int(name.split()[1])
         return lambda op: track_eigenpairs(op, k, previous[name], tol=tol, seed=index,
                                            solver="budget", products=products)
@@ -135,6 +143,10 @@ def main() -> None:
                 ["variant", "time / eigsh: median (range)", "products", "passes",
                  "max |Δ f_top|", "min overlap", "max est. f_top_error",
                  "max |Δ f_top| first / last 10"], rows)
+
+
+def _solver(name: str) -> str:
+    return "folded" if name == "folded" else "lanczos"
 
 
 def _estimate(values: list[float]) -> str:
