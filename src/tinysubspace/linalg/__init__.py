@@ -6,10 +6,12 @@ Rayleigh–Ritz residuals), ``rayleigh_ritz`` (its working state), ``krylov_schu
 single-vector form), ``deflation`` (the multiplicity check), ``tolerance`` (the convergence
 criterion: ``tol``, ``tol_scale``, the precision floor), ``warm_start``
 (:func:`track_eigenpairs` between training steps), ``amortised`` (its multiplicity check spread
-over the measurements), ``density`` (stochastic Lanczos quadrature,
-exact spectra).
+over the measurements), ``budget`` (its fixed-budget mode), ``folded`` (the warm block solver with
+the check in its passes), ``pass_cost`` (what a pass costs; ``warm="auto"``), ``density``
+(stochastic Lanczos quadrature, exact spectra).
 """
 
+from tinysubspace.linalg.budget import refine_eigenpairs
 from tinysubspace.linalg.deflation import GuardState
 from tinysubspace.linalg.density import (
     SpectralDensity,
@@ -17,7 +19,9 @@ from tinysubspace.linalg.density import (
     exact_spectrum,
     spectral_density,
 )
+from tinysubspace.linalg.folded import folded_eigenpairs
 from tinysubspace.linalg.lanczos import Eigenpairs, top_eigenpairs
+from tinysubspace.linalg.pass_cost import PassCost
 from tinysubspace.linalg.tridiagonal import lanczos_tridiagonal
 from tinysubspace.linalg.warm_start import WARM_STARTS, track_eigenpairs
 
@@ -25,10 +29,13 @@ __all__ = [
     "WARM_STARTS",
     "Eigenpairs",
     "GuardState",
+    "PassCost",
     "SpectralDensity",
     "broadened_density",
     "exact_spectrum",
+    "folded_eigenpairs",
     "lanczos_tridiagonal",
+    "refine_eigenpairs",
     "spectral_density",
     "top_eigenpairs",
     "track_eigenpairs",

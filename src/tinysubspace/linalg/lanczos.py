@@ -75,9 +75,19 @@ class Eigenpairs:
             check passed: ``multiplicity_checked``), ``"guard"`` (only the amortised check's
             guard advanced, :func:`~tinysubspace.linalg.warm_start.track_eigenpairs` with
             ``check="amortised"``: a miss is found within its stated number of measurements),
-            or ``"none"``.
+            ``"folded"`` (the check rode in the block passes,
+            :mod:`tinysubspace.linalg.folded`), or ``"none"``.
         guard: the amortised check's state to pass on with this result (``None`` unless
             ``check="amortised"``).
+        solver: ``"lanczos"`` (solved to ``tol``), ``"folded"`` (solved to ``tol`` by
+            :func:`~tinysubspace.linalg.folded.folded_eigenpairs`) or ``"budget"`` (a fixed
+            number of products, :func:`~tinysubspace.linalg.budget.refine_eigenpairs`).
+        subspace_error: for ``solver="budget"``, the estimate of ``sin θ_max`` between
+            ``span(vectors)`` and the true top-``k`` eigenvectors (Davis–Kahan,
+            :mod:`tinysubspace.linalg.budget`); it bounds ``|Δ f_top|`` (:attr:`f_top_error`).
+            ``None`` for a solve to ``tol``.
+        pass_cost: the measured cost of a data pass that ``warm="auto"`` chose by
+            (:class:`~tinysubspace.linalg.pass_cost.PassCost`), to pass on; ``None`` otherwise.
     """
 
     values: torch.Tensor
@@ -90,6 +100,15 @@ class Eigenpairs:
     tol_scale: str = "top"
     certificate: str = "none"
     guard: GuardState | None = None
+    solver: str = "lanczos"
+    subspace_error: float | None = None
+    pass_cost: object | None = None
+
+    @property
+    def f_top_error(self) -> float | None:
+        """Bound on ``|f_top(V) − f_top(V*)|`` (eq. 2) for every gradient: ``subspace_error``
+        (``|gᵀ(VVᵀ − V*V*ᵀ)g| ≤ ‖VVᵀ − V*V*ᵀ‖₂ ‖g‖²``); ``None`` for a solve to ``tol``."""
+        return self.subspace_error
 
 
 @dataclass(frozen=True)

@@ -21,10 +21,24 @@ first guess for ``V_{t+1}``). :func:`track_eigenpairs` runs the thick-restart La
     at once, one product per pass. Like any single-vector start it sees one copy of an exactly
     repeated eigenvalue; the multiplicity check below finds the others.
 
-``warm="auto"`` (default) picks ``subspace`` on a GPU and ``krylov`` elsewhere: a pass costs
-``c0 + c1 b`` (a gradient graph, then ``c1`` per product). On a GPU ``c1 ≪ c0`` (a 20-column
-block costs 0.06 (FC) to 0.3 (ResNet-18) of a single product per column), so passes are what
-count; on a CPU ``c1 ≈ c0`` (0.6–1.0), so products are. Numbers: docs/performance.md.
+``warm="auto"`` (default) picks the start from the measured cost of a pass, ``c0 + c1 b`` (a
+gradient graph, then ``c1`` per product): on a GPU ``c1 ≪ c0`` (a 20-column block costs 0.06
+(FC) to 0.3 (ResNet-18) of a single product per column), so passes are what count; on a CPU
+``c1 ≈ c0`` (0.6–1.0), so products are. The cost is ``pass_cost=`` if given (``"measure"``:
+timed here by :func:`~tinysubspace.linalg.pass_cost.measure_pass_cost`, its products counted —
+what a tracker does at its first warm measurement), else ``previous.pass_cost``; it is carried on
+in the result's ``pass_cost``, so one measurement serves the whole run; the choice is
+:func:`~tinysubspace.linalg.pass_cost.choose_warm_start`, a pure function of the costs; where
+it says ``subspace`` (passes cost), the solve is the folded block solver
+(:mod:`tinysubspace.linalg.folded`: the multiplicity check rides in the block passes instead of
+adding ``check_steps`` single-product passes; with ``skip=0`` and ``check="full"``). With
+no cost known ``auto`` falls back to the device (``subspace`` on a GPU, ``krylov`` elsewhere):
+timing is never taken unasked, so a run without it stays reproducible to the last digit.
+Numbers: docs/performance.md.
+
+``solver="budget"`` does not solve to ``tol``: it refines ``previous`` with exactly
+``products`` products (:func:`~tinysubspace.linalg.budget.refine_eigenpairs`: Rayleigh–Ritz,
+exact residuals, an ``f_top`` error estimate, ``converged`` only if the residuals meet ``tol``).
 
 Every returned pair meets ``‖H v − λ v‖ ≤ tol · |λ_1|`` (or ``≤ tol · |λ|`` with
 ``tol_scale="pair"``), checked on exact residuals, and then, as in every solve of
@@ -51,6 +65,8 @@ Tests (tests/test_tracking.py):
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from tinysubspace.linalg.amortised import (
@@ -60,11 +76,19 @@ from tinysubspace.linalg.amortised import (
     check_amortised_arguments,
 )
 from tinysubspace.linalg.basis import KrylovBasis, random_block, working_dtype
+from tinysubspace.linalg.budget import refine_eigenpairs
 from tinysubspace.linalg.deflation import CHECK_STEPS
+from tinysubspace.linalg.folded import folded_eigenpairs
 from tinysubspace.linalg.lanczos import Eigenpairs, top_eigenpairs
+from tinysubspace.linalg.pass_cost import PassCost, choose_warm_start, measure_pass_cost
 from tinysubspace.linalg.tolerance import ConvergenceCriterion
 
-__all__ = ["WARM_STARTS", "track_eigenpairs", "warm_block_size"]
+__all__ = ["SOLVERS", "WARM_STARTS", "track_eigenpairs", "warm_block_size"]
+
+SOLVERS = ("lanczos", "budget", "folded")
+"""What :func:`track_eigenpairs` does: solve to ``tol`` (``lanczos``; ``folded``: the warm block
+solver with the multiplicity check in its passes, :mod:`tinysubspace.linalg.folded`) or spend a
+fixed number of products (``budget``)."""
 
 WARM_STARTS = ("auto", "subspace", "krylov")
 """How :func:`track_eigenpairs` uses the previous vectors (see its ``warm`` argument)."""
@@ -131,7 +155,9 @@ def track_eigenpairs(op, k: int, previous: Eigenpairs | torch.Tensor | None = No
                      basis_size: int | None = None, warm: str = "auto",
                      check_steps: int = CHECK_STEPS, tol_scale: str = "top",
                      check: str = "full", check_every: int = CHECK_EVERY,
-                     guard_steps: int = GUARD_STEPS) -> Eigenpairs:
+                     guard_steps: int = GUARD_STEPS, solver: str = "lanczos",
+                     products: int | None = None,
+                     pass_cost: PassCost | str | None = None) -> Eigenpairs:
     """The ``k`` largest eigenpairs of ``op``, warm-started from a previous measurement.
 
     Args:
@@ -167,25 +193,51 @@ def track_eigenpairs(op, k: int, previous: Eigenpairs | torch.Tensor | None = No
             Each result's ``certificate`` says which check it passed.
         check_every: ``M`` of ``check="amortised"``.
         guard_steps: the guard's products per measurement with ``check="amortised"``.
+        solver: ``"lanczos"`` (default: solve to ``tol``), ``"folded"`` (solve to ``tol`` with
+            the warm block solver whose multiplicity check rides in its passes,
+            :func:`~tinysubspace.linalg.folded.folded_eigenpairs`; ``check`` is then ignored) or
+            ``"budget"``: refine ``previous`` with exactly ``products`` products (module
+            docstring). Either is a cold solve to ``tol`` when ``previous`` is ``None``; both
+            need ``skip=0``.
+        products: the budget's products per measurement (``solver="budget"`` only; ``≥ k``).
+        pass_cost: the cost of a pass for ``warm="auto"`` (module docstring): a
+            :class:`~tinysubspace.linalg.pass_cost.PassCost`, ``"measure"`` (time it now, on
+            the previous vectors; ``2(1 + n)`` products, counted), or ``None`` (default:
+            ``previous.pass_cost`` if it has one, else the device rule).
 
     Returns:
         :class:`Eigenpairs`: values descending, orthonormal vectors, exact residuals, the
         number of products used, whether every pair converged and whether the multiplicity
-        check passed.
+        check passed; with ``solver="budget"`` also ``subspace_error`` (``f_top_error``); the
+        pass cost ``warm="auto"`` used, if any, in ``pass_cost``.
 
     Raises:
         TypeError: ``previous`` of an unusable kind.
-        ValueError: ``previous`` of the wrong shape, an unknown ``warm`` or ``check``, a bad
-            ``check_every`` or ``guard_steps``, ``skip > 0`` with ``check="amortised"``, or a
-            bad ``k``, ``skip``, ``tol``, ``tol_scale``, ``block_size``, ``basis_size`` or
-            ``max_matvecs`` (see :func:`top_eigenpairs`).
+        ValueError: an unknown ``solver``, ``products`` missing, below ``k`` or given without
+            ``solver="budget"``, ``previous`` of the wrong shape, an unknown ``warm`` or
+            ``check``, a bad ``check_every`` or ``guard_steps``, ``skip > 0`` with
+            ``check="amortised"`` or ``solver="budget"``, or a bad ``k``, ``skip``, ``tol``,
+            ``tol_scale``, ``block_size``, ``basis_size`` or ``max_matvecs`` (see
+            :func:`top_eigenpairs`).
     """
-    warm = resolve_warm_start(warm, op.device)
+    _check_solver(solver, products, skip, pass_cost)
+    if solver == "budget" and previous is not None:
+        return refine_eigenpairs(op, k, previous, products, tol=tol, block_size=block_size,
+                                 seed=seed, tol_scale=tol_scale)
+    resolve_warm_start(warm, op.device)  # validates warm
     check_amortised_arguments(check, check_every, guard_steps, skip)
-    init, b = None, block_size or 1
+    init, b, extra = None, block_size or 1, 0
     if previous is not None:
         init = _previous_block(previous, op.shape[0]).to(device=op.device,
                                                          dtype=working_dtype(op.dtype))
+        if solver == "lanczos":
+            warm, pass_cost, extra = _warm_choice(op, warm, previous, pass_cost, init, k + skip)
+        if solver == "folded" or (pass_cost is not None and warm == "subspace" and not skip
+                                  and check == "full"):
+            found = folded_eigenpairs(op, k, init, tol=tol, seed=seed, block_size=block_size,
+                                      check_steps=check_steps, max_matvecs=max_matvecs,
+                                      tol_scale=tol_scale)
+            return dataclasses.replace(found, matvecs=found.matvecs + extra, pass_cost=pass_cost)
         if warm == "krylov":
             init = _krylov_start(init, seed)
         else:
@@ -199,11 +251,50 @@ def track_eigenpairs(op, k: int, previous: Eigenpairs | torch.Tensor | None = No
                               check_steps=check_steps, tol_scale=tol_scale)
 
     if check == "full":
-        return solve(check_steps)
-    return amortised_check(op, solve, previous, check_steps=check_steps,
-                           check_every=check_every, guard_steps=guard_steps,
-                           criterion=ConvergenceCriterion.for_operator(op, tol, tol_scale),
-                           seed=seed, max_matvecs=max_matvecs)
+        found = solve(check_steps)
+    else:
+        found = amortised_check(op, solve, previous, check_steps=check_steps,
+                                check_every=check_every, guard_steps=guard_steps,
+                                criterion=ConvergenceCriterion.for_operator(op, tol, tol_scale),
+                                seed=seed, max_matvecs=max_matvecs)
+    if pass_cost is None and not extra:
+        return found
+    return dataclasses.replace(found, matvecs=found.matvecs + extra, pass_cost=pass_cost)
+
+
+def _check_solver(solver: object, products: object, skip: int, pass_cost: object) -> None:
+    """Raises ValueError for an unknown ``solver``, a ``products`` that does not fit it, or a
+    ``pass_cost`` that is neither a :class:`PassCost`, ``"measure"`` nor ``None``."""
+    if not (pass_cost is None or pass_cost == "measure" or isinstance(pass_cost, PassCost)):
+        raise ValueError(f"pass_cost must be a PassCost, 'measure' or None, got {pass_cost!r}")
+    if solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
+    if solver == "budget" and products is None:
+        raise ValueError("solver='budget' needs products=N (products per measurement), got None")
+    if solver != "budget" and products is not None:
+        raise ValueError(f"products={products!r} is the budget of solver='budget'; got "
+                         f"solver={solver!r}")
+    if solver in ("budget", "folded") and skip:
+        raise ValueError(f"solver={solver!r} solves for the top k pairs (skip=0), got "
+                         f"skip={skip}")
+
+
+def _warm_choice(op, warm: str, previous: Eigenpairs | torch.Tensor,
+                 pass_cost: PassCost | str | None, init: torch.Tensor,
+                 n: int) -> tuple[str, PassCost | None, int]:
+    """The warm start, the pass cost it was chosen by (``None``: not chosen by cost) and the
+    products spent measuring it (module docstring)."""
+    if warm != "auto":
+        return warm, pass_cost, 0
+    if pass_cost is None and isinstance(previous, Eigenpairs):
+        pass_cost = previous.pass_cost
+    extra, columns = 0, min(n, init.shape[1])
+    if pass_cost == "measure":
+        pass_cost = measure_pass_cost(op, init[:, :columns]) if columns >= 2 else None
+        extra = 2 * (1 + columns) if columns >= 2 else 0
+    if pass_cost is None:
+        return resolve_warm_start("auto", op.device), None, 0
+    return choose_warm_start(pass_cost, n), pass_cost, extra
 
 
 def _krylov_start(block: torch.Tensor, seed: int) -> torch.Tensor:
