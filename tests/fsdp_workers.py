@@ -1,0 +1,73 @@
+"""What each rank of ``test_fsdp.py`` runs: an FSDP2 model on its uneven shard of the data.
+
+The model and data are built from seeds (the same on every rank and in the test process); each
+rank wraps its copy with ``fully_shard`` and measures through
+:class:`~tinysubspace.curvature.sharded.ShardedHessianOperator`, then gathers what the test
+compares with the single-process, exact references.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+import tinysubspace as ts
+
+F64 = torch.float64
+N = 23
+K = 3
+BOUNDS = {2: (0, 7, 23), 3: (0, 5, 13, 23)}  # uneven shards of the N examples
+
+
+def build_model() -> torch.nn.Module:
+    """A small float64 MLP with an affine LayerNorm (p = 195)."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.LayerNorm(16), torch.nn.Tanh(),
+                               torch.nn.Linear(16, 3)).to(F64)
+
+
+def build_data() -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    X = torch.randn(N, 6, generator=gen, dtype=F64)
+    Y = torch.randint(0, 3, (N,), generator=gen)
+    return X, Y
+
+
+def loss_fn(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cross_entropy(outputs, targets)
+
+
+def probe_block(p: int) -> torch.Tensor:
+    """A global ``(p, 2)`` block (the same on every rank) to compare products."""
+    return torch.randn(p, 2, generator=torch.Generator().manual_seed(5), dtype=F64)
+
+
+def sharded_operator(rank: int, world: int, **kwargs) -> ts.HessianOperator:
+    """This rank's operator: the model wrapped with FSDP2, this rank's shard of the data."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    model = build_model()
+    mesh = init_device_mesh("cpu", (world,))
+    fully_shard(model[0], mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    X, Y = build_data()
+    part = slice(BOUNDS[world][rank], BOUNDS[world][rank + 1])
+    return ts.HessianOperator(model, loss_fn, (X[part], Y[part]), **kwargs)
+
+
+def eigen_worker(rank: int, world: int, folder: Path) -> dict:
+    """Top-k eigenpairs, gradient, products and the metrics on the shards, gathered."""
+    op = sharded_operator(rank, world)
+    space = op.vector_space
+    eig = ts.top_eigenpairs(op, K, tol=1e-8, seed=0)
+    loss, g = op.loss_and_gradient()
+    V = space.local_rows(probe_block(space.dim))
+    return {"values": eig.values, "vectors": space.gather(eig.vectors),
+            "local_rows": op.shape[0], "converged": eig.converged,
+            "checked": eig.multiplicity_checked, "loss": loss, "g": space.gather(g),
+            "HV": space.gather(op @ V), "product_error": op.product_error,
+            "f_top": ts.top_fraction(g, eig.vectors, space=space),
+            "overlap": ts.gradient_overlap(g, op @ g, space=space),
+            "self_overlap": ts.subspace_overlap(eig.vectors, eig.vectors[:, :2], space=space)}
