@@ -71,3 +71,51 @@ def eigen_worker(rank: int, world: int, folder: Path) -> dict:
             "f_top": ts.top_fraction(g, eig.vectors, space=space),
             "overlap": ts.gradient_overlap(g, op @ g, space=space),
             "self_overlap": ts.subspace_overlap(eig.vectors, eig.vectors[:, :2], space=space)}
+
+
+STEP = 0.5  # the parameter step between the two tracked measurements: θ' = θ − STEP · ∇L
+SLQ_STEPS = 8
+
+
+def tracking_worker(rank: int, world: int, folder: Path) -> dict:
+    """Top-k at ``θ``, one gradient step on the shards, ``track_eigenpairs`` at ``θ'`` warm
+    started from the first result (``krylov`` and ``subspace`` warm starts), and SLQ at ``θ'``."""
+    op = sharded_operator(rank, world)
+    first = ts.top_eigenpairs(op, K, tol=1e-8, seed=0)
+    _, g = op.loss_and_gradient()
+    model = op.model
+    with torch.no_grad():
+        offset = 0
+        for p in model.parameters():
+            local = p.to_local()
+            local.sub_(STEP * g[offset: offset + local.numel()].view_as(local))
+            offset += local.numel()
+    X, Y = build_data()
+    part = slice(BOUNDS[world][rank], BOUNDS[world][rank + 1])
+    moved = ts.HessianOperator(model, loss_fn, (X[part], Y[part]))
+    tracked = {warm: ts.track_eigenpairs(moved, K, previous=first, tol=1e-8, warm=warm)
+               for warm in ("krylov", "subspace")}
+    density = ts.spectral_density(moved, steps=SLQ_STEPS, probes=2, seed=3)
+    return {"first": first.values, "g": op.vector_space.gather(g),
+            **{f"tracked_{w}": e.values for w, e in tracked.items()},
+            **{f"converged_{w}": e.converged for w, e in tracked.items()},
+            "nodes": density.nodes, "weights": density.weights, "dim": density.dimension}
+
+
+def memory_worker(rank: int, world: int, folder: Path) -> dict:
+    """Local rows and the bytes of a Lanczos basis (vectors and images, the default basis of a
+    top-3 solve, 23 vectors) on this rank, for a wider MLP (p = 39 434)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from tinysubspace.linalg.basis import KrylovBasis
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 512), torch.nn.LayerNorm(512),
+                                torch.nn.Tanh(), torch.nn.Linear(512, 10)).to(F64)
+    fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
+    X = torch.randn(8, 64, dtype=F64, generator=torch.Generator().manual_seed(rank))
+    op = ts.HessianOperator(model, loss_fn, (X, torch.zeros(8, dtype=torch.int64)))
+    basis = KrylovBasis(op.shape[0], op.dtype, op.device, 23, space=op.vector_space)
+    return {"p": op.vector_space.dim, "rows": op.shape[0],
+            "bytes": basis._Q.nbytes + basis._HQ.nbytes}
