@@ -119,3 +119,39 @@ def memory_worker(rank: int, world: int, folder: Path) -> dict:
     basis = KrylovBasis(op.shape[0], op.dtype, op.device, 23, space=op.vector_space)
     return {"p": op.vector_space.dim, "rows": op.shape[0],
             "bytes": basis._Q.nbytes + basis._HQ.nbytes}
+
+
+def checks_worker(rank: int, world: int, folder: Path) -> dict:
+    """Bad input is refused with a message naming what was expected; a product leaves the
+    model's parameter shards and ``.grad`` exactly as they were; the 4-point products give the
+    same top eigenvalues."""
+    import pytest
+
+    op = sharded_operator(rank, world)
+    model = op.model
+    X, Y = build_data()
+    part = slice(BOUNDS[world][rank], BOUNDS[world][rank + 1])
+    data = (X[part], Y[part])
+    with pytest.raises(ValueError, match=r"needs hvp_method 'finite_difference'.*got 'loop'"):
+        ts.HessianOperator(model, loss_fn, data, hvp_method="loop")
+    with pytest.raises(ValueError, match=r"its own dtype torch.float64.*got dtype=torch.float32"):
+        ts.HessianOperator(model, loss_fn, data, dtype=torch.float32)
+    with pytest.raises(ValueError, match="params must be None"):
+        ts.HessianOperator(model, loss_fn, data, params=["0.weight"])
+    with pytest.raises(TypeError, match=r"an \(inputs, targets\) pair of tensors, got list"):
+        ts.HessianOperator(model, loss_fn, [data, data, data])
+    from tinysubspace.curvature.sharded import ShardedHessianOperator
+
+    with pytest.raises(TypeError, match=r"got plain tensors for \['0.weight'"):
+        ShardedHessianOperator(build_model(), loss_fn, data)
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 7.0)
+    before = [p.to_local().detach().clone() for p in model.parameters()]
+    op @ op.vector_space.local_rows(probe_block(op.vector_space.dim))
+    restored = all(torch.equal(p.to_local(), b) for p, b in zip(model.parameters(), before,
+                                                                 strict=True))
+    grads_kept = all(bool((p.grad.to_local() == 7.0).all()) for p in model.parameters())
+    four = ts.HessianOperator(model, loss_fn, data, hvp_method="finite_difference4")
+    eig4 = ts.top_eigenpairs(four, K, tol=1e-8, seed=0)
+    return {"restored": restored, "grads_kept": grads_kept, "values4": eig4.values,
+            "error4": four.product_error}

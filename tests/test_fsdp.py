@@ -166,3 +166,17 @@ def test_exact_spectrum_refuses_sharded_vectors():
     op.vector_space = VectorSpace(5)
     with pytest.raises(ValueError, match=r"shards \(3 of 5 rows"):
         ts.exact_spectrum(op)
+
+
+@needs_gloo
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_sharded_operator_checks_input_and_restores_the_model(tmp_path):
+    results = launch(fw.checks_worker, tmp_path, world=2, deadline_s=300)
+    errors = [r["error"][2] for r in results if "error" in r]
+    assert not errors, errors[0]
+    ref = _reference()
+    for r in (r["ok"] for r in results):
+        assert r["restored"] and r["grads_kept"]  # parameters and the caller's .grad exact
+        assert torch.allclose(r["values4"], ref["values"], rtol=1e-8, atol=0)
+        assert r["error4"] < 1e-8

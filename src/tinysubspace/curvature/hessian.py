@@ -104,11 +104,11 @@ class HessianOperator(DataSetOperator):
     product_name = "Hessian-vector product"
     uses_hvp = True
 
-    def __new__(cls, model: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+    def __new__(cls, model: torch.nn.Module | None = None, *args: Any, **kwargs: Any) -> Any:
         """A model sharded with FSDP2 (its parameters are ``DTensor`` s) gets a
         :class:`~tinysubspace.curvature.sharded.ShardedHessianOperator` instead (same
         arguments; products by finite differences, vectors sharded like the parameters)."""
-        if cls is HessianOperator and is_sharded_model(model):
+        if cls is HessianOperator and model is not None and is_sharded_model(model):
             return ShardedHessianOperator(model, *args, **kwargs)
         return super().__new__(cls)
 
