@@ -180,3 +180,22 @@ def test_sharded_operator_checks_input_and_restores_the_model(tmp_path):
         assert r["restored"] and r["grads_kept"]  # parameters and the caller's .grad exact
         assert torch.allclose(r["values4"], ref["values"], rtol=1e-8, atol=0)
         assert r["error4"] < 1e-8
+
+
+def test_the_default_vector_space_changes_nothing_for_plain_operators():
+    """Every solver now forms inner products through ``vector_space(op)``: for an operator
+    without one it is plain local algebra, with the random draws of ``random_block``."""
+    from tinysubspace.linalg.basis import random_block
+    from tinysubspace.operator import vector_space
+
+    op = ts.DenseOperator(torch.diag(torch.arange(1.0, 8.0, dtype=torch.float64)))
+    space = vector_space(op)
+    assert space.dim == 7
+    drawn = space.random_block(3, torch.float64, op.device, torch.Generator().manual_seed(4))
+    assert torch.equal(drawn, random_block(7, 3, torch.float64, op.device,
+                                           torch.Generator().manual_seed(4)))
+    A, B = drawn[:, :2], drawn[:, 1:]
+    assert torch.equal(space.gram(A, B), A.T @ B)
+    assert torch.allclose(space.norm(A), A.norm(dim=0), rtol=1e-15)
+    difference = op - ts.DenseOperator(torch.eye(7, dtype=torch.float64))
+    assert vector_space(difference).dim == 7

@@ -149,6 +149,7 @@ class DifferenceOperator(SymmetricOperator):
                              f"{b.shape}")
         super().__init__(a.shape[0], a.dtype, a.device)
         self.a, self.b = a, b
+        self.vector_space = getattr(a, "vector_space", None)  # vectors sharded like a's
 
     def _matmat(self, block: torch.Tensor) -> torch.Tensor:
         return self.a @ block - (self.b @ block).to(dtype=self.dtype, device=self.device)
