@@ -6,7 +6,9 @@ shard of the data through ``ts.HessianOperator`` (which returns a
 gathered eigenvectors, gradient and products, and the metrics computed on the shards are
 compared with the dense float64 Hessian of the whole data (``torch.autograd.functional.hessian``,
 itself checked against central differences of the gradient) and with a single-process
-``HessianOperator`` with exact products.
+``HessianOperator`` with exact products: top-k eigenpairs, loss, gradient, H·V and the metrics
+(2 and 3 ranks), ``track_eigenpairs`` after a gradient step and SLQ, the per-rank memory of a
+Lanczos basis for 1, 2 and 3 ranks, bad input, and that a product leaves the model as it was.
 """
 
 from __future__ import annotations
