@@ -40,6 +40,7 @@ import torch
 import torch.distributed as dist
 
 from tinysubspace.curvature.data import call_model, checked_loss
+from tinysubspace.curvature.dataset_operator import module_mode
 from tinysubspace.curvature.hvp import FiniteDifference
 from tinysubspace.operator import SymmetricOperator, VectorSpace
 
@@ -203,7 +204,7 @@ class ShardedHessianOperator(SymmetricOperator):
     def _gradient(self, shift: torch.Tensor | None) -> tuple[float, torch.Tensor]:
         """``(L, ∇L)`` at ``θ + shift`` (this rank's shard of each), model restored after."""
         weight = self._local_count * self.world / self.num_examples
-        with self._perturbed(shift), _module_mode(self.model, self.mode == "train"):
+        with self._perturbed(shift), module_mode(self.model, self.mode == "train"):
             with torch.enable_grad():
                 loss = checked_loss(self.loss_fn(call_model(self.model, self.inputs),
                                                  self.targets), 0)
@@ -241,17 +242,6 @@ class ShardedHessianOperator(SymmetricOperator):
 
     def _local_shards(self) -> list[torch.Tensor]:
         return [p.to_local() for p in self._params]
-
-
-@contextlib.contextmanager
-def _module_mode(model: torch.nn.Module, train: bool) -> Iterator[None]:
-    saved = [(module, module.training) for module in model.modules()]
-    model.train(train)
-    try:
-        yield
-    finally:
-        for module, flag in saved:
-            module.training = flag
 
 
 def _sharded_parameters(model: torch.nn.Module, params: Any) -> list[torch.Tensor]:
