@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Any
 
 import torch
 
@@ -26,13 +27,22 @@ __all__ = [
 ]
 
 
-def orthonormality_error(V: torch.Tensor) -> float:
+def _gram(A: torch.Tensor, B: torch.Tensor, space: Any = None) -> torch.Tensor:
+    """``Aᵀ B``; with ``space`` (an operator's ``vector_space``, e.g. vectors sharded over
+    ranks: :class:`~tinysubspace.curvature.sharded.ShardedSpace`) its inner product
+    ``space.gram(A, B)``, the sum over ranks of the local rows' products."""
+    if space is None:
+        return A.T @ B if A.ndim == 2 else A @ B
+    return space.gram(A, B)
+
+
+def orthonormality_error(V: torch.Tensor, space: Any = None) -> float:
     """``max |VᵀV − I|``: how far the columns of ``V`` are from orthonormal, with ``VᵀV``
     accumulated in float64 (at least): a float32 Gram matrix of long columns carries a rounding
     error of order ``ε₃₂ √p`` or worse (0.02 for two columns of ``±1/√p`` with ``p = 2·10⁶``),
     which would call a basis that is orthonormal to 1e-7 not orthonormal."""
     W = V.to(torch.promote_types(V.dtype, torch.float64))
-    gram = W.T @ W
+    gram = _gram(W, W, space)
     return float((gram - torch.eye(V.shape[1], dtype=W.dtype, device=W.device)).abs().max())
 
 
@@ -70,7 +80,7 @@ def _common(**tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return tuple(t.to(dtype) for t in tensors.values())
 
 
-def _check_basis(V: torch.Tensor, name: str, atol: float | None) -> None:
+def _check_basis(V: torch.Tensor, name: str, atol: float | None, space: Any = None) -> None:
     _check_tensor(V, name)
     if V.ndim != 2:
         raise ValueError(f"{name} must be a (p, k) matrix of orthonormal columns, got shape "
@@ -78,7 +88,7 @@ def _check_basis(V: torch.Tensor, name: str, atol: float | None) -> None:
     if V.shape[1] == 0:
         raise ValueError(f"{name} has no columns: a subspace of dimension 0")
     tol = atol if atol is not None else default_basis_atol(V)
-    error = orthonormality_error(V)
+    error = orthonormality_error(V, space)
     if not error <= tol:
         raise ValueError(f"the columns of {name} must be orthonormal (max |VᵀV − I| = "
                          f"{error:.2e} > {tol:.1e}); orthonormalise them first, e.g. with "
@@ -97,8 +107,8 @@ def _check_vector(g: torch.Tensor, name: str, p: int | None = None,
         raise ValueError(f"{name} has non-finite entries")
 
 
-def _nonzero_norm(g: torch.Tensor, name: str) -> float:
-    norm = float(g.norm())
+def _nonzero_norm(g: torch.Tensor, name: str, space: Any = None) -> float:
+    norm = float(g.norm()) if space is None else float(space.norm(g))
     if norm == 0.0:
         raise ValueError(f"{name} is the zero vector: the quantity is undefined")
     return norm
@@ -121,7 +131,8 @@ def project(g: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
     return V @ (V.T @ g)
 
 
-def top_fraction(g: torch.Tensor, V: torch.Tensor, atol: float | None = None) -> float:
+def top_fraction(g: torch.Tensor, V: torch.Tensor, atol: float | None = None,
+                 space: Any = None) -> float:
     """Fraction of the gradient in the subspace ``span(V)`` (eq. 2).
 
     .. math::  f_{top} = \\frac{\\|P_{top} g\\|^2}{\\|g\\|^2} = \\frac{\\|V^T g\\|^2}{\\|g\\|^2}
@@ -132,21 +143,24 @@ def top_fraction(g: torch.Tensor, V: torch.Tensor, atol: float | None = None) ->
     Args:
         g: gradient ``(p,)``.
         V: ``(p, k)`` with orthonormal columns (checked to ``atol``).
+        space: the vectors' inner product when they are shards (an operator's
+            ``vector_space``); ``None``: plain tensors. The same for every function here.
 
     Raises:
         TypeError: an input that is not a tensor.
         ValueError: wrong shapes, ``V`` not orthonormal, ``g`` zero or non-finite, complex
             inputs, or inputs on different devices.
     """
-    _check_basis(V, "V", atol)
+    _check_basis(V, "V", atol, space)
     _check_vector(g, "g", V.shape[0])
     g, V = _common(g=g, V=V)
-    norm = _nonzero_norm(g, "g")
-    return min(1.0, float((V.T @ g).square().sum()) / norm**2)  # ≤ 1 up to rounding and atol
+    norm = _nonzero_norm(g, "g", space)
+    # at most 1 up to rounding and atol
+    return min(1.0, float(_gram(V, g, space).square().sum()) / norm**2)
 
 
-def eigenvector_overlaps(g: torch.Tensor, V: torch.Tensor,
-                         atol: float | None = None) -> torch.Tensor:
+def eigenvector_overlaps(g: torch.Tensor, V: torch.Tensor, atol: float | None = None,
+                         space: Any = None) -> torch.Tensor:
     """Squared overlaps ``c_i² = (v_iᵀ g)² / ‖g‖²`` of ``g`` with each column of ``V`` (eq. 12).
 
     ``sum(c_i²)`` over the columns of an orthonormal ``V`` equals :func:`top_fraction`.
@@ -154,14 +168,14 @@ def eigenvector_overlaps(g: torch.Tensor, V: torch.Tensor,
     Returns:
         ``(k,)`` tensor of ``c_i²``.
     """
-    _check_basis(V, "V", atol)
+    _check_basis(V, "V", atol, space)
     _check_vector(g, "g", V.shape[0])
     g, V = _common(g=g, V=V)
-    norm = _nonzero_norm(g, "g")
-    return (V.T @ g).square() / norm**2
+    norm = _nonzero_norm(g, "g", space)
+    return _gram(V, g, space).square() / norm**2
 
 
-def gradient_overlap(g: torch.Tensor, Hg: torch.Tensor) -> float:
+def gradient_overlap(g: torch.Tensor, Hg: torch.Tensor, space: Any = None) -> float:
     """Cosine between the gradient and the Hessian-gradient product (eq. 3).
 
     .. math::  \\mathrm{overlap}(g, Hg) = \\frac{g^T H g}{\\sqrt{g^T g}\\,\\sqrt{g^T H^2 g}}
@@ -174,11 +188,13 @@ def gradient_overlap(g: torch.Tensor, Hg: torch.Tensor) -> float:
     _check_vector(g, "g")
     _check_vector(Hg, "Hg", g.shape[0], other="g")
     g, Hg = _common(g=g, Hg=Hg)
-    cosine = float(g @ Hg) / (_nonzero_norm(g, "g") * _nonzero_norm(Hg, "Hg"))
+    cosine = float(_gram(g, Hg, space)) / (_nonzero_norm(g, "g", space)
+                                          * _nonzero_norm(Hg, "Hg", space))
     return max(-1.0, min(1.0, cosine))  # a cosine, up to rounding
 
 
-def subspace_overlap(V1: torch.Tensor, V2: torch.Tensor, atol: float | None = None) -> float:
+def subspace_overlap(V1: torch.Tensor, V2: torch.Tensor, atol: float | None = None,
+                     space: Any = None) -> float:
     """Overlap of two subspaces, possibly of different dimensions (eq. 5).
 
     .. math::  \\mathrm{overlap}(V_1, V_2) = \\frac{\\mathrm{Tr}(P_1 P_2)}
@@ -189,14 +205,14 @@ def subspace_overlap(V1: torch.Tensor, V2: torch.Tensor, atol: float | None = No
     ``sqrt(min(k1, k2) / max(k1, k2))``. Clipped to ``[0, 1]`` (bases orthonormal only to
     ``atol`` could give ``1 + O(atol)``); computed in the wider of the two dtypes.
     """
-    _check_basis(V1, "V1", atol)
-    _check_basis(V2, "V2", atol)
+    _check_basis(V1, "V1", atol, space)
+    _check_basis(V2, "V2", atol, space)
     if V1.shape[0] != V2.shape[0]:
         raise ValueError(f"V1 and V2 live in spaces of different dimension: {V1.shape[0]} and "
                          f"{V2.shape[0]} rows")
     V1, V2 = _common(V1=V1, V2=V2)
     k1, k2 = V1.shape[1], V2.shape[1]
-    return min(1.0, float((V1.T @ V2).square().sum()) / math.sqrt(k1 * k2))
+    return min(1.0, float(_gram(V1, V2, space).square().sum()) / math.sqrt(k1 * k2))
 
 
 def principal_angles(V1: torch.Tensor, V2: torch.Tensor, atol: float | None = None) -> torch.Tensor:

@@ -12,7 +12,8 @@ import abc
 import numpy as np
 import torch
 
-__all__ = ["DenseOperator", "DifferenceOperator", "SymmetricOperator"]
+__all__ = ["DenseOperator", "DifferenceOperator", "SymmetricOperator", "VectorSpace",
+           "vector_space"]
 
 
 class SymmetricOperator(abc.ABC):
@@ -148,6 +149,56 @@ class DifferenceOperator(SymmetricOperator):
                              f"{b.shape}")
         super().__init__(a.shape[0], a.dtype, a.device)
         self.a, self.b = a, b
+        self.vector_space = getattr(a, "vector_space", None)  # vectors sharded like a's
 
     def _matmat(self, block: torch.Tensor) -> torch.Tensor:
         return self.a @ block - (self.b @ block).to(dtype=self.dtype, device=self.device)
+
+
+class VectorSpace:
+    """The inner product of an operator's vectors: plain local tensor algebra.
+
+    A solver forms every inner product, norm and random draw of ``p``-vectors through the
+    operator's space (:func:`vector_space`), so that an operator whose vectors are *sharded*
+    across processes (each rank holds rows of one global vector,
+    :class:`~tinysubspace.curvature.sharded.ShardedSpace`) can reduce them over ranks. For
+    ``A`` ``(p, a)`` and ``B`` ``(p, b)`` held as local rows, ``gram(A, B) = Σ_ranks A_rᵀ B_r``.
+    This default is one process: ``dim`` is ``p`` and nothing is reduced.
+
+    Args:
+        dim: the dimension ``p`` of the (global) space.
+    """
+
+    def __init__(self, dim: int) -> None:
+        self.dim = int(dim)
+
+    def gram(self, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+        """``Aᵀ B`` (``(a, b)``; a vector argument gives the matching lower-dimensional result)."""
+        return A.T @ B if A.ndim == 2 else A @ B
+
+    def norm(self, A: torch.Tensor) -> torch.Tensor:
+        """``‖A‖``: a scalar for a vector, the column norms ``(b,)`` for a block."""
+        squares = A.square().sum(0)
+        return self.reduce(squares).sqrt()
+
+    def reduce(self, local: torch.Tensor) -> torch.Tensor:
+        """The sum over ranks of a small tensor computed from local rows (here: itself)."""
+        return local
+
+    def random_block(self, cols: int, dtype: torch.dtype, device: torch.device,
+                     generator: torch.Generator) -> torch.Tensor:
+        """The local rows of a ``(dim, cols)`` standard normal block drawn on the CPU (float64)
+        from ``generator``: identical numbers on every device and process."""
+        block = torch.randn(self.dim, cols, generator=generator, dtype=torch.float64)
+        return self.local_rows(block).to(device=device, dtype=dtype)
+
+    def local_rows(self, block: torch.Tensor) -> torch.Tensor:
+        """The rows of a global ``(dim, ·)`` block this process holds (here: all)."""
+        return block
+
+
+def vector_space(op) -> VectorSpace:
+    """``op.vector_space`` if the operator declares one, else the local space of dimension
+    ``op.shape[0]``."""
+    space = getattr(op, "vector_space", None)
+    return space if space is not None else VectorSpace(op.shape[0])

@@ -44,6 +44,7 @@ from tinysubspace.curvature.graphs import (
     validate_graph_memory,
 )
 from tinysubspace.curvature.hvp import ProductEstimate
+from tinysubspace.curvature.sharded import ShardedHessianOperator, is_sharded_model
 
 __all__ = ["HessianOperator", "NonDeterministicError", "NonFiniteError"]
 
@@ -102,6 +103,14 @@ class HessianOperator(DataSetOperator):
 
     product_name = "Hessian-vector product"
     uses_hvp = True
+
+    def __new__(cls, model: torch.nn.Module | None = None, *args: Any, **kwargs: Any) -> Any:
+        """A model sharded with FSDP2 (its parameters are ``DTensor`` s) gets a
+        :class:`~tinysubspace.curvature.sharded.ShardedHessianOperator` instead (same
+        arguments; products by finite differences, vectors sharded like the parameters)."""
+        if cls is HessianOperator and model is not None and is_sharded_model(model):
+            return ShardedHessianOperator(model, *args, **kwargs)
+        return super().__new__(cls)
 
     def __init__(self, model: torch.nn.Module, loss_fn: LossFn, data: Any,
                  params: Iterable[str | torch.Tensor] | None = None,

@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import torch
 
+from tinysubspace.operator import VectorSpace
+
 __all__ = [
     "MAX_DRAWS",
     "KrylovBasis",
@@ -81,7 +83,8 @@ def random_block(rows: int, cols: int, dtype: torch.dtype, device: torch.device,
 
 
 def orthonormalize_against(block: torch.Tensor, basis: torch.Tensor | None,
-                           drop_tol: float | None = None) -> torch.Tensor:
+                           drop_tol: float | None = None,
+                           space: VectorSpace | None = None) -> torch.Tensor:
     """Orthonormal columns spanning ``(I − QQᵀ) block`` (Gram–Schmidt as
     :meth:`KrylovBasis.orthogonal_part`), computed in the working precision of ``block``'s dtype
     and returned in that dtype.
@@ -95,12 +98,13 @@ def orthonormalize_against(block: torch.Tensor, basis: torch.Tensor | None,
         basis: ``(p, m)`` with orthonormal columns, or ``None``.
         drop_tol: relative norm below which a direction counts as already spanned (default
             :func:`drop_tolerance`).
+        space: the inner product (default: local, :class:`~tinysubspace.operator.VectorSpace`).
     """
     p = block.shape[0]
-    space = KrylovBasis(p, working_dtype(block.dtype), block.device, block.shape[1],
-                        locked=basis, images=False)
-    space.add_columns(block, drop_tol)
-    return space.Q.to(block.dtype)
+    columns = KrylovBasis(p, working_dtype(block.dtype), block.device, block.shape[1],
+                          locked=basis, images=False, space=space)
+    columns.add_columns(block, drop_tol)
+    return columns.Q.to(block.dtype)
 
 
 def apply_operator(op, block: torch.Tensor, used: int) -> torch.Tensor:
@@ -139,12 +143,17 @@ class KrylovBasis:
         locked: ``(p, l)`` orthonormal columns (or a tuple of such blocks) every vector is also
             kept orthogonal to.
         images: keep ``H q_i`` beside each ``q_i``.
+        space: the inner product of the vectors (:func:`~tinysubspace.operator.vector_space` of
+            the operator); ``None``: local, of dimension ``p``. With a sharded space ``p`` is
+            the number of local rows and every inner product and norm is reduced over ranks.
     """
 
     def __init__(self, p: int, dtype: torch.dtype, device: torch.device, capacity: int,
                  locked: torch.Tensor | tuple[torch.Tensor, ...] | None = None,
-                 images: bool = True) -> None:
+                 images: bool = True, space: VectorSpace | None = None) -> None:
         self.p, self.dtype, self.device = p, dtype, torch.device(device)
+        self.space = space if space is not None else VectorSpace(p)
+        self.dim = self.space.dim
         self._Q = torch.empty(capacity, p, dtype=dtype, device=device)
         self._HQ = torch.empty(capacity, p, dtype=dtype, device=device) if images else None
         blocks = (locked,) if isinstance(locked, torch.Tensor) else (locked or ())
@@ -164,40 +173,40 @@ class KrylovBasis:
     @property
     def room(self) -> int:
         """Dimensions left: ``p`` minus the basis and the locked block."""
-        return self.p - self.size - sum(b.shape[1] for b in self.locked)
+        return self.dim - self.size - sum(b.shape[1] for b in self.locked)
 
     def orthogonal_part(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(f, h)`` with ``w = Q h + V c + f``, ``f ⊥ Q, V`` (``V`` the locked block):
         classical Gram–Schmidt twice, a third time when the second pass removed more than half
         of what was left (DGKS). ``h`` (``(m,)``) is ``Qᵀ w`` to rounding."""
         Q = self._Q[: self.size]
-        h = Q @ w
+        h = self.space.gram(Q.T, w)
         f = w - Q.T @ h
         f = self._unlock(f)
         for _ in range(2):
-            before = f.norm()
-            correction = Q @ f
+            before = self.space.norm(f)
+            correction = self.space.gram(Q.T, f)
             f = self._unlock(f - Q.T @ correction)
             h = h + correction
-            if f.norm() > 0.5 * before:
+            if self.space.norm(f) > 0.5 * before:
                 break
         return f, h
 
     def _unlock(self, f: torch.Tensor) -> torch.Tensor:
         for block in self.locked:
-            f = f - block @ (block.T @ f)
+            f = f - block @ self.space.gram(block, f)
         return f
 
     def add_columns(self, block: torch.Tensor, drop_tol: float | None = None) -> torch.Tensor:
         """Append the orthonormalised columns of ``block`` (``(p, b)``) that are not already
         spanned (:func:`drop_tolerance`); returns them, ``(p, b')`` with ``b' ≤ b``. Only for a
         basis without images (the caller adds images with :meth:`append`)."""
-        drop_tol = drop_tolerance(self.dtype, self.p) if drop_tol is None else drop_tol
+        drop_tol = drop_tolerance(self.dtype, self.dim) if drop_tol is None else drop_tol
         start = self.size
         for column in block.to(self.dtype).T:
-            norm = float(column.norm())
+            norm = float(self.space.norm(column))
             f, _ = self.orthogonal_part(column)
-            length = float(f.norm())
+            length = float(self.space.norm(f))
             if norm > 0 and length > drop_tol * norm:
                 self._put(f / length)
         return self._Q[start: self.size].T
@@ -212,17 +221,18 @@ class KrylovBasis:
         if count - self.size > self.room:
             raise RuntimeError(f"cannot add {count - self.size} directions: the basis "
                                f"({self.size} vectors) and its locked blocks leave {self.room} "
-                               f"of p = {self.p} dimensions")
+                               f"of p = {self.dim} dimensions")
         for _ in range(MAX_DRAWS):
             if self.size >= count:
                 return self.Q
-            self.add_columns(random_block(self.p, count - self.size, self.dtype, self.device, gen))
+            self.add_columns(self.space.random_block(count - self.size, self.dtype, self.device,
+                                                      gen))
         if self.size >= count:
             return self.Q
-        raise RuntimeError(f"{MAX_DRAWS} random blocks in p = {self.p} dimensions left "
+        raise RuntimeError(f"{MAX_DRAWS} random blocks in p = {self.dim} dimensions left "
                            f"{count - self.size} of {count} directions inside the span of the "
                            f"basis to within the drop tolerance "
-                           f"{drop_tolerance(self.dtype, self.p):.1e} ({self.dtype}); expected a "
+                           f"{drop_tolerance(self.dtype, self.dim):.1e} ({self.dtype}); expected a "
                            "component outside it of about sqrt((p - m)/p)")
 
     def random_direction(self, gen: torch.Generator) -> torch.Tensor:
@@ -233,7 +243,7 @@ class KrylovBasis:
             RuntimeError: no room is left, or :data:`MAX_DRAWS` draws were all dropped.
         """
         scratch = KrylovBasis(self.p, self.dtype, self.device, 1,
-                              locked=(*self.locked, self.Q), images=False)
+                              locked=(*self.locked, self.Q), images=False, space=self.space)
         return scratch.fill_random(1, gen)[:, 0]
 
     def invariant(self, beta: float, scale: float) -> bool:

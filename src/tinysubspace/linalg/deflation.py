@@ -35,6 +35,7 @@ import torch
 
 from tinysubspace.linalg.basis import KrylovBasis, apply_operator
 from tinysubspace.linalg.tolerance import ConvergenceCriterion
+from tinysubspace.operator import vector_space
 
 __all__ = ["CHECK_STEPS", "DeflatedSearch", "GuardState", "deflated_search", "miss_bar"]
 
@@ -108,8 +109,9 @@ def deflated_search(op, V: torch.Tensor, bar: float, steps: int, gen: torch.Gene
     Raises:
         FloatingPointError: the operator returned NaN or infinity.
     """
-    basis = KrylovBasis(V.shape[0], V.dtype, V.device, capacity=min(steps, V.shape[0]),
-                        locked=V)
+    space = vector_space(op)
+    basis = KrylovBasis(V.shape[0], V.dtype, V.device, capacity=min(steps, space.dim),
+                        locked=V, space=space)
     steps = min(steps, basis.room)  # a Krylov space in V^⊥ has at most dim V^⊥ vectors
     T = torch.zeros(steps, steps, dtype=torch.float64)
     q = _start(basis, start, gen)
@@ -122,22 +124,23 @@ def deflated_search(op, V: torch.Tensor, bar: float, steps: int, gen: torch.Gene
         T[:j, j - 1] = T[j - 1, :j] = h.cpu().double()
         theta, Y = torch.linalg.eigh(T[:j, :j])
         top = float(theta[-1])
-        beta = float(f.norm())
+        beta = float(space.norm(f))
         if top > bar:
             break
-        if basis.room == 0 or basis.invariant(beta, max(abs(top), float(w.norm()))):
+        if basis.room == 0 or basis.invariant(beta, max(abs(top), float(space.norm(w)))):
             exact = True  # invariant, or V^⊥ exhausted: nothing above top is reachable from q
             break
         q = f / beta
     ritz = basis.Q @ Y[:, -1].to(basis.dtype).to(basis.device)
-    return DeflatedSearch(basis.Q, basis.HQ, top, basis.size, exact, ritz / ritz.norm())
+    return DeflatedSearch(basis.Q, basis.HQ, top, basis.size, exact, ritz / space.norm(ritz))
 
 
 def _start(basis: KrylovBasis, start: torch.Tensor | None, gen: torch.Generator) -> torch.Tensor:
     """``start`` projected onto the room of ``basis`` and normalised, or a random direction."""
     if start is not None and start.shape == (basis.p,):
         kept = KrylovBasis(basis.p, basis.dtype, basis.device, 1, locked=basis.locked,
-                           images=False).add_columns(start.to(basis.device, basis.dtype)[:, None])
+                           images=False, space=basis.space)
+        kept = kept.add_columns(start.to(basis.device, basis.dtype)[:, None])
         if kept.shape[1]:
             return kept[:, 0]
     return basis.random_direction(gen)

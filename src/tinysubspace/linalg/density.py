@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from tinysubspace.linalg.tridiagonal import lanczos_tridiagonal
+from tinysubspace.operator import vector_space
 
 __all__ = [
     "SpectralDensity",
@@ -199,7 +200,8 @@ def spectral_density(op, steps: int = 90, probes: int = 1,
     >>> [round(float(x), 6) for x in dens.nodes[0]], round(float(dens.weights.sum()), 12)
     ([1.0, 2.0, 3.0], 1.0)
     """
-    p = op.shape[0]
+    space = vector_space(op)
+    p = space.dim  # the global dimension; a sharded operator's vectors are its local rows
     if not 1 <= steps <= p:
         raise ValueError(f"steps must be between 1 and p = {p} (the operator's size), got {steps}")
     if probes < 1:
@@ -212,7 +214,8 @@ def spectral_density(op, steps: int = 90, probes: int = 1,
         generator, seed_used = torch.Generator().manual_seed(int(seed)), int(seed)
     nodes, weights = [], []
     for _ in range(probes):
-        start = _probe(p, probe, generator).to(device=op.device, dtype=op.dtype)
+        start = space.local_rows(_probe(p, probe, generator)).to(device=op.device,
+                                                                  dtype=op.dtype)
         theta, tau = _quadrature(op, start, steps)
         nodes.append(theta)
         weights.append(tau / probes)
@@ -241,6 +244,10 @@ def exact_spectrum(op, block: int = 256, max_size: int = 6000) -> torch.Tensor:
             ``block < 1``.
     """
     p = op.shape[0]
+    if vector_space(op).dim != p:
+        raise ValueError(f"exact_spectrum needs an operator on whole vectors; this one's vectors "
+                         f"are shards ({p} of {vector_space(op).dim} rows on this process): "
+                         "use spectral_density or top_eigenpairs")
     if p > max_size:
         raise ValueError(f"exact_spectrum forms the dense {p} x {p} matrix, larger than "
                          f"max_size = {max_size}; use spectral_density (SLQ) for the density or "

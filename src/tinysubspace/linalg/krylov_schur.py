@@ -29,6 +29,7 @@ import torch
 from tinysubspace.linalg.basis import KrylovBasis, apply_operator
 from tinysubspace.linalg.stagnation import ProgressWatch
 from tinysubspace.linalg.tolerance import ConvergenceCriterion
+from tinysubspace.operator import vector_space
 
 __all__ = ["KrylovResult", "apply_operator", "krylov_schur"]
 
@@ -74,7 +75,8 @@ def krylov_schur(op, start: torch.Tensor, n: int, criterion: ConvergenceCriterio
         FloatingPointError: the operator returned NaN or infinity.
     """
     p, m = start.shape[0], basis_size
-    basis = KrylovBasis(p, start.dtype, start.device, m)
+    basis = KrylovBasis(p, start.dtype, start.device, m, space=vector_space(op))
+    space, p = basis.space, basis.dim
     T = torch.zeros(m, m, dtype=torch.float64)
     q, used = start[:, 0], 0
     tiny = float(torch.finfo(start.dtype).tiny)
@@ -89,10 +91,10 @@ def krylov_schur(op, start: torch.Tensor, n: int, criterion: ConvergenceCriterio
         T[j - 1, :j] = column
         theta, Y = torch.linalg.eigh(T[:j, :j])
         theta, Y = theta.flip(0), Y.flip(1)
-        beta = float(f.norm())
+        beta = float(space.norm(f))
         scale = max(float(theta.abs().max()), tiny)
         bar = criterion.bars(theta[:n], scale)
-        invariant = basis.invariant(beta, max(scale, float(w.norm())))
+        invariant = basis.invariant(beta, max(scale, float(space.norm(w))))
         full = j >= p
         estimates = beta * Y[j - 1, :n].abs()
         claimed = j >= n and bool((estimates <= bar).all())
@@ -103,7 +105,7 @@ def krylov_schur(op, start: torch.Tensor, n: int, criterion: ConvergenceCriterio
             wanted = Y[:, :n].to(start.dtype).to(start.device)
             V, HV = basis.Q @ wanted, basis.HQ @ wanted
             values = theta[:n].to(start.dtype).to(start.device)
-            residuals = (HV - V * values).norm(dim=0)
+            residuals = space.norm(HV - V * values)
             exact_bar = criterion.bars(values, scale)
             done = full or (j >= n and bool((residuals <= exact_bar).all()))
             stalled = (watch is not None and not done and (watch.stalled or watch.update(

@@ -47,6 +47,7 @@ from tinysubspace.linalg.krylov_schur import KrylovResult, krylov_schur
 from tinysubspace.linalg.rayleigh_ritz import RitzBasis
 from tinysubspace.linalg.stagnation import ProgressWatch, stagnation_message
 from tinysubspace.linalg.tolerance import ConvergenceCriterion, check_tol_scale
+from tinysubspace.operator import vector_space
 
 __all__ = ["Eigenpairs", "top_eigenpairs"]
 
@@ -136,9 +137,10 @@ def _validate(op, *, k: int, skip: int, tol: float, init: torch.Tensor | None,
         raise ValueError(f"k must be a positive integer, got {k!r}")
     if not isinstance(skip, int) or skip < 0:
         raise ValueError(f"skip must be a non-negative integer, got {skip!r}")
-    if k + skip >= p:
+    dim = vector_space(op).dim  # the global dimension (a sharded operator's p is local)
+    if k + skip >= dim:
         raise ValueError(f"k + skip = {k + skip} must be smaller than the operator's dimension "
-                         f"p = {p}; for the whole spectrum of a small operator use "
+                         f"p = {dim}; for the whole spectrum of a small operator use "
                          "torch.linalg.eigvalsh on a dense matrix")
     if not tol > 0:
         raise ValueError(f"tol must be positive, got {tol!r}")
@@ -238,7 +240,8 @@ def top_eigenpairs(op, k: int, tol: float = 1e-6, init: torch.Tensor | None = No
                   basis_size=basis_size, max_matvecs=max_matvecs, check_steps=check_steps,
                   tol_scale=tol_scale)
     criterion = ConvergenceCriterion.for_operator(op, tol, tol_scale)
-    n = k + skip
+    n, space = k + skip, vector_space(op)
+    p = space.dim  # the global dimension (the local rows of a sharded operator are fewer)
     gen = torch.Generator().manual_seed(seed)
     start = _start_block(op, init, n, block_size, gen)
     b = block_size or (1 if init is None else max(1, min(n, start.shape[1])))
@@ -249,7 +252,7 @@ def top_eigenpairs(op, k: int, tol: float = 1e-6, init: torch.Tensor | None = No
         found = krylov_schur(op, start, n, criterion, basis_size=m, budget=plan.budget,
                              gen=gen, watch=watch)
     else:
-        state = RitzBasis(start, capacity=m)
+        state = RitzBasis(start, capacity=m, space=space)
         state.extend(start, apply_operator(op, start, 0))
         found = _block_solve(op, state, plan, criterion, used=start.shape[1], gen=gen,
                              watch=watch)
@@ -269,7 +272,7 @@ def _block_solve(op, state: RitzBasis, plan: SolvePlan, criterion: ConvergenceCr
                  used: int, gen: torch.Generator, watch: ProgressWatch) -> KrylovResult:
     """The general iteration (module docstring) from a basis ``state`` that already holds its
     first vectors and their images (``used`` products so far)."""
-    p, n, b, m, budget = op.shape[0], plan.n, plan.block, plan.basis_size, plan.budget
+    p, n, b, m, budget = state.dim, plan.n, plan.block, plan.basis_size, plan.budget
     while True:
         theta, Y = state.ritz()
         scale = max(float(theta.abs().max()), float(torch.finfo(theta.dtype).tiny))
@@ -286,14 +289,14 @@ def _block_solve(op, state: RitzBasis, plan: SolvePlan, criterion: ConvergenceCr
         if maybe or full or used >= budget:
             V, HV = state.Q @ Y[:, :n], state.HQ @ Y[:, :n]
             R = HV - V * theta[:n]
-            res = R.norm(dim=0)
+            res = state.space.norm(R)
             # fewer than n basis vectors give fewer than n Ritz pairs: never "converged" then
             done = (enough and bool((res <= threshold).all())) or full
             stalled = not done and (watch.stalled or watch.update(
                 criterion.relative(res, threshold, scale), used))
             if done or stalled or used >= budget:
                 return KrylovResult(theta[:n], V, HV, res, used, done, full)
-            directions = _next_block(R, res, threshold, b)
+            directions = _next_block(R, res, threshold, b, state.space)
         else:  # some pair is certainly unconverged: its residual direction, without R
             active = estimate > threshold
             if not bool(active.any()):
@@ -329,7 +332,8 @@ def _check_multiplicity(op, found: KrylovResult, plan: SolvePlan,
         if search.top <= bar:
             return found._replace(products=used), search.exact or search.products == steps
         state = RitzBasis(found.vectors, capacity=max(plan.basis_size,
-                                                      n + search.products + plan.block))
+                                                      n + search.products + plan.block),
+                          space=vector_space(op))
         state.extend(found.vectors, found.images)
         state.extend(search.basis, search.images)
         found = _block_solve(op, state, plan, criterion, used=used, gen=gen, watch=watch)
@@ -342,7 +346,7 @@ def _start_block(op, init: torch.Tensor | None, n: int, block_size: int | None,
     random if needed."""
     p, work = op.shape[0], working_dtype(op.dtype)
     want = block_size or 1
-    columns = KrylovBasis(p, work, op.device, want, images=False)
+    columns = KrylovBasis(p, work, op.device, want, images=False, space=vector_space(op))
     if init is not None:
         block = init.reshape(p, -1)
         columns.add_columns(block.to(device=op.device, dtype=work))
@@ -351,7 +355,7 @@ def _start_block(op, init: torch.Tensor | None, n: int, block_size: int | None,
 
 
 def _next_block(R: torch.Tensor, res: torch.Tensor, threshold: float | torch.Tensor,
-                b: int) -> torch.Tensor:
+                b: int, space) -> torch.Tensor:
     """Up to ``b`` directions that carry most of the unconverged wanted residuals ``R``.
 
     With at most ``b`` unconverged pairs these are their residuals (for a Krylov basis all
@@ -365,7 +369,7 @@ def _next_block(R: torch.Tensor, res: torch.Tensor, threshold: float | torch.Ten
         active = res == res.max()
     block = R[:, active]
     if block.shape[1] > b:  # Rayleigh–Ritz residuals are already orthogonal to Q
-        _, Z = torch.linalg.eigh(block.T @ block)  # thin SVD through the small Gram matrix
+        _, Z = torch.linalg.eigh(space.gram(block, block))  # thin SVD through the small Gram matrix
         block = block @ Z[:, -b:].flip(1)
     return block
 
@@ -374,6 +378,7 @@ def _orthonormal_fill(block: torch.Tensor, state: KrylovBasis, b: int,
                       gen: torch.Generator) -> torch.Tensor:
     """``block`` made orthonormal to the basis ``state``; random directions replace any already
     spanned (up to ``b`` columns, as many as there is room for)."""
-    scratch = KrylovBasis(state.p, state.dtype, state.device, b, locked=state.Q, images=False)
+    scratch = KrylovBasis(state.p, state.dtype, state.device, b, locked=state.Q, images=False,
+                          space=state.space)
     scratch.add_columns(block)
     return scratch.fill_random(max(scratch.size, min(b, scratch.room + scratch.size)), gen)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from tinysubspace.linalg.basis import KrylovBasis
+from tinysubspace.operator import VectorSpace
 
 __all__ = ["RitzBasis"]
 
@@ -23,21 +24,23 @@ class RitzBasis(KrylovBasis):
     Args:
         like: a ``(p, ·)`` tensor of the working dtype and device.
         capacity: rows reserved (grown if a start block is wider).
+        space: the inner product (:class:`~tinysubspace.operator.VectorSpace`; ``None``: local).
     """
 
-    def __init__(self, like: torch.Tensor, capacity: int) -> None:
-        super().__init__(like.shape[0], like.dtype, like.device, capacity)
+    def __init__(self, like: torch.Tensor, capacity: int,
+                 space: VectorSpace | None = None) -> None:
+        super().__init__(like.shape[0], like.dtype, like.device, capacity, space=space)
         self.T = like.new_zeros(0, 0)
         self.G = like.new_zeros(0, 0)
 
     def extend(self, block: torch.Tensor, image: torch.Tensor) -> None:
         """Append orthonormal ``block`` (``⊥ Q``) and its ``image``; border ``T`` and ``G``."""
-        cross = self.Q.T @ image  # (m, b): Qᵀ H Qn (the old-new entries of T)
-        corner = block.T @ image
+        cross = self.space.gram(self.Q, image)  # (m, b): Qᵀ H Qn (the old-new entries of T)
+        corner = self.space.gram(block, image)
         corner = (corner + corner.T) / 2
         self.T = torch.cat([torch.cat([self.T, cross], 1),
                             torch.cat([cross.T, corner], 1)], 0)
-        g_cross, g_corner = self.HQ.T @ image, image.T @ image
+        g_cross, g_corner = self.space.gram(self.HQ, image), self.space.gram(image, image)
         self.G = torch.cat([torch.cat([self.G, g_cross], 1),
                             torch.cat([g_cross.T, g_corner], 1)], 0)
         self.append(block, image)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from tinysubspace.linalg.basis import KrylovBasis, apply_operator, working_dtype
+from tinysubspace.operator import vector_space
 
 __all__ = ["Tridiagonal", "lanczos_tridiagonal"]
 
@@ -52,13 +53,15 @@ def lanczos_tridiagonal(op, start: torch.Tensor, steps: int,
     Raises:
         ValueError: ``steps`` out of range, or a zero start vector.
     """
-    p = op.shape[0]
+    space = vector_space(op)
+    p = space.dim
     if not 1 <= steps <= p:
         raise ValueError(f"steps must be between 1 and p = {p}, got {steps}")
-    norm = start.norm()
+    norm = space.norm(start)
     if not norm > 0:
         raise ValueError("the start vector of Lanczos must be non-zero")
-    basis = KrylovBasis(p, working_dtype(start.dtype), start.device, steps, images=False)
+    basis = KrylovBasis(op.shape[0], working_dtype(start.dtype), start.device, steps,
+                        images=False, space=space)
     q = (start / norm).to(basis.dtype)
     alpha, beta = [], []
     while True:
@@ -68,8 +71,8 @@ def lanczos_tridiagonal(op, start: torch.Tensor, steps: int,
         alpha.append(h[-1])
         if basis.size == steps:
             break
-        b = f.norm()
-        scale = max(float(torch.stack(alpha).abs().max()), float(w.norm()))
+        b = space.norm(f)
+        scale = max(float(torch.stack(alpha).abs().max()), float(space.norm(w)))
         if basis.invariant(float(b), scale):  # invariant subspace found
             break
         beta.append(b)
