@@ -75,13 +75,14 @@ from tinysubspace.linalg.amortised import (
     amortised_check,
     check_amortised_arguments,
 )
-from tinysubspace.linalg.basis import KrylovBasis, random_block, working_dtype
+from tinysubspace.linalg.basis import KrylovBasis, working_dtype
 from tinysubspace.linalg.budget import refine_eigenpairs
 from tinysubspace.linalg.deflation import CHECK_STEPS
 from tinysubspace.linalg.folded import folded_eigenpairs
 from tinysubspace.linalg.lanczos import Eigenpairs, top_eigenpairs
 from tinysubspace.linalg.pass_cost import PassCost, choose_warm_start, measure_pass_cost
 from tinysubspace.linalg.tolerance import ConvergenceCriterion
+from tinysubspace.operator import VectorSpace, vector_space
 
 __all__ = ["SOLVERS", "WARM_STARTS", "track_eigenpairs", "warm_block_size"]
 
@@ -239,7 +240,7 @@ def track_eigenpairs(op, k: int, previous: Eigenpairs | torch.Tensor | None = No
                                       tol_scale=tol_scale)
             return dataclasses.replace(found, matvecs=found.matvecs + extra, pass_cost=pass_cost)
         if warm == "krylov":
-            init = _krylov_start(init, seed)
+            init = _krylov_start(init, seed, vector_space(op))
         else:
             b = block_size or warm_block_size(k + skip, init.shape[1])
     warm_init, budget = init, max_matvecs
@@ -297,16 +298,17 @@ def _warm_choice(op, warm: str, previous: Eigenpairs | torch.Tensor,
     return choose_warm_start(pass_cost, n), pass_cost, extra
 
 
-def _krylov_start(block: torch.Tensor, seed: int) -> torch.Tensor:
+def _krylov_start(block: torch.Tensor, seed: int, space: VectorSpace) -> torch.Tensor:
     """``Σ_i v_i / ‖·‖ + ρ g / ‖g‖`` (``ρ`` = :data:`KRYLOV_RANDOM_PART`) for an orthonormal
     basis ``v_i`` of ``block`` (``g`` Gaussian from ``seed``): every previous direction with
     equal weight, and some of every other direction (a random start's guarantee to see all of
-    them)."""
-    g = random_block(block.shape[0], 1, block.dtype, block.device,
-                     torch.Generator().manual_seed(seed))[:, 0]
-    basis = KrylovBasis(block.shape[0], block.dtype, block.device, block.shape[1], images=False)
+    them). Inner products, norms and the draw of ``g`` go through the operator's ``space``, so a
+    sharded operator starts from its rows of the single-process start vector."""
+    g = space.random_block(1, block.dtype, block.device, torch.Generator().manual_seed(seed))[:, 0]
+    basis = KrylovBasis(block.shape[0], block.dtype, block.device, block.shape[1], images=False,
+                        space=space)
     block = basis.add_columns(block)
     if block.shape[1] == 0:  # previous vectors all zero: nothing to start from
         return g
     v = block.sum(dim=1)
-    return v / v.norm() + KRYLOV_RANDOM_PART * g / g.norm()
+    return v / space.norm(v) + KRYLOV_RANDOM_PART * g / space.norm(g)
