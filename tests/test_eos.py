@@ -279,3 +279,22 @@ def test_figure_reads_a_tracker_run_with_optimizer(tmp_path, name):
     assert main(["plot", str(tmp_path / "run"), "--dpi", "40"]) == 0  # drawn by default
     assert (tmp_path / "run" / "figures" / "sharpness.png").exists()
     assert not (tmp_path / "run" / "figures" / "outliers.png").exists()  # no ggn= columns
+
+
+def test_a_resumed_run_writes_the_held_row_with_its_step_share(tmp_path):
+    """The row measured at a checkpoint step waits for that step's update (its deferred
+    ``step_share``): it goes into the checkpoint, and a run stopped after the checkpoint and
+    resumed writes the same rows as an uninterrupted one."""
+    from tinysubspace.experiments.training import run_experiment
+
+    overrides = {**TINY, "optim.name": "adam", "optim.lr": 0.01, "train.checkpoint_every": 4}
+    config = apply_overrides(load_experiment("eos-gd-fc-digits"), overrides)
+    assert run_experiment(config, tmp_path / "whole").state == "finished"
+    assert run_experiment(config, tmp_path / "cut", stop_after=4).state == "stopped"  # at 4
+    assert run_experiment(config, tmp_path / "cut", resume=True).state == "finished"
+    whole, cut = (load_run(tmp_path / name).metrics.drop(columns="wall_time")
+                  for name in ("whole", "cut"))
+    assert list(cut["step"]) == [0, 4, 8, 12]
+    assert np.isfinite(cut["preconditioned/step_share"].iloc[1:3]).all()
+    assert np.isnan(cut["sharpness/step_share"].iloc[-1])  # the last step has no update
+    np.testing.assert_array_equal(whole.to_numpy(float), cut.to_numpy(float))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -220,12 +221,16 @@ class Tracker:
         op = self.operator(model, self.train)
         loss, g = op.loss_and_gradient()
         previous = self.warm.get(HESSIAN)
+        started = time.perf_counter()
         eig = self.solver.solve(op, 2 * self.k, self.warm, HESSIAN, seed + step)
-        return Context(model=model, loss_fn=self.loss_fn, train=self.train, test=self.test,
-                       step=step, seed=seed + step, k=self.k, operators=self.operators,
-                       solver=self.solver, warm=self.warm, classification=self.classification,
-                       op=op, loss=loss, g=g, Hg=op @ g, eig=eig, previous=previous,
-                       run_seed=seed)
+        seconds = time.perf_counter() - started
+        context = Context(model=model, loss_fn=self.loss_fn, train=self.train, test=self.test,
+                          step=step, seed=seed + step, k=self.k, operators=self.operators,
+                          solver=self.solver, warm=self.warm,
+                          classification=self.classification, op=op, loss=loss, g=g,
+                          Hg=op @ g, eig=eig, previous=previous, run_seed=seed)
+        context.charge(HESSIAN, eig.matvecs, seconds)  # the solve's cost, bucket "hessian"
+        return context
 
     def _anchors(self) -> AnchorsGroup | None:
         return next((g for g in self.groups if isinstance(g, AnchorsGroup)), None)
