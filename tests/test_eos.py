@@ -298,3 +298,38 @@ def test_a_resumed_run_writes_the_held_row_with_its_step_share(tmp_path):
     assert np.isfinite(cut["preconditioned/step_share"].iloc[1:3]).all()
     assert np.isnan(cut["sharpness/step_share"].iloc[-1])  # the last step has no update
     np.testing.assert_array_equal(whole.to_numpy(float), cut.to_numpy(float))
+
+
+def test_the_eos_group_alone_skips_the_trackers_hessian_solve():
+    """A tracker whose only group is the edge-of-stability group finds no top-2k pairs and no
+    ``H g`` (the group solves for its own top k); its λ's are the dense Hessian's, and its
+    deferred step share is eq. 2 of the update taken after the measurement."""
+    from torch.nn import functional as F  # noqa: N812
+
+    from tinysubspace.experiments.edge_of_stability import EdgeOfStabilityGroup
+
+    torch.manual_seed(0)
+    X = torch.randn(30, 3, dtype=F64)
+    Y = (X[:, 0] > 0).long()
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(),
+                                torch.nn.Linear(4, 2)).double()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    tracker = ts.SubspaceTracker(model, F.cross_entropy, (X, Y), k=2, anchors=(), tol=1e-10)
+    assert tracker.engine.solves_hessian  # the standard groups read the top 2k
+    group = EdgeOfStabilityGroup(2, optimizer)
+    tracker.engine.groups = [group]
+    assert not tracker.engine.solves_hessian
+    measured = tracker.engine.measure(model, 0)
+    assert measured.eigenpairs is None
+    f = FlatLoss(model, F.cross_entropy, X, Y)
+    values, vectors = torch.linalg.eigh(reference_hessian(f))
+    lambdas = [measured.row["sharpness/lambda_1"], measured.row["sharpness/lambda_2"]]
+    assert lambdas == pytest.approx(values.flip(0)[:2].tolist(), rel=1e-8)
+    g = reference_gradient(f)
+    optimizer.zero_grad()
+    F.cross_entropy(model(X), Y).backward()
+    optimizer.step()
+    V = vectors[:, -2:]
+    share = float((V.T @ g).square().sum() / g.square().sum())  # GD's step is −η g
+    assert group.after_update(model)["sharpness/step_share"] == pytest.approx(share, rel=1e-8)
+    assert group.after_update(model) == {}  # nothing waits any more

@@ -86,6 +86,7 @@ class EdgeOfStabilityGroup:
     """
 
     name = "edge_of_stability"
+    uses_hessian_solve = False  # its own top-k solves; the tracker's top-2k is not needed
 
     def __init__(self, k: int, optimizer: torch.optim.Optimizer) -> None:
         self.k, self.optimizer = k, optimizer
