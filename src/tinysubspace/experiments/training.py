@@ -189,18 +189,14 @@ class _Loop:
         self.tracker.loggers = [DeferredLogger(loggers)] if self.deferred else loggers
 
     def release(self, update_taken: bool) -> None:
-        """Write a held row: with its deferred columns if the update after it was taken."""
-        for logger in self.tracker.loggers:
-            if isinstance(logger, DeferredLogger):
-                columns = {}
-                for group in self.deferred:
-                    after = group.after_update(self.problem.model)
-                    columns.update(after if update_taken else {})
-                logger.release(columns)
+        """Write a held row: with its deferred columns if the update after it was taken (each
+        group forgets its measurement either way)."""
+        columns = [group.after_update(self.problem.model) for group in self.deferred]
+        if (held := self._held()) is not None:
+            held.release({k: v for c in columns for k, v in c.items()} if update_taken else {})
 
-    def _held(self) -> Any:
-        held = [lg for lg in self.tracker.loggers if isinstance(lg, DeferredLogger)]
-        return held[0] if held else None
+    def _held(self) -> DeferredLogger | None:
+        return next((lg for lg in self.tracker.loggers if isinstance(lg, DeferredLogger)), None)
 
     # ---------------------------------------------------------------- state
     def checkpoint(self, step: int) -> None:
