@@ -279,3 +279,57 @@ def test_figure_reads_a_tracker_run_with_optimizer(tmp_path, name):
     assert main(["plot", str(tmp_path / "run"), "--dpi", "40"]) == 0  # drawn by default
     assert (tmp_path / "run" / "figures" / "sharpness.png").exists()
     assert not (tmp_path / "run" / "figures" / "outliers.png").exists()  # no ggn= columns
+
+
+def test_a_resumed_run_writes_the_held_row_with_its_step_share(tmp_path):
+    """The row measured at a checkpoint step waits for that step's update (its deferred
+    ``step_share``): it goes into the checkpoint, and a run stopped after the checkpoint and
+    resumed writes the same rows as an uninterrupted one."""
+    from tinysubspace.experiments.training import run_experiment
+
+    overrides = {**TINY, "optim.name": "adam", "optim.lr": 0.01, "train.checkpoint_every": 4}
+    config = apply_overrides(load_experiment("eos-gd-fc-digits"), overrides)
+    assert run_experiment(config, tmp_path / "whole").state == "finished"
+    assert run_experiment(config, tmp_path / "cut", stop_after=4).state == "stopped"  # at 4
+    assert run_experiment(config, tmp_path / "cut", resume=True).state == "finished"
+    whole, cut = (load_run(tmp_path / name).metrics.drop(columns="wall_time")
+                  for name in ("whole", "cut"))
+    assert list(cut["step"]) == [0, 4, 8, 12]
+    assert np.isfinite(cut["preconditioned/step_share"].iloc[1:3]).all()
+    assert np.isnan(cut["sharpness/step_share"].iloc[-1])  # the last step has no update
+    np.testing.assert_array_equal(whole.to_numpy(float), cut.to_numpy(float))
+
+
+def test_the_eos_group_alone_skips_the_trackers_hessian_solve():
+    """A tracker whose only group is the edge-of-stability group finds no top-2k pairs and no
+    ``H g`` (the group solves for its own top k); its λ's are the dense Hessian's, and its
+    deferred step share is eq. 2 of the update taken after the measurement."""
+    from torch.nn import functional as F  # noqa: N812
+
+    from tinysubspace.experiments.edge_of_stability import EdgeOfStabilityGroup
+
+    torch.manual_seed(0)
+    X = torch.randn(30, 3, dtype=F64)
+    Y = (X[:, 0] > 0).long()
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(),
+                                torch.nn.Linear(4, 2)).double()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    tracker = ts.SubspaceTracker(model, F.cross_entropy, (X, Y), k=2, anchors=(), tol=1e-10)
+    assert tracker.engine.solves_hessian  # the standard groups read the top 2k
+    group = EdgeOfStabilityGroup(2, optimizer)
+    tracker.engine.groups = [group]
+    assert not tracker.engine.solves_hessian
+    measured = tracker.engine.measure(model, 0)
+    assert measured.eigenpairs is None
+    f = FlatLoss(model, F.cross_entropy, X, Y)
+    values, vectors = torch.linalg.eigh(reference_hessian(f))
+    lambdas = [measured.row["sharpness/lambda_1"], measured.row["sharpness/lambda_2"]]
+    assert lambdas == pytest.approx(values.flip(0)[:2].tolist(), rel=1e-8)
+    g = reference_gradient(f)
+    optimizer.zero_grad()
+    F.cross_entropy(model(X), Y).backward()
+    optimizer.step()
+    V = vectors[:, -2:]
+    share = float((V.T @ g).square().sum() / g.square().sum())  # GD's step is −η g
+    assert group.after_update(model)["sharpness/step_share"] == pytest.approx(share, rel=1e-8)
+    assert group.after_update(model) == {}  # nothing waits any more

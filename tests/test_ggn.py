@@ -324,7 +324,7 @@ def test_outliers_run_matches_dense_references(tmp_path):
     from tinysubspace.experiments.build import build_optimizer, build_problem
     from tinysubspace.experiments.catalog import load_experiment
     from tinysubspace.experiments.config import apply_overrides
-    from tinysubspace.experiments.edge_of_stability import train_step
+    from tinysubspace.experiments.experiment_groups import train_step
     from tinysubspace.experiments.outliers import outlier_columns, run_outliers
     from tinysubspace.plots.common import plotted_data
     from tinysubspace.plots.ggn import figure_outliers

@@ -150,15 +150,40 @@ def test_the_class_means_group_alone_builds_its_ggn_with_the_settings(monkeypatc
     assert 0 < row["overlap/classmeans_hessian"] <= 1
 
 
-def test_the_blocks_solve_is_outside_the_solver_settings(spied):
-    """Known gap: linalg.blocks.block_spectrum takes ``tol`` but no ``tol_scale`` (a linalg
-    signature), so the blocks group's solves are not the tracker's solver's: they run with
-    ``"top"``. This test pins the gap so that closing it shows up."""
-    import inspect
+def test_the_blocks_solve_gets_the_solver_settings_tol_scale(monkeypatch):
+    """The blocks group's Lanczos solves (blocks above ``exact_size`` = 64 parameters) get the
+    tracker's ``tol`` and ``tol_scale``, and their eigenvalues are the dense block's."""
+    from tinysubspace.linalg import blocks
 
+    seen = []
+    solve = blocks.top_eigenpairs
+
+    def spy(op, n, *args, **kwargs):
+        seen.append((op.shape[0], kwargs.get("tol"), kwargs.get("tol_scale")))
+        return solve(op, n, *args, **kwargs)
+
+    monkeypatch.setattr(blocks, "top_eigenpairs", spy)
+    X, Y = _data()
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(D, 20), nn.Tanh(), nn.Linear(20, C)).double()
+    tracker = ts.SubspaceTracker(model, F.cross_entropy, (X, Y), k=K, schedule=1, anchors=(),
+                                 tol=1e-9, tol_scale="pair", blocks="layers",
+                                 block_options={"k": K, "steps": 4, "probes": 2})
+    row = tracker.on_step(0)
+    assert seen == [(100, 1e-9, "pair")]  # layer 0 (4·20 + 20) solved; layer 1 (63) formed
+    H = reference_hessian(FlatLoss(model, F.cross_entropy, X, Y))[:100, :100]
+    exact = torch.linalg.eigvalsh(H).flip(0)[:K]
+    (first, *_), = [g.block_names for g in tracker.engine.groups if g.name == "blocks"]
+    measured = [row[f"block/{first}/eig_{i}"] for i in range(1, K + 1)]
+    assert measured == pytest.approx(exact.tolist(), rel=1e-7)
+
+
+def test_block_spectrum_refuses_an_unknown_tol_scale():
     from tinysubspace.linalg.blocks import block_spectrum
 
-    assert "tol_scale" not in inspect.signature(block_spectrum).parameters
+    op = ts.DenseOperator(torch.eye(3, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"tol_scale must be one of .* got 'row'"):
+        block_spectrum(op, tol_scale="row")
 
 
 # ------------------------------------------------------------------ the added group

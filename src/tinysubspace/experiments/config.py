@@ -144,6 +144,7 @@ class TrackerConfig:
     class_means: bool = False  # also eq. 5 of the class-mean gradients' span with the top-k
     geometry: bool = False  # principal angles / eigenvector displacement since the last one
     sharpness: bool = False  # the run's optimizer: threshold, preconditioned top-k, update share
+    measure: str = "standard"  # the column groups: standard | eos | outliers (experiment_groups.py)
 
 
 @dataclass(frozen=True)
@@ -315,7 +316,7 @@ RANGES: dict[str, tuple[float, bool, float, bool]] = {
 }
 CHOICES: dict[str, tuple[str, ...]] = {
     "tracker.mode": ("eval", "train"), "tracker.spectrum": ("none", "exact", "slq"),
-    "tracker.tol_scale": ("top", "pair"),
+    "tracker.tol_scale": ("top", "pair"), "tracker.measure": ("standard", "eos", "outliers"),
     "tracker.blocks": ("none", "auto", "layers", "types"),
     "optim.project": ("minibatch", "fullbatch"),
 }

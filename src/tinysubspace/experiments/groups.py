@@ -214,7 +214,7 @@ class BlocksGroup(StatelessGroup):
         options.pop("distributed")
         return block_measurements(ctx.model, ctx.loss_fn, ctx.train, self.blocks, k=self.k,
                                   steps=self.steps, probes=self.probes, seed=ctx.run_seed,
-                                  tol=ctx.solver.tol, **options)
+                                  tol=ctx.solver.tol, tol_scale=ctx.solver.tol_scale, **options)
 
 
 class OverheadGroup(StatelessGroup):

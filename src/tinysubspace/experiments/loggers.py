@@ -82,6 +82,33 @@ class TensorBoardLogger(Logger):
         self.writer.close()
 
 
+class DeferredLogger(Logger):
+    """Holds each row until :meth:`release` (the loop's call once the update after the
+    measurement is taken, with the deferred columns, e.g. ``sharpness/step_share``) and then
+    writes it to ``loggers``; a new row or :meth:`close` releases a held one as it is."""
+
+    def __init__(self, loggers: Sequence[Logger]) -> None:
+        self.loggers, self.held = list(loggers), None
+
+    def write(self, row: dict[str, float], step: int, vectors: dict[str, Any] | None) -> None:
+        self.release({})
+        self.held = (row, step, vectors)
+
+    def release(self, columns: dict[str, float]) -> None:
+        """Write the held row (if any) with ``columns`` added."""
+        if self.held is None:
+            return
+        (row, step, vectors), self.held = self.held, None
+        row.update(columns)
+        for logger in self.loggers:
+            logger.write(row, step, vectors)
+
+    def close(self) -> None:
+        self.release({})
+        for logger in self.loggers:
+            logger.close()
+
+
 class CallableLogger(Logger):
     """A user's ``fn(row, step)``; it gets a copy of the row."""
 

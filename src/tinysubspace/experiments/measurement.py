@@ -136,10 +136,11 @@ class Context:
 
     ``seed`` is the step's (``run_seed + step``, the solves' random starts); ``run_seed`` the
     run's (the block group's probes, the same at every step). ``op``, ``loss``, ``g``, ``Hg``,
-    ``eig`` are the training Hessian's (top ``2k`` pairs of
-    ``eig``); ``previous`` is the Hessian's basis of the last measurement (``None`` at the
-    first). ``cost`` collects ``{bucket: [products, seconds]}`` for the cost groups; ``shared``
-    holds what one group computes for a later one (the GGN operator and its top-k).
+    ``eig`` are the training Hessian's (top ``2k`` pairs of ``eig``; ``Hg`` and ``eig`` are
+    ``None`` when no group uses them: ``Tracker.solves_hessian``); ``previous`` is the
+    Hessian's basis of the last measurement (``None`` at the first). ``cost`` collects
+    ``{bucket: [products, seconds]}`` for the cost groups; ``shared`` holds what one group
+    computes for a later one (the GGN operator and its top-k).
     """
 
     model: torch.nn.Module
@@ -156,8 +157,8 @@ class Context:
     op: HessianOperator
     loss: float
     g: torch.Tensor
-    Hg: torch.Tensor
-    eig: Eigenpairs
+    Hg: torch.Tensor | None
+    eig: Eigenpairs | None
     previous: torch.Tensor | None = None
     run_seed: int = 0
     started: float = field(default_factory=time.perf_counter)

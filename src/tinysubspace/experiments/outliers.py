@@ -1,12 +1,15 @@
 """Where the outliers come from: the Hessian's top subspace next to the GGN's and the class means'.
 
-A small driver of its own (like :mod:`~tinysubspace.experiments.edge_of_stability`; operators,
-solver settings, warm starts, accuracy and schedule are the tracker's): train as
-``config`` says and at every step of :func:`~tinysubspace.experiments.edge_of_stability.eos_steps`
-measure on the whole training set, with ``k = tracker.k`` (the number of classes, ``C``):
+A configuration of the one training loop (:mod:`~tinysubspace.experiments.training`): a config
+with ``tracker.measure = "outliers"`` (``ggn-fc-digits``, ``ggn-fc-fashion``; ``tinysubspace run
+ggn-fc-digits``) trains as ``config`` says and its tracker has one column group,
+:class:`OutliersGroup`, which at every step of
+:func:`~tinysubspace.experiments.edge_of_stability.eos_steps` measures on the whole training
+set, with ``k = tracker.k`` (the number of classes, ``C``):
 
-* ``hessian/eig_i``, ``ggn/eig_i`` (``i ≤ 2k``): top eigenvalues of ``H`` and of the GGN ``G``
-  (warm-started Lanczos, ``tracker.tol``);
+* ``hessian/eig_i``, ``ggn/eig_i`` (``i ≤ 2k``): top eigenvalues of ``H`` (the tracker's own
+  warm-started solve, :attr:`Context.eig <tinysubspace.experiments.measurement.Context>`) and
+  of the GGN ``G`` (warm-started Lanczos, ``tracker.tol``);
 * ``overlap/hessian_ggn``: eq. 5 between the top-k subspaces of ``H`` and ``G``, and
   ``angles/hessian_ggn_i`` all their principal angles (radians);
 * ``overlap/classmeans_{hessian,ggn}``: eq. 5 between ``span{δ_{c,c}}`` (the ``C`` class-mean
@@ -18,20 +21,20 @@ measure on the whole training set, with ``k = tracker.k`` (the number of classes
 * ``cost/*``: products and seconds of each.
 
 At the end, when ``p ≤ EXACT_SPECTRUM_LIMIT``, the full spectra of ``H`` and ``G`` go to
-``spectrum.npz`` (keys ``hessian``, ``ggn``). ``python -m tinysubspace.experiments.outliers
-ggn-fc-digits --out runs/ggn-digits`` runs one from the catalog.
+``spectrum.npz`` (keys ``hessian``, ``ggn``; :meth:`OutliersGroup.final_spectra`).
+``outlier_columns(k)`` is the run's ``metrics.csv`` header, which :mod:`tinysubspace.plots.ggn`
+reads.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy
 import torch
 
 from tinysubspace.curvature.class_means import (
@@ -40,23 +43,18 @@ from tinysubspace.curvature.class_means import (
     papyan_basis,
 )
 from tinysubspace.curvature.ggn import GGNOperator
-from tinysubspace.curvature.hessian import HessianOperator
-from tinysubspace.experiments.build import build_optimizer, build_problem
-from tinysubspace.experiments.config import ExperimentConfig, config_to_dict
-from tinysubspace.experiments.edge_of_stability import eos_steps, train_step
-from tinysubspace.experiments.groups import accuracy
-from tinysubspace.experiments.tracker import settings_of
+from tinysubspace.experiments.config import ExperimentConfig
+from tinysubspace.experiments.groups import StatelessGroup, accuracy
+from tinysubspace.experiments.measurement import Context, OperatorSettings
 from tinysubspace.linalg.density import exact_spectrum
-from tinysubspace.linalg.warm_state import WarmStart
 from tinysubspace.metrics import (
     eigenvector_displacement,
     principal_angles,
     subspace_overlap,
     top_fraction,
 )
-from tinysubspace.results.store import RunStore
 
-__all__ = ["EXACT_SPECTRUM_LIMIT", "outlier_columns", "run_outliers"]
+__all__ = ["EXACT_SPECTRUM_LIMIT", "OutliersGroup", "outlier_columns", "run_outliers"]
 
 EXACT_SPECTRUM_LIMIT = 5000
 """Largest ``p`` for which the final full spectra are computed (two dense ``p × p`` matrices)."""
@@ -77,51 +75,51 @@ def outlier_columns(k: int) -> list[str]:
     return cols
 
 
-class _Measurer:
-    def __init__(self, config: ExperimentConfig, problem: Any) -> None:
-        self.config, self.problem = config, problem
-        self.settings = settings_of(config.tracker, distributed=False)
-        self.warm = WarmStart()
+class OutliersGroup(StatelessGroup):
+    """The columns of :func:`outlier_columns` after ``step`` and ``wall_time`` (module
+    docstring); ``classes`` is ``C``, the number of classes of the training set."""
 
-    def operators(self) -> tuple[HessianOperator, GGNOperator]:
-        data, ops = self.problem.tensors("train"), self.settings.operators
-        return (ops.hessian(self.problem.model, self.problem.loss_fn, data),
-                ops.build(GGNOperator, self.problem.model, self.problem.loss_fn, data))
+    name = "outliers"
 
-    def measure(self, step: int) -> dict[str, float]:
-        k = self.config.tracker.k
-        H, G = self.operators()
-        loss, g = H.loss_and_gradient()
-        row: dict[str, float] = {"step": step, "train/loss": loss,
-                                 "train/grad_norm": float(g.norm())}
-        bases = {}
-        for name, op in (("hessian", H), ("ggn", G)):
-            started, previous = time.perf_counter(), self.warm.get(name)
-            eig = self.settings.solver.solve(op, 2 * k, self.warm, name,
-                                             self.config.train.seed + step)
-            row[f"cost/{name}_seconds"] = time.perf_counter() - started
-            row[f"cost/{name}_products"] = eig.matvecs
+    def __init__(self, k: int, classes: int) -> None:
+        self.k, self.classes = k, classes
+
+    def names(self) -> list[str]:
+        return outlier_columns(self.k)[2:]
+
+    def measure(self, ctx: Context) -> dict[str, float]:
+        k, g = self.k, ctx.g
+        G = ctx.operators.build(GGNOperator, ctx.model, ctx.loss_fn, ctx.train)
+        evaluation = dataclasses.replace(ctx.operators, mode="eval")
+        row: dict[str, float] = {
+            "train/loss": ctx.loss, "train/grad_norm": float(g.norm()),
+            "train/accuracy": accuracy(ctx.model, ctx.train, evaluation, ctx.classification)}
+        products, seconds = ctx.cost.get("hessian", [ctx.eig.matvecs, math.nan])
+        row.update({"cost/hessian_products": int(products), "cost/hessian_seconds": seconds})
+        started = time.perf_counter()
+        ggn = ctx.solver.solve(G, 2 * k, ctx.warm, "ggn", ctx.seed)
+        row.update({"cost/ggn_seconds": time.perf_counter() - started,
+                    "cost/ggn_products": ggn.matvecs})
+        bases = {"hessian": ctx.eig.vectors[:, :k], "ggn": ggn.vectors[:, :k]}
+        for name, eig in (("hessian", ctx.eig), ("ggn", ggn)):
             row.update({f"{name}/eig_{i + 1}": float(v) for i, v in enumerate(eig.values)})
-            bases[name] = eig.vectors[:, :k]
-            if name == "hessian" and previous is not None:
-                moved = eigenvector_displacement(previous[:, :k], bases[name])
-                row.update({f"displacement/hessian_{i + 1}": float(d)
-                            for i, d in enumerate(moved)})
+        if ctx.previous is not None:
+            moved = eigenvector_displacement(ctx.previous[:, :k], bases["hessian"])
+            row.update({f"displacement/hessian_{i + 1}": float(d) for i, d in enumerate(moved)})
         row["hessian/f_top"] = top_fraction(g, bases["hessian"]) if float(g.norm()) else math.nan
-        row.update(self._class_means(G, bases, k))
+        row.update(self._class_means(G, bases))
         angles = principal_angles(bases["hessian"], bases["ggn"])
         row.update({f"angles/hessian_ggn_{i + 1}": float(a) for i, a in enumerate(angles)})
         row["overlap/hessian_ggn"] = subspace_overlap(bases["hessian"], bases["ggn"])
         return row
 
-    def _class_means(self, G: GGNOperator, bases: dict[str, torch.Tensor],
-                     k: int) -> dict[str, float]:
+    def _class_means(self, G: GGNOperator, bases: dict[str, torch.Tensor]) -> dict[str, float]:
         started = time.perf_counter()
-        means = class_gradient_means(G, self.problem.train.num_classes)
+        means = class_gradient_means(G, self.classes)
         row: dict[str, float] = {"cost/classmeans_seconds": time.perf_counter() - started,
                                  "cost/classmeans_products": means.backward_passes}
         span = class_mean_basis(means)
-        values, papyan = papyan_basis(means, k)
+        values, papyan = papyan_basis(means, self.k)
         row["classmeans/rank"] = span.shape[1]
         row.update({f"papyan/eig_{i + 1}": float(v) for i, v in enumerate(values)})
         for name, basis in bases.items():
@@ -129,17 +127,22 @@ class _Measurer:
             row[f"overlap/papyan_{name}"] = subspace_overlap(papyan, basis)
         return row
 
-
-def _accuracy(problem: Any, settings: Any) -> float:
-    """Training accuracy in eval mode (the tracker's :func:`~.groups.accuracy`)."""
-    evaluation = dataclasses.replace(settings.operators, mode="eval")
-    return accuracy(problem.model, problem.tensors("train"), evaluation)
+    def final_spectra(self, model: torch.nn.Module, loss_fn: Any, train: Any,
+                      operators: OperatorSettings) -> dict[str, numpy.ndarray]:
+        """``{"hessian", "ggn"}``: the full spectra at the end of training (``{}`` when ``p``
+        is above :data:`EXACT_SPECTRUM_LIMIT`)."""
+        H = operators.hessian(model, loss_fn, train)
+        if H.shape[0] > EXACT_SPECTRUM_LIMIT:
+            return {}
+        G = operators.build(GGNOperator, model, loss_fn, train)
+        return {"hessian": exact_spectrum(H).cpu().numpy(),
+                "ggn": exact_spectrum(G).cpu().numpy()}
 
 
 def run_outliers(config: ExperimentConfig, out: str | Path | None, *,
-                 data_root: str | None = None,
-                 log: Callable[[dict[str, float]], None] | None = None) -> list[dict]:
-    """Train ``config`` and measure ``H``, ``G`` and the class means at the tracker's steps.
+                 data_root: str | None = None) -> list[dict[str, float]]:
+    """``config`` as an outliers run of the training loop (``tracker.measure =
+    "outliers"``): :func:`~tinysubspace.experiments.training.run_experiment` with that setting.
 
     Returns:
         The rows written, in order.
@@ -147,64 +150,12 @@ def run_outliers(config: ExperimentConfig, out: str | Path | None, *,
     Raises:
         ValueError: a data set without classes (the class means need labels).
     """
-    problem = build_problem(config, data_root)
-    if not problem.classification:
-        raise ValueError("the outliers experiment needs a classification data set (class means)")
-    store = None
-    if out is not None:
-        store = RunStore(out, outlier_columns(config.tracker.k))
-        store.create({**config_to_dict(config), "meta": {"driver": __name__}})
-    measurer, rows, started = _Measurer(config, problem), [], time.perf_counter()
-    with torch.random.fork_rng():
-        torch.manual_seed(config.train.seed)
-        optimizer = build_optimizer(config.optim, problem.model, {"problem": problem})
-        schedule = set(eos_steps(config.tracker, config.train.steps))
-        for step in range(config.train.steps + 1):
-            if step in schedule:
-                row = measurer.measure(step)
-                row["train/accuracy"] = _accuracy(problem, measurer.settings)
-                row["wall_time"] = time.perf_counter() - started
-                rows.append(row)
-                if store is not None:
-                    store.append_metrics(row)
-                if log is not None:
-                    log(row)
-            if step < config.train.steps:
-                train_step(problem, optimizer, config.optim.batch_size, config.train.seed, step)
-    if store is not None:
-        _save_spectra(measurer, store)
-        store.write_status("finished", config.train.steps)
+    from tinysubspace.experiments.loggers import CallableLogger
+    from tinysubspace.experiments.training import run_experiment
+
+    config = dataclasses.replace(config, tracker=dataclasses.replace(config.tracker,
+                                                                     measure="outliers"))
+    rows: list[dict[str, float]] = []
+    run_experiment(config, out, data_root=data_root,
+                   loggers=[CallableLogger(lambda row, step: rows.append(row))])
     return rows
-
-
-def _save_spectra(measurer: _Measurer, store: RunStore) -> None:
-    H, G = measurer.operators()
-    if H.shape[0] <= EXACT_SPECTRUM_LIMIT:
-        store.save_spectrum({"hessian": exact_spectrum(H).cpu().numpy(),
-                             "ggn": exact_spectrum(G).cpu().numpy()})
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``python -m tinysubspace.experiments.outliers NAME --out DIR [--set k=v ...]``."""
-    from tinysubspace.experiments.catalog import load_experiment
-    from tinysubspace.experiments.config import parse_assignment
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("experiment")
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    args = parser.parse_args(argv)
-    config = load_experiment(args.experiment, dict(parse_assignment(s) for s in args.set))
-
-    def show(row: dict[str, float]) -> None:
-        print(f"step {row['step']:6d}  loss {row['train/loss']:.4f}  "
-              f"λ1(H) {row['hessian/eig_1']:.4g}  λ1(G) {row['ggn/eig_1']:.4g}  "
-              f"ov(H,G) {row['overlap/hessian_ggn']:.3f}  "
-              f"ov(means,H) {row['overlap/classmeans_hessian']:.3f}  "
-              f"ov(papyan,H) {row['overlap/papyan_hessian']:.3f}", flush=True)
-
-    run_outliers(config, args.out, log=show)
-
-
-if __name__ == "__main__":
-    main()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -65,7 +66,7 @@ class Measurement:
     """One measurement: the flat row for ``metrics.csv`` and the arrays worth keeping."""
 
     row: dict[str, float]
-    eigenpairs: Eigenpairs
+    eigenpairs: Eigenpairs | None  # None: no group used the Hessian's top-2k solve
     gradient: torch.Tensor
     vectors_to_save: dict[str, Any] | None = None
 
@@ -206,7 +207,9 @@ class Tracker:
             context.shared.update(shared or {})
             row = {"step": step, **_measure_groups(self.groups, context)}
         save = None
-        if step in self.settings.save_vectors_at or step in getattr(self._anchors(), "anchors", ()):
+        kept = step in self.settings.save_vectors_at or step in getattr(self._anchors(),
+                                                                        "anchors", ())
+        if kept and context.eig is not None:
             op = context.op
             save = {"step": step, "values": context.eig.values.cpu(),
                     "vectors": context.eig.vectors.float().cpu(),
@@ -220,12 +223,27 @@ class Tracker:
         op = self.operator(model, self.train)
         loss, g = op.loss_and_gradient()
         previous = self.warm.get(HESSIAN)
-        eig = self.solver.solve(op, 2 * self.k, self.warm, HESSIAN, seed + step)
-        return Context(model=model, loss_fn=self.loss_fn, train=self.train, test=self.test,
-                       step=step, seed=seed + step, k=self.k, operators=self.operators,
-                       solver=self.solver, warm=self.warm, classification=self.classification,
-                       op=op, loss=loss, g=g, Hg=op @ g, eig=eig, previous=previous,
-                       run_seed=seed)
+        eig = Hg = None
+        if self.solves_hessian:
+            started = time.perf_counter()
+            eig = self.solver.solve(op, 2 * self.k, self.warm, HESSIAN, seed + step)
+            seconds = time.perf_counter() - started
+            Hg = op @ g
+        context = Context(model=model, loss_fn=self.loss_fn, train=self.train, test=self.test,
+                          step=step, seed=seed + step, k=self.k, operators=self.operators,
+                          solver=self.solver, warm=self.warm,
+                          classification=self.classification, op=op, loss=loss, g=g,
+                          Hg=Hg, eig=eig, previous=previous, run_seed=seed)
+        if eig is not None:
+            context.charge(HESSIAN, eig.matvecs, seconds)  # the solve's cost, bucket "hessian"
+        return context
+
+    @property
+    def solves_hessian(self) -> bool:
+        """Whether a measurement finds the Hessian's top ``2k`` pairs and ``H g``: unless every
+        group says it reads neither (``uses_hessian_solve = False``, e.g. the edge-of-stability
+        group, which solves for its own top ``k``)."""
+        return any(getattr(g, "uses_hessian_solve", True) for g in self.groups)
 
     def _anchors(self) -> AnchorsGroup | None:
         return next((g for g in self.groups if isinstance(g, AnchorsGroup)), None)

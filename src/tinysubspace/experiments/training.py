@@ -40,11 +40,15 @@ from tinysubspace.experiments.build import (
     with_steps_from_epochs,
 )
 from tinysubspace.experiments.config import ExperimentConfig, config_to_dict
+from tinysubspace.experiments.experiment_groups import (
+    experiment_groups,
+    experiment_steps,
+    experiment_tracker,
+)
 from tinysubspace.experiments.full_overlap import FullOverlap
 from tinysubspace.experiments.health import RunHealth, guarded
-from tinysubspace.experiments.loggers import RunStoreLogger
+from tinysubspace.experiments.loggers import DeferredLogger, Logger, RunStoreLogger
 from tinysubspace.experiments.progress import Progress
-from tinysubspace.experiments.schedules import measurement_steps
 from tinysubspace.experiments.subspace_tracker import SubspaceTracker
 from tinysubspace.results.store import RunStore
 from tinysubspace.runtime import distributed as tsdist
@@ -154,9 +158,10 @@ class _Loop:
         self.distributed = tsdist.is_distributed()
         self.keeps_files = store is not None  # on every rank (only rank 0 has the store)
         self.train_xy = problem.tensors("train")  # the whole set: mini-batches index into it
-        steps = measurement_steps(config.tracker, config.train.steps)
+        steps = experiment_steps(config, config.train.steps)
         self.tracker = SubspaceTracker.from_config(  # the one measuring code path (issue 13)
-            config.tracker, problem.model, problem.loss_fn, tsdist.shard(self.train_xy), steps,
+            experiment_tracker(config), problem.model, problem.loss_fn,
+            tsdist.shard(self.train_xy), steps,
             test=tsdist.shard(problem.tensors("test")), seed=config.train.seed,
             classification=problem.classification, distributed=self.distributed)
         context = {"problem": problem, "tracker": self.tracker, "seed": config.train.seed}
@@ -165,13 +170,33 @@ class _Loop:
             self.tracker.track_optimizer(self.optimizer)
         self.metric_columns = [*(c for c in self.tracker.columns if c != "cost/overhead"),
                                "optim/matvecs"]
-        self.schedule = set(measurement_steps(config.tracker, config.train.steps))
+        groups = experiment_groups(config, problem, self.optimizer)
+        if groups is not None:  # tracker.measure: an experiment's groups alone, their schema
+            self.tracker.engine.groups = groups
+            self.metric_columns = ["step", "wall_time", *self.tracker.columns[3:]]
+        self.deferred = [g for g in self.tracker.engine.groups if hasattr(g, "after_update")]
+        self.schedule = set(steps)
         self.pending_minibatch: list[dict[str, float]] = []
         self.health = RunHealth(config.train)  # divergence check; the step the loop is at
         self.full_overlap = FullOverlap(config, problem.loss_fn, tsdist.shard(self.train_xy),
                                         tsdist.shard(problem.tensors("test")),
                                         self.distributed)  # Table 1: tracker.overlap_last
         self.started = time.perf_counter()
+
+    def attach_loggers(self, loggers: list[Logger]) -> None:
+        """Where the tracker's rows go; with deferred columns (a group's ``after_update``) each
+        row is held until the update after its measurement (:meth:`release`)."""
+        self.tracker.loggers = [DeferredLogger(loggers)] if self.deferred else loggers
+
+    def release(self, update_taken: bool) -> None:
+        """Write a held row: with its deferred columns if the update after it was taken (each
+        group forgets its measurement either way)."""
+        columns = [group.after_update(self.problem.model) for group in self.deferred]
+        if (held := self._held()) is not None:
+            held.release({k: v for c in columns for k, v in c.items()} if update_taken else {})
+
+    def _held(self) -> DeferredLogger | None:
+        return next((lg for lg in self.tracker.loggers if isinstance(lg, DeferredLogger)), None)
 
     # ---------------------------------------------------------------- state
     def checkpoint(self, step: int) -> None:
@@ -186,6 +211,8 @@ class _Loop:
                  "optimizer": self.optimizer.state_dict(),
                  "tracker": self.tracker.state_dict(), "rng": rng,
                  "health": self.health.state_dict()}
+        if self._held() is not None:  # a measured row waiting for its step's update
+            state["held_row"] = self._held().held
         if every_rank is not None:
             state["rng_ranks"] = every_rank
         self.store.save_checkpoint(state)
@@ -195,6 +222,11 @@ class _Loop:
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.tracker.load_state_dict(checkpoint["tracker"])
         self.health.load_state_dict(checkpoint.get("health", {}))
+        held = checkpoint.get("held_row")
+        if self._held() is not None and held is not None:  # written again after its update
+            self._held().held = held
+            if self.store is not None:
+                self.store.metrics.keep(lambda s: s < held[1])
         rng = checkpoint["rng"]
         ranks = checkpoint.get("rng_ranks") or [rng]
         if len(ranks) == tsdist.world_size():
@@ -229,13 +261,17 @@ class _Loop:
         """The final Hessian's spectrum (``tracker.spectrum``): exact eigenvalues, or SLQ; and
         the top ``tracker.spectrum_top`` eigenvalues by Lanczos (Fig. 5)."""
         kind, top = self.config.tracker.spectrum, self.config.tracker.spectrum_top
-        if (kind == "none" and not top) or not self.keeps_files:
+        finals = [g for g in self.tracker.engine.groups if hasattr(g, "final_spectra")]
+        if (kind == "none" and not top and not finals) or not self.keeps_files:
             return
         from tinysubspace.linalg.density import exact_spectrum, spectral_density
         from tinysubspace.results.spectrum import density_arrays
 
         op = self.tracker.operator(self.problem.model, self.tracker.train)  # collective
         arrays = {}
+        for group in finals:  # e.g. the outliers group's H and G spectra
+            arrays.update(group.final_spectra(self.problem.model, self.problem.loss_fn,
+                                              self.tracker.train, self.tracker.engine.operators))
         if kind == "exact":
             arrays = {"eigenvalues": exact_spectrum(op).cpu().numpy()}
         elif kind == "slq":
@@ -256,7 +292,10 @@ class _Loop:
     def train_step(self, step: int) -> float:
         cfg = self.config
         X, Y = self.train_xy
-        index = batch_indices(len(X), cfg.optim.batch_size, cfg.train.seed, step).to(X.device)
+        if cfg.optim.batch_size >= len(X):  # full batch: the data set in its order
+            index = torch.arange(len(X), device=X.device)
+        else:
+            index = batch_indices(len(X), cfg.optim.batch_size, cfg.train.seed, step).to(X.device)
         every = cfg.tracker.minibatch_every
         with_overlap = every > 0 and step % every == 0
         model = self.problem.model
@@ -281,7 +320,8 @@ class _Loop:
 
 def run_experiment(config: ExperimentConfig, out: str | Path | None, *, resume: bool = False,
                    data_root: str | None = None, progress: Progress | None = None,
-                   stop_after: int | None = None) -> RunOutcome:
+                   stop_after: int | None = None, loggers: list[Logger] | None = None
+                   ) -> RunOutcome:
     """Train and track one experiment, storing everything in the run folder ``out``.
 
     Args:
@@ -292,6 +332,8 @@ def run_experiment(config: ExperimentConfig, out: str | Path | None, *, resume: 
         progress: where to report progress (``None``: silent).
         stop_after: stop as if killed (no final checkpoint) after this many training steps —
             for tests of ``resume``.
+        loggers: more places for the rows (e.g. a
+            :class:`~tinysubspace.experiments.loggers.CallableLogger`), besides the run folder.
 
     Returns:
         :class:`RunOutcome`: ``finished``, or ``diverged`` with the step and message (all
@@ -304,12 +346,14 @@ def run_experiment(config: ExperimentConfig, out: str | Path | None, *, resume: 
     with torch.random.fork_rng(devices=_cuda_devices(problem.device)):
         torch.manual_seed(config.train.seed + RANK_SEED_STRIDE * tsdist.rank())
         loop = _Loop(config, problem, None, progress)
-        start = 0
+        start, sinks = 0, list(loggers or [])
         if out is not None:  # rank 0 owns the run folder; every rank gets the checkpoint
             loop.keeps_files = True
             if tsdist.is_main():
                 loop.store = RunStore(out, loop.metric_columns)
-                loop.tracker.loggers.append(RunStoreLogger(loop.store, loop.metric_columns))
+                sinks.insert(0, RunStoreLogger(loop.store, loop.metric_columns))
+        loop.attach_loggers(sinks)
+        if out is not None:
             checkpoint = tsdist.run_on_main(
                 lambda: loop.store.resume(resolved) if resume else loop.store.create(resolved))
             if checkpoint is not None:
@@ -317,6 +361,8 @@ def run_experiment(config: ExperimentConfig, out: str | Path | None, *, resume: 
         path = Path(out) if out else None
         outcome = guarded(lambda: _train(loop, start, stop_after, path),
                           loop.health, path, functools.partial(RunOutcome, path or Path()))
+        if outcome.state != "stopped":  # (a simulated crash writes nothing more)
+            loop.release(update_taken=False)  # the last measurement has no update after it
     if loop.store is not None:  # best effort: a full disk must not hide why the run stopped
         loop.store.write_status(outcome.state, outcome.step, outcome.message, best_effort=True)
     if progress is not None:
@@ -348,6 +394,7 @@ def _train(loop: _Loop, start: int, stop_after: int | None, path: Path | None) -
             loop.flush_minibatch()
             return RunOutcome(path or Path(), "stopped", step)
         loss = loop.train_step(step)
+        loop.release(update_taken=math.isfinite(loss))  # the deferred columns of step's row
         if not math.isfinite(loss):
             return _diverged(loop, path, step, f"the training loss became {loss} at step {step} "
                              "(diverged); lower optim.lr. Measurements so far are kept.")

@@ -45,6 +45,7 @@ from tinysubspace.linalg.density import (
     spectral_density,
 )
 from tinysubspace.linalg.lanczos import top_eigenpairs
+from tinysubspace.linalg.tolerance import check_tol_scale
 from tinysubspace.operator import SymmetricOperator
 
 __all__ = [
@@ -181,19 +182,23 @@ class BlockSpectrum:
 
 
 def block_spectrum(op, name: str = "", k: int = 5, steps: int = 40, probes: int = 4,
-                   seed: int = 0, tol: float = 1e-4, exact_size: int = 64) -> BlockSpectrum:
+                   seed: int = 0, tol: float = 1e-4, exact_size: int = 64,
+                   tol_scale: str = "top") -> BlockSpectrum:
     """Top eigenvalues, trace and density of one (block) operator.
 
     A block of ``p_b ≤ exact_size`` is formed (``p_b`` products, in one block product) and
     diagonalised: exact eigenvalues, trace and density. A larger one gets ``top_eigenpairs(op,
-    k, tol)`` and an SLQ density of ``probes`` Rademacher probes × ``min(steps, p_b)`` steps,
-    whose quadrature also gives the trace (:func:`density_trace`).
+    k, tol, tol_scale=tol_scale)`` and an SLQ density of ``probes`` Rademacher probes ×
+    ``min(steps, p_b)`` steps, whose quadrature also gives the trace (:func:`density_trace`).
+    ``tol_scale`` says what ``tol`` is relative to (:mod:`tinysubspace.linalg.tolerance`):
+    ``"top"`` (``‖r_i‖ ≤ tol·|λ_1|``) or ``"pair"`` (``‖r_i‖ ≤ tol·|λ_i|``).
 
     Raises:
-        ValueError: ``k``, ``steps`` or ``probes`` below 1.
+        ValueError: ``k``, ``steps`` or ``probes`` below 1, or an unknown ``tol_scale``.
     """
     if min(k, steps, probes) < 1:
         raise ValueError(f"k, steps and probes must be at least 1, got {k}, {steps}, {probes}")
+    check_tol_scale(tol_scale)
     p = op.shape[0]
     counted = op if isinstance(op, SymmetricOperator) else _Adapted(op)
     before = counted.matvecs
@@ -204,7 +209,7 @@ def block_spectrum(op, name: str = "", k: int = 5, steps: int = 40, probes: int 
                                   p, "exact", None)
         return BlockSpectrum(name, p, values[:k], density_trace(density), density,
                              counted.matvecs - before, True)
-    eig = top_eigenpairs(counted, min(k, p - 1), tol=tol, seed=seed)
+    eig = top_eigenpairs(counted, min(k, p - 1), tol=tol, seed=seed, tol_scale=tol_scale)
     density = spectral_density(counted, steps=min(steps, p), probes=probes, seed=seed)
     return BlockSpectrum(name, p, eig.values.detach().to(device="cpu", dtype=torch.float64),
                          density_trace(density), density, counted.matvecs - before,

@@ -38,8 +38,8 @@ def sharpness_prefix(run: Run) -> str:
         if column in run.metrics and np.isfinite(run.metrics[column].to_numpy(float)).any():
             return prefix
     raise MissingDataError(f"{run.path} has no sharpness/threshold or preconditioned/threshold "
-                           "column with values; run it with python -m "
-                           "tinysubspace.experiments.edge_of_stability")
+                           "column with values; run an edge-of-stability config "
+                           "(tinysubspace run eos-gd-fc-digits)")
 
 
 def figure_sharpness(runs: Sequence[RunLike] | RunLike, labels: Sequence[str] | None = None,

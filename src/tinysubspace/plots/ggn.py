@@ -38,8 +38,8 @@ def _top_values(run: Run, spectrum: dict | None, name: str, count: int) -> np.nd
         return np.sort(np.asarray(spectrum[name], float))[::-1][:count]
     cols = _eigen_columns(run, name)
     if not cols:
-        raise MissingDataError(f"{run.path} has no {name}/eig_* columns; run it with python -m "
-                               "tinysubspace.experiments.outliers")
+        raise MissingDataError(f"{run.path} has no {name}/eig_* columns; run an outliers "
+                               "config (tinysubspace run ggn-fc-digits)")
     return run.metrics[cols].dropna().iloc[-1].to_numpy(float)[:count]
 
 

@@ -83,8 +83,8 @@ def block_operator(model: torch.nn.Module, loss_fn: Callable, data: Any,
 
 def block_spectra(model: torch.nn.Module, loss_fn: Callable, data: Any,
                   blocks: str | Mapping[str, Iterable] = "auto", *, k: int = 5, steps: int = 40,
-                  probes: int = 4, seed: int = 0, tol: float = 1e-4, exact_size: int = 64,
-                  points: int = 2000, sigma: float | None = None,
+                  probes: int = 4, seed: int = 0, tol: float = 1e-4, tol_scale: str = "top",
+                  exact_size: int = 64, points: int = 2000, sigma: float | None = None,
                   dtype: torch.dtype | None = torch.float64, mode: str = "eval",
                   batch_size: int | None = None, hvp_method: str = "auto") -> BlockSpectra:
     """Top eigenvalues, Hutchinson trace (with its standard error) and SLQ density of every
@@ -99,7 +99,8 @@ def block_spectra(model: torch.nn.Module, loss_fn: Callable, data: Any,
         steps, probes: SLQ Lanczos steps and Rademacher probes per block (the trace comes from
             the same probes).
         seed: seed of every block's probes and Lanczos start.
-        tol: relative residual of the eigenpairs.
+        tol: relative residual of the eigenpairs; ``tol_scale``: relative to what, ``"top"``
+            or ``"pair"`` (:func:`~tinysubspace.linalg.blocks.block_spectrum`).
         exact_size: blocks with at most this many parameters are formed and diagonalised.
         points, sigma: grid and broadening of the densities compared by the score.
         dtype, mode, batch_size, hvp_method: passed to the operators (float64 by default).
@@ -114,7 +115,7 @@ def block_spectra(model: torch.nn.Module, loss_fn: Callable, data: Any,
     options = {"dtype": dtype, "mode": mode, "batch_size": batch_size, "hvp_method": hvp_method}
     spectra = {name: block_spectrum(block_operator(model, loss_fn, data, parts, **options), name,
                                     k=k, steps=steps, probes=probes, seed=seed, tol=tol,
-                                    exact_size=exact_size)
+                                    exact_size=exact_size, tol_scale=tol_scale)
                for name, parts in groups.items()}
     B = len(spectra)
     if B < 2:
