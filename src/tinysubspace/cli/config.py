@@ -19,6 +19,7 @@ from tinysubspace.experiments.config import (
     config_to_dict,
     parse_assignment,
 )
+from tinysubspace.results.folder import flatten_config
 from tinysubspace.results.store import RunStoreError, read_config
 
 
@@ -30,17 +31,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="KEY=VALUE", help="override a value, as for `tinysubspace run`")
     parser.add_argument("--json", action="store_true", help="print JSON instead of KEY = VALUE")
-
-
-def flat_items(config: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
-    """``[("optim.lr", 0.1), ...]`` of a nested config dict, in field order."""
-    items: list[tuple[str, Any]] = []
-    for key, value in config.items():
-        if isinstance(value, dict):
-            items.extend(flat_items(value, f"{prefix}{key}."))
-        else:
-            items.append((f"{prefix}{key}", value))
-    return items
 
 
 def _text(value: Any) -> str:
@@ -68,10 +58,10 @@ def main(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(resolved, indent=2))
         return 0
-    defaults = dict(flat_items(config_to_dict(ExperimentConfig())))
+    defaults = flatten_config(config_to_dict(ExperimentConfig()))
     print(f"# {config.name}: every key, settable with --set KEY=VALUE "
           "(# default: ... marks a value the experiment or --set changed)")
-    for key, value in flat_items(resolved):
+    for key, value in flatten_config(resolved).items():
         if key in ("name", "description"):
             continue
         mark = f"  # default: {_text(defaults[key])}" if defaults.get(key, value) != value else ""

@@ -41,6 +41,7 @@ from tinysubspace.experiments.config import ExperimentConfig
 from tinysubspace.experiments.groups import accuracy
 from tinysubspace.experiments.measurement import Context
 from tinysubspace.experiments.schedules import measurement_steps
+from tinysubspace.experiments.tracker_curvature import flat_parameters
 from tinysubspace.metrics import top_fraction
 from tinysubspace.optim.stability import sharpness_threshold, stability_row
 
@@ -67,10 +68,6 @@ def eos_columns(k: int, preconditioned: bool) -> list[str]:
         cols += [f"{prefix}/{name}" for name in ("threshold", "ratio", "residual",
                                                  "step_share", "matvecs")]
     return cols
-
-
-def _flat(model: torch.nn.Module) -> torch.Tensor:
-    return torch.cat([p.detach().reshape(-1) for p in model.parameters() if p.requires_grad])
 
 
 class EdgeOfStabilityGroup:
@@ -116,7 +113,7 @@ class EdgeOfStabilityGroup:
             row[f"{prefix}/matvecs"] = op.matvecs - before
             scale = op.diagonal.sqrt() if isinstance(op, PreconditionedOperator) else None
             bases[prefix] = (scale, eig.vectors)
-        self.pending = {"theta": _flat(ctx.model).clone(), "bases": bases}
+        self.pending = {"theta": flat_parameters(ctx.model), "bases": bases}
         return row
 
     def after_update(self, model: torch.nn.Module) -> dict[str, float]:
@@ -125,7 +122,7 @@ class EdgeOfStabilityGroup:
         when no measurement waits."""
         if self.pending is None:
             return {}
-        delta = _flat(model) - self.pending["theta"]
+        delta = flat_parameters(model) - self.pending["theta"]
         row = {}
         for prefix, (scale, vectors) in self.pending["bases"].items():
             step = delta.to(device=vectors.device, dtype=vectors.dtype)

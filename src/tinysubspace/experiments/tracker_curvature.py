@@ -257,7 +257,7 @@ class SharpnessGroup(_Group):
         """Called at every step, measured or not: keep ``θ_step`` (and the previous step's
         parameters, for the update share at ``step``)."""
         if self.seen is None or self.seen[0] != step:
-            self.last_update_from, self.seen = self.seen, (step, _flat_parameters(model))
+            self.last_update_from, self.seen = self.seen, (step, flat_parameters(model))
 
     def measure(self, ctx: Context) -> dict[str, float]:
         threshold = _threshold(self.optimizer)
@@ -286,7 +286,7 @@ class SharpnessGroup(_Group):
         ``op=None``: ``P = 1``); NaN when ``θ_{step−1}`` was not seen or the update is zero."""
         if self.last_update_from is None or self.last_update_from[0] != step - 1:
             return math.nan
-        delta = _flat_parameters(model).to(top) - self.last_update_from[1].to(top)
+        delta = flat_parameters(model).to(top) - self.last_update_from[1].to(top)
         if op is not None:
             delta = op.to_preconditioned(delta)
         return top_fraction(delta, top) if float(delta.norm()) > 0 else math.nan
@@ -319,6 +319,6 @@ def _geometry(before: torch.Tensor, now: torch.Tensor) -> dict[str, float]:
     return row
 
 
-def _flat_parameters(model: torch.nn.Module) -> torch.Tensor:
+def flat_parameters(model: torch.nn.Module) -> torch.Tensor:
     """The measured parameters (every one that requires grad, ``named_parameters`` order)."""
     return torch.cat([p.detach().reshape(-1) for _, p in select_parameters(model, None)]).clone()

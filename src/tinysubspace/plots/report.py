@@ -23,6 +23,7 @@ from tinysubspace.plots.figures import (
     MissingDataError,
     too_few_measurements,
 )
+from tinysubspace.results.folder import flatten_config
 from tinysubspace.results.key_numbers import key_numbers
 from tinysubspace.results.store import Run
 from tinysubspace.results.table1 import TABLE1_ROWS, run_overlap, table1_row_id
@@ -41,18 +42,6 @@ table{border-collapse:collapse;margin:1em 0;font-size:90%}
 td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}th{background:#f2f2f2}
 td.n{text-align:right;font-family:monospace}figure{margin:2em 0}img{max-width:100%}
 figcaption{color:#555;font-size:90%}.skip{color:#888}.warn{color:#a40}"""
-
-
-def flatten_config(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"optim": {"lr": 0.1}}`` -> ``{"optim.lr": 0.1}`` (lists kept as values)."""
-    flat: dict[str, Any] = {}
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flatten_config(value, f"{name}."))
-        else:
-            flat[name] = value
-    return flat
 
 
 def metrics_summary(run: Run) -> list[dict[str, Any]]:

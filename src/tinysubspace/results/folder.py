@@ -17,8 +17,8 @@ import torch
 
 __all__ = ["CHECKPOINT", "CONFIG", "METRICS", "MINIBATCH", "SPECTRUM", "STATUS", "VECTORS",
            "RunStoreError", "atomic_write_bytes", "check_out_folder", "config_differences",
-           "current_umask", "read_config", "refusal_reason", "safe_torch_load",
-           "write_failed"]
+           "current_umask", "flatten_config", "read_config", "refusal_reason",
+           "safe_torch_load", "write_failed"]
 
 CONFIG, METRICS, MINIBATCH, STATUS = "config.json", "metrics.csv", "minibatch.csv", "status.json"
 CHECKPOINT, SPECTRUM, VECTORS = "checkpoint.pt", "spectrum.npz", "eigenvectors"
@@ -133,11 +133,14 @@ def read_config(path: str | Path) -> dict[str, Any]:
     return config
 
 
-def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten_config(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"optim": {"lr": 0.1}}`` -> ``{"optim.lr": 0.1}``, in the config's order (lists kept as
+    values): the one flattener of configs (the resume comparison, ``tinysubspace config``, the
+    report)."""
     flat: dict[str, Any] = {}
     for key, value in config.items():
         if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
+            flat.update(flatten_config(value, f"{prefix}{key}."))
         else:
             flat[f"{prefix}{key}"] = value
     return flat
@@ -148,7 +151,7 @@ def config_differences(saved: dict[str, Any], mine: dict[str, Any]) -> list[str]
     keys that only one side has — a run made by another version — are not compared)."""
     def plain(config: dict[str, Any]) -> dict[str, Any]:
         body = {k: v for k, v in config.items() if k != "meta"}
-        return _flatten(json.loads(json.dumps(body, default=str)))
+        return flatten_config(json.loads(json.dumps(body, default=str)))
 
     theirs, ours = plain(saved), plain(mine)
     return [f"{key}: {json.dumps(theirs[key])} in the run, {json.dumps(ours[key])} now"
