@@ -164,7 +164,8 @@ def test_budget_rejects_bad_arguments():
         refine_eigenpairs(op, 3, previous, products=4)
     with pytest.raises(ValueError, match=r"previous vectors must have shape \(30,\)"):
         refine_eigenpairs(op, 3, torch.eye(20, 3, dtype=F64), products=6)
-    with pytest.raises(TypeError, match=r"previous must be Eigenpairs or a \(p, m\) tensor, got"):
+    with pytest.raises(TypeError,
+                       match=r"previous must be Eigenpairs, a \(p, m\) tensor or None, got"):
         refine_eigenpairs(op, 3, [[1.0]], products=6)
     with pytest.raises(ValueError, match=r"block_size must be a positive integer or None, got 0"):
         refine_eigenpairs(op, 3, previous, products=6, block_size=0)

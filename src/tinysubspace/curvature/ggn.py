@@ -19,9 +19,6 @@ sizes, :math:`G = \\frac1N \\sum_j n_j G_j`, and summed over ranks by the data-s
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from typing import Any
-
 import torch
 
 from tinysubspace.curvature.data import Batch
@@ -52,15 +49,6 @@ class GGNOperator(DataSetOperator):
 
     product_name = "GGN-vector product"
 
-    def __init__(self, model: torch.nn.Module, loss_fn: Callable[[Any, Any], torch.Tensor],
-                 data: Any, params: Iterable[str | torch.Tensor] | None = None,
-                 dtype: torch.dtype | None = None, device: torch.device | str | None = None,
-                 mode: str = "eval", batch_size: int | None = None,
-                 distributed: bool | None = None, hvp_method: str = "auto") -> None:
-        super().__init__(model, loss_fn, data, params=params, dtype=dtype, device=device,
-                         mode=mode, batch_size=batch_size, distributed=distributed,
-                         hvp_method=hvp_method)
-
     def batch_product(self, batch: Batch, index: int, block: torch.Tensor) -> torch.Tensor:
         """``G_j V = Jᵀ (∇²_z ℓ_j) J V`` for one batch."""
         return linearized_product(self, batch, index, block, self._output_curvature)
@@ -84,15 +72,6 @@ class GaussNewtonResidual(DataSetOperator):
 
     product_name = "Gauss–Newton residual product"
     uses_hvp = True
-
-    def __init__(self, model: torch.nn.Module, loss_fn: Callable[[Any, Any], torch.Tensor],
-                 data: Any, params: Iterable[str | torch.Tensor] | None = None,
-                 dtype: torch.dtype | None = None, device: torch.device | str | None = None,
-                 mode: str = "eval", batch_size: int | None = None,
-                 distributed: bool | None = None, hvp_method: str = "auto") -> None:
-        super().__init__(model, loss_fn, data, params=params, dtype=dtype, device=device,
-                         mode=mode, batch_size=batch_size, distributed=distributed,
-                         hvp_method=hvp_method)
 
     def batch_product(self, batch: Batch, index: int,
                       block: torch.Tensor) -> torch.Tensor | ProductEstimate:

@@ -60,20 +60,30 @@ from tinysubspace.linalg.tolerance import ConvergenceCriterion
 __all__ = ["refine_eigenpairs", "subspace_error_estimate"]
 
 
-def _start(previous: Eigenpairs | torch.Tensor, p: int, k: int, products: int,
-           dtype: torch.dtype, device: torch.device, gen: torch.Generator) -> torch.Tensor:
-    """The orthonormal first block: ``previous``'s vectors, filled at random up to ``k``."""
+def previous_block(previous: Eigenpairs | torch.Tensor, p: int) -> torch.Tensor:
+    """The ``(p, m)`` block of previous vectors in ``previous`` (its ``vectors``, or the tensor).
+
+    Raises:
+        TypeError: ``previous`` is neither :class:`Eigenpairs` nor a tensor.
+        ValueError: its vectors have the wrong shape (another model's, say).
+    """
     if isinstance(previous, Eigenpairs):
         block = previous.vectors
     elif isinstance(previous, torch.Tensor):
         block = previous
     else:
-        raise TypeError(f"previous must be Eigenpairs or a (p, m) tensor, got "
+        raise TypeError(f"previous must be Eigenpairs, a (p, m) tensor or None, got "
                         f"{type(previous).__name__}")
     if block.ndim not in (1, 2) or block.shape[0] != p or block.numel() == 0:
         raise ValueError(f"previous vectors must have shape ({p},) or ({p}, m) with m >= 1 (the "
                          f"operator's dimension is p = {p}), got {tuple(block.shape)}")
-    block = block.reshape(p, -1)
+    return block.reshape(p, -1)
+
+
+def _start(previous: Eigenpairs | torch.Tensor, p: int, k: int, products: int,
+           dtype: torch.dtype, device: torch.device, gen: torch.Generator) -> torch.Tensor:
+    """The orthonormal first block: ``previous``'s vectors, filled at random up to ``k``."""
+    block = previous_block(previous, p)
     if block.shape[1] > products:
         raise ValueError(f"products = {products} cannot even multiply the {block.shape[1]} "
                          "previous vectors; pass at least as many products as previous columns")

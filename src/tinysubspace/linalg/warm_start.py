@@ -76,7 +76,7 @@ from tinysubspace.linalg.amortised import (
     check_amortised_arguments,
 )
 from tinysubspace.linalg.basis import KrylovBasis, working_dtype
-from tinysubspace.linalg.budget import refine_eigenpairs
+from tinysubspace.linalg.budget import previous_block, refine_eigenpairs
 from tinysubspace.linalg.deflation import CHECK_STEPS
 from tinysubspace.linalg.folded import folded_eigenpairs
 from tinysubspace.linalg.lanczos import Eigenpairs, top_eigenpairs
@@ -128,26 +128,6 @@ def resolve_warm_start(warm: str, device: torch.device | str) -> str:
     if warm != "auto":
         return warm
     return "subspace" if torch.device(device).type == "cuda" else "krylov"
-
-
-def _previous_block(previous: Eigenpairs | torch.Tensor, p: int) -> torch.Tensor:
-    """The ``(p, m0)`` start block held by ``previous``.
-
-    Raises:
-        TypeError: ``previous`` is neither :class:`Eigenpairs`, a tensor nor ``None``.
-        ValueError: its vectors have the wrong shape (another model's, say).
-    """
-    if isinstance(previous, Eigenpairs):
-        block = previous.vectors
-    elif isinstance(previous, torch.Tensor):
-        block = previous
-    else:
-        raise TypeError(f"previous must be Eigenpairs, a (p, m) tensor or None, got "
-                        f"{type(previous).__name__}")
-    if block.ndim not in (1, 2) or block.shape[0] != p or block.numel() == 0:
-        raise ValueError(f"previous vectors must have shape ({p},) or ({p}, m) with m >= 1 (the "
-                         f"operator's dimension is p = {p}), got {tuple(block.shape)}")
-    return block.reshape(p, -1)
 
 
 def track_eigenpairs(op, k: int, previous: Eigenpairs | torch.Tensor | None = None,
@@ -229,7 +209,7 @@ def track_eigenpairs(op, k: int, previous: Eigenpairs | torch.Tensor | None = No
     check_amortised_arguments(check, check_every, guard_steps, skip)
     init, b, extra = None, block_size or 1, 0
     if previous is not None:
-        init = _previous_block(previous, op.shape[0]).to(device=op.device,
+        init = previous_block(previous, op.shape[0]).to(device=op.device,
                                                          dtype=working_dtype(op.dtype))
         if solver == "lanczos":
             warm, pass_cost, extra = _warm_choice(op, warm, previous, pass_cost, init, k + skip)
