@@ -163,6 +163,22 @@ def test_resume_with_an_edited_config_names_the_keys(whole, tmp_path, capsys):
     assert (path / "metrics.csv").read_text() == before
 
 
+def test_resume_refuses_a_hand_edited_config_json_naming_the_key(tmp_path, capsys):
+    """An edit of config.json after the checkpoint would be ignored (the checkpoint's optimizer
+    holds the old learning rate): ``--resume --out`` alone refuses it, naming the key."""
+    path = tmp_path / "hand"
+    training.run_experiment(_config(), path, stop_after=13)
+    config = json.loads((path / "config.json").read_text())
+    config["optim"]["lr"] = 0.05
+    (path / "config.json").write_text(json.dumps(config))
+    before = (path / "metrics.csv").read_text()
+    assert main(["run", "--resume", "--out", str(path), "--quiet"]) == 2
+    err = _one_line_error(capsys)
+    assert "was changed after the last checkpoint" in err
+    assert "optim.lr: 0.1 in the run, 0.05 now" in err
+    assert (path / "metrics.csv").read_text() == before
+
+
 def test_a_truncated_checkpoint_is_a_clear_error_and_keeps_the_measurements(tmp_path, capsys):
     path = tmp_path / "cut"
     training.run_experiment(_config(), path, stop_after=13)

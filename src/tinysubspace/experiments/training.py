@@ -17,6 +17,7 @@ sizes, so all ranks take the single-process step; only rank 0 writes the run fol
 from __future__ import annotations
 
 import functools
+import json
 import math
 import platform
 import socket
@@ -210,7 +211,8 @@ class _Loop:
         state = {"step": step, "model": self.problem.model.state_dict(),
                  "optimizer": self.optimizer.state_dict(),
                  "tracker": self.tracker.state_dict(), "rng": rng,
-                 "health": self.health.state_dict()}
+                 "health": self.health.state_dict(),
+                 "config": json.loads(json.dumps(config_to_dict(self.config), default=str))}
         if self._held() is not None:  # a measured row waiting for its step's update
             state["held_row"] = self._held().held
         if every_rank is not None:

@@ -195,6 +195,12 @@ class RunStore:
             self.write_status("failed", int(previous.get("step") or 0), message,
                               best_effort=True)
             raise RunStoreError(message) from None
+        edited = config_differences(checkpoint.get("config") or {}, saved) if checkpoint else []
+        if edited:  # the checkpoint's model and optimizer were made with other values
+            raise RunStoreError(f"{CONFIG} in {self.path} was changed after the last checkpoint ("
+                                + "; ".join(edited) + "): the checkpoint's model and optimizer "
+                                "hold the run's values, so the edit would be ignored; undo the "
+                                "edit, or start a new run with --set")
         for table in (self.metrics, self.minibatch):
             if not table.path.exists():
                 raise RunStoreError(f"cannot resume: {table.path} is missing")
