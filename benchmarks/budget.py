@@ -69,7 +69,7 @@ def train(steps: int, tracker_options: dict | None
     tracker = None
     if tracker_options is not None:
         tracker = SubspaceTracker(model, loss_fn, (X, Y), k=10, tol=1e-4, dtype=torch.float64,
-                                  batch_size=4096, **tracker_options)
+                                  chunk_size=4096, **tracker_options)
     rows = 0
     for step in range(steps + 1):
         if tracker is not None:
@@ -88,7 +88,7 @@ def subset_report(model: torch.nn.Module, loss_fn, X: torch.Tensor, Y: torch.Ten
     """``check_subset=True`` at ``model``: eq. 5 between the top-10 of a seeded ``n``-subset and
     of the full set, the two λ₁, and the seconds of the subset's own measurement."""
     tracker = SubspaceTracker(model, loss_fn, (X, Y), k=10, tol=1e-4, dtype=torch.float64,
-                              batch_size=4096, subset=n, check_subset=True, anchors=())
+                              chunk_size=4096, subset=n, check_subset=True, anchors=())
     row = tracker.on_step(0)
     return (row["subset/overlap_top"], row["hessian/eig_1"], row["subset/eig_1_full"],
             row["cost/seconds"])

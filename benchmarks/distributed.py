@@ -68,7 +68,7 @@ def measure(problem_name: str, device: str, chunk: int, repeat: int) -> dict:
     data = (problem.X[part], problem.Y[part])
     model = problem.model.to(device)
     op = HessianOperator(model, problem.loss_fn, data, dtype=torch.float64, device=device,
-                         batch_size=chunk)
+                         chunk_size=chunk)
     p = op.shape[0]
     V = torch.randn(p, BLOCK, generator=torch.Generator().manual_seed(0),
                     dtype=torch.float64).to(device)
@@ -76,7 +76,7 @@ def measure(problem_name: str, device: str, chunk: int, repeat: int) -> dict:
     hv = timeit(lambda: op @ V, repeat=repeat, sync=sync)
     hv_cpu = cpu_seconds(lambda: op @ V, repeat) if sync is None else float("nan")
     local = HessianOperator(model, problem.loss_fn, data, dtype=torch.float64, device=device,
-                            batch_size=chunk, distributed=False)  # this shard, no collectives
+                            chunk_size=chunk, distributed=False)  # this shard, no collectives
     hv_local = timeit(lambda: local @ V, repeat=repeat, sync=sync)
     grad = timeit(op.loss_and_gradient, repeat=repeat, sync=sync)
     reduce = timeit(lambda: tsdist.all_reduce_sum(V), repeat=repeat, sync=sync) \

@@ -54,7 +54,7 @@ def hvp_table(problem: Problem, chunk: int | None, block: int, repeat: int) -> t
     ops = {}
     for method in EXACT_HVP_METHODS:
         ops[method] = HessianOperator(problem.model, problem.loss_fn, (problem.X, problem.Y),
-                                      batch_size=chunk, device=device)
+                                      chunk_size=chunk, device=device)
         ops[method].hvp_method = method
     p = ops["loop"].shape[0]
     gen = torch.Generator().manual_seed(0)

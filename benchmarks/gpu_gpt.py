@@ -54,7 +54,7 @@ def block_table(problem: Problem, chunk: int, repeat: int) -> None:
     device = torch.device(problem.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else None
     data = (problem.X, problem.Y)
-    settings = {"batch_size": chunk, "device": device, "graph_memory": 0}  # a pass each time
+    settings = {"chunk_size": chunk, "device": device, "graph_memory": 0}  # a pass each time
     full = HessianOperator(problem.model, problem.loss_fn, data, **settings)
     ops = {"full": full}
     for name, parts in parameter_blocks(problem.model, "types").items():

@@ -9,7 +9,7 @@ Variants (all exact, all through :class:`tinysubspace.HessianOperator`):
 * ``jvp``: forward-over-reverse, ``torch.func.jvp(torch.func.grad(loss))``, vmapped over the
   block's columns.
 
-Also: data chunk size (``batch_size=`` of the operator) and torch threads.
+Also: data chunk size (``chunk_size=`` of the operator) and torch threads.
 
 Run: ``python benchmarks/hvp_profile.py [--quick]``.
 """
@@ -35,7 +35,7 @@ from tinysubspace import HessianOperator
 def make_op(problem: Problem, method: str, chunk: int | None, device: str = "cpu",
             dtype: torch.dtype = torch.float32) -> HessianOperator:
     op = HessianOperator(problem.model, problem.loss_fn, (problem.X, problem.Y),
-                         batch_size=chunk, device=device, dtype=dtype)
+                         chunk_size=chunk, device=device, dtype=dtype)
     op.hvp_method = method
     return op
 

@@ -85,7 +85,7 @@ def main() -> None:
     for index, state in enumerate(states):
         problem.model.load_state_dict(state)
         op = HessianOperator(problem.model, problem.loss_fn, (problem.X, problem.Y),
-                             batch_size=args.chunk, dtype=torch.float64)
+                             chunk_size=args.chunk, dtype=torch.float64)
         row = [index]
         reference = None
         for name, solve in variants.items():

@@ -144,7 +144,7 @@ def run(problem: Problem, k: int, tol: float, start: int, every: int, count: int
             break
         problem.model.load_state_dict(state)
         op = HessianOperator(problem.model, problem.loss_fn, (problem.X, problem.Y),
-                             batch_size=chunk, device=problem.device)
+                             chunk_size=chunk, device=problem.device)
         if costs is None:
             costs = unit_costs(op, 20, repeat)
         a, _ = timed(op, partial(scipy_top, k=k, tol=tol, seed=index))

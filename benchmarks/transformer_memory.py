@@ -1,7 +1,7 @@
 """Peak memory of one exact H·v of a character-level GPT, against the chunk size (issue 14).
 
-The Hessian operator runs the data through the model in chunks of ``batch_size`` sequences
-(``tracker.hvp_batch_size``); one chunk's graph — its ``b × T × V`` logits and the activations,
+The Hessian operator runs the data through the model in chunks of ``chunk_size`` sequences
+(``tracker.chunk_size``); one chunk's graph — its ``b × T × V`` logits and the activations,
 built with ``create_graph`` for double backprop — is what a product needs. With
 ``graph_memory=0`` (no graphs kept between products) the peak memory of an H·v is therefore
 bounded by the chunk, not by the data set; by default the operator also keeps chunks' graphs
@@ -29,7 +29,7 @@ torch.set_num_threads(1)
 data = ts.load_dataset("pydoc-chars", block_size=cfg["T"], max_chars=cfg["n"] * cfg["T"] + 1)
 model = ts.build_model("gpt", (cfg["T"],), data.num_outputs, n_layer=cfg["L"], n_embd=cfg["d"])
 op = ts.HessianOperator(model, token_cross_entropy, data.tensors,
-                        dtype=getattr(torch, cfg["dtype"]), batch_size=cfg["chunk"],
+                        dtype=getattr(torch, cfg["dtype"]), chunk_size=cfg["chunk"],
                         hvp_method=cfg["method"], graph_memory=cfg["graph_memory"])
 v = torch.randn(op.shape[0], cfg["columns"], generator=torch.Generator().manual_seed(0),
                 dtype=op.dtype).squeeze(1)

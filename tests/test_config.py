@@ -159,3 +159,49 @@ def test_a_misspelt_key_gets_did_you_mean():
     with pytest.raises(ConfigError, match=r"unknown experiment 'fig1-fc-digts'; did you mean "
                                           r"fig1-fc-digits"):
         load_experiment("fig1-fc-digts")
+
+
+# ---------------------------------------------------------------- renamed keys (issue 22)
+def test_the_old_chunk_key_works_from_set_toml_and_an_old_config_json():
+    """``tracker.hvp_batch_size`` is the old name of ``tracker.chunk_size`` (RENAMED_KEYS)."""
+    import tomllib
+
+    from tinysubspace.experiments.config import RENAMED_KEYS
+    assert RENAMED_KEYS["tracker.hvp_batch_size"] == "tracker.chunk_size"
+    key, value = parse_assignment("tracker.hvp_batch_size=77")  # --set
+    assert load_experiment(DEFAULT_EXPERIMENT, {key: value}).tracker.chunk_size == 77
+    toml = tomllib.loads("[tracker]\nhvp_batch_size = 33\n[optim]\nbatch_size = 8\n")
+    config = apply_overrides(ExperimentConfig(), toml)
+    assert config.tracker.chunk_size == 33 and config.optim.batch_size == 8  # not a chunk
+    saved = config_to_dict(ExperimentConfig())  # config.json of a run made before the rename
+    saved["tracker"]["hvp_batch_size"] = 123
+    del saved["tracker"]["chunk_size"]
+    assert config_from_dict(json.loads(json.dumps(saved))).tracker.chunk_size == 123
+    assert load_experiment("fig1-fc-mnist").tracker.chunk_size == 10000  # shipped TOML: new key
+
+
+def test_the_old_and_new_chunk_key_together_are_refused():
+    with pytest.raises(ConfigError, match=r"tracker\.hvp_batch_size is the old name of "
+                                          r"tracker\.chunk_size; give only tracker\.chunk_size"):
+        apply_overrides(ExperimentConfig(), {"tracker": {"hvp_batch_size": 5, "chunk_size": 6}})
+    with pytest.raises(ConfigError, match=r"tracker\.chunk_size must be at least 1, got 0"):
+        apply_overrides(ExperimentConfig(), {"tracker.hvp_batch_size": 0})  # checked as new
+
+
+def test_an_old_run_folder_resumes_with_the_renamed_key(tmp_path):
+    """``config_differences`` compares an old ``hvp_batch_size`` under its new name: the same
+    value resumes, another value is reported (before the rename it was silently skipped)."""
+    from tinysubspace.experiments.config import RENAMED_KEYS
+    from tinysubspace.results.store import RunStore, RunStoreError, config_differences
+    new = config_to_dict(apply_overrides(ExperimentConfig(), {"tracker.chunk_size": 64}))
+    old = json.loads(json.dumps(new))
+    old["tracker"]["hvp_batch_size"] = old["tracker"].pop("chunk_size")
+    assert config_differences(old, new, RENAMED_KEYS) == []
+    other = config_to_dict(apply_overrides(ExperimentConfig(), {"tracker.chunk_size": 32}))
+    assert config_differences(old, other, RENAMED_KEYS) == [
+        "tracker.chunk_size: 64 in the run, 32 now"]
+    store = RunStore(tmp_path / "run", ["step"])
+    store.create(old)
+    assert store.resume(new, RENAMED_KEYS) is None  # no checkpoint yet: from step 0
+    with pytest.raises(RunStoreError, match=r"tracker\.chunk_size: 64 in the run, 32 now"):
+        store.resume(other, RENAMED_KEYS)

@@ -334,3 +334,35 @@ def test_models_and_losses_cover_the_issue():
     assert not model.training and model[1].running_mean.abs().sum() > 0
     X, _ = make_inputs("cnn_batchnorm", "ce", 0)
     assert X.shape[1:] == (1, 5, 5)
+
+
+# ------------------------------------------------------------------ chunk_size and its old name
+def test_chunk_size_splits_the_data_and_keeps_the_reference(reference_of):
+    """``chunk_size`` cuts an ``(X, Y)`` pair into passes of that many examples (the last one
+    shorter); the mean over the data set, so the Hessian, does not change. ``batch_size`` is the
+    old name and gives the same operator."""
+    case = Case("mlp_softplus", "mse", "tuple")
+    H, _, _ = reference_of(case)
+    problem = case.build()
+    data = (problem.inputs, problem.targets)
+    n, p = problem.inputs.shape[0], H.shape[0]
+    new = ts.HessianOperator(problem.model, problem.loss_fn, data, dtype=F64, chunk_size=3)
+    old = ts.HessianOperator(problem.model, problem.loss_fn, data, dtype=F64, batch_size=3)
+    assert [b.size for b in new.batches] == [b.size for b in old.batches]
+    assert len(list(new.batches)) == -(-n // 3) and n % 3 != 0  # uneven chunks are weighted
+    eye = torch.eye(p, dtype=F64)
+    assert relative_error(new @ eye, H) < 1e-10
+    assert relative_error(old @ eye, H) < 1e-10
+    fisher = ts.FisherOperator(problem.model, problem.loss_fn, data, dtype=F64, batch_size=3)
+    assert len(list(fisher.batches)) == len(list(new.batches))
+
+
+def test_chunk_size_given_twice_is_refused():
+    problem = Case("mlp_softplus", "mse", "tuple").build()
+    data = (problem.inputs, problem.targets)
+    with pytest.raises(TypeError, match=r"chunk_size=3 and its old name batch_size=4 both"):
+        ts.HessianOperator(problem.model, problem.loss_fn, data, chunk_size=3, batch_size=4)
+    with pytest.raises(TypeError, match=r"chunk_size=3 and its old name batch_size=3 both"):
+        ts.FisherOperator(problem.model, problem.loss_fn, data, chunk_size=3, batch_size=3)
+    with pytest.raises(ValueError, match="chunk_size must be a positive integer, got 0"):
+        ts.HessianOperator(problem.model, problem.loss_fn, data, chunk_size=0)

@@ -29,8 +29,18 @@ from torch.func import functional_call
 
 from tinysubspace.curvature.attention import exact_attention
 
-__all__ = ["Batch", "BatchSource", "NonFiniteError", "call_model", "check_mean_loss",
-           "check_operator_loss", "checked_loss", "count_tokens", "mean_check_tolerance"]
+__all__ = [
+    "Batch",
+    "BatchSource",
+    "NonFiniteError",
+    "call_model",
+    "check_mean_loss",
+    "check_operator_loss",
+    "checked_loss",
+    "chunk_size_argument",
+    "count_tokens",
+    "mean_check_tolerance",
+]
 
 
 @dataclass(frozen=True)
@@ -121,6 +131,21 @@ def _dict_batch_advice(model: Any, inputs: Mapping, error: TypeError) -> str:
             "e.g. [(b['image'], b['labels']) for b in loader]")
 
 
+def chunk_size_argument(chunk_size: int | None, batch_size: int | None) -> int | None:
+    """The chunk size given as ``chunk_size=`` or by its old name ``batch_size=`` (kept so that
+    code written before the rename runs unchanged; the SGD mini-batch is another thing).
+
+    Raises:
+        TypeError: both names given.
+    """
+    if batch_size is None:
+        return chunk_size
+    if chunk_size is not None:
+        raise TypeError(f"give the chunk size once: chunk_size={chunk_size!r} and its old name "
+                        f"batch_size={batch_size!r} both arrived; use chunk_size")
+    return batch_size
+
+
 class BatchSource:
     """A re-iterable source of :class:`Batch` es covering a whole data set.
 
@@ -131,23 +156,29 @@ class BatchSource:
             ``(X, Y)`` of tensors with equal first dimension.
         device: where batches are moved.
         dtype: floating inputs and targets are cast to this dtype (``None``: kept).
-        batch_size: chunk size used to split an ``(X, Y)`` tuple (``None``: one chunk).
+        chunk_size: how many examples of an ``(X, Y)`` tuple go into one pass (``None``: all
+            in one chunk).
+        batch_size: the old name of ``chunk_size`` (:func:`chunk_size_argument`).
 
     Raises:
-        TypeError: ``data`` is a one-shot iterator (a generator), or not iterable.
-        ValueError: ``(X, Y)`` have different lengths, or ``batch_size`` is not positive.
+        TypeError: ``data`` is a one-shot iterator (a generator), or not iterable; both
+            ``chunk_size`` and ``batch_size``.
+        ValueError: ``(X, Y)`` have different lengths, or ``chunk_size`` is not positive.
     """
 
     def __init__(self, data: Any, device: torch.device, dtype: torch.dtype | None = None,
-                 batch_size: int | None = None) -> None:
-        if batch_size is not None and batch_size <= 0:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
+                 chunk_size: int | None = None, *, batch_size: int | None = None) -> None:
+        name = "chunk_size" if batch_size is None else "batch_size"  # as the caller said it
+        chunk_size = chunk_size_argument(chunk_size, batch_size)
+        if chunk_size is not None and chunk_size <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {chunk_size}")
+        self.chunk_size = chunk_size
         if _is_tensor_pair(data):
             inputs, targets = data
             if inputs.shape[0] != targets.shape[0]:
                 raise ValueError(f"(X, Y) must have the same number of examples, got "
                                  f"{inputs.shape[0]} inputs and {targets.shape[0]} targets")
-            chunk = batch_size or max(int(inputs.shape[0]), 1)
+            chunk = chunk_size or max(int(inputs.shape[0]), 1)
             data = list(zip(inputs.split(chunk), targets.split(chunk), strict=True))
         elif not isinstance(data, Iterable):
             raise TypeError(f"data must be a DataLoader, a re-iterable of (inputs, targets) "

@@ -44,6 +44,7 @@ from tinysubspace.curvature.data import (
     call_model,
     check_operator_loss,
     checked_loss,
+    chunk_size_argument,
 )
 from tinysubspace.curvature.hvp import ProductEstimate, check_functional_mode, hvp_strategy
 from tinysubspace.curvature.layout import ParameterLayout, select_parameters
@@ -88,7 +89,8 @@ class DataSetOperator(SymmetricOperator):
             parameters' dtype.
         device: device of the measurement; ``None``: the parameters' device.
         mode: ``"eval"`` (default: dropout off, batch norm on running statistics) or ``"train"``.
-        batch_size: chunk size when ``data`` is an ``(X, Y)`` tuple (``None``: one chunk).
+        chunk_size: how many examples of an ``(X, Y)`` tuple go into one pass (``None``: one
+            chunk); ``batch_size`` is its old name (both: ``TypeError``).
         distributed: ``data`` is this process's shard and sums over the data are all-reduced
             (:mod:`tinysubspace.curvature.collectives`); ``None``: on iff ``torch.distributed``
             runs more than one process. Every rank must then call each method together.
@@ -109,8 +111,10 @@ class DataSetOperator(SymmetricOperator):
     def __init__(self, model: torch.nn.Module, loss_fn: LossFn, data: Any,
                  params: Iterable[str | torch.Tensor] | None = None,
                  dtype: torch.dtype | None = None, device: torch.device | str | None = None,
-                 mode: str = "eval", batch_size: int | None = None,
-                 distributed: bool | None = None, hvp_method: str = "auto") -> None:
+                 mode: str = "eval", chunk_size: int | None = None,
+                 distributed: bool | None = None, hvp_method: str = "auto", *,
+                 batch_size: int | None = None) -> None:
+        chunk_size_argument(chunk_size, batch_size)  # both names: refused before any work
         if mode not in ("eval", "train"):
             raise ValueError(f"mode must be 'eval' or 'train', got {mode!r}")
         hvp_strategy(hvp_method, torch.device(device or "cpu"), mode)  # validate early
@@ -126,7 +130,8 @@ class DataSetOperator(SymmetricOperator):
         self.model, self.loss_fn, self.mode, self.hvp_method = model, loss_fn, mode, hvp_method
         self.layout = ParameterLayout(tuple(name for name, _ in chosen),
                                       tuple(p.shape for _, p in chosen))
-        self.batches = BatchSource(data, device=device, dtype=dtype, batch_size=batch_size)
+        self.batches = BatchSource(data, device=device, dtype=dtype, chunk_size=chunk_size,
+                                   batch_size=batch_size)
         super().__init__(self.layout.numel, dtype, device)
         self._leaves = tuple(p.detach().to(device=device, dtype=dtype).clone().requires_grad_(True)
                              for _, p in chosen)

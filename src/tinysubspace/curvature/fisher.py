@@ -94,7 +94,7 @@ class FisherOperator(DataSetOperator):
     """Exact Fisher information of the mean loss over a data set: empirical, Monte Carlo or true.
 
     Args:
-        model, loss_fn, data, params, dtype, device, mode, batch_size, distributed: as
+        model, loss_fn, data, params, dtype, device, mode, chunk_size, distributed: as
             :class:`~tinysubspace.curvature.hessian.HessianOperator`.
         kind: ``"empirical"`` (observed targets), ``"mc"`` (targets sampled from the model) or
             ``"true"`` (the exact expectation over the model's targets).
@@ -124,8 +124,8 @@ class FisherOperator(DataSetOperator):
                  mc_samples: int = 1, seed: int = 0, examples: str = "auto",
                  params: Iterable[str | torch.Tensor] | None = None,
                  dtype: torch.dtype | None = None, device: torch.device | str | None = None,
-                 mode: str = "eval", batch_size: int | None = None,
-                 distributed: bool | None = None) -> None:
+                 mode: str = "eval", chunk_size: int | None = None,
+                 distributed: bool | None = None, *, batch_size: int | None = None) -> None:
         if kind not in FISHER_KINDS:
             raise ValueError(f"kind must be one of {FISHER_KINDS}, got {kind!r}")
         if likelihood is not None and likelihood not in LIKELIHOODS:
@@ -140,7 +140,8 @@ class FisherOperator(DataSetOperator):
         self.mc_samples, self.seed = int(mc_samples), int(seed)
         self.examples = checked_examples(examples)
         super().__init__(model, loss_fn, data, params=params, dtype=dtype, device=device,
-                         mode=mode, batch_size=batch_size, distributed=distributed)
+                         mode=mode, chunk_size=chunk_size, distributed=distributed,
+                         batch_size=batch_size)
 
     # ------------------------------------------------------------------ public
     def sample_targets(self, outputs: torch.Tensor, index: int) -> torch.Tensor:

@@ -67,7 +67,8 @@ class HessianOperator(DataSetOperator):
             itself is not touched). ``None``: the parameters' dtype.
         device: device of the measurement. ``None``: the parameters' device.
         mode: ``"eval"`` (default: dropout off, batch norm on running statistics) or ``"train"``.
-        batch_size: chunk size when ``data`` is an ``(X, Y)`` tuple (``None``: one chunk).
+        chunk_size: how many examples of an ``(X, Y)`` tuple go into one pass (``None``: one
+            chunk); ``batch_size`` is its old name (both: ``TypeError``).
         distributed: ``data`` is this process's shard, and sums over the data are all-reduced
             across the processes of ``torch.distributed`` (see
             :mod:`tinysubspace.curvature.collectives`).
@@ -115,15 +116,16 @@ class HessianOperator(DataSetOperator):
     def __init__(self, model: torch.nn.Module, loss_fn: LossFn, data: Any,
                  params: Iterable[str | torch.Tensor] | None = None,
                  dtype: torch.dtype | None = None, device: torch.device | str | None = None,
-                 mode: str = "eval", batch_size: int | None = None,
+                 mode: str = "eval", chunk_size: int | None = None,
                  distributed: bool | None = None, hvp_method: str = "auto",
-                 graph_memory: float | int = DEFAULT_GRAPH_MEMORY) -> None:
+                 graph_memory: float | int = DEFAULT_GRAPH_MEMORY, *,
+                 batch_size: int | None = None) -> None:
         self._graph_memory = validate_graph_memory(graph_memory)
         self._graph_budget: int | None = None  # bytes, fixed when the first graph is built
         self.release_graphs()
         super().__init__(model, loss_fn, data, params=params, dtype=dtype, device=device,
-                         mode=mode, batch_size=batch_size, distributed=distributed,
-                         hvp_method=hvp_method)
+                         mode=mode, chunk_size=chunk_size, distributed=distributed,
+                         hvp_method=hvp_method, batch_size=batch_size)
 
     # ------------------------------------------------------------------ public
     def batch_product(self, batch: Batch, index: int,

@@ -118,9 +118,9 @@ class ShardedHessianOperator(SymmetricOperator):
         dtype, device: ``None`` or the parameters' own (the model itself is perturbed).
         mode: ``"eval"`` (default) or ``"train"``.
         hvp_method: ``"finite_difference"`` (``"auto"``) or ``"finite_difference4"``.
-        batch_size, distributed: accepted for :class:`~tinysubspace.HessianOperator`'s
-            signature and ignored (the local data is one batch; the operator is always
-            distributed); so is ``graph_memory`` (``**ignored``).
+        chunk_size (old name ``batch_size``), distributed: accepted for
+            :class:`~tinysubspace.HessianOperator`'s signature and ignored (the local data is
+            one batch; the operator is always distributed); so is ``graph_memory`` (``**ignored``).
 
     Raises:
         TypeError: a parameter that is not a ``DTensor``, or ``data`` not an ``(X, Y)`` pair.
@@ -130,7 +130,7 @@ class ShardedHessianOperator(SymmetricOperator):
 
     def __init__(self, model: torch.nn.Module, loss_fn: Any, data: Any, params: Any = None,
                  dtype: torch.dtype | None = None, device: Any = None, mode: str = "eval",
-                 batch_size: int | None = None, distributed: bool | None = None,
+                 chunk_size: int | None = None, distributed: bool | None = None,
                  hvp_method: str = "auto", **ignored: Any) -> None:
         self._params = _sharded_parameters(model, params)
         first = self._params[0]

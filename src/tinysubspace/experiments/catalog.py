@@ -56,7 +56,7 @@ def _variants(files: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
                 if target == "digits":  # 1,437 examples: ~23 steps an epoch
                     train["steps"] = min(int(train.get("steps", 1500)), 1500)
                 tracker = {k: v for k, v in spec.get("tracker", {}).items()
-                           if k != "hvp_batch_size"}
+                           if k not in ("chunk_size", "hvp_batch_size")}
                 made[variant] = {**spec, "data": data, "train": train, "tracker": tracker,
                                  "description": f"{spec['description']} — variant on {target}",
                                  "variant_of": name}

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
+    "RENAMED_KEYS",
     "ConfigError",
     "DataConfig",
     "ExperimentConfig",
@@ -126,7 +127,7 @@ class TrackerConfig:
     anchors: tuple[int, ...] = (0, 50, 100, 200, 400)  # t1 of Fig. 2/3: bases kept for overlaps
     save_vectors_at: tuple[int, ...] = (0, 50, 100, 200, 400)  # Figs. 6/7/11: eigenvectors saved
     dtype: str = "float64"  # measurement dtype (the model trains in float32)
-    hvp_batch_size: int | None = 4096  # chunk of the data per pass
+    chunk_size: int | None = 4096  # examples per pass of the measurement (not optim.batch_size)
     mode: str = "eval"
     minibatch_every: int = 1  # mini-batch overlap(g, Hg) every this many steps (0: never)
     spectrum: str = "none"  # at the end: none | exact | slq
@@ -215,6 +216,28 @@ def _number(value: Any, annotation: type, key: str) -> int | float:
     return number
 
 
+RENAMED_KEYS: dict[str, str] = {
+    "tracker.hvp_batch_size": "tracker.chunk_size",  # issue 22: a chunk is not a mini-batch
+}
+"""Old key -> new key. An old key still works wherever a config arrives (``--set``, TOML files,
+an old run folder's ``config.json`` on ``--resume``); both at once is an error."""
+
+
+def _renamed(section: str, values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` of ``section`` with old keys (:data:`RENAMED_KEYS`) under their new names."""
+    out = dict(values)
+    for old, new in RENAMED_KEYS.items():
+        old_section, old_key = old.split(".", 1)
+        if old_section != section or old_key not in out:
+            continue
+        new_key = new.split(".", 1)[1]
+        if new_key in out:
+            raise ConfigError(f"{old} is the old name of {new}; give only {new}, got both "
+                              f"({out[old_key]!r} and {out[new_key]!r})")
+        out[new_key] = out.pop(old_key)
+    return out
+
+
 def _replace(section: Any, key_path: str, updates: dict[str, Any]) -> Any:
     hints = typing.get_type_hints(type(section))
     known = [f.name for f in dataclasses.fields(section)]
@@ -254,6 +277,7 @@ def apply_overrides(config: ExperimentConfig, updates: dict[str, Any]) -> Experi
             raise ConfigError(f"{key!r} is a section; set its keys as {key}.KEY=VALUE")
     config = _replace(config, "", top) if top else config
     for section, values in flat.items():
+        values = _renamed(section, values)
         config = dataclasses.replace(
             config, **{section: _replace(getattr(config, section), f"{section}.", values)})
     validate_config(config)
@@ -305,7 +329,7 @@ RANGES: dict[str, tuple[float, bool, float, bool]] = {
     "tracker.dense_until": (0, True, _INF, False), "tracker.dense_every": (1, True, _INF, False),
     "tracker.sparse_every": (1, True, _INF, False), "tracker.extra_steps": (0, True, _INF, False),
     "tracker.anchors": (0, True, _INF, False), "tracker.save_vectors_at": (0, True, _INF, False),
-    "tracker.hvp_batch_size": (1, True, _INF, False),
+    "tracker.chunk_size": (1, True, _INF, False),
     "tracker.minibatch_every": (0, True, _INF, False),
     "tracker.spectrum_probes": (1, True, _INF, False),
     "tracker.spectrum_steps": (1, True, _INF, False),

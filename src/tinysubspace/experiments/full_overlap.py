@@ -76,7 +76,7 @@ class FullOverlap:
 
     Args:
         config: the resolved experiment (``tracker.overlap_last``, ``overlap_every``, ``mode``,
-            ``dtype``, ``hvp_batch_size``; ``train.steps``).
+            ``dtype``, ``chunk_size``; ``train.steps``).
         loss_fn: the mean-reduced training loss.
         train, test: this process's part of each split (``test`` may be ``None``).
         distributed: every rank measures together (the operators all-reduce); only the rank

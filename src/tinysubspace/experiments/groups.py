@@ -283,7 +283,7 @@ def _defined(fn: Callable[[], float], *vectors: torch.Tensor) -> float:
 def accuracy(model: torch.nn.Module, data: Any, operators: OperatorSettings,
              classification: bool = True) -> float:
     """Share of examples of ``data`` whose largest output is the target, in ``operators.mode``
-    and chunks of ``operators.batch_size`` (batch norm in train mode runs on copies of the
+    and chunks of ``operators.chunk_size`` (batch norm in train mode runs on copies of the
     buffers, so the running statistics never move; summed over ranks when distributed); NaN
     where accuracy is undefined (``classification`` false)."""
     if not classification:
@@ -296,7 +296,7 @@ def accuracy(model: torch.nn.Module, data: Any, operators: OperatorSettings,
 
     correct = total = 0
     with module_mode(model, train=operators.mode == "train"):
-        for batch in BatchSource(data, device=device, batch_size=operators.batch_size):
+        for batch in BatchSource(data, device=device, chunk_size=operators.chunk_size):
             logits = output_logits(call_model(forward, batch.inputs))
             correct += int((logits.argmax(dim=1) == batch.targets).sum())
             total += int(batch.targets.shape[0])

@@ -42,7 +42,7 @@ class OperatorSettings:
 
     dtype: torch.dtype | None = None
     mode: str = "eval"
-    batch_size: int | None = None
+    chunk_size: int | None = None  # examples of an (X, Y) pair per pass (None: one chunk)
     hvp_method: str = "auto"
     distributed: bool = False
 
@@ -62,7 +62,7 @@ class OperatorSettings:
         return self.build(HessianOperator, model, loss_fn, data)
 
     def keywords(self) -> dict[str, Any]:
-        return {"dtype": self.dtype, "mode": self.mode, "batch_size": self.batch_size,
+        return {"dtype": self.dtype, "mode": self.mode, "chunk_size": self.chunk_size,
                 "hvp_method": self.hvp_method, "distributed": self.distributed}
 
 

@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from tinysubspace.curvature.data import chunk_size_argument
 from tinysubspace.experiments.config import TrackerConfig
 from tinysubspace.experiments.groups import BlocksGroup, OverheadGroup, SubsetGroup
 from tinysubspace.experiments.loggers import Logger, build_loggers
@@ -106,7 +107,8 @@ class SubspaceTracker:
             scheduled steps, also subject to the budget).
         save_vectors_at: steps whose eigenvectors are saved in ``out/eigenvectors``.
         mode: ``"eval"`` (dropout off, batch norm on running statistics) or ``"train"``.
-        batch_size: chunk size for an ``(X, Y)`` pair (``None``: one chunk).
+        chunk_size: how many examples of an ``(X, Y)`` pair go into one pass (``None``: one
+            chunk); ``batch_size`` is its old name (both: ``TypeError``).
         solver: ``"track"`` (warm-started) or ``"cold"``.
         resume: continue the run in ``out`` (or start it if ``out`` holds none).
         check_subset: with ``subset``, compare once (at the first measurement) the subset's
@@ -141,14 +143,16 @@ class SubspaceTracker:
                  dtype: torch.dtype | str | None = None, subset: int | None = None,
                  seed: int = 0, *, budget: float | None = None, test: Any = None,
                  anchors: Sequence[int] = PAPER_ANCHORS, save_vectors_at: Sequence[int] = (),
-                 mode: str = "eval", batch_size: int | None = None, solver: str = "track",
+                 mode: str = "eval", chunk_size: int | None = None, solver: str = "track",
                  resume: bool = False, check_subset: bool = False, name: str | None = None,
                  tol_scale: str = "top",
                  ggn: bool = False, class_means: bool = False, geometry: bool = False,
                  optimizer: torch.optim.Optimizer | None = None,
                  classification: bool | None = None, distributed: bool | None = None,
                  blocks: str = "none", block_options: Mapping[str, int] | None = None,
-                 hvp_method: str = "auto", groups: Sequence[Any] = ()) -> None:
+                 hvp_method: str = "auto", groups: Sequence[Any] = (),
+                 batch_size: int | None = None) -> None:
+        chunk_size = chunk_size_argument(chunk_size, batch_size)
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"k must be an integer >= 1, got {k!r}")
         self.model, self.loss_fn, self.seed = model, loss_fn, int(seed)
@@ -171,7 +175,7 @@ class SubspaceTracker:
         shared = tsdist.is_distributed() if distributed is None else bool(distributed)
         settings = MeasurementSettings(
             k, OperatorSettings(dtype=measurement_dtype(dtype, model), mode=mode,
-                                batch_size=batch_size, hvp_method=hvp_method,
+                                chunk_size=chunk_size, hvp_method=hvp_method,
                                 distributed=shared),
             SolverSettings(tol=tol, tol_scale=tol_scale, solver=solver), self.save_vectors_at)
         self.engine = Tracker(settings, loss_fn, data, test, classification,
@@ -246,7 +250,7 @@ class SubspaceTracker:
         keywords = {"k": config.k, "tol": config.tol, "tol_scale": config.tol_scale,
                     "dtype": DTYPES.get(config.dtype, config.dtype), "anchors": config.anchors,
                     "save_vectors_at": config.save_vectors_at, "mode": config.mode,
-                    "batch_size": config.hvp_batch_size, "solver": config.solver,
+                    "chunk_size": config.chunk_size, "solver": config.solver,
                     "blocks": config.blocks, "ggn": config.ggn,
                     "class_means": config.class_means, "geometry": config.geometry,
                     "block_options": {key: getattr(config, f"blocks_{key}")

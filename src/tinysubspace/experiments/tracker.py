@@ -86,7 +86,7 @@ def settings_of(config: TrackerConfig, distributed: bool | None = None,
     solver = SolverSettings(tol=config.tol, tol_scale=config.tol_scale, solver=config.solver)
     distributed = tsdist.is_distributed() if distributed is None else bool(distributed)
     operators = OperatorSettings(dtype=dtype if dtype is not None else DTYPES[config.dtype],
-                                 mode=config.mode, batch_size=config.hvp_batch_size,
+                                 mode=config.mode, chunk_size=config.chunk_size,
                                  distributed=distributed)
     return MeasurementSettings(config.k, operators, solver, frozenset(config.save_vectors_at))
 
@@ -104,7 +104,7 @@ class Tracker:
 
     Args:
         config: what to measure (``k``, ``tol``, ``tol_scale``, ``solver``, ``dtype``,
-            ``mode``, ``hvp_batch_size``, ``anchors``, ``save_vectors_at``, ``blocks*``).
+            ``mode``, ``chunk_size``, ``anchors``, ``save_vectors_at``, ``blocks*``).
         loss_fn: mean-reduced ``loss_fn(outputs, targets)``.
         train: the whole training set: anything :class:`HessianOperator` accepts (``(X, Y)``,
             a list of batches, a ``DataLoader``; dict batches with ``"labels"``).

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from tinysubspace.experiments.config import RENAMED_KEYS
 from tinysubspace.experiments.tracker_curvature import curvature_settings
 from tinysubspace.runtime import distributed as tsdist
 
@@ -43,7 +44,8 @@ def open_run_folder(store: Any, config: dict[str, Any], resume: bool) -> dict[st
     if not resume:
         raise RunStoreError(f"out={str(path)!r} already holds a run; pass resume=True to "
                             "continue it, or choose another folder")
-    differ = [d.split(":")[0] for d in config_differences(read_config(path), config)]
+    differ = [d.split(":")[0] for d in config_differences(read_config(path), config,
+                                                      RENAMED_KEYS)]
     if differ:
         raise RunStoreError(f"the run in {path} was made with other settings ({', '.join(differ)}"
                             " differ); resume with the same ones, or choose another folder")
@@ -81,7 +83,7 @@ def run_config(tracker: Any, name: str | None) -> dict[str, Any]:
     settings = {"k": engine.k, "tol": solver.tol, "tol_scale": solver.tol_scale,
                "solver": solver.solver, "anchors": sorted(tracker.anchors),
                "save_vectors_at": sorted(tracker.save_vectors_at),
-               "dtype": str(ops.dtype).split(".")[-1], "hvp_batch_size": ops.batch_size,
+               "dtype": str(ops.dtype).split(".")[-1], "chunk_size": ops.chunk_size,
                "mode": ops.mode, **tracker.blocks, "schedule": schedule,
                "budget": None if tracker.budget is None else tracker.budget.fraction,
                "seed": tracker.seed, "subset": tracker.subset, "check_subset": tracker.check_subset,

@@ -40,7 +40,7 @@ from tinysubspace.experiments.build import (
     epochs_of,
     with_steps_from_epochs,
 )
-from tinysubspace.experiments.config import ExperimentConfig, config_to_dict
+from tinysubspace.experiments.config import RENAMED_KEYS, ExperimentConfig, config_to_dict
 from tinysubspace.experiments.experiment_groups import (
     experiment_groups,
     experiment_steps,
@@ -357,7 +357,8 @@ def run_experiment(config: ExperimentConfig, out: str | Path | None, *, resume: 
         loop.attach_loggers(sinks)
         if out is not None:
             checkpoint = tsdist.run_on_main(
-                lambda: loop.store.resume(resolved) if resume else loop.store.create(resolved))
+                lambda: loop.store.resume(resolved, RENAMED_KEYS) if resume
+                else loop.store.create(resolved))
             if checkpoint is not None:
                 start = loop.restore(checkpoint)
         path = Path(out) if out else None

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from tinysubspace.curvature.data import chunk_size_argument
 from tinysubspace.curvature.hessian import HessianOperator
 from tinysubspace.linalg.blocks import (
     BlockSpectrum,
@@ -86,7 +87,8 @@ def block_spectra(model: torch.nn.Module, loss_fn: Callable, data: Any,
                   probes: int = 4, seed: int = 0, tol: float = 1e-4, tol_scale: str = "top",
                   exact_size: int = 64, points: int = 2000, sigma: float | None = None,
                   dtype: torch.dtype | None = torch.float64, mode: str = "eval",
-                  batch_size: int | None = None, hvp_method: str = "auto") -> BlockSpectra:
+                  chunk_size: int | None = None, hvp_method: str = "auto",
+                  batch_size: int | None = None) -> BlockSpectra:
     """Top eigenvalues, Hutchinson trace (with its standard error) and SLQ density of every
     diagonal block of the Hessian, and the block-heterogeneity score.
 
@@ -103,7 +105,8 @@ def block_spectra(model: torch.nn.Module, loss_fn: Callable, data: Any,
             or ``"pair"`` (:func:`~tinysubspace.linalg.blocks.block_spectrum`).
         exact_size: blocks with at most this many parameters are formed and diagonalised.
         points, sigma: grid and broadening of the densities compared by the score.
-        dtype, mode, batch_size, hvp_method: passed to the operators (float64 by default).
+        dtype, mode, chunk_size, hvp_method: passed to the operators (float64 by default);
+            ``batch_size`` is the old name of ``chunk_size``.
 
     Returns:
         :class:`BlockSpectra`.
@@ -112,7 +115,8 @@ def block_spectra(model: torch.nn.Module, loss_fn: Callable, data: Any,
         ValueError: a bad blocking or parameter name, or bad solver settings.
     """
     groups = parameter_blocks(model, blocks)
-    options = {"dtype": dtype, "mode": mode, "batch_size": batch_size, "hvp_method": hvp_method}
+    options = {"dtype": dtype, "mode": mode, "hvp_method": hvp_method,
+               "chunk_size": chunk_size_argument(chunk_size, batch_size)}
     spectra = {name: block_spectrum(block_operator(model, loss_fn, data, parts, **options), name,
                                     k=k, steps=steps, probes=probes, seed=seed, tol=tol,
                                     exact_size=exact_size, tol_scale=tol_scale)

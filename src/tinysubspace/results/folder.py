@@ -10,6 +10,7 @@ import os
 import pickle
 import tempfile
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -146,12 +147,17 @@ def flatten_config(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def config_differences(saved: dict[str, Any], mine: dict[str, Any]) -> list[str]:
+def config_differences(saved: dict[str, Any], mine: dict[str, Any],
+                       renamed: Mapping[str, str] | None = None) -> list[str]:
     """``"optim.lr: 0.1 in the run, 0.2 now"`` for each key whose values differ (``meta`` and
-    keys that only one side has — a run made by another version — are not compared)."""
+    keys that only one side has — a run made by another version — are not compared).
+
+    ``renamed`` maps old flat keys to new ones (the experiments' ``RENAMED_KEYS``): a run saved
+    under an old key is compared under the new one (named so in the message)."""
     def plain(config: dict[str, Any]) -> dict[str, Any]:
         body = {k: v for k, v in config.items() if k != "meta"}
-        return flatten_config(json.loads(json.dumps(body, default=str)))
+        flat = flatten_config(json.loads(json.dumps(body, default=str)))
+        return {(renamed or {}).get(key, key): value for key, value in flat.items()}
 
     theirs, ours = plain(saved), plain(mine)
     return [f"{key}: {json.dumps(theirs[key])} in the run, {json.dumps(ours[key])} now"

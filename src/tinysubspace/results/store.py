@@ -18,7 +18,7 @@ import os
 import pickle
 import socket
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -170,8 +170,10 @@ class RunStore:
             with contextlib.suppress(OSError):
                 folder.rmdir()
 
-    def resume(self, config: dict[str, Any]) -> dict[str, Any] | None:
+    def resume(self, config: dict[str, Any],
+               renamed: Mapping[str, str] | None = None) -> dict[str, Any] | None:
         """Reopen a run for ``--resume``; returns its checkpoint (``None``: start from step 0).
+        ``renamed``: old config keys and their new names (compared under the new name).
 
         Raises:
             RunStoreError: no run here, a damaged ``config.json`` or ``checkpoint.pt``, or a
@@ -180,7 +182,7 @@ class RunStore:
         if not (self.path / CONFIG).exists():
             raise RunStoreError(f"nothing to resume: {self.path} holds no run ({CONFIG} missing)")
         saved = read_config(self.path)
-        differences = config_differences(saved, config)
+        differences = config_differences(saved, config, renamed)
         if differences:
             raise RunStoreError(f"the run in {self.path} was made with another config ("
                                 + "; ".join(differences) + "); resume it with the same "
@@ -195,7 +197,8 @@ class RunStore:
             self.write_status("failed", int(previous.get("step") or 0), message,
                               best_effort=True)
             raise RunStoreError(message) from None
-        edited = config_differences(checkpoint.get("config") or {}, saved) if checkpoint else []
+        edited = (config_differences(checkpoint.get("config") or {}, saved, renamed)
+                  if checkpoint else [])
         if edited:  # the checkpoint's model and optimizer were made with other values
             raise RunStoreError(f"{CONFIG} in {self.path} was changed after the last checkpoint ("
                                 + "; ".join(edited) + "): the checkpoint's model and optimizer "
