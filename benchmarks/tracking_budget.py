@@ -11,7 +11,7 @@ At each measurement, interleaved (the order rotates), one torch and one BLAS thr
   warm from its own previous answer;
 * ``subspace`` and ``folded`` (``--blocks``): the block solvers, the multiplicity check after
   the solve or folded into its passes;
-* ``budget P``: ``track_eigenpairs(solver="budget", products=P)``, warm from its own previous
+* ``budget P``: ``track_eigenpairs(solver="budget", matvecs=P)``, warm from its own previous
   answer (the first measurement is a cold solve to ``tol`` for every warm variant and is left
   out).
 
@@ -92,7 +92,7 @@ def main() -> None:
                                                warm="subspace", solver=_solver(name))
         products = int(name.split()[1])
         return lambda op: track_eigenpairs(op, k, previous[name], tol=tol, seed=index,
-                                           solver="budget", products=products)
+                                           solver="budget", matvecs=products)
 
     with threadpool_limits(1, user_api="blas"):
         for index, state in enumerate(states):

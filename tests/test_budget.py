@@ -41,7 +41,7 @@ def sin_max(V: torch.Tensor, U: torch.Tensor) -> float:
     return float(torch.linalg.matrix_norm(V @ V.T - U @ U.T, 2))
 
 
-def budget_trajectory(rate: float, products: int, steps: int = 50, k: int = 10, p: int = 150):
+def budget_trajectory(rate: float, matvecs: int, steps: int = 50, k: int = 10, p: int = 150):
     """Budget-tracked results along a rotating spectrum (the first solve cold, to 1e-10), the
     matrices, and a fixed gradient-like vector."""
     values = hessian_like_spectrum(p, OUTLIERS, edge_ratio=None, seed=0)
@@ -50,7 +50,7 @@ def budget_trajectory(rate: float, products: int, steps: int = 50, k: int = 10, 
     results, previous = [], None
     for A in matrices:
         previous = track_eigenpairs(ts.DenseOperator(A), k, previous, tol=1e-10,
-                                    solver="budget", products=products)
+                                    solver="budget", matvecs=matvecs)
         results.append(previous)
     return results, matrices, g
 
@@ -85,8 +85,8 @@ def test_budget_along_a_rotating_spectrum_is_accurate_bounded_and_does_not_drift
 
 
 def test_a_larger_budget_gives_a_smaller_error():
-    rough, matrices, _ = budget_trajectory(1e-2, products=12, steps=12)
-    fine, _, _ = budget_trajectory(1e-2, products=20, steps=12)
+    rough, matrices, _ = budget_trajectory(1e-2, matvecs=12, steps=12)
+    fine, _, _ = budget_trajectory(1e-2, matvecs=20, steps=12)
     sins = [[sin_max(r.vectors, top_of(A, 10)[1]) for r, A in zip(run[1:], matrices[1:],
                                                                    strict=True)]
             for run in (rough, fine)]
@@ -98,12 +98,12 @@ def test_converged_only_when_every_residual_meets_tol():
     values = hessian_like_spectrum(120, OUTLIERS, edge_ratio=None, seed=0)
     (A,) = moving_sequence(values, steps=1, rate=0.0)
     exact = ts.top_eigenpairs(ts.DenseOperator(A), 10, tol=1e-12)
-    again = refine_eigenpairs(ts.DenseOperator(A), 10, exact, products=12, tol=1e-9)
+    again = refine_eigenpairs(ts.DenseOperator(A), 10, exact, matvecs=12, tol=1e-9)
     assert again.converged and not again.multiplicity_checked and again.certificate == "none"
     assert float((again.values - top_of(A, 10)[0]).abs().max()) <= 1e-9 * 10
     # a rotated start cannot meet 1e-9 in 12 products: not converged, and a residual says so
     B = moving_sequence(values, steps=2, rate=0.05, seed=3)[1]
-    moved = refine_eigenpairs(ts.DenseOperator(B), 10, exact, products=12, tol=1e-9)
+    moved = refine_eigenpairs(ts.DenseOperator(B), 10, exact, matvecs=12, tol=1e-9)
     bar = 1e-9 * float(moved.values.abs().max())
     assert not moved.converged and float(moved.residuals.max()) > bar
 
@@ -113,7 +113,7 @@ def test_block_size_splits_the_extension_into_passes():
     first, second = moving_sequence(values, steps=2, rate=1e-2, seed=4)
     start = ts.top_eigenpairs(ts.DenseOperator(first), 10, tol=1e-10)
     counter = PassCounter(ts.DenseOperator(second))
-    result = refine_eigenpairs(counter, 10, start, products=16, block_size=2)
+    result = refine_eigenpairs(counter, 10, start, matvecs=16, block_size=2)
     assert counter.passes == 1 + 3 and counter.matvecs == 16 and result.matvecs == 16
     assert sin_max(result.vectors, top_of(second, 10)[1]) <= result.subspace_error
 
@@ -123,9 +123,9 @@ def test_default_passes_add_at_most_k_directions():
     first, second = moving_sequence(values, steps=2, rate=1e-2, seed=4)
     start = ts.top_eigenpairs(ts.DenseOperator(first), 10, tol=1e-10)
     counter = PassCounter(ts.DenseOperator(second))
-    wide = refine_eigenpairs(counter, 10, start, products=25)
+    wide = refine_eigenpairs(counter, 10, start, matvecs=25)
     assert counter.passes == 3 and wide.matvecs == 25  # 10, then 10 and 5 residual directions
-    one = refine_eigenpairs(ts.DenseOperator(second), 10, start, products=20)
+    one = refine_eigenpairs(ts.DenseOperator(second), 10, start, matvecs=20)
     U = top_of(second, 10)[1]
     assert sin_max(wide.vectors, U) < sin_max(one.vectors, U)
 
@@ -156,37 +156,37 @@ def test_subspace_error_estimate_closed_form():
 def test_budget_rejects_bad_arguments():
     op = ts.DenseOperator(torch.diag(torch.arange(30, dtype=F64)))
     previous = torch.eye(30, 5, dtype=F64)
-    with pytest.raises(ValueError, match=r"k = 3 <= products < p = 30, got 2"):
-        refine_eigenpairs(op, 3, previous, products=2)
-    with pytest.raises(ValueError, match=r"k = 3 <= products < p = 30, got 30"):
-        refine_eigenpairs(op, 3, previous, products=30)
-    with pytest.raises(ValueError, match=r"products = 4 cannot even multiply the 5 previous"):
-        refine_eigenpairs(op, 3, previous, products=4)
+    with pytest.raises(ValueError, match=r"k = 3 <= matvecs < p = 30, got 2"):
+        refine_eigenpairs(op, 3, previous, matvecs=2)
+    with pytest.raises(ValueError, match=r"k = 3 <= matvecs < p = 30, got 30"):
+        refine_eigenpairs(op, 3, previous, matvecs=30)
+    with pytest.raises(ValueError, match=r"matvecs = 4 cannot even multiply the 5 previous"):
+        refine_eigenpairs(op, 3, previous, matvecs=4)
     with pytest.raises(ValueError, match=r"previous vectors must have shape \(30,\)"):
-        refine_eigenpairs(op, 3, torch.eye(20, 3, dtype=F64), products=6)
+        refine_eigenpairs(op, 3, torch.eye(20, 3, dtype=F64), matvecs=6)
     with pytest.raises(TypeError,
                        match=r"previous must be Eigenpairs, a \(p, m\) tensor or None, got"):
-        refine_eigenpairs(op, 3, [[1.0]], products=6)
+        refine_eigenpairs(op, 3, [[1.0]], matvecs=6)
     with pytest.raises(ValueError, match=r"block_size must be a positive integer or None, got 0"):
-        refine_eigenpairs(op, 3, previous, products=6, block_size=0)
+        refine_eigenpairs(op, 3, previous, matvecs=6, block_size=0)
     with pytest.raises(ValueError,
                        match=r"solver must be one of \('lanczos', 'budget', 'folded'\)"):
         track_eigenpairs(op, 3, previous, solver="fixed")
     with pytest.raises(ValueError, match=r"pass_cost must be a PassCost, 'measure' or None, got"):
         track_eigenpairs(op, 3, previous, pass_cost="guess")
-    with pytest.raises(ValueError, match=r"solver='budget' needs products=N"):
+    with pytest.raises(ValueError, match=r"solver='budget' needs matvecs=N"):
         track_eigenpairs(op, 3, previous, solver="budget")
-    with pytest.raises(ValueError, match=r"products=6 is the budget of solver='budget'"):
-        track_eigenpairs(op, 3, previous, products=6)
+    with pytest.raises(ValueError, match=r"matvecs=6 is the budget of solver='budget'"):
+        track_eigenpairs(op, 3, previous, matvecs=6)
     with pytest.raises(ValueError, match=r"solver='budget' solves for the top k pairs \(skip=0\)"):
-        track_eigenpairs(op, 3, previous, solver="budget", products=6, skip=2)
+        track_eigenpairs(op, 3, previous, solver="budget", matvecs=6, skip=2)
 
 
 def test_budget_without_previous_is_a_cold_solve_to_tol():
     values = hessian_like_spectrum(80, [5.0, 4.0, 3.0], edge_ratio=None, seed=0)
     (A,) = moving_sequence(values, steps=1, rate=0.0)
     first = track_eigenpairs(ts.DenseOperator(A), 3, None, tol=1e-10, solver="budget",
-                             products=5)
+                             matvecs=5)
     assert first.solver == "lanczos" and first.converged and first.multiplicity_checked
     assert float((first.values - top_of(A, 3)[0]).abs().max()) <= 1e-9 * 5
 
@@ -269,7 +269,7 @@ def test_budget_and_folded_on_an_mlp_hessian_against_the_dense_reference():
         H = reference_hessian(FlatLoss(model, loss_fn, X, Y))
         _, g = op.loss_and_gradient()
         values, U = top_of(H, 6)
-        budget = track_eigenpairs(op, 6, budget, tol=1e-9, solver="budget", products=12)
+        budget = track_eigenpairs(op, 6, budget, tol=1e-9, solver="budget", matvecs=12)
         folded = track_eigenpairs(op, 6, folded, tol=1e-9, solver="folded")
         V = budget.vectors
         assert torch.allclose(budget.residuals, (H @ V - V * budget.values).norm(dim=0),

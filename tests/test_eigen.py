@@ -204,15 +204,15 @@ def test_deflated_search_bounds_the_missed_eigenvalue_from_below():
     gen = torch.Generator().manual_seed(0)
     missed = deflated_search(op, Q[:, [0, 2]], bar=0.6 + 1e-6, steps=30, gen=gen)
     assert 0.6 < missed.top <= 1.0 + 1e-12 and not missed.exact
-    assert missed.products == missed.basis.shape[1] < 30  # stopped as soon as it was sure
+    assert missed.matvecs == missed.basis.shape[1] < 30  # stopped as soon as it was sure
     B = missed.basis
     assert float((B.T @ B - torch.eye(B.shape[1], dtype=F64)).abs().max()) < 1e-12
     assert float((Q[:, [0, 2]].T @ B).abs().max()) < 1e-12
     assert torch.allclose(missed.images, A @ B, rtol=0, atol=1e-12)
     found = deflated_search(op, Q[:, :3], bar=0.6 + 1e-6, steps=10, gen=gen)
-    assert found.products == 10 and found.top <= float(values[3:].max()) + 1e-12
+    assert found.matvecs == 10 and found.top <= float(values[3:].max()) + 1e-12
     exhausted = deflated_search(op, Q[:, :97], bar=10.0, steps=10, gen=gen)
-    assert exhausted.exact and exhausted.products == 3  # V^⊥ has dimension 3
+    assert exhausted.exact and exhausted.matvecs == 3  # V^⊥ has dimension 3
     assert exhausted.top == pytest.approx(float(values[97:].max()), abs=1e-12)
 
 

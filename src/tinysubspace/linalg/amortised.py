@@ -105,7 +105,7 @@ def amortised_check(op, solve: Solve, previous: object, *, check_steps: int, che
     bar = miss_bar(found.values.to(V.dtype), criterion)
     search = deflated_search(op, V, bar, room, torch.Generator().manual_seed(seed),
                              start=guard.vector)
-    used = found.matvecs + search.products
+    used = found.matvecs + search.matvecs
     if search.top <= bar:
         return dataclasses.replace(found, matvecs=used, certificate="guard",
                                    guard=GuardState(search.ritz_vector, later.since_full))

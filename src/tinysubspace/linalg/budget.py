@@ -1,6 +1,6 @@
 """A fixed budget of products per measurement: refine the previous subspace, report the error.
 
-:func:`refine_eigenpairs` spends exactly ``products`` operator-vector products and stops — it
+:func:`refine_eigenpairs` spends exactly ``matvecs`` operator-vector products and stops — it
 does not iterate to a tolerance. From the previous measurement's orthonormal ``V_prev``
 (``p × m0``):
 
@@ -9,7 +9,7 @@ does not iterate to a tolerance. From the previous measurement's orthonormal ``V
    the ``b`` leading left singular directions of the residuals ``R = H V − V Θ`` of the top
    ``k`` Ritz pairs (a block Krylov extension, as in ``warm="subspace"``), orthonormalised and
    multiplied;
-3. a last Rayleigh–Ritz on the whole basis ``Q`` (``products`` columns): Ritz pairs
+3. a last Rayleigh–Ritz on the whole basis ``Q`` (``matvecs`` columns): Ritz pairs
    ``(θ_i, v_i = Q y_i)`` with *exact* residuals ``r_i = HQ y_i − θ_i v_i`` (``HQ`` is known:
    no extra product).
 
@@ -42,7 +42,7 @@ When to use it: along a training run where the top subspace moves little between
 (the Hessian's top subspace "freezes" early, PAPER.txt section 3), when a fixed, known cost per
 measurement matters more than a certified tolerance — e.g. measuring every step. Measured on
 digits FC, k = 10, 49 measurements 10 SGD steps apart (docs/performance.md, section 4): with
-``products = 2k = 20`` the ``f_top`` error stayed ≤ 1.8e-3 without drift (cold ``eigsh``: 28
+``matvecs = 2k = 20`` the ``f_top`` error stayed ≤ 1.8e-3 without drift (cold ``eigsh``: 28
 products); with 15 it reached 1.2e-2. A budget below ``2k`` leaves some pairs unextended.
 """
 
@@ -80,12 +80,12 @@ def previous_block(previous: Eigenpairs | torch.Tensor, p: int) -> torch.Tensor:
     return block.reshape(p, -1)
 
 
-def _start(previous: Eigenpairs | torch.Tensor, p: int, k: int, products: int,
+def _start(previous: Eigenpairs | torch.Tensor, p: int, k: int, matvecs: int,
            dtype: torch.dtype, device: torch.device, gen: torch.Generator) -> torch.Tensor:
     """The orthonormal first block: ``previous``'s vectors, filled at random up to ``k``."""
     block = previous_block(previous, p)
-    if block.shape[1] > products:
-        raise ValueError(f"products = {products} cannot even multiply the {block.shape[1]} "
+    if block.shape[1] > matvecs:
+        raise ValueError(f"matvecs = {matvecs} cannot even multiply the {block.shape[1]} "
                          "previous vectors; pass at least as many products as previous columns")
     basis = KrylovBasis(p, dtype, device, max(k, block.shape[1]), images=False)
     basis.add_columns(block.to(device=device, dtype=dtype))
@@ -112,10 +112,10 @@ def subspace_error_estimate(R: torch.Tensor, theta_k: float, next_value: float |
     return min(1.0, norm / gap)
 
 
-def refine_eigenpairs(op, k: int, previous: Eigenpairs | torch.Tensor, products: int,
+def refine_eigenpairs(op, k: int, previous: Eigenpairs | torch.Tensor, matvecs: int,
                       tol: float = 1e-4, block_size: int | None = None, seed: int = 0,
                       tol_scale: str = "top") -> Eigenpairs:
-    """The top ``k`` Ritz pairs of ``op`` from ``previous``, refined with exactly ``products``
+    """The top ``k`` Ritz pairs of ``op`` from ``previous``, refined with exactly ``matvecs``
     products (module docstring: the steps, the error estimate, when to use it).
 
     Args:
@@ -123,36 +123,36 @@ def refine_eigenpairs(op, k: int, previous: Eigenpairs | torch.Tensor, products:
         k: number of pairs.
         previous: the previous measurement (:class:`Eigenpairs` or its ``(p, m0)`` vectors; any
             ``m0 ≤ products`` columns, filled at random up to ``k``).
-        products: products to spend (``≥ k`` and ``≥ m0``; ``< p``).
+        matvecs: operator-vector products to spend (``≥ k`` and ``≥ m0``; ``< p``).
         tol: the bar that decides ``converged`` (never used to stop).
         block_size: products per extension pass (default ``k``: the residuals of ``k`` pairs
-            span at most ``k`` new directions per pass; ``products − m0 ≤ k`` is one pass).
+            span at most ``k`` new directions per pass; ``matvecs − m0 ≤ k`` is one pass).
         seed: seed of any random fill.
         tol_scale: ``"top"`` or ``"pair"`` (:mod:`tinysubspace.linalg.tolerance`).
 
     Returns:
-        :class:`Eigenpairs` with exact residuals, ``matvecs == products``, ``converged`` only if
-        every residual meets its bar, ``solver="budget"`` and ``subspace_error`` (the estimate of
-        ``sin θ_max``, which bounds the error of ``f_top``).
+        :class:`Eigenpairs` with exact residuals, ``matvecs`` equal to the budget, ``converged``
+        only if every residual meets its bar, ``solver="budget"`` and ``subspace_error`` (the
+        estimate of ``sin θ_max``, which bounds the error of ``f_top``).
 
     Raises:
         TypeError: ``previous`` of an unusable kind.
-        ValueError: ``products`` below ``k`` or below the previous columns, or not below ``p``;
+        ValueError: ``matvecs`` below ``k`` or below the previous columns, or not below ``p``;
             a bad ``k``, ``tol``, ``tol_scale`` or ``block_size``; previous vectors of the wrong
             shape.
     """
     p = op.shape[0]
-    _check_sizes(k, products, p, tol, block_size)
+    _check_sizes(k, matvecs, p, tol, block_size)
     criterion = ConvergenceCriterion.for_operator(op, tol, tol_scale)
     gen = torch.Generator().manual_seed(seed)
     work = working_dtype(op.dtype)
-    start = _start(previous, p, k, products, work, op.device, gen)
-    state = RitzBasis(start, capacity=products)
+    start = _start(previous, p, k, matvecs, work, op.device, gen)
+    state = RitzBasis(start, capacity=matvecs)
     state.extend(start, apply_operator(op, start, 0))
     used = start.shape[1]
-    while used < products:
+    while used < matvecs:
         theta, Y = state.ritz()
-        b = min(block_size or k, products - used)
+        b = min(block_size or k, matvecs - used)
         directions = state.residual_directions(theta[:k], Y[:, :k], b)
         scratch = KrylovBasis(p, work, op.device, b, locked=state.Q, images=False)
         scratch.add_columns(directions)
@@ -162,12 +162,12 @@ def refine_eigenpairs(op, k: int, previous: Eigenpairs | torch.Tensor, products:
     return _result(state, k, criterion, used, tol_scale, op.dtype)
 
 
-def _check_sizes(k: int, products: int, p: int, tol: float, block_size: int | None) -> None:
+def _check_sizes(k: int, matvecs: int, p: int, tol: float, block_size: int | None) -> None:
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
         raise ValueError(f"k must be a positive integer, got {k!r}")
-    if not isinstance(products, int) or isinstance(products, bool) or not k <= products < p:
-        raise ValueError(f"products must be an integer with k = {k} <= products < p = {p}, got "
-                         f"{products!r}")
+    if not isinstance(matvecs, int) or isinstance(matvecs, bool) or not k <= matvecs < p:
+        raise ValueError(f"matvecs must be an integer with k = {k} <= matvecs < p = {p}, got "
+                         f"{matvecs!r}")
     if not tol > 0:
         raise ValueError(f"tol must be positive, got {tol!r}")
     if block_size is not None and (not isinstance(block_size, int) or block_size < 1):

@@ -52,7 +52,7 @@ class DeflatedSearch:
         images: ``(p, j)`` their products ``H q`` (not projected).
         top: the largest Ritz value of ``P H P`` on ``span(basis)`` (a lower bound of the largest
             eigenvalue of ``H`` on ``V^⊥``).
-        products: operator products used (``j``).
+        matvecs: operator products used (``j``).
         exact: the Krylov space became invariant or filled ``V^⊥``: ``top`` is the largest
             eigenvalue of ``H`` on ``V^⊥`` seen from the start vector, not a bound.
         ritz_vector: ``(p,)`` the unit Ritz vector of ``top`` (in ``span(basis)``, ``⊥ V``): the
@@ -62,7 +62,7 @@ class DeflatedSearch:
     basis: torch.Tensor
     images: torch.Tensor
     top: float
-    products: int
+    matvecs: int
     exact: bool
     ritz_vector: torch.Tensor
 

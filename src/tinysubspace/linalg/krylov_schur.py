@@ -44,7 +44,7 @@ class KrylovResult(NamedTuple):
     vectors: torch.Tensor
     images: torch.Tensor
     residuals: torch.Tensor
-    products: int
+    matvecs: int
     converged: bool
     full: bool
 

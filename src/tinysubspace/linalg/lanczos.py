@@ -260,11 +260,11 @@ def top_eigenpairs(op, k: int, tol: float = 1e-6, init: torch.Tensor | None = No
     if watch.stalled and not found.converged:
         scale = max(float(found.values.abs().max()), float(torch.finfo(op.dtype).tiny))
         reached = criterion.relative(found.residuals, criterion.bars(found.values, scale), scale)
-        warnings.warn(stagnation_message(tol, op.dtype, reached, watch.window, found.products,
+        warnings.warn(stagnation_message(tol, op.dtype, reached, watch.window, found.matvecs,
                                          criterion.product_error), RuntimeWarning, stacklevel=2)
     return Eigenpairs(*(t[..., skip:].to(op.dtype).clone() for t in
                         (found.values, found.vectors, found.residuals)),
-                      found.products, found.converged, skip, checked, tol_scale,
+                      found.matvecs, found.converged, skip, checked, tol_scale,
                       "full" if checked else "none")
 
 
@@ -323,16 +323,16 @@ def _check_multiplicity(op, found: KrylovResult, plan: SolvePlan,
     """
     n, steps = plan.n, plan.check_steps
     while found.converged and not found.full and steps > 0:
-        room = plan.budget - found.products
+        room = plan.budget - found.matvecs
         if room < 1:
             return found, False
         bar = miss_bar(found.values[:n], criterion)
         search = deflated_search(op, found.vectors, bar, min(steps, room), gen)
-        used = found.products + search.products
+        used = found.matvecs + search.matvecs
         if search.top <= bar:
-            return found._replace(products=used), search.exact or search.products == steps
+            return found._replace(matvecs=used), search.exact or search.matvecs == steps
         state = RitzBasis(found.vectors, capacity=max(plan.basis_size,
-                                                      n + search.products + plan.block),
+                                                      n + search.matvecs + plan.block),
                           space=vector_space(op))
         state.extend(found.vectors, found.images)
         state.extend(search.basis, search.images)

@@ -50,15 +50,15 @@ class ProgressWatch:
         self._since = 0  # products at the last halving
         self.stalled = False
 
-    def update(self, relative_residual: float, products: int) -> bool:
-        """Record the largest wanted residual ``max_i ‖r_i‖ / |θ_1|`` after ``products``
+    def update(self, relative_residual: float, matvecs: int) -> bool:
+        """Record the largest wanted residual ``max_i ‖r_i‖ / |θ_1|`` after ``matvecs``
         products; ``True`` (and :attr:`stalled` set) once it has stagnated."""
         if not self.armed:
             return False
         self.best = min(self.best, relative_residual)
         if self.best <= 0.5 * self._mark:
-            self._mark, self._since = self.best, products
-        elif products - self._since >= self.window:
+            self._mark, self._since = self.best, matvecs
+        elif matvecs - self._since >= self.window:
             self.stalled = True
         return self.stalled
 
@@ -77,13 +77,13 @@ def reachable_tolerance(reached: float) -> float:
 
 
 def stagnation_message(tol: float, dtype: torch.dtype, reached: float, window: int,
-                       products: int, product_error: float = 0.0) -> str:
+                       matvecs: int, product_error: float = 0.0) -> str:
     """The warning a stagnated solve gives (``reached``: its largest residual / ``|θ_1|``)."""
     accuracy = (f" (products accurate to {product_error:.1e} relative)" if product_error > 0
                 else "")
     return (f"top_eigenpairs: tol={tol:.1e} is below what this {str(dtype).replace('torch.', '')} "
             f"operator{accuracy} can reach: the residuals stopped decreasing (no halving in "
-            f"{window} products) at {reached:.1e} · |λ1|, so the solve stopped after {products} "
+            f"{window} products) at {reached:.1e} · |λ1|, so the solve stopped after {matvecs} "
             f"products with converged=False. Use tol >= {reachable_tolerance(reached):.0e}, or an "
             "operator in float64 (dtype=torch.float64)"
             + (" with exact products." if product_error > 0 else "."))

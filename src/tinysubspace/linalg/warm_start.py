@@ -37,7 +37,7 @@ timing is never taken unasked, so a run without it stays reproducible to the las
 Numbers: docs/performance.md.
 
 ``solver="budget"`` does not solve to ``tol``: it refines ``previous`` with exactly
-``products`` products (:func:`~tinysubspace.linalg.budget.refine_eigenpairs`: Rayleigh–Ritz,
+``matvecs`` products (:func:`~tinysubspace.linalg.budget.refine_eigenpairs`: Rayleigh–Ritz,
 exact residuals, an ``f_top`` error estimate, ``converged`` only if the residuals meet ``tol``).
 
 Every returned pair meets ``‖H v − λ v‖ ≤ tol · |λ_1|`` (or ``≤ tol · |λ|`` with
@@ -137,7 +137,7 @@ def track_eigenpairs(op, k: int, previous: Eigenpairs | torch.Tensor | None = No
                      check_steps: int = CHECK_STEPS, tol_scale: str = "top",
                      check: str = "full", check_every: int = CHECK_EVERY,
                      guard_steps: int = GUARD_STEPS, solver: str = "lanczos",
-                     products: int | None = None,
+                     matvecs: int | None = None,
                      pass_cost: PassCost | str | None = None) -> Eigenpairs:
     """The ``k`` largest eigenpairs of ``op``, warm-started from a previous measurement.
 
@@ -177,10 +177,11 @@ def track_eigenpairs(op, k: int, previous: Eigenpairs | torch.Tensor | None = No
         solver: ``"lanczos"`` (default: solve to ``tol``), ``"folded"`` (solve to ``tol`` with
             the warm block solver whose multiplicity check rides in its passes,
             :func:`~tinysubspace.linalg.folded.folded_eigenpairs`; ``check`` is then ignored) or
-            ``"budget"``: refine ``previous`` with exactly ``products`` products (module
+            ``"budget"``: refine ``previous`` with exactly ``matvecs`` products (module
             docstring). Either is a cold solve to ``tol`` when ``previous`` is ``None``; both
             need ``skip=0``.
-        products: the budget's products per measurement (``solver="budget"`` only; ``≥ k``).
+        matvecs: the budget's operator-vector products per measurement (``solver="budget"``
+            only; ``≥ k``).
         pass_cost: the cost of a pass for ``warm="auto"`` (module docstring): a
             :class:`~tinysubspace.linalg.pass_cost.PassCost`, ``"measure"`` (time it now, on
             the previous vectors; ``2(1 + n)`` products, counted), or ``None`` (default:
@@ -194,16 +195,16 @@ def track_eigenpairs(op, k: int, previous: Eigenpairs | torch.Tensor | None = No
 
     Raises:
         TypeError: ``previous`` of an unusable kind.
-        ValueError: an unknown ``solver``, ``products`` missing, below ``k`` or given without
+        ValueError: an unknown ``solver``, ``matvecs`` missing, below ``k`` or given without
             ``solver="budget"``, ``previous`` of the wrong shape, an unknown ``warm`` or
             ``check``, a bad ``check_every`` or ``guard_steps``, ``skip > 0`` with
             ``check="amortised"`` or ``solver="budget"``, or a bad ``k``, ``skip``, ``tol``,
             ``tol_scale``, ``block_size``, ``basis_size`` or ``max_matvecs`` (see
             :func:`top_eigenpairs`).
     """
-    _check_solver(solver, products, skip, pass_cost)
+    _check_solver(solver, matvecs, skip, pass_cost)
     if solver == "budget" and previous is not None:
-        return refine_eigenpairs(op, k, previous, products, tol=tol, block_size=block_size,
+        return refine_eigenpairs(op, k, previous, matvecs, tol=tol, block_size=block_size,
                                  seed=seed, tol_scale=tol_scale)
     resolve_warm_start(warm, op.device)  # validates warm
     check_amortised_arguments(check, check_every, guard_steps, skip)
@@ -243,17 +244,17 @@ def track_eigenpairs(op, k: int, previous: Eigenpairs | torch.Tensor | None = No
     return dataclasses.replace(found, matvecs=found.matvecs + extra, pass_cost=pass_cost)
 
 
-def _check_solver(solver: object, products: object, skip: int, pass_cost: object) -> None:
-    """Raises ValueError for an unknown ``solver``, a ``products`` that does not fit it, or a
+def _check_solver(solver: object, matvecs: object, skip: int, pass_cost: object) -> None:
+    """Raises ValueError for an unknown ``solver``, a ``matvecs`` that does not fit it, or a
     ``pass_cost`` that is neither a :class:`PassCost`, ``"measure"`` nor ``None``."""
     if not (pass_cost is None or pass_cost == "measure" or isinstance(pass_cost, PassCost)):
         raise ValueError(f"pass_cost must be a PassCost, 'measure' or None, got {pass_cost!r}")
     if solver not in SOLVERS:
         raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
-    if solver == "budget" and products is None:
-        raise ValueError("solver='budget' needs products=N (products per measurement), got None")
-    if solver != "budget" and products is not None:
-        raise ValueError(f"products={products!r} is the budget of solver='budget'; got "
+    if solver == "budget" and matvecs is None:
+        raise ValueError("solver='budget' needs matvecs=N (matvecs per measurement), got None")
+    if solver != "budget" and matvecs is not None:
+        raise ValueError(f"matvecs={matvecs!r} is the budget of solver='budget'; got "
                          f"solver={solver!r}")
     if solver in ("budget", "folded") and skip:
         raise ValueError(f"solver={solver!r} solves for the top k pairs (skip=0), got "
