@@ -38,7 +38,7 @@ from tracking import run
 def gpt_problem(sequences: int, T: int, layers: int, width: int, heads: int,
                 device: str) -> Problem:
     """``sequences`` pydoc-chars sequences of ``T`` tokens (and their next tokens), a GPT."""
-    data = load_dataset("pydoc-chars", block_size=T, max_chars=sequences * T + 1)
+    data = load_dataset("pydoc-chars", context_length=T, max_chars=sequences * T + 1)
     model = build_model("gpt", (T,), data.num_outputs, n_layer=layers, n_embd=width,
                         n_head=heads)
     p = sum(q.numel() for q in model.parameters())

@@ -26,7 +26,7 @@ import tinysubspace as ts
 from tinysubspace.problems.models.gpt import token_cross_entropy
 cfg = json.loads(sys.argv[1])
 torch.set_num_threads(1)
-data = ts.load_dataset("pydoc-chars", block_size=cfg["T"], max_chars=cfg["n"] * cfg["T"] + 1)
+data = ts.load_dataset("pydoc-chars", context_length=cfg["T"], max_chars=cfg["n"] * cfg["T"] + 1)
 model = ts.build_model("gpt", (cfg["T"],), data.num_outputs, n_layer=cfg["L"], n_embd=cfg["d"])
 op = ts.HessianOperator(model, token_cross_entropy, data.tensors,
                         dtype=getattr(torch, cfg["dtype"]), chunk_size=cfg["chunk"],

@@ -20,7 +20,7 @@ from tinysubspace.problems.models.blocks import parameter_blocks
 pytestmark = pytest.mark.usefixtures("global_rng_untouched")
 
 F64 = torch.float64
-GPT = {"data.name": "pydoc-chars", "data.n_train": None, "data.block_size": 8,
+GPT = {"data.name": "pydoc-chars", "data.n_train": None, "data.context_length": 8,
        "data.max_chars": 121, "model.name": "gpt", "model.n_layer": 1, "model.n_embd": 8,
        "train.loss": "token_cross_entropy", "optim.name": "adam", "optim.lr": 0.01,
        "optim.batch_size": 4, "train.steps": 8, "tracker.k": 2, "tracker.tol": 1e-9,

@@ -382,7 +382,7 @@ def test_gpt_is_causal_and_deterministic_by_seed():
 def test_gpt_bad_options():
     with pytest.raises(ValueError, match="n_embd must be divisible by n_head, got n_embd=6"):
         ts.build_model("gpt", (4,), 5, n_embd=6, n_head=4)
-    with pytest.raises(ValueError, match="block_size 3 is shorter than the data's sequences"):
+    with pytest.raises(ValueError, match="context_length 3 is shorter than the data's sequences"):
         ts.build_model("gpt", (4,), 5, block_size=3)
     with pytest.raises(ValueError, match="vocab 6 differs from the data's vocabulary of 5"):
         ts.build_model("gpt", (4,), 5, vocab=6)
@@ -393,7 +393,7 @@ def test_gpt_bad_options():
     with pytest.raises(ValueError, match=r"unknown option.* for model 'gpt'; known: .*n_layer"):
         ts.build_model("gpt", (4,), 5, widths=(3,))
     model = ts.build_model("gpt", (4,), 5)
-    with pytest.raises(ValueError, match="sequence length 5 exceeds block_size 4"):
+    with pytest.raises(ValueError, match="sequence length 5 exceeds context_length 4"):
         model(torch.zeros(1, 5, dtype=torch.long))
     with pytest.raises(ValueError, match="GPT expects integer token ids"):
         model(torch.zeros(1, 4))
@@ -415,8 +415,8 @@ def test_token_cross_entropy_is_the_mean_over_tokens():
 
 def test_text_sequences_cover_every_token_once():
     text = "abracadabra, said the cat. " * 3
-    train = load_text(text, "train", "t", block_size=5, test_fraction=0.25)
-    test = load_text(text, "test", "t", block_size=5, test_fraction=0.25)
+    train = load_text(text, "train", "t", context_length=5, test_fraction=0.25)
+    test = load_text(text, "test", "t", context_length=5, test_fraction=0.25)
     assert train.vocabulary == test.vocabulary == "".join(sorted(set(text)))
     cut = len(text) - round(0.25 * len(text))
     n = (cut - 1) // 5
@@ -435,7 +435,7 @@ def test_text_data_sets_by_name(tmp_path):
     assert "V=" in pydoc.name and pydoc.num_classes == len(pydoc.vocabulary) > 50
     file = tmp_path / "tiny.txt"
     file.write_text("hello world, hello tokens\n" * 4, encoding="utf-8")
-    data = ts.load_dataset("text", path=str(file), block_size=4)
+    data = ts.load_dataset("text", path=str(file), context_length=4)
     assert data.vocabulary == "".join(sorted(set(file.read_text())))
     assert ts.load_dataset("text", root=str(tmp_path), path="tiny.txt", block_size=4).name \
         == data.name
@@ -443,7 +443,7 @@ def test_text_data_sets_by_name(tmp_path):
         ts.load_dataset("text")
     with pytest.raises(FileNotFoundError, match="text data: no file"):
         ts.load_dataset("text", path=str(tmp_path / "missing.txt"))
-    with pytest.raises(ValueError, match="make no sequence of block_size 64"):
+    with pytest.raises(ValueError, match="make no sequence of context_length 64"):
         ts.load_dataset("text", path=str(file), max_chars=10)
     with pytest.raises(ValueError, match="'pydoc-chars' has splits train, test; got 'all'"):
         ts.load_dataset("pydoc-chars", split="all")
@@ -455,7 +455,7 @@ def test_operator_on_token_data_is_the_mean_over_all_tokens():
     """Sequences chunked unevenly (7 = 3 + 3 + 1): the operator's loss and gradient are those of
     the cross-entropy over all 7·T tokens at once."""
     text = "the quick brown fox jumps over the lazy dog; " * 2
-    data = load_text(text, "train", "fox", block_size=8, test_fraction=0.1)
+    data = load_text(text, "train", "fox", context_length=8, test_fraction=0.1)
     assert len(data) == 10
     model = ts.build_model("gpt", (8,), data.num_outputs, n_layer=1, n_head=2, n_embd=4, seed=1)
     X, Y = data.tensors
@@ -466,3 +466,26 @@ def test_operator_on_token_data_is_the_mean_over_all_tokens():
     grads = torch.autograd.grad(expected, list(whole.parameters()))
     assert loss == pytest.approx(float(expected.detach()), rel=1e-12)
     assert _rel(g, torch.cat([t.reshape(-1) for t in grads])) < 1e-12
+
+
+def test_context_length_and_its_old_name_block_size():
+    """The GPT's positions are ``context_length`` (issue 22: "block" is the Lanczos block);
+    ``block_size`` still works as a keyword and as the config key ``data.block_size``."""
+    from tinysubspace.experiments.catalog import load_experiment
+    from tinysubspace.experiments.config import ExperimentConfig, apply_overrides
+    new = ts.build_model("gpt", (4,), 5, context_length=6, n_embd=8, n_head=2)
+    old = ts.build_model("gpt", (4,), 5, block_size=6, n_embd=8, n_head=2)
+    for model in (new, old):
+        assert model.context_length == 6 and model.wpe.weight.shape == (6, 8)
+        assert sum(p.numel() for p in model.parameters()) == gpt_parameter_count(5, 6, 2, 8)
+    with pytest.raises(TypeError, match="context_length=6 and its old name block_size=6 both"):
+        build_gpt((4,), 5, context_length=6, block_size=6)
+    ids = torch.arange(11)
+    x, y = token_sequences(ids, block_size=3)
+    assert x.tolist() == [[0, 1, 2], [3, 4, 5], [6, 7, 8]] and y.tolist()[0] == [1, 2, 3]
+    assert all(torch.equal(a, b) for a, b in zip((x, y), token_sequences(ids, 3), strict=True))
+    with pytest.raises(ValueError, match="context_length must be a positive integer, got 0"):
+        token_sequences(ids, 0)
+    config = apply_overrides(ExperimentConfig(), {"data.block_size": "12"})
+    assert config.data.context_length == 12
+    assert load_experiment("gpt-char-pydoc").data.context_length == 32  # shipped TOML: new key

@@ -83,7 +83,7 @@ def load_data(config: DataConfig, data_root: str | None = None, images: bool = F
     elif name == "digits":
         options = {"seed": config.seed, "images": images}
     elif name in ("pydoc-chars", "text"):
-        options = {"block_size": config.block_size, "max_chars": config.max_chars}
+        options = {"context_length": config.context_length, "max_chars": config.max_chars}
         options.update({"path": config.path} if name == "text" else {})
     elif config.fallback_to_test:
         options = {"fallback_to_test": True}

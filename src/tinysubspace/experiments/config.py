@@ -55,7 +55,7 @@ class DataConfig:
     sigma: float = 0.1  # gaussian-mixture: cluster width
     n: int = 2000  # gaussian-mixture / sine: number of examples
     seed: int = 0
-    block_size: int = 64  # text data (pydoc-chars, text): tokens per sequence
+    context_length: int = 64  # text data (pydoc-chars, text): tokens per sequence
     max_chars: int | None = None  # text data: use the first characters of each split only
     path: str | None = None  # text: the UTF-8 file
 
@@ -218,6 +218,7 @@ def _number(value: Any, annotation: type, key: str) -> int | float:
 
 RENAMED_KEYS: dict[str, str] = {
     "tracker.hvp_batch_size": "tracker.chunk_size",  # issue 22: a chunk is not a mini-batch
+    "data.block_size": "data.context_length",  # issue 22: "block" is the Lanczos block
 }
 """Old key -> new key. An old key still works wherever a config arrives (``--set``, TOML files,
 an old run folder's ``config.json`` on ``--resume``); both at once is an error."""
@@ -309,7 +310,7 @@ RANGES: dict[str, tuple[float, bool, float, bool]] = {
     "data.n_train": (1, True, _INF, False), "data.n_test": (1, True, _INF, False),
     "data.classes": (2, True, _INF, False), "data.dim": (1, True, _INF, False),
     "data.sigma": (0, True, _INF, False), "data.n": (1, True, _INF, False),
-    "data.seed": (0, True, _INF, False), "data.block_size": (1, True, _INF, False),
+    "data.seed": (0, True, _INF, False), "data.context_length": (1, True, _INF, False),
     "data.max_chars": (1, True, _INF, False),
     "model.widths": (1, True, _INF, False), "model.width": (1, True, _INF, False),
     "model.n_layer": (1, True, _INF, False), "model.n_head": (1, True, _INF, False),

@@ -8,9 +8,26 @@ import inspect
 from collections.abc import Callable, Mapping, Sequence
 from typing import TypeVar
 
-__all__ = ["check_options", "keyword_options", "lookup"]
+__all__ = ["check_options", "keyword_options", "lookup", "renamed_keyword"]
 
 T = TypeVar("T")
+
+
+def renamed_keyword(new_name: str, new: T | None, old_name: str, old: T | None) -> T | None:
+    """The value of a keyword given by its name ``new_name`` or by its old name ``old_name``.
+
+    Raises:
+        TypeError: both names given.
+
+    >>> renamed_keyword("context_length", None, "block_size", 32)
+    32
+    """
+    if old is None:
+        return new
+    if new is not None:
+        raise TypeError(f"give {new_name} once: {new_name}={new!r} and its old name "
+                        f"{old_name}={old!r} both arrived; use {new_name}")
+    return old
 
 
 def lookup(registry: Mapping[str, T], name: str, what: str) -> tuple[str, T]:

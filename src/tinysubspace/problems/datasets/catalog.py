@@ -19,7 +19,7 @@ name                      what
 ``gaussian-mixture``      ``k`` classes at random unit means in R^``d`` plus N(0, σ²) noise (Sec. 3)
 ``sine``                  regression: x ~ U[0, 2π), y = sin x + N(0, 0.1²) (Table 1, last row)
 ``pydoc-chars``           characters of CPython's ``pydoc_data/topics.py`` (465,126 on Python 3.11):
-                          sequences of ``block_size`` token ids and their next tokens
+                          sequences of ``context_length`` token ids and their next tokens
 ``text``                  the same from any UTF-8 file ``path`` (:mod:`.text`)
 ========================  ==========================================================================
 

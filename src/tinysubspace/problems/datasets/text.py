@@ -5,7 +5,7 @@ ships in ``pydoc_data/topics.py`` (``pydoc-chars``), or any UTF-8 text file (``t
 The text is cut into a training part (the first ``1 - test_fraction``) and a test part (the
 rest); the vocabulary is every character of the whole text, sorted (so both parts share it).
 A part of ``n`` characters ``c_1 … c_n`` becomes ``⌊(n − 1) / T⌋`` non-overlapping sequences of
-``T = block_size`` tokens: inputs ``x_i = c_{iT+1} … c_{iT+T}`` and targets shifted by one,
+``T = context_length`` tokens: inputs ``x_i = c_{iT+1} … c_{iT+T}`` and targets shifted by one,
 ``y_i = c_{iT+2} … c_{iT+T+1}``. Every character after the first is thus a target exactly once,
 and since every sequence holds exactly ``T`` targets, the mean over sequences of the per-sequence
 mean cross-entropy *is* the mean next-token cross-entropy over all tokens of the data set (the
@@ -24,8 +24,13 @@ from pathlib import Path
 
 import torch
 
+from tinysubspace.problems.registry import renamed_keyword
+
 __all__ = ["TokenData", "load_pydoc_chars", "load_text", "load_text_file", "pydoc_text",
            "read_text_file", "token_sequences"]
+
+CONTEXT_LENGTH = 64
+"""Default tokens per sequence ``T``."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -95,36 +100,40 @@ def pydoc_text() -> str:
     return "\n\n".join(topics[key] for key in sorted(topics))
 
 
-def token_sequences(ids: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def token_sequences(ids: torch.Tensor, context_length: int | None = None, *,
+                    block_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``⌊(n − 1) / T⌋`` non-overlapping sequences of ``T`` ids and their next ids (the module
     docstring); the last ``(n − 1) mod T`` ids are left out.
 
     Raises:
-        ValueError: ``block_size < 1`` or fewer than ``block_size + 1`` ids.
+        ValueError: ``context_length < 1`` or fewer than ``context_length + 1`` ids.
+        TypeError: both ``context_length`` and its old name ``block_size``.
 
     >>> x, y = token_sequences(torch.arange(7), 3)
     >>> x.tolist(), y.tolist()
     ([[0, 1, 2], [3, 4, 5]], [[1, 2, 3], [4, 5, 6]])
     """
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
-    n = (ids.numel() - 1) // block_size
+    length = renamed_keyword("context_length", context_length, "block_size", block_size)
+    if isinstance(length, bool) or not isinstance(length, int) or length < 1:
+        raise ValueError(f"context_length must be a positive integer, got {length!r}")
+    n = (ids.numel() - 1) // length
     if n < 1:
-        raise ValueError(f"{ids.numel()} tokens make no sequence of block_size {block_size} "
+        raise ValueError(f"{ids.numel()} tokens make no sequence of context_length {length} "
                          "(and its next token)")
-    used = ids[: n * block_size + 1]
-    return used[:-1].reshape(n, block_size).clone(), used[1:].reshape(n, block_size).clone()
+    used = ids[: n * length + 1]
+    return used[:-1].reshape(n, length).clone(), used[1:].reshape(n, length).clone()
 
 
-def load_text(text: str, split: str, name: str, *, block_size: int = 64,
-              max_chars: int | None = None, test_fraction: float = 0.1) -> TokenData:
+def load_text(text: str, split: str, name: str, *, context_length: int | None = None,
+              max_chars: int | None = None, test_fraction: float = 0.1,
+              block_size: int | None = None) -> TokenData:
     """One split of a text as :class:`TokenData` (the module docstring).
 
     Args:
         text: the whole text.
         split: ``"train"`` or ``"test"``.
         name: the data set's name (the split, sizes and vocabulary are added).
-        block_size: tokens per sequence ``T``.
+        context_length: tokens per sequence ``T`` (default 64); ``block_size`` is its old name.
         max_chars: use only the first ``max_chars`` characters of the split (``None``: all).
         test_fraction: the share of the text, at its end, that is the test part (in ``(0, 1)``).
 
@@ -144,8 +153,10 @@ def load_text(text: str, split: str, name: str, *, block_size: int = 64,
     part = part[:max_chars] if max_chars is not None else part
     index = {char: i for i, char in enumerate(vocabulary)}
     ids = torch.tensor([index[char] for char in part], dtype=torch.int64)
-    inputs, targets = token_sequences(ids, block_size)
-    label = (f"{name}-{split}[{inputs.shape[0]}x{block_size} tokens of {len(text)} chars, "
+    length = renamed_keyword("context_length", context_length, "block_size", block_size)
+    length = CONTEXT_LENGTH if length is None else length
+    inputs, targets = token_sequences(ids, length)
+    label = (f"{name}-{split}[{inputs.shape[0]}x{length} tokens of {len(text)} chars, "
              f"V={len(vocabulary)}]")
     return TokenData(inputs, targets, len(vocabulary), label, vocabulary)
 
@@ -170,17 +181,18 @@ def read_text_file(path: str | Path) -> str:
     return text
 
 
-def load_pydoc_chars(root: Path | None, split: str, *, block_size: int = 64,
-                     max_chars: int | None = None, test_fraction: float = 0.1) -> TokenData:
+def load_pydoc_chars(root: Path | None, split: str, *, context_length: int | None = None,
+                     max_chars: int | None = None, test_fraction: float = 0.1,
+                     block_size: int | None = None) -> TokenData:
     """``pydoc-chars`` of the data-set catalogue: :func:`pydoc_text` by :func:`load_text`
     (``root`` is not used)."""
-    return load_text(pydoc_text(), split, "pydoc-chars", block_size=block_size,
-                     max_chars=max_chars, test_fraction=test_fraction)
+    return load_text(pydoc_text(), split, "pydoc-chars", context_length=context_length,
+                     max_chars=max_chars, test_fraction=test_fraction, block_size=block_size)
 
 
 def load_text_file(root: Path | None, split: str, *, path: str | None = None,
-                   block_size: int = 64, max_chars: int | None = None,
-                   test_fraction: float = 0.1) -> TokenData:
+                   context_length: int | None = None, max_chars: int | None = None,
+                   test_fraction: float = 0.1, block_size: int | None = None) -> TokenData:
     """``text`` of the data-set catalogue: the characters of the file ``path`` (relative paths
     are taken in ``root`` when given).
 
@@ -193,5 +205,6 @@ def load_text_file(root: Path | None, split: str, *, path: str | None = None,
     file = Path(path).expanduser()
     if root is not None and not file.is_absolute():
         file = Path(root) / file
-    return load_text(read_text_file(file), split, f"text:{file.name}", block_size=block_size,
-                     max_chars=max_chars, test_fraction=test_fraction)
+    return load_text(read_text_file(file), split, f"text:{file.name}",
+                     context_length=context_length, max_chars=max_chars,
+                     test_fraction=test_fraction, block_size=block_size)

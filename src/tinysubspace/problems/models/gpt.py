@@ -28,6 +28,8 @@ import torch
 from torch import nn
 from torch.nn import functional
 
+from tinysubspace.problems.registry import renamed_keyword
+
 __all__ = ["GPT", "build_gpt", "gpt_parameter_count", "token_cross_entropy"]
 
 IGNORE_INDEX = -100
@@ -98,15 +100,15 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    """Decoder-only transformer: token ids ``(B, T)`` (``T ≤ block_size``) → logits
-    ``(B, T, V)`` (see the module docstring)."""
+    """Decoder-only transformer: token ids ``(B, T)`` (``T ≤ context_length``, the positions it
+    has embeddings for; nanoGPT's ``block_size``) → logits ``(B, T, V)`` (module docstring)."""
 
-    def __init__(self, vocab: int, block_size: int, n_layer: int, n_head: int, n_embd: int,
-                 bias: bool = True, tie_weights: bool = True) -> None:
+    def __init__(self, vocab: int, context_length: int, n_layer: int, n_head: int,
+                 n_embd: int, bias: bool = True, tie_weights: bool = True) -> None:
         super().__init__()
-        self.block_size = block_size
+        self.context_length = context_length
         self.wte = nn.Embedding(vocab, n_embd)
-        self.wpe = nn.Embedding(block_size, n_embd)
+        self.wpe = nn.Embedding(context_length, n_embd)
         self.h = nn.ModuleList(Block(n_embd, n_head, bias) for _ in range(n_layer))
         self.ln_f = nn.LayerNorm(n_embd, bias=bias)
         self.lm_head = nn.Linear(n_embd, vocab, bias=False)
@@ -130,8 +132,8 @@ class GPT(nn.Module):
             raise ValueError(f"GPT expects integer token ids of shape (batch, time), got "
                              f"{idx.dtype} of shape {tuple(idx.shape)}")
         T = idx.shape[1]
-        if self.block_size < T:
-            raise ValueError(f"sequence length {T} exceeds block_size {self.block_size}")
+        if self.context_length < T:
+            raise ValueError(f"sequence length {T} exceeds context_length {self.context_length}")
         x = self.wte(idx) + self.wpe(torch.arange(T, device=idx.device))
         for block in self.h:
             x = block(x)
@@ -139,15 +141,17 @@ class GPT(nn.Module):
 
 
 def build_gpt(input_shape: tuple[int, ...], num_outputs: int, *, n_layer: int = 2,
-              n_head: int = 2, n_embd: int = 32, block_size: int | None = None,
-              vocab: int | None = None, bias: bool = True, tie_weights: bool = True) -> GPT:
+              n_head: int = 2, n_embd: int = 32, context_length: int | None = None,
+              vocab: int | None = None, bias: bool = True, tie_weights: bool = True,
+              block_size: int | None = None) -> GPT:
     """The ``gpt`` of the model registry: inputs ``(T,)`` token ids, ``num_outputs`` = ``V``.
 
     Args:
         input_shape: ``(T,)``, the data's sequence length.
         num_outputs: the vocabulary size ``V`` of the data.
         n_layer, n_head, n_embd: depth, heads, width (``n_embd`` divisible by ``n_head``).
-        block_size: the longest sequence (positions); default ``T``; at least ``T``.
+        context_length: the longest sequence (positions); default ``T``; at least ``T``.
+            ``block_size`` is its old name (both: ``TypeError``).
         vocab: the vocabulary size; default ``num_outputs`` (and it must equal it).
         bias: biases in linear and layer-norm layers.
         tie_weights: the output layer shares the token embedding's matrix.
@@ -158,32 +162,33 @@ def build_gpt(input_shape: tuple[int, ...], num_outputs: int, *, n_layer: int = 
     if len(input_shape) != 1:
         raise ValueError(f"gpt needs token sequences, input_shape (T,), got {input_shape}; use a "
                          "text data set such as pydoc-chars")
-    block_size = input_shape[0] if block_size is None else block_size
+    length = renamed_keyword("context_length", context_length, "block_size", block_size)
+    length = input_shape[0] if length is None else length
     vocab = num_outputs if vocab is None else vocab
-    _check_positive(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
+    _check_positive(n_layer=n_layer, n_head=n_head, n_embd=n_embd, context_length=length,
                     vocab=vocab)
     if n_embd % n_head:
         raise ValueError(f"n_embd must be divisible by n_head, got n_embd={n_embd}, "
                          f"n_head={n_head}")
-    if block_size < input_shape[0]:
-        raise ValueError(f"block_size {block_size} is shorter than the data's sequences "
+    if length < input_shape[0]:
+        raise ValueError(f"context_length {length} is shorter than the data's sequences "
                          f"({input_shape[0]} tokens)")
     if vocab != num_outputs:
         raise ValueError(f"vocab {vocab} differs from the data's vocabulary of {num_outputs}")
     for name, flag in {"bias": bias, "tie_weights": tie_weights}.items():
         if not isinstance(flag, bool):
             raise ValueError(f"{name} must be True or False, got {flag!r}")
-    return GPT(vocab, block_size, n_layer, n_head, n_embd, bias=bias, tie_weights=tie_weights)
+    return GPT(vocab, length, n_layer, n_head, n_embd, bias=bias, tie_weights=tie_weights)
 
 
-def gpt_parameter_count(vocab: int, block_size: int, n_layer: int, n_embd: int,
+def gpt_parameter_count(vocab: int, context_length: int, n_layer: int, n_embd: int,
                         bias: bool = True, tie_weights: bool = True) -> int:
     """Parameters of :class:`GPT` (closed form): ``V d + T d + L (12 d² + 13 d) + 2 d``
     (with biases; ``+ V d`` untied), checked against ``named_parameters()`` in the tests."""
     d = n_embd
     per_layer = 12 * d * d + (13 * d if bias else 2 * d)
     final = 2 * d if bias else d
-    return vocab * d * (1 if tie_weights else 2) + block_size * d + n_layer * per_layer + final
+    return vocab * d * (1 if tie_weights else 2) + context_length * d + n_layer * per_layer + final
 
 
 def _check_positive(**values: Sequence[int] | int) -> None:

@@ -146,7 +146,7 @@ def build_model(name: str, input_shape: Sequence[int], num_outputs: int, *, seed
         **options: the model's own options: ``fc``: ``widths``, ``activation`` (relu, softplus,
             tanh, linear); ``convnet``: ``channels``, ``dense``, ``dropout``, ``batchnorm``,
             ``extra_dense``; ``resnet18``: ``width``; ``gpt``: ``n_layer``, ``n_head``,
-            ``n_embd``, ``block_size``, ``vocab``, ``bias``, ``tie_weights``.
+            ``n_embd``, ``context_length``, ``vocab``, ``bias``, ``tie_weights``.
 
     Raises:
         ValueError: an unknown name or option (the known ones are listed), or a bad value.
