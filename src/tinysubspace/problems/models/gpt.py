@@ -9,7 +9,7 @@ For token ids ``x_1 … x_T`` the model returns logits ``z_t ∈ R^V`` for every
 
 the mean over tokens (:func:`token_cross_entropy`). Architecture (pre-norm):
 
-``wte`` (token embedding ``V × d``) + ``wpe`` (position embedding ``block_size × d``) →
+``wte`` (token embedding ``V × d``) + ``wpe`` (position embedding ``context_length × d``) →
 ``n_layer`` blocks ``h.i`` = ``x + attn(ln_1(x))``, ``x + mlp(ln_2(x))`` → ``ln_f`` → ``lm_head``
 (``d → V``; by default tied to ``wte``, so ``named_parameters()`` lists ``wte.weight`` once).
 ``attn`` has separate ``query``, ``key``, ``value`` and ``proj`` linear layers (so that per-block
