@@ -218,3 +218,20 @@ def test_the_cli_runs_a_budget_tracker(tmp_path):
     assert math.isnan(errors[0]) and all(0 <= e <= 1 for e in errors[1:])
     assert table["hessian/certificate"].tolist() == [2.0] + [0.0] * (len(errors) - 1)
     assert (table["cost/matvecs"].iloc[1:] >= 20).all()
+
+
+def test_the_cli_loop_resumes_an_amortised_run_with_its_guard(tmp_path):
+    """``tracker.check = amortised`` through the loop: a run stopped between checkpoints and
+    resumed writes the uninterrupted run's numbers (the guard travels in the checkpoint)."""
+    from experiment_fixtures import tiny_config
+    from tinysubspace.experiments.training import run_experiment
+    from tinysubspace.results.store import load_run
+
+    config = tiny_config(tracker__check="amortised", tracker__check_every=4)
+    assert run_experiment(config, tmp_path / "whole").state == "finished"
+    assert run_experiment(config, tmp_path / "cut", stop_after=13).state == "stopped"
+    assert run_experiment(config, tmp_path / "cut", resume=True).state == "finished"
+    whole, cut = (load_run(tmp_path / name).metrics.drop(columns=["wall_time", "cost/seconds"])
+                  for name in ("whole", "cut"))
+    assert whole["hessian/certificate"].tolist() == [2.0, 1.0, 1.0, 1.0, 2.0, 1.0]
+    assert whole.equals(cut)
