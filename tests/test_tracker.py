@@ -182,5 +182,6 @@ def test_warm_tracking_agrees_with_cold_solves(problem):
         with torch.no_grad():
             for p, s in zip(model.parameters(), saved, strict=True):
                 p.copy_(s)
-    with pytest.raises(ValueError, match=r"tracker\.solver must be one of \['cold', 'track'\]"):
+    with pytest.raises(ValueError,
+                       match=r"tracker\.solver must be one of \['budget', 'cold', 'track'\]"):
         Tracker(TrackerConfig(solver="magic"), None, None)

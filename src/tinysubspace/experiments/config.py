@@ -133,7 +133,11 @@ class TrackerConfig:
     spectrum: str = "none"  # at the end: none | exact | slq
     spectrum_probes: int = 10
     spectrum_steps: int = 90
-    solver: str = "track"  # track (warm-started) | cold
+    solver: str = "track"  # track (warm-started) | cold | budget (budget_matvecs products each)
+    check: str = "full"  # multiplicity check: full (every solve) | amortised (every check_every)
+    check_every: int = 4  # ... M of the amortised check
+    budget_matvecs: int | None = None  # products per measurement of solver = budget
+    pass_cost: str | None = None  # None | measure: time a pass once, warm = auto chooses by it
     overlap_last: int = 0  # Table 1: full-data overlap(g, Hg) at each of the last N steps (0: off)
     overlap_every: int = 1  # ... at every this many of those steps (1: every step, as the paper)
     spectrum_top: int = 0  # at the end: this many top eigenvalues by Lanczos (Fig. 5; 0: none)
@@ -338,11 +342,13 @@ RANGES: dict[str, tuple[float, bool, float, bool]] = {
     "tracker.spectrum_top": (0, True, _INF, False),
     "tracker.blocks_k": (1, True, _INF, False), "tracker.blocks_probes": (1, True, _INF, False),
     "tracker.blocks_steps": (1, True, _INF, False),
+    "tracker.check_every": (1, True, _INF, False), "tracker.budget_matvecs": (1, True, _INF, False),
 }
 CHOICES: dict[str, tuple[str, ...]] = {
     "tracker.mode": ("eval", "train"), "tracker.spectrum": ("none", "exact", "slq"),
     "tracker.tol_scale": ("top", "pair"), "tracker.measure": ("standard", "eos", "outliers"),
     "tracker.blocks": ("none", "auto", "layers", "types"),
+    "tracker.solver": ("track", "cold", "budget"), "tracker.check": ("full", "amortised"),
     "optim.project": ("minibatch", "fullbatch"),
 }
 
@@ -379,9 +385,31 @@ def validate_config(config: ExperimentConfig) -> None:
     if 0 < config.train.divergence_factor < 1:
         raise ConfigError("train.divergence_factor must be 0 (no check) or at least 1, got "
                           f"{config.train.divergence_factor!r}")
+    _validate_solver(config.tracker)
     if config.tracker.sharpness and config.optim.name not in ("sgd", "adam"):
         raise ConfigError(f"tracker.sharpness needs optim.name sgd or adam (a threshold and a "
                           f"preconditioner are known for them), got {config.optim.name!r}")
     if config.tracker.class_means and config.train.loss != "cross_entropy":
         raise ConfigError(f"tracker.class_means needs train.loss cross_entropy (class means of "
                           f"softmax gradients), got {config.train.loss!r}")
+
+
+def _validate_solver(tracker: TrackerConfig) -> None:
+    """``tracker.budget_matvecs`` set iff ``tracker.solver = budget``, and at least the ``2k``
+    pairs it refines; ``tracker.pass_cost`` unset or ``measure``.
+
+    Raises:
+        ConfigError: naming the key, what was expected and the value.
+    """
+    if tracker.solver == "budget" and tracker.budget_matvecs is None:
+        raise ConfigError("tracker.solver = budget needs tracker.budget_matvecs (products per "
+                          "measurement, at least 2 * tracker.k), got none")
+    if tracker.solver != "budget" and tracker.budget_matvecs is not None:
+        raise ConfigError(f"tracker.budget_matvecs is the budget of tracker.solver = budget, "
+                          f"got tracker.solver = {tracker.solver!r}")
+    if tracker.budget_matvecs is not None and tracker.budget_matvecs < 2 * tracker.k:
+        raise ConfigError(f"tracker.budget_matvecs must be at least 2 * tracker.k = "
+                          f"{2 * tracker.k} (the pairs it refines), got {tracker.budget_matvecs}")
+    if tracker.pass_cost not in (None, "measure"):
+        raise ConfigError(f"tracker.pass_cost must be unset or measure, got "
+                          f"{tracker.pass_cost!r}")

@@ -29,6 +29,7 @@ from tinysubspace.problems.models.blocks import parameter_blocks
 from tinysubspace.runtime import distributed as tsdist
 
 __all__ = [
+    "CERTIFICATES",
     "AnchorsGroup",
     "BlocksGroup",
     "CostGroup",
@@ -79,15 +80,16 @@ class HessianGroup(StatelessGroup):
 
     name = "hessian"
 
-    def __init__(self, k: int) -> None:
-        self.k = k
+    def __init__(self, k: int, certificate: bool = False) -> None:
+        self.k, self.certificate = k, certificate
 
     def names(self) -> list[str]:
         n = 2 * self.k
         return ([f"hessian/eig_{i}" for i in range(1, n + 1)]
                 + ["hessian/f_top", "hessian/f_next", "hessian/overlap_g_Hg"]
                 + [f"hessian/c2_{i}" for i in range(1, n + 1)]
-                + ["hessian/residual_max", "hessian/converged"])
+                + ["hessian/residual_max", "hessian/converged"]
+                + (list(SOLVE_COLUMNS) if self.certificate else []))
 
     def measure(self, ctx: Context) -> dict[str, float]:
         eig = ctx.eig
@@ -96,7 +98,30 @@ class HessianGroup(StatelessGroup):
         scale = max(float(eig.values.abs().max()), 1e-300)
         row["hessian/residual_max"] = float(eig.residuals.max()) / scale
         row["hessian/converged"] = float(eig.converged)
+        if self.certificate:
+            row["hessian/f_top_error"] = f_top_error(eig, self.k)
+            row["hessian/certificate"] = CERTIFICATES[eig.certificate]
         return row
+
+
+SOLVE_COLUMNS = ("hessian/f_top_error", "hessian/certificate")
+"""The Hessian group's columns of a non-default solve (``SolverSettings.reports_certificate``):
+the ``f_top`` error bound of a budget solve and the certificate as a number."""
+
+CERTIFICATES = {"full": 2.0, "guard": 1.0, "folded": 1.0, "none": 0.0}
+"""``hessian/certificate``: ``Eigenpairs.certificate`` as a number (docs/run-store.md)."""
+
+
+def f_top_error(eig: Any, k: int) -> float:
+    """Davis–Kahan bound on ``|f_top(V_k) − f_top(V*_k)|`` (eq. 2) for the top ``k`` of a budget
+    solve's ``2k`` pairs (:mod:`tinysubspace.linalg.budget`): ``min(1, ‖R_k‖ / δ̂)`` with
+    ``‖R_k‖₂ ≤ ‖R_k‖_F = (Σ_{i≤k} r_i²)^{1/2}`` and ``δ̂ = θ_k − (θ_{k+1} + r_{k+1})`` (1 when
+    ``δ̂ ≤ 0``); NaN for a solve to ``tol`` (not estimated)."""
+    if getattr(eig, "solver", "lanczos") != "budget" or eig.values.numel() <= k:
+        return float("nan")
+    norm = float(eig.residuals[:k].double().pow(2).sum().sqrt())
+    gap = float(eig.values[k - 1]) - float(eig.values[k]) - float(eig.residuals[k])
+    return min(1.0, norm / gap) if gap > 0 else 1.0
 
 
 class AnchorsGroup:

@@ -22,17 +22,31 @@ import torch
 
 from tinysubspace.curvature.hessian import HessianOperator
 from tinysubspace.curvature.hvp import HVP_METHODS
+from tinysubspace.linalg.amortised import CHECK_EVERY, CHECKS
 from tinysubspace.linalg.lanczos import Eigenpairs, top_eigenpairs
 from tinysubspace.linalg.tolerance import TOL_SCALES
 from tinysubspace.linalg.warm_start import WARM_STARTS, track_eigenpairs
 from tinysubspace.linalg.warm_state import WarmStart
 
-__all__ = ["SOLVERS", "ColumnGroup", "Context", "MeasurementSettings", "OperatorSettings",
-           "SolverSettings", "measure_groups"]
+__all__ = ["PASS_COSTS", "SOLVERS", "ColumnGroup", "Context", "MeasurementSettings",
+           "OperatorSettings", "SolverSettings", "measure_groups"]
 
-SOLVERS = ("cold", "track")
+SOLVERS = ("cold", "track", "budget")
 """``track``: warm-started from the previous measurement (:func:`track_eigenpairs`); ``cold``:
-a cold :func:`top_eigenpairs` at every measurement (the reference)."""
+a cold :func:`top_eigenpairs` at every measurement (the reference); ``budget``: the previous
+measurement's pairs refined with exactly ``budget_matvecs`` products, not solved to ``tol``
+(:func:`~tinysubspace.linalg.budget.refine_eigenpairs`; its first measurement is a solve to
+``tol``)."""
+
+PASS_COSTS = (None, "measure")
+"""``pass_cost`` of :class:`SolverSettings`: ``None`` (``warm="auto"`` by the device) or
+``"measure"`` (time a pass at the first warm measurement, then choose by that cost)."""
+
+
+def _budget_keywords(matvecs: int) -> dict[str, Any]:
+    """The keyword by which :func:`track_eigenpairs` takes the budget's products (one place,
+    so a rename of that keyword is a one-line change)."""
+    return {"matvecs": matvecs}
 
 
 @dataclass(frozen=True)
@@ -72,18 +86,34 @@ class SolverSettings:
 
     Attributes:
         tol: relative residual of every pair. tol_scale: ``"top"`` or ``"pair"``
-            (:mod:`tinysubspace.linalg.tolerance`). solver: ``"track"`` or ``"cold"``.
+            (:mod:`tinysubspace.linalg.tolerance`). solver: ``"track"``, ``"cold"`` or
+            ``"budget"`` (:data:`SOLVERS`).
         warm: how ``track`` uses the previous vectors (:data:`tinysubspace.WARM_STARTS`); a
             group may ask for another (the preconditioned sharpness uses ``"subspace"``).
+        check: ``"full"`` (the multiplicity check at every solve) or ``"amortised"`` (a full
+            check every ``check_every`` solves of a name, the guard carried in the
+            :class:`WarmStart` in between; :mod:`tinysubspace.linalg.amortised`). ``track`` only.
+        check_every: ``M`` of the amortised check.
+        budget_matvecs: products per measurement of ``solver="budget"`` (required there, at
+            least the solve's ``n`` pairs; ``None`` otherwise).
+        pass_cost: ``None`` or ``"measure"`` (:data:`PASS_COSTS`): with ``warm="auto"``, time a
+            pass at the first warm solve of each name; the cost then travels in the
+            :class:`WarmStart` (and the checkpoint) and decides every later warm start.
 
     Raises:
-        ValueError: an unknown ``tol_scale``, ``solver`` or ``warm``.
+        ValueError: an unknown ``tol_scale``, ``solver``, ``warm``, ``check`` or ``pass_cost``,
+            a bad ``check_every``, ``budget_matvecs`` missing or not a positive integer with
+            ``solver="budget"``, or given without it.
     """
 
     tol: float = 1e-4
     tol_scale: str = "top"
     solver: str = "track"
     warm: str = "auto"
+    check: str = "full"
+    check_every: int = CHECK_EVERY
+    budget_matvecs: int | None = None
+    pass_cost: str | None = None
 
     def __post_init__(self) -> None:
         if self.solver not in SOLVERS:
@@ -94,21 +124,61 @@ class SolverSettings:
                              f"{self.tol_scale!r}")
         if self.warm not in WARM_STARTS:
             raise ValueError(f"warm must be one of {WARM_STARTS}, got {self.warm!r}")
+        if self.check not in CHECKS:
+            raise ValueError(f"tracker.check must be one of {CHECKS}, got {self.check!r}")
+        every = self.check_every
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"tracker.check_every must be a positive integer, got {every!r}")
+        if self.pass_cost not in PASS_COSTS:
+            raise ValueError(f"pass_cost must be one of {PASS_COSTS}, got {self.pass_cost!r}")
+        self._check_budget()
+
+    def _check_budget(self) -> None:
+        matvecs = self.budget_matvecs
+        if self.solver != "budget":
+            if matvecs is not None:
+                raise ValueError(f"tracker.budget_matvecs={matvecs!r} is the budget of "
+                                 f"tracker.solver='budget'; got solver={self.solver!r}")
+        elif isinstance(matvecs, bool) or not isinstance(matvecs, int) or matvecs < 1:
+            raise ValueError(f"tracker.solver='budget' needs tracker.budget_matvecs, a positive "
+                             f"integer (products per measurement), got {matvecs!r}")
+
+    @property
+    def reports_certificate(self) -> bool:
+        """Whether these settings leave the default solve (a budget, the amortised check or a
+        measured pass cost): then the Hessian group also writes ``hessian/f_top_error`` and
+        ``hessian/certificate``."""
+        return self.solver == "budget" or self.check != "full" or self.pass_cost is not None
 
     def solve(self, op: Any, n: int, warm: WarmStart, name: str, seed: int,
               start: str | None = None) -> Eigenpairs:
-        """The top ``n`` pairs of ``op``, started from ``warm``'s vectors of ``name`` (and kept
-        there for the next solve of that name); ``start`` overrides :attr:`warm`."""
-        previous = warm.get(name)
+        """The top ``n`` pairs of ``op``, started from ``warm``'s previous result of ``name``
+        (and kept there for the next solve of that name, with its guard and pass cost);
+        ``start`` overrides :attr:`warm`."""
+        previous = warm.previous(name)
         if self.solver == "cold":
             eig = self.cold(op, n, seed)
         else:
-            if previous is not None:
+            if isinstance(previous, torch.Tensor):
                 previous = previous.to(device=op.device, dtype=op.dtype)
             eig = track_eigenpairs(op, n, previous, tol=self.tol, seed=seed,
-                                   tol_scale=self.tol_scale, warm=start or self.warm)
-        warm.update(name, eig.vectors)
+                                   tol_scale=self.tol_scale, warm=start or self.warm,
+                                   **self._track_keywords(previous))
+        warm.update(name, eig)
         return eig
+
+    def _track_keywords(self, previous: Eigenpairs | torch.Tensor | None) -> dict[str, Any]:
+        """The keywords of :func:`track_eigenpairs` beyond the defaults' (none by default, so
+        a default run solves exactly as before these settings existed)."""
+        options: dict[str, Any] = {}
+        if self.solver == "budget":
+            options.update(solver="budget", **_budget_keywords(self.budget_matvecs))
+        if self.check != "full":
+            options.update(check=self.check, check_every=self.check_every)
+        carried = previous.pass_cost if isinstance(previous, Eigenpairs) else None
+        if self.pass_cost == "measure" and previous is not None and carried is None:
+            options["pass_cost"] = "measure"
+        return options
 
     def cold(self, op: Any, n: int, seed: int) -> Eigenpairs:
         """The top ``n`` pairs of ``op`` by a cold :func:`top_eigenpairs` (no warm start)."""

@@ -109,7 +109,10 @@ class SubspaceTracker:
         mode: ``"eval"`` (dropout off, batch norm on running statistics) or ``"train"``.
         chunk_size: how many examples of an ``(X, Y)`` pair go into one pass (``None``: one
             chunk); ``batch_size`` is its old name (both: ``TypeError``).
-        solver: ``"track"`` (warm-started) or ``"cold"``.
+        solver: ``"track"`` (warm-started), ``"cold"`` or ``"budget"`` (``budget_matvecs``
+            products per measurement); check, check_every, pass_cost: the amortised multiplicity
+            check and ``warm="auto"``'s measured pass cost (:class:`~tinysubspace.experiments.
+            measurement.SolverSettings`; docs/own-loop.md).
         resume: continue the run in ``out`` (or start it if ``out`` holds none).
         check_subset: with ``subset``, compare once (at the first measurement) the subset's
             top-k with the full data's: columns ``subset/overlap_top`` (eq. 5) and
@@ -150,8 +153,9 @@ class SubspaceTracker:
                  optimizer: torch.optim.Optimizer | None = None,
                  classification: bool | None = None, distributed: bool | None = None,
                  blocks: str = "none", block_options: Mapping[str, int] | None = None,
-                 hvp_method: str = "auto", groups: Sequence[Any] = (),
-                 batch_size: int | None = None) -> None:
+                 hvp_method: str = "auto", groups: Sequence[Any] = (), check: str = "full",
+                 check_every: int = 4, budget_matvecs: int | None = None,
+                 pass_cost: str | None = None, batch_size: int | None = None) -> None:
         chunk_size = chunk_size_argument(chunk_size, batch_size)
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"k must be an integer >= 1, got {k!r}")
@@ -177,9 +181,12 @@ class SubspaceTracker:
             k, OperatorSettings(dtype=measurement_dtype(dtype, model), mode=mode,
                                 chunk_size=chunk_size, hvp_method=hvp_method,
                                 distributed=shared),
-            SolverSettings(tol=tol, tol_scale=tol_scale, solver=solver), self.save_vectors_at)
-        self.engine = Tracker(settings, loss_fn, data, test, classification,
-                              groups=[*self._groups(k, test is not None, blocks), *groups])
+            SolverSettings(tol=tol, tol_scale=tol_scale, solver=solver, check=check,
+                           check_every=check_every, budget_matvecs=budget_matvecs,
+                           pass_cost=pass_cost), self.save_vectors_at)
+        certified = settings.solver.reports_certificate
+        self.engine = Tracker(settings, loss_fn, data, test, classification, groups=[
+            *self._groups(k, test is not None, blocks, certified), *groups])
         self.blocks, self.extra_groups = blocks, [g.name for g in groups]
         self._curvature = {"ggn": ggn, "class_means": class_means, "geometry": geometry,
                            "classes": classes}
@@ -231,10 +238,10 @@ class SubspaceTracker:
                 classification = tsdist.broadcast_object(classification)
         return data, test, classification
 
-    def _groups(self, k: int, test: bool, blocks: dict[str, Any]) -> list[Any]:
+    def _groups(self, k: int, test: bool, blocks: dict[str, Any], certified: bool) -> list[Any]:
         """The measurement's column groups, in the columns' order (the curvature options'
         groups are added after these)."""
-        groups = standard_groups(k, sorted(self.anchors), test)
+        groups = standard_groups(k, sorted(self.anchors), test, certified)
         if blocks["blocks"] != "none":
             groups.append(BlocksGroup(self.model, blocks["blocks"], blocks.get("blocks_k", 1),
                                       blocks.get("blocks_steps", 20),
@@ -251,7 +258,9 @@ class SubspaceTracker:
                     "dtype": DTYPES.get(config.dtype, config.dtype), "anchors": config.anchors,
                     "save_vectors_at": config.save_vectors_at, "mode": config.mode,
                     "chunk_size": config.chunk_size, "solver": config.solver,
-                    "blocks": config.blocks, "ggn": config.ggn,
+                    "blocks": config.blocks, "ggn": config.ggn, "check": config.check,
+                    "check_every": config.check_every, "budget_matvecs": config.budget_matvecs,
+                    "pass_cost": config.pass_cost,
                     "class_means": config.class_means, "geometry": config.geometry,
                     "block_options": {key: getattr(config, f"blocks_{key}")
                                       for key in ("k", "probes", "steps")}}

@@ -83,7 +83,9 @@ def settings_of(config: TrackerConfig, distributed: bool | None = None,
         raise ValueError(f"tracker.k must be at least 1, got {config.k}")
     if config.dtype not in DTYPES:
         raise ValueError(f"tracker.dtype must be one of {sorted(DTYPES)}, got {config.dtype!r}")
-    solver = SolverSettings(tol=config.tol, tol_scale=config.tol_scale, solver=config.solver)
+    solver = SolverSettings(tol=config.tol, tol_scale=config.tol_scale, solver=config.solver,
+                            check=config.check, check_every=config.check_every,
+                            budget_matvecs=config.budget_matvecs, pass_cost=config.pass_cost)
     distributed = tsdist.is_distributed() if distributed is None else bool(distributed)
     operators = OperatorSettings(dtype=dtype if dtype is not None else DTYPES[config.dtype],
                                  mode=config.mode, chunk_size=config.chunk_size,
@@ -91,10 +93,12 @@ def settings_of(config: TrackerConfig, distributed: bool | None = None,
     return MeasurementSettings(config.k, operators, solver, frozenset(config.save_vectors_at))
 
 
-def standard_groups(k: int, anchors: Sequence[int], test: bool) -> list[Any]:
-    """The groups every tracker has: ``train``, ``hessian``, ``anchors``, ``cost`` and, with
-    test data, ``test``."""
-    groups = [TrainGroup(), HessianGroup(k), AnchorsGroup(k, anchors), CostGroup()]
+def standard_groups(k: int, anchors: Sequence[int], test: bool,
+                    certificate: bool = False) -> list[Any]:
+    """The groups every tracker has: ``train``, ``hessian`` (with ``certificate``, its
+    ``f_top_error`` and ``certificate`` columns), ``anchors``, ``cost`` and, with test data,
+    ``test``."""
+    groups = [TrainGroup(), HessianGroup(k, certificate), AnchorsGroup(k, anchors), CostGroup()]
     return groups + ([TestGroup()] if test else [])
 
 
@@ -136,7 +140,8 @@ class Tracker:
         else:
             settings, anchors = config, ()
         if groups is None:
-            groups = standard_groups(settings.k, anchors, test is not None)
+            groups = standard_groups(settings.k, anchors, test is not None,
+                                     settings.solver.reports_certificate)
         names = [g.name for g in groups]
         if len(set(names)) != len(names):
             raise ValueError(f"column groups need distinct names, got {names}")

@@ -88,6 +88,9 @@ def run_config(tracker: Any, name: str | None) -> dict[str, Any]:
                "budget": None if tracker.budget is None else tracker.budget.fraction,
                "seed": tracker.seed, "subset": tracker.subset, "check_subset": tracker.check_subset,
                "hvp_method": ops.hvp_method}
+    if solver.reports_certificate:  # only off the default solve: a default config is unchanged
+        settings.update(check=solver.check, check_every=solver.check_every,
+                        budget_matvecs=solver.budget_matvecs, pass_cost=solver.pass_cost)
     if tracker.extra_groups:
         settings["groups"] = list(tracker.extra_groups)
     curvature = [g for g in engine.groups if getattr(g, "bucket", None) == "curvature"]
