@@ -55,14 +55,19 @@ def test_the_dense_reference_agrees_with_finite_differences():
     assert torch.allclose(ref["single"].values, ref["values"], rtol=1e-9)
 
 
-@pytest.fixture(scope="module", params=[2, 3], ids=lambda w: f"world{w}")
-def ranks(request, tmp_path_factory) -> list[dict]:
-    """What each rank of a 2- or 3-rank run measured (one launch per world size)."""
-    folder = tmp_path_factory.mktemp(f"fsdp{request.param}")
-    results = launch(fw.eigen_worker, folder, world=request.param, deadline_s=300)
+def _launched(worker, folder, world: int, deadline_s: float) -> list[dict]:
+    """Each rank's result of ``worker`` on ``world`` gloo ranks (a rank's error fails the test)."""
+    results = launch(worker, folder, world=world, deadline_s=deadline_s)
     errors = [r["error"][2] for r in results if "error" in r]
     assert not errors, errors[0]
     return [r["ok"] for r in results]
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=lambda w: f"world{w}")
+def ranks(request, tmp_path_factory) -> list[dict]:
+    """What each rank of a 2- or 3-rank run measured (one launch per world size)."""
+    return _launched(fw.eigen_worker, tmp_path_factory.mktemp(f"fsdp{request.param}"),
+                     request.param, deadline_s=300)
 
 
 @needs_gloo
@@ -117,11 +122,8 @@ def _moved_reference() -> dict:
 
 @pytest.fixture(scope="module", params=[2, 3], ids=lambda w: f"world{w}")
 def tracked(request, tmp_path_factory) -> list[dict]:
-    folder = tmp_path_factory.mktemp(f"fsdp-track{request.param}")
-    results = launch(fw.tracking_worker, folder, world=request.param, deadline_s=400)
-    errors = [r["error"][2] for r in results if "error" in r]
-    assert not errors, errors[0]
-    return [r["ok"] for r in results]
+    return _launched(fw.tracking_worker, tmp_path_factory.mktemp(f"fsdp-track{request.param}"),
+                     request.param, deadline_s=400)
 
 
 @needs_gloo
@@ -174,11 +176,8 @@ def test_exact_spectrum_refuses_sharded_vectors():
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_sharded_operator_checks_input_and_restores_the_model(tmp_path):
-    results = launch(fw.checks_worker, tmp_path, world=2, deadline_s=300)
-    errors = [r["error"][2] for r in results if "error" in r]
-    assert not errors, errors[0]
     ref = _reference()
-    for r in (r["ok"] for r in results):
+    for r in _launched(fw.checks_worker, tmp_path, 2, deadline_s=300):
         assert r["restored"] and r["grads_kept"]  # parameters and the caller's .grad exact
         assert torch.allclose(r["values4"], ref["values"], rtol=1e-8, atol=0)
         assert r["error4"] < 1e-8
