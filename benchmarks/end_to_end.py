@@ -3,16 +3,19 @@
 One training run of the paper's Fig. 1 setting on Fashion-MNIST (``fig1-fc-fashion``: FC
 784-100-100-10, SGD η = 0.1, batch 64, its mini-batch order; ``data.n_train`` images) is made,
 and at every step of the paper's schedule (``tracker.*``: every 10 steps up to 200, then every
-100, anchors and the last step) it is measured twice by the experiments' own
-:class:`~tinysubspace.experiments.tracker.Tracker`, on the same parameters:
-``tracker.solver=track`` (the default: warm-started :func:`~tinysubspace.track_eigenpairs`) and
-``tracker.solver=cold`` (a cold :func:`~tinysubspace.top_eigenpairs` at every measurement).
-The two alternate which goes first. Each measurement's whole time (``cost/seconds``: loss,
-gradient, accuracy, the 2k eigenpairs, H·g, anchor overlaps) is summed over the run.
+100, anchors and the last step) it is measured by each variant (``VARIANTS``) of the experiments'
+own :class:`~tinysubspace.experiments.tracker.Tracker`, on the same parameters:
+``cold`` (a cold :func:`~tinysubspace.top_eigenpairs` at every measurement, the baseline),
+``track`` (warm-started :func:`~tinysubspace.track_eigenpairs` with the multiplicity check at
+every measurement), ``amortised`` (the check amortised, issue 23) and ``budget`` (a fixed
+budget of products per measurement). The order rotates from one measurement to the next.
+Each measurement's whole time (``cost/seconds``: loss, gradient, accuracy, the 2k eigenpairs,
+H·g, anchor overlaps) is summed over the run.
 A measurement changes nothing of the model (``Tracker`` guarantees it), so both see one
 trajectory, and the ratio comes from one process, interleaved.
 
-Run: ``OMP_NUM_THREADS=1 python benchmarks/end_to_end.py [--steps 1500] [--n 10000]``.
+Run: ``OMP_NUM_THREADS=1 python benchmarks/end_to_end.py [--steps 1500] [--n 10000]
+[--variants track amortised budget]``.
 """
 
 from __future__ import annotations
@@ -42,38 +45,55 @@ def sgd_step(problem, optimizer: torch.optim.Optimizer, X, Y, step: int, batch: 
     problem.model.eval()
 
 
-def run(args: argparse.Namespace) -> list[list]:
-    """Train once; measure with both solvers at every scheduled step; one row per step."""
+#: The tracker's modes (issue 23), as ``TrackerConfig`` fields; "cold" is the baseline.
+VARIANTS: dict[str, dict] = {
+    "cold": {"solver": "cold"},
+    "track": {"solver": "track", "check": "full"},
+    "amortised": {"solver": "track", "check": "amortised"},
+    "budget": {"solver": "budget", "budget_matvecs": 40},  # two passes of the 2k block
+}
+
+
+def run(args: argparse.Namespace) -> dict[str, list]:
+    """Train once; measure with every variant at every scheduled step, interleaved.
+
+    Returns per variant one row per measured step: ``[step, seconds, products, overlap(2k) with
+    cold, overlap(k) with cold, |f_top − f_top(cold)|]``.
+    """
     overrides = {"data.n_train": str(args.n), "train.steps": str(args.steps),
                  "tracker.tol_scale": args.tol_scale}
     config = load_experiment(args.experiment, overrides)
     problem = build_problem(config, args.data_root)
     X, Y = problem.tensors("train")
-    trackers = {solver: Tracker(dataclasses.replace(config.tracker, solver=solver),
-                                problem.loss_fn, (X, Y)) for solver in ("track", "cold")}
+    names = ["cold"] + [v for v in args.variants if v != "cold"]
+    trackers = {name: Tracker(dataclasses.replace(config.tracker, **VARIANTS[name]),
+                              problem.loss_fn, (X, Y)) for name in names}
     optimizer = torch.optim.SGD(problem.model.parameters(), lr=config.optim.lr)
     steps = measurement_steps(config.tracker, config.train.steps)
-    rows, step = [], 0
+    rows: dict[str, list] = {name: [] for name in names}
+    step, n = 0, config.tracker.k
     for index, at in enumerate(steps):
         if args.deadline and time.perf_counter() > args.deadline and index > 1:
-            print(f"(deadline: stopped before step {at}; {len(rows)} of {len(steps)} "
+            print(f"(deadline: stopped before step {at}; {index} of {len(steps)} "
                   f"measurements done)", flush=True)
             break
         while step < at:
             sgd_step(problem, optimizer, X, Y, step, config.optim.batch_size, config.train.seed)
             step += 1
-        order = ("track", "cold") if index % 2 == 0 else ("cold", "track")
+        shift = index % len(names)
+        order = names[shift:] + names[:shift]
         out = {s: trackers[s].measure(problem.model, at, seed=config.train.seed) for s in order}
-        warm, cold = out["track"], out["cold"]
-        n = config.tracker.k
-        row = [at, warm.row["cost/seconds"], cold.row["cost/seconds"],
-               warm.row["cost/seconds"] / cold.row["cost/seconds"],
-               warm.eigenpairs.matvecs, cold.eigenpairs.matvecs,
-               subspace_overlap(warm.eigenpairs.vectors, cold.eigenpairs.vectors),
-               subspace_overlap(warm.eigenpairs.vectors[:, :n], cold.eigenpairs.vectors[:, :n]),
-               f"{os.getloadavg()[0]:.1f}"]
-        print("  step", row, flush=True)
-        rows.append(row)
+        cold = out["cold"]
+        for name in names:
+            got = out[name]
+            rows[name].append([
+                at, got.row["cost/seconds"], got.eigenpairs.matvecs,
+                subspace_overlap(got.eigenpairs.vectors, cold.eigenpairs.vectors),
+                subspace_overlap(got.eigenpairs.vectors[:, :n], cold.eigenpairs.vectors[:, :n]),
+                abs(got.row["hessian/f_top"] - cold.row["hessian/f_top"])])
+        print(f"  step {at} (load {os.getloadavg()[0]:.1f}): " + ", ".join(
+            f"{name} {rows[name][-1][1]:.1f} s / {rows[name][-1][2]} products"
+            for name in names), flush=True)
     return rows
 
 
@@ -86,6 +106,8 @@ def main() -> None:
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--budget", type=float, default=None,
                         help="stop measuring after this many seconds (report what was done)")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
+                        help="tracker modes measured against cold (cold is always measured)")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -95,17 +117,20 @@ def main() -> None:
     started = time.perf_counter()
     args.deadline = started + args.budget if args.budget else None
     rows = run(args)
-    warm, cold = sum(r[1] for r in rows), sum(r[2] for r in rows)
-    header = ["step", "track s", "cold s", "track / cold", "track products", "cold products",
-              "ov(2k)", "ov(k)", "load"]
-    print_table(f"{args.experiment}, {args.n} images, {args.steps} steps, {len(rows)} "
-                f"measurements, each measured by both ({machine_line()})", header, rows)
-    ratios = sorted(r[3] for r in rows[1:])
-    print(f"whole run: measuring {warm:.1f} s (track) against {cold:.1f} s (cold): "
-          f"{warm / cold:.2f}; per measurement after the first: median "
-          f"{ratios[len(ratios) // 2]:.2f}; products {sum(r[4] for r in rows)} against "
-          f"{sum(r[5] for r in rows)}; min overlap (2k) {min(r[6] for r in rows):.4f}; "
-          f"wall {time.perf_counter() - started:.0f} s", flush=True)
+    cold = rows["cold"]
+    table = []
+    for name, got in rows.items():
+        ratios = sorted(g[1] / c[1] for g, c in zip(got[1:], cold[1:], strict=True))
+        table.append([name, f"{sum(g[1] for g in got):.1f}",
+                      f"{sum(g[1] for g in got) / sum(c[1] for c in cold):.2f}",
+                      f"{ratios[len(ratios) // 2]:.2f}" if ratios else "-",
+                      sum(g[2] for g in got), f"{min(g[3] for g in got):.4f}",
+                      f"{min(g[4] for g in got):.4f}", f"{max(g[5] for g in got):.1e}"])
+    header = ["variant", "measuring s", "/ cold (whole run)", "median / cold (after the first)",
+              "products", "min ov(2k)", "min ov(k)", "max |Δ f_top|"]
+    print_table(f"{args.experiment}, {args.n} images, {args.steps} steps, {len(cold)} "
+                f"measurements, each measured by every variant ({machine_line()})", header, table)
+    print(f"wall {time.perf_counter() - started:.0f} s", flush=True)
 
 
 if __name__ == "__main__":
