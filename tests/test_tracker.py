@@ -4,6 +4,7 @@ that is not the training set; a measurement in either mode leaves the model unto
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 import pytest
@@ -185,3 +186,18 @@ def test_warm_tracking_agrees_with_cold_solves(problem):
     with pytest.raises(ValueError,
                        match=r"tracker\.solver must be one of \['budget', 'cold', 'track'\]"):
         Tracker(TrackerConfig(solver="magic"), None, None)
+
+
+def test_cost_seconds_counts_the_solve(problem, monkeypatch):
+    """``cost/seconds`` is the whole measurement, the eigensolve included (a regression: the
+    clock once started after the solve, so the column counted the groups alone)."""
+    tracker = _tracker(problem)
+    solve = type(tracker.solver).solve
+
+    def slow_solve(*args, **kwargs):
+        time.sleep(0.3)
+        return solve(*args, **kwargs)
+
+    monkeypatch.setattr(type(tracker.solver), "solve", slow_solve)  # settings are frozen
+    row = tracker.measure(problem.model, step=0).row
+    assert row["cost/seconds"] >= 0.3

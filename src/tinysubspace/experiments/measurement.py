@@ -231,7 +231,7 @@ class Context:
     eig: Eigenpairs | None
     previous: torch.Tensor | None = None
     run_seed: int = 0
-    started: float = field(default_factory=time.perf_counter)
+    started: float = field(default_factory=time.perf_counter)  # when the measurement began
     cost: dict[str, list[float]] = field(default_factory=dict)
     shared: dict[str, Any] = field(default_factory=dict)
 

@@ -225,6 +225,7 @@ class Tracker:
     def context(self, model: torch.nn.Module, step: int, seed: int) -> Context:
         """The training Hessian's loss, ``g``, top ``2k`` pairs (warm-started) and ``H g`` at
         ``model``: what every group is given."""
+        measuring_since = time.perf_counter()  # cost/seconds counts the loss, g and the solve
         op = self.operator(model, self.train)
         loss, g = op.loss_and_gradient()
         previous = self.warm.get(HESSIAN)
@@ -238,7 +239,8 @@ class Tracker:
                           step=step, seed=seed + step, k=self.k, operators=self.operators,
                           solver=self.solver, warm=self.warm,
                           classification=self.classification, op=op, loss=loss, g=g,
-                          Hg=Hg, eig=eig, previous=previous, run_seed=seed)
+                          Hg=Hg, eig=eig, previous=previous, run_seed=seed,
+                          started=measuring_since)
         if eig is not None:
             context.charge(HESSIAN, eig.matvecs, seconds)  # the solve's cost, bucket "hessian"
         return context
