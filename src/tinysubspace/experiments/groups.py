@@ -149,10 +149,12 @@ class AnchorsGroup:
             self.bases[ctx.step] = now
         row: dict[str, float] = {}
         for t1, W in sorted(self.bases.items()):
-            row[f"overlap/top/t1={t1}"] = subspace_overlap(W[:, :k], now[:, :k])
-            row[f"overlap/next/t1={t1}"] = subspace_overlap(W[:, k:], now[:, k:])
+            subspace_overlap(W, now)  # checks both bases (orthonormal, same rows) once
+            gram = W.T @ now  # every column below is a block of this one (2k, 2k) Gram
+            row[f"overlap/top/t1={t1}"] = _block_overlap(gram[:k, :k])
+            row[f"overlap/next/t1={t1}"] = _block_overlap(gram[k:, k:])
             for d in range(2, 2 * k + 1):
-                row[f"overlap/d={d}/t1={t1}"] = subspace_overlap(W[:, :d], now[:, :d])
+                row[f"overlap/d={d}/t1={t1}"] = _block_overlap(gram[:d, :d])
         return row
 
     def forget_from(self, step: int) -> None:
@@ -165,6 +167,13 @@ class AnchorsGroup:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.bases = dict(state.get("anchors") or {})
+
+
+def _block_overlap(gram: torch.Tensor) -> float:
+    """Eq. 5 of two ``d``-column orthonormal bases from their ``(d, d)`` Gram ``V1ᵀ V2``:
+    ``‖V1ᵀ V2‖_F² / d`` (what :func:`~tinysubspace.metrics.subspace_overlap` computes, without
+    forming the Gram of every leading pair of columns again)."""
+    return min(1.0, float(gram.square().sum()) / gram.shape[0])
 
 
 class CostGroup(StatelessGroup):
