@@ -55,6 +55,20 @@ def eigsh_top(op: HessianOperator, n: int, tol: float, seed: int) -> torch.Tenso
     return torch.as_tensor(vecs[:, order]).to(op.dtype)
 
 
+def amortised_variants(tol: float) -> dict[str, Callable]:
+    """Issue 23: the multiplicity check at every solve against the amortised one
+    (:mod:`tinysubspace.linalg.amortised`), each warm ``krylov``; ``name -> solve``."""
+    def track(**options: object) -> Callable:
+        return lambda op, n, prev, seed: track_eigenpairs(op, n, prev, tol=tol, seed=seed,
+                                                          warm="krylov", **options)
+    return {
+        "krylov, full check": track(check="full"),
+        "krylov, amortised M=4 s=2": track(check="amortised", check_every=4, guard_steps=2),
+        "krylov, amortised M=4 s=0": track(check="amortised", check_every=4, guard_steps=0),
+        "krylov, check off (no guarantee)": track(check="full", check_steps=0),
+    }
+
+
 def variants(tol: float, loose: float, basis: int) -> dict[str, Callable]:
     """``name -> solve(op, n, previous, seed)``: the warm solvers compared."""
     return {
@@ -144,7 +158,9 @@ def summary_rows(problem: Problem, n: int, tol: float, records: list[dict],
         rows.append([problem.name, n, f"{tol:g}", name,
                      f"{med(ratios):.2f} ({min(ratios):.2f}–{max(ratios):.2f})",
                      f"{med([r[name]['s'] for r in warm]):.2f}",
-                     f"{med([r[name]['mv'] for r in warm]):g}",
+                     f"{med([r[name]['mv'] for r in warm]):g} "
+                     f"(mean {statistics.fmean([r[name]['mv'] for r in warm]):.1f}, "
+                     f"time {statistics.fmean(ratios):.2f})",
                      f"{min(r[name]['ov'] for r in warm):.4f}",
                      f"{min(r[name]['ov top'] for r in warm):.4f}",
                      f"{med([r[name]['own'] for r in warm]):.2f}", "", ""])
@@ -168,6 +184,8 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=10)
     parser.add_argument("--loose", type=float, default=10.0)
     parser.add_argument("--basis", type=int, default=60)
+    parser.add_argument("--set", default="levers", choices=["levers", "amortised"],
+                        help="the variants: issue 18's levers or issue 23's checks")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -180,7 +198,8 @@ def main() -> None:
         problem = (digits_problem() if args.problem == "digits"
                    else fashion_problem(args.n_examples))
         states = trajectory(problem, args.start, args.every, args.count)
-        solvers = variants(args.tol, args.loose, max(args.basis, 2 * n + 2))
+        solvers = (amortised_variants(args.tol) if args.set == "amortised"
+                   else variants(args.tol, args.loose, max(args.basis, 2 * n + 2)))
         records = measure(problem, n, args.tol, states, solvers, dtype)
         rows += summary_rows(problem, n, args.tol, records, solvers)
         print_table(f"levers so far ({machine_line()})", HEADER, rows)
@@ -190,7 +209,7 @@ def main() -> None:
 
 
 HEADER = ["problem", "n", "tol", "solver", "time / eigsh, median (range)", "s (median)",
-          "products (median)", "min ov(n) with eigsh", "min ov(n/2)",
+          "products median (mean; mean time ratio)", "min ov(n) with eigsh", "min ov(n/2)",
           "solver's own share of its time", "", "load 1-min"]
 
 

@@ -81,9 +81,9 @@ def test_a_missed_eigenvalue_is_found_within_M_measurements(kind, reach, warm):
     warm start finds the rising ``edge`` eigenvalue by itself, through its random part: not a
     miss, so only its ``copy`` case is here.)"""
     spectra = trajectory(kind)
-    unchecked, _ = run(spectra, warm, check_steps=0)
+    unchecked, _ = run(spectra, warm, check="full", check_steps=0)
     assert all(unchecked[:3]) and not any(unchecked[reach:])  # never found without a check
-    full, full_results = run(spectra, warm)
+    full, full_results = run(spectra, warm, check="full")
     assert all(full[:3]) and first_right_from(full, 0) <= reach
     amortised, results = run(spectra, warm, check="amortised", check_every=M, guard_steps=2)
     assert all(amortised[:3]) and first_right_from(amortised, 0) <= reach + M - 1
@@ -93,6 +93,32 @@ def test_a_missed_eigenvalue_is_found_within_M_measurements(kind, reach, warm):
     assert all(r.multiplicity_checked == (r.certificate == "full") for r in results)
     assert [r.guard.since_full for r in results][:M] == list(range(M))
     assert sum(r.matvecs for r in results) < sum(r.matvecs for r in full_results)
+
+
+@pytest.mark.parametrize(("kind", "reach", "warm"), [("copy", 5, "subspace"),
+                                                     ("edge", 6, "subspace"),
+                                                     ("copy", 5, "krylov")])
+def test_the_check_without_a_guard_finds_a_miss_within_M_measurements(kind, reach, warm):
+    """``guard_steps=0`` (``check`` not given: the default, amortised with ``M = 4``): the same
+    trajectories as above, each miss found by ``reach + M − 1`` (the full checks run at
+    t = 0, 4, 8, …, so by 8 here in both cases), the rows between full checks certified
+    ``"scheduled"`` and costing exactly an unchecked solve, and the whole run fewer products
+    than with the default 2-product guard."""
+    spectra = trajectory(kind)
+    right, results = run(spectra, warm, guard_steps=0)
+    assert all(right[:3]) and first_right_from(right, 0) <= reach + M - 1
+    assert [r.certificate for r in results][:M + 1] == ["full"] + ["scheduled"] * (M - 1) + [
+        "full"]
+    assert [r.guard.since_full for r in results][:M + 1] == [*range(M), 0]
+    assert all(r.multiplicity_checked == (r.certificate == "full") for r in results)
+    _, unchecked = run(spectra, warm, check="full", check_steps=0)
+    scheduled = [t for t, r in enumerate(results) if r.certificate == "scheduled"]
+    assert scheduled and all(results[t].matvecs == unchecked[t].matvecs for t in scheduled
+                             if all(right[: t + 1]))
+    guarded_right, guarded = run(spectra, warm)  # the default: amortised, a 2-product guard
+    assert {r.certificate for r in guarded} == {"full", "guard"}
+    assert first_right_from(guarded_right, 0) <= reach + M - 1
+    assert sum(r.matvecs for r in results) < sum(r.matvecs for r in guarded)
 
 
 def test_a_static_trajectory_costs_the_guard_only():
@@ -106,7 +132,7 @@ def test_a_static_trajectory_costs_the_guard_only():
     first = ts.track_eigenpairs(op, K, tol=1e-9, check="amortised")
     assert first.certificate == "full" and first.guard.since_full == 0
     plain = ts.track_eigenpairs(op, K, previous=first, tol=1e-9, warm="subspace",
-                                check_steps=0)
+                                check="full", check_steps=0)
     second = ts.track_eigenpairs(op, K, previous=first, tol=1e-9, warm="subspace",
                                  check="amortised", guard_steps=3)
     assert second.certificate == "guard" and second.matvecs == plain.matvecs + 3
@@ -121,6 +147,7 @@ def test_a_static_trajectory_costs_the_guard_only():
     ({"check": "sometimes"}, r"check must be one of \('full', 'amortised'\), got 'sometimes'"),
     ({"check": "amortised", "check_every": 0}, r"check_every must be a positive integer, got 0"),
     ({"check": "amortised", "guard_steps": 1.5}, r"guard_steps must be a positive integer"),
+    ({"guard_steps": -1}, r"guard_steps must be a positive integer or 0 \(no guard\), got -1"),
     ({"check": "amortised", "skip": 1}, r"check='amortised' needs skip=0 .* got skip=1"),
 ])
 def test_bad_check_arguments_are_named(options, message):

@@ -148,7 +148,7 @@ def test_a_measured_pass_cost_is_carried_and_restored():
     X, Y = _data()
     model = _model()
     tracker = ts.SubspaceTracker(model, F.cross_entropy, (X, Y), k=K, schedule=1, anchors=(),
-                                 tol=1e-9, pass_cost="measure")
+                                 tol=1e-9, pass_cost="measure", check="full")
     tracker.on_step(0)
     assert tracker.engine.warm.previous("hessian") is not None
     assert not isinstance(tracker.engine.warm.previous("hessian"), ts.Eigenpairs)  # cold: none
@@ -162,10 +162,37 @@ def test_a_measured_pass_cost_is_carried_and_restored():
     assert torch.equal(warm.get("hessian"), tracker.engine.warm.get("hessian"))
 
 
-def test_the_default_settings_add_no_column_and_carry_nothing():
+def test_the_default_tracker_runs_the_amortised_check():
+    """Issue 23: without ``check=`` the tracker (and ``TrackerConfig``) runs the amortised
+    check: a full check at the first warm-or-cold solve and every 4th, the guard in between,
+    each row's ``hessian/certificate`` written, the guard carried in the warm start; the
+    eigenvalues agree with the full check's tracker on the same parameters."""
+    from tinysubspace.experiments.config import TrackerConfig
+
+    assert TrackerConfig().check == "amortised" and SolverSettings().check == "amortised"
+    X, Y = _data()
+    model = _model()
+    default = ts.SubspaceTracker(model, F.cross_entropy, (X, Y), k=K, schedule=1, anchors=(),
+                                 tol=1e-9)
+    full = ts.SubspaceTracker(model, F.cross_entropy, (X, Y), k=K, schedule=1, anchors=(),
+                              tol=1e-9, check="full")
+    assert "hessian/certificate" in default.columns
+    certificates = []
+    for step in range(6):
+        row, reference = default.on_step(step), full.on_step(step)
+        certificates.append(row["hessian/certificate"])
+        for i in range(1, 2 * K + 1):
+            assert row[f"hessian/eig_{i}"] == pytest.approx(reference[f"hessian/eig_{i}"],
+                                                            rel=1e-7, abs=1e-9)
+        _sgd_step(model, X, Y)
+    assert certificates == [2.0, 1.0, 1.0, 1.0, 2.0, 1.0]
+    assert default.engine.warm.previous("hessian").guard.since_full == 1
+
+
+def test_the_full_check_adds_no_column_and_carries_nothing():
     X, Y = _data()
     tracker = ts.SubspaceTracker(_model(), F.cross_entropy, (X, Y), k=K, schedule=1,
-                                 anchors=())
+                                 anchors=(), check="full")
     assert "hessian/f_top_error" not in tracker.columns
     assert "hessian/certificate" not in tracker.columns
     tracker.on_step(0)

@@ -113,7 +113,8 @@ def track_along(matrices: list[torch.Tensor], k: int, tol: float,
     """Warm-tracked and cold results at every matrix (the first warm one is cold too)."""
     warm, cold, previous = [], [], None
     for A in matrices:
-        previous = track_eigenpairs(ts.DenseOperator(A), k, previous, tol=tol, **kwargs)
+        previous = track_eigenpairs(ts.DenseOperator(A), k, previous, tol=tol,
+                                    **{"check": "full", **kwargs})
         warm.append(previous)
         cold.append(ts.top_eigenpairs(ts.DenseOperator(A), k, tol=tol))
     return warm, cold
@@ -161,10 +162,12 @@ def test_unchanged_operator_takes_one_pass():
     values = hessian_like_spectrum(120, OUTLIERS, edge_ratio=None, seed=0)
     (A,) = moving_sequence(values, steps=1, rate=0.0)
     first = track_eigenpairs(ts.DenseOperator(A), 10, None, tol=1e-10)
-    again = track_eigenpairs(ts.DenseOperator(A), 10, first, tol=1e-8, warm="subspace")
+    again = track_eigenpairs(ts.DenseOperator(A), 10, first, tol=1e-8, check="full",
+                             warm="subspace")
     assert again.matvecs == 10 + CHECK_STEPS  # Rayleigh–Ritz on the previous basis, the check
     check_against(again, A, 10, 1e-8)
-    unchecked = track_eigenpairs(ts.DenseOperator(A), 10, first, tol=1e-8, warm="subspace",
+    unchecked = track_eigenpairs(ts.DenseOperator(A), 10, first, tol=1e-8, check="full",
+                                 warm="subspace",
                                  check_steps=0)
     assert unchecked.matvecs == 10 and not unchecked.multiplicity_checked
     assert torch.equal(unchecked.vectors, again.vectors)
@@ -179,7 +182,7 @@ def test_repeated_eigenvalue_inside_the_top_k():
     previous = track_eigenpairs(ts.DenseOperator(matrices[0]), 8, None, tol=1e-10, block_size=3)
     check_against(previous, matrices[0], 8, 1e-10)
     for A in matrices[1:]:
-        previous = track_eigenpairs(ts.DenseOperator(A), 8, previous, tol=1e-10,
+        previous = track_eigenpairs(ts.DenseOperator(A), 8, previous, tol=1e-10, check="full",
                                     warm="subspace")
         check_against(previous, A, 8, 1e-10)
         assert torch.allclose(previous.values[2:5], torch.full((3,), 7.0, dtype=F64), atol=1e-8)
@@ -205,7 +208,7 @@ def test_next_k_with_skip_warm_started_from_the_whole_basis():
     matrices = moving_sequence(values, steps=3, rate=2e-3)
     previous = track_eigenpairs(ts.DenseOperator(matrices[0]), 20, None, tol=1e-10)
     for A in matrices[1:]:
-        both = track_eigenpairs(ts.DenseOperator(A), 20, previous, tol=1e-10)
+        both = track_eigenpairs(ts.DenseOperator(A), 20, previous, tol=1e-10, check="full")
         nxt = track_eigenpairs(ts.DenseOperator(A), 10, previous, tol=1e-10, skip=10)
         w, U = top_of(A, 20)
         assert nxt.skip == 10 and nxt.converged
@@ -222,7 +225,7 @@ def test_every_form_of_previous_gives_the_answer(form):
     previous = {"eigenpairs": cold, "matrix": cold.vectors, "vector": cold.vectors[:, 0],
                 "fewer": cold.vectors[:, :4], "more": cold.vectors}[form]
     k = 10 if form == "more" else 12
-    result = track_eigenpairs(ts.DenseOperator(second), k, previous, tol=1e-9)
+    result = track_eigenpairs(ts.DenseOperator(second), k, previous, tol=1e-9, check="full")
     check_against(result, second, k, 1e-9)
 
 
@@ -233,7 +236,7 @@ def test_float32_operator_converges_at_the_default_tolerance():
     exact = moving_sequence(values, steps=3, rate=3e-3)
     previous = None
     for A in exact:
-        previous = track_eigenpairs(ts.DenseOperator(A.float()), 10, previous)
+        previous = track_eigenpairs(ts.DenseOperator(A.float()), 10, previous, check="full")
         assert previous.vectors.dtype == torch.float32
         check_against(previous, A, 10, 1e-4, min_overlap=0.99)
         assert torch.allclose(previous.values.double(), values[:10], rtol=1e-5, atol=0)
@@ -256,7 +259,7 @@ def test_mlp_hessian_tracked_along_sgd_matches_dense_reference(warm):
     for _ in range(4):
         op = PassCounter(ts.HessianOperator(model, loss_fn, (X, Y), dtype=F64))
         H = reference_hessian(FlatLoss(model, loss_fn, X, Y))
-        previous = track_eigenpairs(op, k, previous, tol=1e-9, warm=warm)
+        previous = track_eigenpairs(op, k, previous, tol=1e-9, check="full", warm=warm)
         check_against(previous, H, k, 1e-9)
         assert previous.matvecs == op.matvecs  # every product counted, the check's included
         warm_cost.append((previous.matvecs, op.passes))

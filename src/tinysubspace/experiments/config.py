@@ -134,7 +134,7 @@ class TrackerConfig:
     spectrum_probes: int = 10
     spectrum_steps: int = 90
     solver: str = "track"  # track (warm-started) | cold | budget (budget_matvecs products each)
-    check: str = "full"  # multiplicity check: full (every solve) | amortised (every check_every)
+    check: str = "amortised"  # multiplicity check: amortised (every check_every) | full (every)
     check_every: int = 4  # ... M of the amortised check
     budget_matvecs: int | None = None  # products per measurement of solver = budget
     pass_cost: str | None = None  # None | measure: time a pass once, warm = auto chooses by it

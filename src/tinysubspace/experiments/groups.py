@@ -108,7 +108,7 @@ SOLVE_COLUMNS = ("hessian/f_top_error", "hessian/certificate")
 """The Hessian group's columns of a non-default solve (``SolverSettings.reports_certificate``):
 the ``f_top`` error bound of a budget solve and the certificate as a number."""
 
-CERTIFICATES = {"full": 2.0, "guard": 1.0, "folded": 1.0, "none": 0.0}
+CERTIFICATES = {"full": 2.0, "guard": 1.0, "folded": 1.0, "scheduled": 0.5, "none": 0.0}
 """``hessian/certificate``: ``Eigenpairs.certificate`` as a number (docs/run-store.md)."""
 
 

@@ -90,9 +90,11 @@ class SolverSettings:
             ``"budget"`` (:data:`SOLVERS`).
         warm: how ``track`` uses the previous vectors (:data:`tinysubspace.WARM_STARTS`); a
             group may ask for another (the preconditioned sharpness uses ``"subspace"``).
-        check: ``"full"`` (the multiplicity check at every solve) or ``"amortised"`` (a full
-            check every ``check_every`` solves of a name, the guard carried in the
-            :class:`WarmStart` in between; :mod:`tinysubspace.linalg.amortised`). ``track`` only.
+        check: ``"amortised"`` (default: the full multiplicity check at the first and every
+            ``check_every``-th solve of a name, its state carried in the :class:`WarmStart`;
+            :mod:`tinysubspace.linalg.amortised`; where a measured pass cost chooses the
+            ``subspace`` start, the folded solver, whose check rides in its passes) or
+            ``"full"`` (the check at every solve). ``track`` only.
         check_every: ``M`` of the amortised check.
         budget_matvecs: products per measurement of ``solver="budget"`` (required there, at
             least the solve's ``n`` pairs; ``None`` otherwise).
@@ -110,7 +112,7 @@ class SolverSettings:
     tol_scale: str = "top"
     solver: str = "track"
     warm: str = "auto"
-    check: str = "full"
+    check: str = "amortised"
     check_every: int = CHECK_EVERY
     budget_matvecs: int | None = None
     pass_cost: str | None = None
@@ -145,9 +147,9 @@ class SolverSettings:
 
     @property
     def reports_certificate(self) -> bool:
-        """Whether these settings leave the default solve (a budget, the amortised check or a
-        measured pass cost): then the Hessian group also writes ``hessian/f_top_error`` and
-        ``hessian/certificate``."""
+        """Whether a row's certificate can differ from the full check's (a budget, the amortised
+        check — the default — or a measured pass cost): then the Hessian group also writes
+        ``hessian/f_top_error`` and ``hessian/certificate``."""
         return self.solver == "budget" or self.check != "full" or self.pass_cost is not None
 
     def solve(self, op: Any, n: int, warm: WarmStart, name: str, seed: int,
@@ -168,13 +170,15 @@ class SolverSettings:
         return eig
 
     def _track_keywords(self, previous: Eigenpairs | torch.Tensor | None) -> dict[str, Any]:
-        """The keywords of :func:`track_eigenpairs` beyond the defaults' (none by default, so
-        a default run solves exactly as before these settings existed)."""
+        """The keywords of :func:`track_eigenpairs` beyond ``tol``, ``seed``, ``tol_scale`` and
+        ``warm``: ``check="full"`` only when asked for (its default is the amortised check, or
+        the folded solver where a measured pass cost chooses the ``subspace`` start)."""
         options: dict[str, Any] = {}
         if self.solver == "budget":
             options.update(solver="budget", **_budget_keywords(self.budget_matvecs))
-        if self.check != "full":
-            options.update(check=self.check, check_every=self.check_every)
+        options["check_every"] = self.check_every
+        if self.check == "full":
+            options["check"] = "full"
         carried = previous.pass_cost if isinstance(previous, Eigenpairs) else None
         if self.pass_cost == "measure" and previous is not None and carried is None:
             options["pass_cost"] = "measure"

@@ -153,7 +153,7 @@ class SubspaceTracker:
                  optimizer: torch.optim.Optimizer | None = None,
                  classification: bool | None = None, distributed: bool | None = None,
                  blocks: str = "none", block_options: Mapping[str, int] | None = None,
-                 hvp_method: str = "auto", groups: Sequence[Any] = (), check: str = "full",
+                 hvp_method: str = "auto", groups: Sequence[Any] = (), check: str = "amortised",
                  check_every: int = 4, budget_matvecs: int | None = None,
                  pass_cost: str | None = None, batch_size: int | None = None) -> None:
         chunk_size = chunk_size_argument(chunk_size, batch_size)

@@ -88,7 +88,7 @@ def run_config(tracker: Any, name: str | None) -> dict[str, Any]:
                "budget": None if tracker.budget is None else tracker.budget.fraction,
                "seed": tracker.seed, "subset": tracker.subset, "check_subset": tracker.check_subset,
                "hvp_method": ops.hvp_method}
-    if solver.reports_certificate:  # only off the default solve: a default config is unchanged
+    if solver.reports_certificate:  # the check (amortised by default), budget and pass cost
         settings.update(check=solver.check, check_every=solver.check_every,
                         budget_matvecs=solver.budget_matvecs, pass_cost=solver.pass_cost)
     if tracker.extra_groups:

@@ -74,8 +74,10 @@ class Eigenpairs:
             or ``"pair"`` (``‖r_i‖ ≤ tol·|θ_i|``, ARPACK's); :mod:`tinysubspace.linalg.tolerance`.
         certificate: what this result's multiplicity was certified by: ``"full"`` (the full
             check passed: ``multiplicity_checked``), ``"guard"`` (only the amortised check's
-            guard advanced, :func:`~tinysubspace.linalg.warm_start.track_eigenpairs` with
-            ``check="amortised"``: a miss is found within its stated number of measurements),
+            guard advanced) or ``"scheduled"`` (no check at this row; the next full check
+            is due within ``check_every`` rows), both from
+            :func:`~tinysubspace.linalg.warm_start.track_eigenpairs` with ``check="amortised"``
+            (a miss is found within its stated number of measurements),
             ``"folded"`` (the check rode in the block passes,
             :mod:`tinysubspace.linalg.folded`), or ``"none"``.
         guard: the amortised check's state to pass on with this result (``None`` unless

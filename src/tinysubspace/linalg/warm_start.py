@@ -55,9 +55,11 @@ found within a few steps when ``λ* − θ_n`` is large against the spread of th
 ``V^⊥`` below it; one just above ``θ_n`` with that rest close below (1.55 over a bulk up to 1.45 in
 the same case) can need more steps (``check_steps=16`` there) and is otherwise returned as missed
 with ``converged=True`` — the returned values are then off by at most that distance.
-``multiplicity_checked`` says whether the check ran. ``check="amortised"`` spreads its cost over
-the measurements (a full check at least every ``M``, a carried guard vector in between; a miss is
-found within ``M`` measurements, :mod:`tinysubspace.linalg.amortised`).
+``multiplicity_checked`` says whether the check ran. By default (``check="amortised"``, issue 23)
+its cost is spread over the measurements: a full check at the first and at least every ``M = 4``,
+none (or a carried guard vector, ``guard_steps > 0``) in between; a miss within the check's reach
+is found within ``M`` measurements (:mod:`tinysubspace.linalg.amortised`); ``check="full"``
+checks every measurement.
 Tests (tests/test_tracking.py):
 ``test_krylov_warm_start_finds_an_eigenvector_entering_a_nearly_invariant_subspace``,
 ``test_the_reach_of_the_multiplicity_check_grows_with_check_steps``.
@@ -106,6 +108,17 @@ nearly equal eigenvalue at a loose tolerance — a cold Lanczos can make it too,
 multiplicity check only catches eigenvalues clearly above ``θ_n``; docs/performance.md."""
 
 
+def default_check(skip: int) -> str:
+    """The multiplicity check of :func:`track_eigenpairs` when ``check`` is not given:
+    ``"amortised"``, or ``"full"`` with ``skip > 0`` (the guard deflates the returned vectors
+    only, which leave the skipped ones out).
+
+    >>> default_check(0), default_check(10)
+    ('amortised', 'full')
+    """
+    return "full" if skip else "amortised"
+
+
 def warm_block_size(n: int, previous_columns: int) -> int:
     """Default block size of a ``subspace`` warm start: ``⌈n/4⌉``, at most ``previous_columns``,
     at least 1.
@@ -135,7 +148,7 @@ def track_eigenpairs(op, k: int, previous: Eigenpairs | torch.Tensor | None = No
                      skip: int = 0, block_size: int | None = None,
                      basis_size: int | None = None, warm: str = "auto",
                      check_steps: int = CHECK_STEPS, tol_scale: str = "top",
-                     check: str = "full", check_every: int = CHECK_EVERY,
+                     check: str | None = None, check_every: int = CHECK_EVERY,
                      guard_steps: int = GUARD_STEPS, solver: str = "lanczos",
                      matvecs: int | None = None,
                      pass_cost: PassCost | str | None = None) -> Eigenpairs:
@@ -165,15 +178,19 @@ def track_eigenpairs(op, k: int, previous: Eigenpairs | torch.Tensor | None = No
             :func:`top_eigenpairs`); ``0`` skips it.
         tol_scale: ``"top"`` (default) or ``"pair"``: what ``tol`` is relative to
             (:mod:`tinysubspace.linalg.tolerance`); recorded in the result.
-        check: ``"full"`` (default): the multiplicity check of ``check_steps`` products at
-            every measurement; ``"amortised"``: a full check every ``check_every``
-            measurements (and at the first: ``previous`` without a guard state) and
-            ``guard_steps`` products of a guard carried in ``previous.guard`` at the others; a
-            missed eigenvalue is found within ``check_every`` measurements
-            (:mod:`tinysubspace.linalg.amortised` states the guarantee). Needs ``skip=0``.
-            Each result's ``certificate`` says which check it passed.
+        check: ``"amortised"`` (the default, ``None``, with ``skip=0``): the full
+            multiplicity check (``check_steps`` products) at the first measurement (``previous``
+            without a guard state) and every ``check_every``-th after it, and ``guard_steps``
+            products of a guard carried in ``previous.guard`` at the others (none with
+            ``guard_steps=0``); a missed eigenvalue within the check's reach is found
+            within ``check_every`` measurements (:mod:`tinysubspace.linalg.amortised` states the
+            guarantee). ``"full"``: the full check at every measurement (the default with
+            ``skip > 0``, which ``"amortised"`` refuses). Each result's ``certificate`` says
+            which check it passed. Where a measured pass cost chooses the ``subspace`` start,
+            the solve is the folded block solver unless ``check="amortised"`` is asked for.
         check_every: ``M`` of ``check="amortised"``.
-        guard_steps: the guard's products per measurement with ``check="amortised"``.
+        guard_steps: the guard's products per measurement with ``check="amortised"``
+            (default 2; 0: no guard, the scheduled full check alone bounds a miss).
         solver: ``"lanczos"`` (default: solve to ``tol``), ``"folded"`` (solve to ``tol`` with
             the warm block solver whose multiplicity check rides in its passes,
             :func:`~tinysubspace.linalg.folded.folded_eigenpairs`; ``check`` is then ignored) or
@@ -207,6 +224,8 @@ def track_eigenpairs(op, k: int, previous: Eigenpairs | torch.Tensor | None = No
         return refine_eigenpairs(op, k, previous, matvecs, tol=tol, block_size=block_size,
                                  seed=seed, tol_scale=tol_scale)
     resolve_warm_start(warm, op.device)  # validates warm
+    chosen = check
+    check = default_check(skip) if check is None else check
     check_amortised_arguments(check, check_every, guard_steps, skip)
     init, b, extra = None, block_size or 1, 0
     if previous is not None:
@@ -215,7 +234,7 @@ def track_eigenpairs(op, k: int, previous: Eigenpairs | torch.Tensor | None = No
         if solver == "lanczos":
             warm, pass_cost, extra = _warm_choice(op, warm, previous, pass_cost, init, k + skip)
         if solver == "folded" or (pass_cost is not None and warm == "subspace" and not skip
-                                  and check == "full"):
+                                  and chosen in (None, "full")):
             found = folded_eigenpairs(op, k, init, tol=tol, seed=seed, block_size=block_size,
                                       check_steps=check_steps, max_matvecs=max_matvecs,
                                       tol_scale=tol_scale)
