@@ -63,6 +63,14 @@ of ``H`` with an eigenvalue above ``θ_{k+1} + ‖r_{k+1}‖`` entirely (an eige
 top ``k`` from a direction no residual points to; a periodic converged solve with the
 multiplicity check finds it).
 
+With ``"krylov"`` the ``(k+1)``-th Ritz pair is often not resolved (the Krylov space of ``Σ v_i``
+holds little of ``u_{k+1}``): its residual is large and ``δ̂ ≤ 0`` (the estimate is the trivial
+1: so on digits), or the interval ``θ_{k+1} ± ‖r_{k+1}‖`` holds a lower eigenvalue and
+``λ_{k+1}`` lies above it, and the estimate can fall short of ``sin θ_max``: by up to a factor
+1.22 on a dense outlier spectrum (``θ_{11} + r_{11} ≈ 0.93 < λ_{11} = 1.0``;
+tests/test_budget.py), where ``|Δ f_top|`` still stayed below ``f_top_error``. Read it as an
+estimate there; ``"block"``'s is a bound in every test.
+
 When to use it: along a training run where the top subspace moves little between measurements
 (the Hessian's top subspace "freezes" early, PAPER.txt section 3), when a fixed, known cost per
 measurement matters more than a certified tolerance — e.g. measuring every step. Numbers:
