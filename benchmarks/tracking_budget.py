@@ -11,9 +11,11 @@ At each measurement, interleaved (the order rotates), one torch and one BLAS thr
   warm from its own previous answer;
 * ``subspace`` and ``folded`` (``--blocks``): the block solvers, the multiplicity check after
   the solve or folded into its passes;
-* ``budget P``: ``track_eigenpairs(solver="budget", matvecs=P)``, warm from its own previous
-  answer (the first measurement is a cold solve to ``tol`` for every warm variant and is left
-  out).
+* ``budget P``: ``track_eigenpairs(solver="budget", matvecs=P)`` (the Krylov space of the
+  previous vectors' sum, ``method="krylov"``), warm from its own previous answer (the first
+  measurement is a cold solve to ``tol`` for every warm variant and is left out);
+* ``block P`` (``--block-products``): ``refine_eigenpairs(method="block")``, the residual-block
+  passes (the budget mode before issue 23's second round).
 
 Printed: per variant the median (and range) over measurements 1.. of time / eigsh's time at the
 same measurement, products and passes, the largest ``|f_top − f_top(eigsh)|``, the smallest
@@ -22,8 +24,10 @@ overlap (eq. 5) with eigsh's subspace, the range of the estimated ``f_top_error`
 pass measured at the first measurement and what ``warm="auto"`` would choose from them; the load
 (``uptime``).
 
-Run: ``python benchmarks/tracking_budget.py [--count 13] [--products 15 20]`` (about 3 minutes
-at load 4 on two cores; ``--count 50`` for the drift check, about 10).
+Run: ``python benchmarks/tracking_budget.py [--count 13] [--products 14 15]
+[--block-products 20] [--problem fashion]`` (digits: about 3 minutes at load 4 on two cores;
+``--count 50`` for the drift check, about 10; ``--problem fashion``: FC 784-100-100-10 on the
+first 10,000 Fashion-MNIST images, about 1 minute a measurement).
 """
 
 from __future__ import annotations
@@ -38,8 +42,9 @@ import torch
 from scipy.sparse.linalg import eigsh
 from threadpoolctl import threadpool_limits
 
-from common import digits_problem, machine_line, print_table
+from common import digits_problem, fashion_problem, machine_line, print_table
 from tinysubspace import HessianOperator, subspace_overlap, top_fraction
+from tinysubspace.linalg.budget import refine_eigenpairs
 from tinysubspace.linalg.pass_cost import choose_warm_start, measure_pass_cost
 from tinysubspace.linalg.warm_start import track_eigenpairs
 from tracking import PassCounter, trajectory
@@ -68,16 +73,20 @@ def main() -> None:
     parser.add_argument("--start", type=int, default=100)
     parser.add_argument("--every", type=int, default=10)
     parser.add_argument("--count", type=int, default=13)
-    parser.add_argument("--products", type=int, nargs="*", default=[15, 20])
+    parser.add_argument("--products", type=int, nargs="*", default=[14, 15])
+    parser.add_argument("--block-products", type=int, nargs="*", default=[20])
+    parser.add_argument("--problem", choices=["digits", "fashion"], default="digits")
+    parser.add_argument("--no-track", action="store_true", help="leave out the default solve")
     parser.add_argument("--blocks", action="store_true",
                         help="also warm='subspace' (check after) and solver='folded'")
     args = parser.parse_args()
     torch.set_num_threads(1)
     print(machine_line(), "| uptime:", os.popen("uptime").read().strip(), flush=True)
-    problem = digits_problem()
+    problem = digits_problem() if args.problem == "digits" else fashion_problem(10_000)
     states = trajectory(problem, args.start, args.every, args.count)
     X, Y = problem.X, problem.Y
-    names = ["track", *(f"budget {p}" for p in args.products),
+    names = [*([] if args.no_track else ["track"]), *(f"budget {p}" for p in args.products),
+             *(f"block {p}" for p in args.block_products),
              *(["subspace", "folded"] if args.blocks else [])]
     previous = dict.fromkeys(names)
     stats = {name: {"ratio": [], "mv": [], "passes": [], "err": [], "ov": [], "est": []}
@@ -91,6 +100,9 @@ def main() -> None:
             return lambda op: track_eigenpairs(op, k, previous[name], tol=tol, seed=index,
                                                warm="subspace", solver=_solver(name))
         products = int(name.split()[1])
+        if name.startswith("block") and previous[name] is not None:
+            return lambda op: refine_eigenpairs(op, k, previous[name], products, tol=tol,
+                                                seed=index, method="block")
         return lambda op: track_eigenpairs(op, k, previous[name], tol=tol, seed=index,
                                            solver="budget", matvecs=products)
 
@@ -137,7 +149,7 @@ def main() -> None:
                      f"{statistics.median(s['passes']):.0f}", f"{max(s['err']):.1e}",
                      f"{min(s['ov']):.4f}", _estimate(s["est"]),
                      f"{max(s['err'][:ten]):.1e} / {max(s['err'][-ten:]):.1e}"])
-    print_table(f"digits FC float64, k = {k}, tol {tol:g}, every {args.every} SGD steps from "
+    print_table(f"{problem.name} float64, k = {k}, tol {tol:g}, every {args.every} SGD steps from "
                 f"{args.start}, {len(states) - 1} warm measurements; uptime: "
                 f"{os.popen('uptime').read().strip()}",
                 ["variant", "time / eigsh: median (range)", "products", "passes",

@@ -94,14 +94,14 @@ def test_budget_converged_is_zero_when_the_residuals_miss_tol():
     X, Y = _data()
     model = _model()
     tracker = ts.SubspaceTracker(model, F.cross_entropy, (X, Y), k=K, schedule=1, anchors=(),
-                                 tol=1e-14, solver="budget", budget_matvecs=2 * K)
+                                 tol=1e-14, solver="budget", budget_matvecs=2 * K + 1)
     tracker.on_step(0)
     _sgd_step(model, X, Y, lr=2.0)
     m = tracker.engine.measure(model, 1)
     H = reference_hessian(FlatLoss(model, F.cross_entropy, X, Y))
     eig = m.eigenpairs
     dense = (H @ eig.vectors - eig.vectors * eig.values).norm(dim=0).max()
-    assert eig.solver == "budget" and eig.matvecs == 2 * K
+    assert eig.solver == "budget" and eig.matvecs == 2 * K + 1
     assert m.row["hessian/converged"] == 0.0
     assert m.row["hessian/residual_max"] == pytest.approx(
         float(dense) / float(eig.values.abs().max()), rel=1e-6)
@@ -221,7 +221,9 @@ def test_bad_solver_settings_say_what_was_expected(options, message):
     ({"tracker.budget_matvecs": "20"}, r"tracker.budget_matvecs is the budget of "
                                        r"tracker.solver = budget, got tracker.solver = 'track'"),
     ({"tracker.solver": "budget", "tracker.budget_matvecs": "5", "tracker.k": "3"},
-     r"tracker.budget_matvecs must be at least 2 \* tracker.k = 6 .*got 5"),
+     r"tracker.budget_matvecs must be more than 2 \* tracker.k = 6 .*got 5"),
+    ({"tracker.solver": "budget", "tracker.budget_matvecs": "6", "tracker.k": "3"},
+     r"tracker.budget_matvecs must be more than 2 \* tracker.k = 6 .*got 6"),
     ({"tracker.check": "never"}, r"tracker.check must be one of full, amortised, got 'never'"),
     ({"tracker.check_every": "0"}, r"tracker.check_every must be at least 1, got 0"),
     ({"tracker.solver": "lanczos"}, r"tracker.solver must be one of track, cold, budget"),
@@ -230,6 +232,16 @@ def test_bad_solver_settings_say_what_was_expected(options, message):
 def test_the_config_keys_are_validated(overrides, message):
     with pytest.raises(ConfigError, match=message):
         validate_config(apply_overrides(ExperimentConfig(), overrides))
+
+
+def test_a_budget_that_cannot_move_the_2k_pairs_is_refused():
+    """The tracker solves for 2k pairs: with budget_matvecs <= 2k Rayleigh-Ritz could only
+    rotate the previous basis (seen: overlap 0.13 with the true subspace in 3 measurements)."""
+    X, Y = _data()
+    with pytest.raises(ValueError, match=r"budget_matvecs must be more than 2 \* k = 4 \(the "
+                                         r"solve refines the top 2k pairs.*got 4"):
+        ts.SubspaceTracker(_model(), F.cross_entropy, (X, Y), k=K, schedule=1, anchors=(),
+                           solver="budget", budget_matvecs=2 * K)
 
 
 def test_the_cli_runs_a_budget_tracker(tmp_path):

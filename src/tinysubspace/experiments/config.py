@@ -395,7 +395,7 @@ def validate_config(config: ExperimentConfig) -> None:
 
 
 def _validate_solver(tracker: TrackerConfig) -> None:
-    """``tracker.budget_matvecs`` set iff ``tracker.solver = budget``, and at least the ``2k``
+    """``tracker.budget_matvecs`` set iff ``tracker.solver = budget``, and more than the ``2k``
     pairs it refines; ``tracker.pass_cost`` unset or ``measure``.
 
     Raises:
@@ -407,8 +407,8 @@ def _validate_solver(tracker: TrackerConfig) -> None:
     if tracker.solver != "budget" and tracker.budget_matvecs is not None:
         raise ConfigError(f"tracker.budget_matvecs is the budget of tracker.solver = budget, "
                           f"got tracker.solver = {tracker.solver!r}")
-    if tracker.budget_matvecs is not None and tracker.budget_matvecs < 2 * tracker.k:
-        raise ConfigError(f"tracker.budget_matvecs must be at least 2 * tracker.k = "
+    if tracker.budget_matvecs is not None and tracker.budget_matvecs <= 2 * tracker.k:
+        raise ConfigError(f"tracker.budget_matvecs must be more than 2 * tracker.k = "
                           f"{2 * tracker.k} (the pairs it refines), got {tracker.budget_matvecs}")
     if tracker.pass_cost not in (None, "measure"):
         raise ConfigError(f"tracker.pass_cost must be unset or measure, got "

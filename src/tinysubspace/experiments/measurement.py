@@ -202,6 +202,10 @@ class MeasurementSettings:
     def __post_init__(self) -> None:
         if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
             raise ValueError(f"k must be an integer >= 1, got {self.k!r}")
+        matvecs = self.solver.budget_matvecs
+        if matvecs is not None and matvecs <= 2 * self.k:  # 2k pairs: P <= 2k cannot move them
+            raise ValueError(f"budget_matvecs must be more than 2 * k = {2 * self.k} (the solve "
+                             f"refines the top 2k pairs: top and next k), got {matvecs}")
 
 
 @dataclass

@@ -1,17 +1,42 @@
 """A fixed budget of products per measurement: refine the previous subspace, report the error.
 
-:func:`refine_eigenpairs` spends exactly ``matvecs`` operator-vector products and stops — it
+:func:`refine_eigenpairs` spends exactly ``matvecs = P`` operator-vector products and stops — it
 does not iterate to a tolerance. From the previous measurement's orthonormal ``V_prev``
-(``p × m0``):
+(``p × m0``) it builds a basis ``Q`` of ``P`` columns with their images ``HQ`` in one of two
+ways (``method``):
 
-1. one pass ``H V_prev`` (``m0`` products) and the Rayleigh–Ritz pairs of ``span(V_prev)``;
-2. then passes of at most ``b ≤ k`` products each (default ``k``), until the budget is spent:
-   the ``b`` leading left singular directions of the residuals ``R = H V − V Θ`` of the top
-   ``k`` Ritz pairs (a block Krylov extension, as in ``warm="subspace"``), orthonormalised and
-   multiplied;
-3. a last Rayleigh–Ritz on the whole basis ``Q`` (``matvecs`` columns): Ritz pairs
-   ``(θ_i, v_i = Q y_i)`` with *exact* residuals ``r_i = HQ y_i − θ_i v_i`` (``HQ`` is known:
-   no extra product).
+``"krylov"`` (default): the Krylov space ``K_P(H, s)`` of one start vector ``s = Σ_i v_i``
+    (``v_i`` the previous vectors, orthonormal): ``P`` single-vector Lanczos steps with full
+    reorthogonalisation, one product (and one pass) each. If ``V_prev`` is exactly invariant,
+    ``K_{m0}(H, s) = span(V_prev)`` and the next step breaks down (then it goes on from a seeded
+    random direction), so an exact previous answer stays exact; otherwise every product raises
+    the degree of the polynomial ``π(H) s`` that corrects *all* previous directions at once. No
+    random part is added to ``s`` (``track_eigenpairs``' krylov warm start adds ``10⁻²``): on
+    digits (``k = 10``, 14 products, 49 measurements) ``0``, ``10⁻³`` and ``10⁻²`` gave the same
+    ``f_top`` errors (max 3.5e-3) and ``10⁻¹`` a larger one (6.2e-3), and a random part keeps an
+    exact previous subspace from staying exact.
+``"block"``: one pass ``H V_prev`` (``m0`` products), then passes of at most ``b`` products
+    (``block_size``, default ``k``): the ``b`` leading left singular directions of the residuals
+    ``R = H V − V Θ`` of the top ``k`` Ritz pairs (a block Krylov extension, as in
+    ``warm="subspace"``). Few passes (two for ``P ≤ m0 + k``), but a block of ``k`` residuals
+    raises the polynomial degree of the correction by one per ``k`` products.
+
+Why the Krylov space wins per product (digits FC, ``k = 10``, 49 measurements 10 SGD steps
+apart, docs/performance.md section 4): the block method spends ``k = 10`` of 15 products on
+``H V_prev`` — a degree-1 correction — and the other 5 on half of the residual directions, so
+the pairs nearest ``λ_k`` are not corrected at all (max ``|Δ f_top|`` 6.2e-3); the Krylov space
+of the same 15 products is a degree-14 polynomial filter of ``s`` (max ``|Δ f_top|`` 3.1e-4).
+Its limit: a single start vector sees one vector of an exactly repeated eigenvalue's
+eigenspace, so ``"krylov"`` keeps one copy of a double eigenvalue among the top ``k`` (the
+returned ``subspace_error`` then does not bound the error); ``"block"`` multiplies every previous
+vector and keeps both.
+
+Either way, a last Rayleigh–Ritz on the whole basis ``Q`` gives the Ritz pairs
+``(θ_i, v_i = Q y_i)`` with *exact* residuals ``r_i = HQ y_i − θ_i v_i`` (``HQ`` is known: no
+extra product). A budget ``P ≤ k`` is refused: Rayleigh–Ritz of ``P ≤ k`` products can only
+rotate inside ``span(V_prev)`` (``"block"``), or returns no ``(k+1)``-th Ritz pair to estimate
+the error with, and the subspace would never move (seen: a tracker with ``2k = 20`` pairs and
+20 products drifted to overlap 0.13 with the true subspace in three measurements).
 
 The result is ``converged`` only if every ``‖r_i‖`` meets the tolerance's bar (``tol · |θ_1|``,
 or ``tol · |θ_i|`` for ``tol_scale="pair"``); no multiplicity check runs
@@ -38,12 +63,18 @@ of ``H`` with an eigenvalue above ``θ_{k+1} + ‖r_{k+1}‖`` entirely (an eige
 top ``k`` from a direction no residual points to; a periodic converged solve with the
 multiplicity check finds it).
 
+With ``"krylov"`` the ``(k+1)``-th Ritz pair is often not resolved (the Krylov space of ``Σ v_i``
+holds little of ``u_{k+1}``): its residual is large and ``δ̂ ≤ 0`` (the estimate is the trivial
+1: so on digits), or the interval ``θ_{k+1} ± ‖r_{k+1}‖`` holds a lower eigenvalue and
+``λ_{k+1}`` lies above it, and the estimate can fall short of ``sin θ_max``: by up to a factor
+1.22 on a dense outlier spectrum (``θ_{11} + r_{11} ≈ 0.93 < λ_{11} = 1.0``;
+tests/test_budget.py), where ``|Δ f_top|`` still stayed below ``f_top_error``. Read it as an
+estimate there; ``"block"``'s is a bound in every test.
+
 When to use it: along a training run where the top subspace moves little between measurements
 (the Hessian's top subspace "freezes" early, PAPER.txt section 3), when a fixed, known cost per
-measurement matters more than a certified tolerance — e.g. measuring every step. Measured on
-digits FC, k = 10, 49 measurements 10 SGD steps apart (docs/performance.md, section 4): with
-``matvecs = 2k = 20`` the ``f_top`` error stayed ≤ 1.8e-3 without drift (cold ``eigsh``: 28
-products); with 15 it reached 1.2e-2. A budget below ``2k`` leaves some pairs unextended.
+measurement matters more than a certified tolerance — e.g. measuring every step. Numbers:
+docs/performance.md, section 4, "A fixed budget per measurement".
 """
 
 from __future__ import annotations
@@ -56,8 +87,12 @@ from tinysubspace.linalg.basis import KrylovBasis, apply_operator, working_dtype
 from tinysubspace.linalg.lanczos import Eigenpairs
 from tinysubspace.linalg.rayleigh_ritz import RitzBasis
 from tinysubspace.linalg.tolerance import ConvergenceCriterion
+from tinysubspace.operator import vector_space
 
-__all__ = ["refine_eigenpairs", "subspace_error_estimate"]
+__all__ = ["BUDGET_METHODS", "refine_eigenpairs", "subspace_error_estimate"]
+
+BUDGET_METHODS = ("krylov", "block")
+"""How :func:`refine_eigenpairs` spends its products (module docstring)."""
 
 
 def previous_block(previous: Eigenpairs | torch.Tensor, p: int) -> torch.Tensor:
@@ -114,7 +149,7 @@ def subspace_error_estimate(R: torch.Tensor, theta_k: float, next_value: float |
 
 def refine_eigenpairs(op, k: int, previous: Eigenpairs | torch.Tensor, matvecs: int,
                       tol: float = 1e-4, block_size: int | None = None, seed: int = 0,
-                      tol_scale: str = "top") -> Eigenpairs:
+                      tol_scale: str = "top", method: str = "krylov") -> Eigenpairs:
     """The top ``k`` Ritz pairs of ``op`` from ``previous``, refined with exactly ``matvecs``
     products (module docstring: the steps, the error estimate, when to use it).
 
@@ -123,12 +158,16 @@ def refine_eigenpairs(op, k: int, previous: Eigenpairs | torch.Tensor, matvecs: 
         k: number of pairs.
         previous: the previous measurement (:class:`Eigenpairs` or its ``(p, m0)`` vectors; any
             ``m0 ≤ products`` columns, filled at random up to ``k``).
-        matvecs: operator-vector products to spend (``≥ k`` and ``≥ m0``; ``< p``).
+        matvecs: operator-vector products to spend (``k < matvecs < p``; with ``"block"`` also
+            ``≥ m0``).
         tol: the bar that decides ``converged`` (never used to stop).
-        block_size: products per extension pass (default ``k``: the residuals of ``k`` pairs
-            span at most ``k`` new directions per pass; ``matvecs − m0 ≤ k`` is one pass).
+        block_size: ``"block"`` only: products per extension pass (default ``k``: the residuals
+            of ``k`` pairs span at most ``k`` new directions per pass; ``matvecs − m0 ≤ k`` is
+            one pass).
         seed: seed of any random fill.
         tol_scale: ``"top"`` or ``"pair"`` (:mod:`tinysubspace.linalg.tolerance`).
+        method: ``"krylov"`` (default: one product per pass, the most accurate per product)
+            or ``"block"`` (fewest passes) — module docstring.
 
     Returns:
         :class:`Eigenpairs` with exact residuals, ``matvecs`` equal to the budget, ``converged``
@@ -137,15 +176,19 @@ def refine_eigenpairs(op, k: int, previous: Eigenpairs | torch.Tensor, matvecs: 
 
     Raises:
         TypeError: ``previous`` of an unusable kind.
-        ValueError: ``matvecs`` below ``k`` or below the previous columns, or not below ``p``;
-            a bad ``k``, ``tol``, ``tol_scale`` or ``block_size``; previous vectors of the wrong
-            shape.
+        ValueError: ``matvecs ≤ k`` (the subspace could not move), ``matvecs ≥ p``, or below
+            the previous columns with ``"block"``; a bad ``k``, ``tol``, ``tol_scale``,
+            ``method`` or ``block_size`` (given with ``"krylov"``); previous vectors of the
+            wrong shape.
     """
     p = op.shape[0]
-    _check_sizes(k, matvecs, p, tol, block_size)
+    _check_sizes(k, matvecs, p, tol, block_size, method)
     criterion = ConvergenceCriterion.for_operator(op, tol, tol_scale)
     gen = torch.Generator().manual_seed(seed)
     work = working_dtype(op.dtype)
+    if method == "krylov":
+        state = _krylov_basis(op, previous_block(previous, p), matvecs, work, gen)
+        return _result(state, k, criterion, matvecs, tol_scale, op.dtype)
     start = _start(previous, p, k, matvecs, work, op.device, gen)
     state = RitzBasis(start, capacity=matvecs)
     state.extend(start, apply_operator(op, start, 0))
@@ -162,16 +205,45 @@ def refine_eigenpairs(op, k: int, previous: Eigenpairs | torch.Tensor, matvecs: 
     return _result(state, k, criterion, used, tol_scale, op.dtype)
 
 
-def _check_sizes(k: int, matvecs: int, p: int, tol: float, block_size: int | None) -> None:
+def _krylov_basis(op, block: torch.Tensor, matvecs: int, work: torch.dtype,
+                  gen: torch.Generator) -> RitzBasis:
+    """``matvecs`` Lanczos steps from ``Σ_i v_i`` (module docstring), full reorthogonalisation;
+    an invariant subspace (breakdown) continues with a seeded random direction."""
+    space = vector_space(op)
+    s = block.to(device=op.device, dtype=work).sum(dim=1)
+    norm = float(space.norm(s))
+    q = s / norm if norm > 0 else space.random_block(1, work, op.device, gen)[:, 0]
+    q = q / space.norm(q)
+    state = RitzBasis(q[:, None], capacity=matvecs, space=space)
+    for used in range(matvecs):
+        image = apply_operator(op, q[:, None], used)
+        state.extend(q[:, None], image)
+        if used + 1 == matvecs:
+            break
+        f, _ = state.orthogonal_part(image[:, 0])
+        beta = float(space.norm(f))
+        scale = max(float(state.T.abs().max()), float(space.norm(image[:, 0])))
+        q = state.random_direction(gen) if state.invariant(beta, scale) else f / beta
+    return state
+
+
+def _check_sizes(k: int, matvecs: int, p: int, tol: float, block_size: int | None,
+                 method: str) -> None:
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
         raise ValueError(f"k must be a positive integer, got {k!r}")
-    if not isinstance(matvecs, int) or isinstance(matvecs, bool) or not k <= matvecs < p:
-        raise ValueError(f"matvecs must be an integer with k = {k} <= matvecs < p = {p}, got "
+    if not isinstance(matvecs, int) or isinstance(matvecs, bool) or not k < matvecs < p:
+        raise ValueError(f"matvecs must be an integer with k = {k} < matvecs < p = {p} (with "
+                         f"matvecs <= k Rayleigh-Ritz cannot move the previous subspace), got "
                          f"{matvecs!r}")
     if not tol > 0:
         raise ValueError(f"tol must be positive, got {tol!r}")
+    if method not in BUDGET_METHODS:
+        raise ValueError(f"method must be one of {BUDGET_METHODS}, got {method!r}")
     if block_size is not None and (not isinstance(block_size, int) or block_size < 1):
         raise ValueError(f"block_size must be a positive integer or None, got {block_size!r}")
+    if block_size is not None and method != "block":
+        raise ValueError(f"block_size={block_size} is the passes' width of method='block'; got "
+                         f"method={method!r} (one product per pass)")
 
 
 def _result(state: RitzBasis, k: int, criterion: ConvergenceCriterion, used: int,
