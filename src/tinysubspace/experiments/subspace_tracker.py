@@ -19,7 +19,9 @@ due steps that would push it over ``b`` (:class:`~tinysubspace.experiments.sched
 
 A measurement leaves the model (parameters, buffers, flags, ``p.grad``), the optimizer, the
 global random streams and the data order exactly as they were. Under ``torchrun`` every rank
-passes its shard and calls :meth:`on_step` at the same steps; rank 0 writes.
+passes its shard and calls :meth:`on_step` at the same steps; rank 0 writes. A model sharded
+with FSDP2 (``fully_shard``) is measured on sharded vectors and gives the same rows
+(:mod:`~tinysubspace.experiments.tracker_sharded`: what is gathered, what is refused).
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ from tinysubspace.experiments.tracker_folder import (
     run_meta,
 )
 from tinysubspace.experiments.tracker_inputs import prepare_inputs
+from tinysubspace.experiments.tracker_sharded import check_sharded_options, is_sharded_model
 from tinysubspace.runtime import distributed as tsdist
 
 __all__ = ["PAPER_ANCHORS", "SubspaceTracker"]
@@ -159,6 +162,14 @@ class SubspaceTracker:
         if not (isinstance(tol, (int, float)) and tol > 0):
             raise ValueError(f"tol must be a positive number, got {tol!r}")
         shared = tsdist.is_distributed() if distributed is None else bool(distributed)
+        operators = OperatorSettings(dtype=measurement_dtype(dtype, model), mode=mode,
+                                     chunk_size=chunk_size, hvp_method=hvp_method,
+                                     distributed=shared)
+        if is_sharded_model(model):  # FSDP2: every rank checks its shard first (no hang)
+            check_sharded_options(ggn=ggn, class_means=class_means, geometry=geometry,
+                                  optimizer=optimizer, blocks=blocks, subset=subset,
+                                  chunk_size=chunk_size)
+            operators.hessian(model, loss_fn, data)
         with preserved_state(model):  # iterating a DataLoader draws from torch's RNG
             inputs = prepare_inputs(model, loss_fn, data, test, subset=subset, seed=self.seed,
                                     check_subset=check_subset, classification=classification,
@@ -173,10 +184,7 @@ class SubspaceTracker:
         classification = inputs.classification
         blocks = block_config(model, blocks, block_options)
         settings = MeasurementSettings(
-            k, OperatorSettings(dtype=measurement_dtype(dtype, model), mode=mode,
-                                chunk_size=chunk_size, hvp_method=hvp_method,
-                                distributed=shared),
-            SolverSettings(tol=tol, tol_scale=tol_scale, solver=solver, check=check,
+            k, operators, SolverSettings(tol=tol, tol_scale=tol_scale, solver=solver, check=check,
                            check_every=check_every, budget_matvecs=budget_matvecs,
                            pass_cost=pass_cost), self.save_vectors_at)
         certified = settings.solver.reports_certificate
@@ -237,6 +245,8 @@ class SubspaceTracker:
         ``ValueError``)."""
         if self.last_step is not None or any(g.name == "sharpness" for g in self.engine.groups):
             raise ValueError("track_optimizer must be called once, before the first measurement")
+        if is_sharded_model(self.model):
+            check_sharded_options(optimizer=optimizer)
         check_curvature_options(self.model, self.loss_fn, *self._probe, ggn=False,
                                 class_means=False, optimizer=optimizer)
         engine = self.engine
