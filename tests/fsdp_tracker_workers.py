@@ -131,6 +131,7 @@ REFUSED = {  # option -> (exception, message pattern), checked with pytest.raise
                         r"not supported there: \['blocks', 'geometry'\]"),
     "chunk_size": ({"chunk_size": 4}, ValueError, r"not supported there: \['chunk_size'\]"),
     "subset": ({"subset": 5}, ValueError, r"not supported there: \['subset'\]"),
+    "resume": ({"resume": True}, ValueError, r"not supported there: \['resume'\]"),
     "dtype": ({"dtype": torch.float32}, ValueError,
               r"its own dtype torch.float64.*got dtype=torch.float32"),
     "hvp_method": ({"hvp_method": "loop"}, ValueError,

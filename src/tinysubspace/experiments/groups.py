@@ -69,7 +69,7 @@ class TrainGroup(StatelessGroup):
         return ["train/loss", "train/accuracy", "train/grad_norm"]
 
     def measure(self, ctx: Context) -> dict[str, float]:
-        return {"train/loss": ctx.loss, "train/grad_norm": norm(ctx.g, ctx.space),
+        return {"train/loss": ctx.loss, "train/grad_norm": vector_norm(ctx.g, ctx.space),
                 "train/accuracy": accuracy(ctx.model, ctx.train, ctx.operators,
                                            ctx.classification)}
 
@@ -213,7 +213,7 @@ class TestGroup(StatelessGroup):
         loss, g = op.loss_and_gradient()
         top, space = ctx.eig.vectors[:, :ctx.k], getattr(op, "vector_space", None)
         overlap = math.nan
-        if norm(g, space) != 0.0:
+        if vector_norm(g, space) != 0.0:
             Hg = op @ g
             overlap = _defined(lambda: gradient_overlap(g, Hg, space=space), Hg, space=space)
         return {"test/loss": loss,
@@ -297,7 +297,7 @@ def gradient_metrics(g: torch.Tensor, Hg: torch.Tensor, V: torch.Tensor, k: int,
                                       space=space),
            "hessian/overlap_g_Hg": _defined(lambda: gradient_overlap(g, Hg, space=space), g, Hg,
                                             space=space)}
-    if norm(g, space) == 0.0:
+    if vector_norm(g, space) == 0.0:
         row.update({f"hessian/c2_{i + 1}": math.nan for i in range(V.shape[1])})
     else:
         c2 = eigenvector_overlaps(g, V, space=space)
@@ -309,12 +309,12 @@ def _defined(fn: Callable[[], float], *vectors: torch.Tensor, space: Any = None)
     """``fn()``, or NaN where the quantity is undefined: one of ``vectors`` (the gradient, or
     ``Hg``) is exactly zero. Any other error (a non-orthonormal basis, a length mismatch) is
     raised."""
-    if any(norm(v, space) == 0.0 for v in vectors):
+    if any(vector_norm(v, space) == 0.0 for v in vectors):
         return math.nan
     return fn()
 
 
-def norm(v: torch.Tensor, space: Any = None) -> float:
+def vector_norm(v: torch.Tensor, space: Any = None) -> float:
     """``‖v‖``; with ``space`` (vectors sharded over ranks) its norm, summed over ranks."""
     return float(v.norm()) if space is None else float(space.norm(v))
 

@@ -168,7 +168,7 @@ class SubspaceTracker:
         if is_sharded_model(model):  # FSDP2: every rank checks its shard first (no hang)
             check_sharded_options(ggn=ggn, class_means=class_means, geometry=geometry,
                                   optimizer=optimizer, blocks=blocks, subset=subset,
-                                  chunk_size=chunk_size)
+                                  chunk_size=chunk_size, resume=resume)
             operators.hessian(model, loss_fn, data)
         with preserved_state(model):  # iterating a DataLoader draws from torch's RNG
             inputs = prepare_inputs(model, loss_fn, data, test, subset=subset, seed=self.seed,

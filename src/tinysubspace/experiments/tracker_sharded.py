@@ -19,10 +19,14 @@ empty and the anchors at steps you can afford, or keep the shards yourself
 **Refused** (a ``ValueError`` naming them, before training starts): options whose columns are
 not yet formed on sharded vectors — ``ggn``, ``class_means``, ``geometry`` (principal angles),
 ``optimizer`` (the preconditioned sharpness), ``blocks`` (per-block operators select
-parameters), ``subset`` — and ``chunk_size`` (each rank's data is one forward pass, so every
-rank runs the same collectives). The operator itself refuses another ``dtype`` than the
-model's, an exact ``hvp_method``, data that is not an ``(X, Y)`` pair, or a rank without
-examples (:class:`~tinysubspace.curvature.sharded.ShardedHessianOperator`).
+parameters), ``subset`` — ``chunk_size`` (each rank's data is one forward pass, so every
+rank runs the same collectives) and ``resume`` (the run folder's ``tracker.pt`` is rank 0's
+state, and its warm starts and anchor bases are rank 0's rows only; save
+:meth:`~tinysubspace.SubspaceTracker.state_dict` of every rank with your own checkpoint and
+``load_state_dict`` it on the same rank instead; not tested here). The operator itself
+refuses another ``dtype`` than the model's, an exact ``hvp_method``, data that is not an
+``(X, Y)`` pair, or a rank without examples
+(:class:`~tinysubspace.curvature.sharded.ShardedHessianOperator`).
 """
 
 from __future__ import annotations
