@@ -72,6 +72,18 @@ def test_metrics_refuse_eigenpairs_of_different_spaces():
         ts.gradient_overlap(g[:3], op)
 
 
+def test_sharded_option_check_names_every_option_that_is_on():
+    from tinysubspace.experiments.tracker_sharded import check_sharded_options, reshard
+
+    check_sharded_options(ggn=False, blocks="none", subset=None, chunk_size=None, resume=False)
+    with pytest.raises(ValueError, match=r"not supported there: \['chunk_size', 'ggn'\] \(leave"):
+        check_sharded_options(ggn=True, blocks="none", chunk_size=8, resume=False)
+    model = fw.build_model()
+    before = [p.detach().clone() for p in model.parameters()]
+    reshard(model)  # a model without FSDP2 modules: nothing happens
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
+
+
 # ------------------------------------------------------------------ the loop under FSDP2
 @functools.cache
 def _single_process(folder: str) -> dict:
