@@ -5,6 +5,16 @@
 >>> V = torch.eye(3)[:, :1]
 >>> round(top_fraction(g, V), 6)   # |3|^2 / |(3, 4, 0)|^2
 0.36
+
+**Vectors held as shards.** An operator whose vectors are sharded over ranks (an FSDP2 model's
+:class:`~tinysubspace.curvature.sharded.ShardedHessianOperator`) gives each rank the local rows
+of ``g``, ``H g`` and the eigenvectors; the inner products must then be summed over ranks (its
+``vector_space``). A caller need not say so: the objects that come from the operator carry it —
+:class:`~tinysubspace.Eigenpairs` (their ``space``) stand wherever a basis ``V`` does
+(``top_fraction(g, eig)``, ``subspace_overlap(eig_1, eig_2)``), and the operator itself stands
+for ``H g`` (``gradient_overlap(g, op)``: ``H g`` is computed, in the operator's space). Plain
+tensors are local vectors, exactly as before; ``space=`` (a space or an operator) says it
+explicitly, e.g. for a slice ``eig.vectors[:, :k]``.
 """
 
 from __future__ import annotations
@@ -27,6 +37,41 @@ __all__ = [
 ]
 
 
+def _space_of(item: Any) -> Any:
+    """The inner product ``item`` declares: a space itself (anything with ``gram``), an
+    operator's ``vector_space``, eigenpairs' ``space``; ``None`` for a tensor. A plain local
+    space counts as ``None`` (plain tensor algebra, the same numbers as without one)."""
+    if isinstance(item, torch.Tensor) or item is None:
+        return None
+    space = item if hasattr(item, "gram") else getattr(item, "vector_space", None)
+    if space is None and not hasattr(item, "vector_space"):
+        space = getattr(item, "space", None)
+    return None if space is None or type(space).__name__ == "VectorSpace" else space
+
+
+def _resolve_space(space: Any, *items: Any) -> Any:
+    """``space`` (a space or an operator) if given, else the one space the non-tensor
+    ``items`` (eigenpairs, operators) carry, else ``None``: local tensors.
+
+    Raises:
+        ValueError: the items carry spaces of different kinds or dimensions.
+    """
+    if space is not None:
+        return _space_of(space)
+    found = [s for s in (_space_of(item) for item in items) if s is not None]
+    for other in found[1:]:
+        if type(other) is not type(found[0]) or other.dim != found[0].dim:
+            raise ValueError(f"the inputs carry different vector spaces: {type(found[0]).__name__}"
+                             f" of dimension {found[0].dim} and {type(other).__name__} of "
+                             f"dimension {other.dim}")
+    return found[0] if found else None
+
+
+def _basis(V: Any) -> Any:
+    """A basis argument's tensor: ``V`` itself, or the ``vectors`` of eigenpairs."""
+    return V if isinstance(V, torch.Tensor) else getattr(V, "vectors", V)
+
+
 def _gram(A: torch.Tensor, B: torch.Tensor, space: Any = None) -> torch.Tensor:
     """``Aᵀ B``; with ``space`` (an operator's ``vector_space``, e.g. vectors sharded over
     ranks: :class:`~tinysubspace.curvature.sharded.ShardedSpace`) its inner product
@@ -41,6 +86,7 @@ def orthonormality_error(V: torch.Tensor, space: Any = None) -> float:
     accumulated in float64 (at least): a float32 Gram matrix of long columns carries a rounding
     error of order ``ε₃₂ √p`` or worse (0.02 for two columns of ``±1/√p`` with ``p = 2·10⁶``),
     which would call a basis that is orthonormal to 1e-7 not orthonormal."""
+    space, V = _resolve_space(space, V), _basis(V)
     W = V.to(torch.promote_types(V.dtype, torch.float64))
     gram = _gram(W, W, space)
     return float((gram - torch.eye(V.shape[1], dtype=W.dtype, device=W.device)).abs().max())
@@ -142,15 +188,18 @@ def top_fraction(g: torch.Tensor, V: torch.Tensor, atol: float | None = None,
 
     Args:
         g: gradient ``(p,)``.
-        V: ``(p, k)`` with orthonormal columns (checked to ``atol``).
+        V: ``(p, k)`` with orthonormal columns (checked to ``atol``), or
+            :class:`~tinysubspace.Eigenpairs` (their vectors, in their ``space``).
         space: the vectors' inner product when they are shards (an operator's
-            ``vector_space``); ``None``: plain tensors. The same for every function here.
+            ``vector_space``, or the operator); ``None``: the one ``V`` carries, else plain
+            tensors. The same for every function here (module docstring).
 
     Raises:
         TypeError: an input that is not a tensor.
         ValueError: wrong shapes, ``V`` not orthonormal, ``g`` zero or non-finite, complex
             inputs, or inputs on different devices.
     """
+    space, V = _resolve_space(space, V), _basis(V)
     _check_basis(V, "V", atol, space)
     _check_vector(g, "g", V.shape[0])
     g, V = _common(g=g, V=V)
@@ -168,6 +217,7 @@ def eigenvector_overlaps(g: torch.Tensor, V: torch.Tensor, atol: float | None = 
     Returns:
         ``(k,)`` tensor of ``c_i²``.
     """
+    space, V = _resolve_space(space, V), _basis(V)
     _check_basis(V, "V", atol, space)
     _check_vector(g, "g", V.shape[0])
     g, V = _common(g=g, V=V)
@@ -175,16 +225,27 @@ def eigenvector_overlaps(g: torch.Tensor, V: torch.Tensor, atol: float | None = 
     return _gram(V, g, space).square() / norm**2
 
 
-def gradient_overlap(g: torch.Tensor, Hg: torch.Tensor, space: Any = None) -> float:
+def gradient_overlap(g: torch.Tensor, Hg: Any, space: Any = None) -> float:
     """Cosine between the gradient and the Hessian-gradient product (eq. 3).
 
     .. math::  \\mathrm{overlap}(g, Hg) = \\frac{g^T H g}{\\sqrt{g^T g}\\,\\sqrt{g^T H^2 g}}
 
     In the wider of the two dtypes; clipped to ``[−1, 1]`` (a cosine, up to rounding).
 
+    Args:
+        g: the gradient ``(p,)``.
+        Hg: ``H g`` ``(p,)``, or the operator ``H`` itself (:mod:`tinysubspace.operator`'s
+            protocol: ``H g`` is computed, one product, and the inner products are the
+            operator's ``vector_space``).
+        space: as :func:`top_fraction`.
+
     Raises:
         ValueError: shapes differ, a vector is zero or non-finite, or on different devices.
     """
+    space = _resolve_space(space, Hg)
+    if not isinstance(Hg, torch.Tensor) and hasattr(Hg, "matvecs"):  # an operator's protocol
+        _check_vector(g, "g", Hg.shape[0], other="the operator's vectors")
+        Hg = Hg @ g
     _check_vector(g, "g")
     _check_vector(Hg, "Hg", g.shape[0], other="g")
     g, Hg = _common(g=g, Hg=Hg)
@@ -201,10 +262,12 @@ def subspace_overlap(V1: torch.Tensor, V2: torch.Tensor, atol: float | None = No
                {\\sqrt{\\mathrm{Tr}(P_1)\\,\\mathrm{Tr}(P_2)}}
                = \\frac{\\|V_1^T V_2\\|_F^2}{\\sqrt{k_1 k_2}}
 
+    ``V1``, ``V2``: ``(p, k1)``, ``(p, k2)`` orthonormal columns, or eigenpairs.
     Equal to 1 for the same subspace, 0 for orthogonal ones; for ``k1 ≠ k2`` at most
     ``sqrt(min(k1, k2) / max(k1, k2))``. Clipped to ``[0, 1]`` (bases orthonormal only to
     ``atol`` could give ``1 + O(atol)``); computed in the wider of the two dtypes.
     """
+    space, V1, V2 = _resolve_space(space, V1, V2), _basis(V1), _basis(V2)
     _check_basis(V1, "V1", atol, space)
     _check_basis(V2, "V2", atol, space)
     if V1.shape[0] != V2.shape[0]:

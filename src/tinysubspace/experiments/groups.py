@@ -18,6 +18,7 @@ from torch.func import functional_call
 from tinysubspace.curvature.data import BatchSource, call_model
 from tinysubspace.curvature.hessian import module_mode
 from tinysubspace.experiments.measurement import Context, OperatorSettings
+from tinysubspace.experiments.tracker_sharded import reshard
 from tinysubspace.metrics import (
     eigenvector_overlaps,
     gradient_overlap,
@@ -68,7 +69,7 @@ class TrainGroup(StatelessGroup):
         return ["train/loss", "train/accuracy", "train/grad_norm"]
 
     def measure(self, ctx: Context) -> dict[str, float]:
-        return {"train/loss": ctx.loss, "train/grad_norm": float(ctx.g.norm()),
+        return {"train/loss": ctx.loss, "train/grad_norm": vector_norm(ctx.g, ctx.space),
                 "train/accuracy": accuracy(ctx.model, ctx.train, ctx.operators,
                                            ctx.classification)}
 
@@ -94,7 +95,7 @@ class HessianGroup(StatelessGroup):
     def measure(self, ctx: Context) -> dict[str, float]:
         eig = ctx.eig
         row = {f"hessian/eig_{i + 1}": float(v) for i, v in enumerate(eig.values)}
-        row.update(gradient_metrics(ctx.g, ctx.Hg, eig.vectors, self.k))
+        row.update(gradient_metrics(ctx.g, ctx.Hg, eig.vectors, self.k, ctx.space))
         scale = max(float(eig.values.abs().max()), 1e-300)
         row["hessian/residual_max"] = float(eig.residuals.max()) / scale
         row["hessian/converged"] = float(eig.converged)
@@ -144,14 +145,17 @@ class AnchorsGroup:
         return cols
 
     def measure(self, ctx: Context) -> dict[str, float]:
-        k, now = self.k, ctx.eig.vectors.detach().float().cpu()
+        k, space, now = self.k, ctx.space, ctx.eig.vectors.detach().float().cpu()
         if ctx.step in self.anchors:
             self.bases[ctx.step] = now
+        if space is not None:  # local rows: the sums over ranks run on the operator's device
+            now = now.to(ctx.op.device)
         row: dict[str, float] = {}
         for t1, W in sorted(self.bases.items()):
-            subspace_overlap(W, now)  # checks both bases (orthonormal, same rows) once
-            gram = W.T @ now  # every column below is a block of this one (2k, 2k) Gram
-            row[f"overlap/top/t1={t1}"] = _block_overlap(gram[:k, :k])
+            W = W.to(now.device)
+            subspace_overlap(W, now, space=space)  # checks both bases (orthonormal, same rows)
+            gram = W.T @ now if space is None else space.gram(W, now)  # (2k, 2k), summed
+            row[f"overlap/top/t1={t1}"] = _block_overlap(gram[:k, :k])  # over ranks if sharded
             row[f"overlap/next/t1={t1}"] = _block_overlap(gram[k:, k:])
             for d in range(2, 2 * k + 1):
                 row[f"overlap/d={d}/t1={t1}"] = _block_overlap(gram[:d, :d])
@@ -215,14 +219,15 @@ class TestGroup(StatelessGroup):
             return {}
         op = ctx.operators.hessian(ctx.model, ctx.loss_fn, ctx.test)
         loss, g = op.loss_and_gradient()
-        top = ctx.eig.vectors[:, :ctx.k]
+        top, space = ctx.eig.vectors[:, :ctx.k], getattr(op, "vector_space", None)
         overlap = math.nan
-        if float(g.norm()) != 0.0:
+        if vector_norm(g, space) != 0.0:
             Hg = op @ g
-            overlap = _defined(lambda: gradient_overlap(g, Hg), Hg)
+            overlap = _defined(lambda: gradient_overlap(g, Hg, space=space), Hg, space=space)
         return {"test/loss": loss,
                 "test/accuracy": accuracy(ctx.model, ctx.test, ctx.operators, ctx.classification),
-                "test/f_top": _defined(lambda: top_fraction(g, top), g),
+                "test/f_top": _defined(lambda: top_fraction(g, top, space=space), g,
+                                       space=space),
                 "test/overlap_g_Hg": overlap}
 
 
@@ -290,27 +295,36 @@ class SubsetGroup(StatelessGroup):
 
 
 # ---------------------------------------------------------------------------- shared helpers
-def gradient_metrics(g: torch.Tensor, Hg: torch.Tensor, V: torch.Tensor,
-                     k: int) -> dict[str, float]:
-    """f_top (eq. 2) for the top-k and next-k bases, overlap(g, Hg) (eq. 3), c_i² (eq. 12)."""
-    row = {"hessian/f_top": _defined(lambda: top_fraction(g, V[:, :k]), g),
-           "hessian/f_next": _defined(lambda: top_fraction(g, V[:, k:]), g),
-           "hessian/overlap_g_Hg": _defined(lambda: gradient_overlap(g, Hg), g, Hg)}
-    if float(g.norm()) == 0.0:
+def gradient_metrics(g: torch.Tensor, Hg: torch.Tensor, V: torch.Tensor, k: int,
+                     space: Any = None) -> dict[str, float]:
+    """f_top (eq. 2) for the top-k and next-k bases, overlap(g, Hg) (eq. 3), c_i² (eq. 12);
+    ``space``: the vectors' inner product when they are shards (``Context.space``)."""
+    row = {"hessian/f_top": _defined(lambda: top_fraction(g, V[:, :k], space=space), g,
+                                     space=space),
+           "hessian/f_next": _defined(lambda: top_fraction(g, V[:, k:], space=space), g,
+                                      space=space),
+           "hessian/overlap_g_Hg": _defined(lambda: gradient_overlap(g, Hg, space=space), g, Hg,
+                                            space=space)}
+    if vector_norm(g, space) == 0.0:
         row.update({f"hessian/c2_{i + 1}": math.nan for i in range(V.shape[1])})
     else:
-        c2 = eigenvector_overlaps(g, V)
+        c2 = eigenvector_overlaps(g, V, space=space)
         row.update({f"hessian/c2_{i + 1}": float(c) for i, c in enumerate(c2)})
     return row
 
 
-def _defined(fn: Callable[[], float], *vectors: torch.Tensor) -> float:
+def _defined(fn: Callable[[], float], *vectors: torch.Tensor, space: Any = None) -> float:
     """``fn()``, or NaN where the quantity is undefined: one of ``vectors`` (the gradient, or
     ``Hg``) is exactly zero. Any other error (a non-orthonormal basis, a length mismatch) is
     raised."""
-    if any(float(v.norm()) == 0.0 for v in vectors):
+    if any(vector_norm(v, space) == 0.0 for v in vectors):
         return math.nan
     return fn()
+
+
+def vector_norm(v: torch.Tensor, space: Any = None) -> float:
+    """``‖v‖``; with ``space`` (vectors sharded over ranks) its norm, summed over ranks."""
+    return float(v.norm()) if space is None else float(space.norm(v))
 
 
 @torch.no_grad()
@@ -334,6 +348,7 @@ def accuracy(model: torch.nn.Module, data: Any, operators: OperatorSettings,
             logits = output_logits(call_model(forward, batch.inputs))
             correct += int((logits.argmax(dim=1) == batch.targets).sum())
             total += int(batch.targets.shape[0])
+    reshard(model)  # an FSDP2 model's root parameters are shards again
     if not operators.distributed:
         return correct / total
     counts = tsdist.sum_across_ranks(

@@ -243,6 +243,13 @@ class Context:
     cost: dict[str, list[float]] = field(default_factory=dict)
     shared: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def space(self) -> Any:
+        """The inner product of ``g``, ``Hg`` and the eigenvectors: the operator's
+        ``vector_space`` when its vectors are shards over ranks (an FSDP2 model's), else
+        ``None`` (plain local tensors)."""
+        return getattr(self.op, "vector_space", None)
+
     def charge(self, bucket: str, products: int, seconds: float) -> None:
         """Add ``products`` and ``seconds`` to the cost ``bucket``."""
         spent = self.cost.setdefault(bucket, [0, 0.0])

@@ -19,7 +19,9 @@ due steps that would push it over ``b`` (:class:`~tinysubspace.experiments.sched
 
 A measurement leaves the model (parameters, buffers, flags, ``p.grad``), the optimizer, the
 global random streams and the data order exactly as they were. Under ``torchrun`` every rank
-passes its shard and calls :meth:`on_step` at the same steps; rank 0 writes.
+passes its shard and calls :meth:`on_step` at the same steps; rank 0 writes. A model sharded
+with FSDP2 (``fully_shard``) is measured on sharded vectors and gives the same rows
+(:mod:`~tinysubspace.experiments.tracker_sharded`: what is gathered, what is refused).
 """
 
 from __future__ import annotations
@@ -55,24 +57,15 @@ from tinysubspace.experiments.tracker_curvature import (
     check_curvature_options,
     curvature_groups,
 )
-from tinysubspace.experiments.tracker_data import (
-    check_data_device,
-    check_mean_loss,
-    check_steps,
-    count_examples,
-    first_batch,
-    is_classification,
-    measurement_dtype,
-    measurement_view,
-    subset_indices,
-    take_subset,
-)
+from tinysubspace.experiments.tracker_data import check_steps, measurement_dtype
 from tinysubspace.experiments.tracker_folder import (
     STATE_FILE,
     open_run_folder,
     run_config,
     run_meta,
 )
+from tinysubspace.experiments.tracker_inputs import prepare_inputs
+from tinysubspace.experiments.tracker_sharded import check_sharded_options, is_sharded_model
 from tinysubspace.runtime import distributed as tsdist
 
 __all__ = ["PAPER_ANCHORS", "SubspaceTracker"]
@@ -168,20 +161,30 @@ class SubspaceTracker:
             raise ValueError(f"mode must be 'eval' or 'train', got {mode!r}")
         if not (isinstance(tol, (int, float)) and tol > 0):
             raise ValueError(f"tol must be a positive number, got {tol!r}")
+        shared = tsdist.is_distributed() if distributed is None else bool(distributed)
+        operators = OperatorSettings(dtype=measurement_dtype(dtype, model), mode=mode,
+                                     chunk_size=chunk_size, hvp_method=hvp_method,
+                                     distributed=shared)
+        if is_sharded_model(model):  # FSDP2: every rank checks its shard first (no hang)
+            check_sharded_options(ggn=ggn, class_means=class_means, geometry=geometry,
+                                  optimizer=optimizer, blocks=blocks, subset=subset,
+                                  chunk_size=chunk_size, resume=resume)
+            operators.hessian(model, loss_fn, data)
         with preserved_state(model):  # iterating a DataLoader draws from torch's RNG
-            data, test, classification = self._prepare(data, test, subset, check_subset,
-                                                       classification, distributed)
+            inputs = prepare_inputs(model, loss_fn, data, test, subset=subset, seed=self.seed,
+                                    check_subset=check_subset, classification=classification,
+                                    shared=shared)
+            self._probe, data, test = inputs.probe, inputs.train, inputs.test
             classes = check_curvature_options(model, loss_fn, *self._probe, ggn=ggn,
                                               class_means=class_means, optimizer=optimizer)
-            if class_means and (tsdist.is_distributed() if distributed is None else distributed):
+            if class_means and shared:
                 classes = tsdist.broadcast_object(classes)  # C from rank 0 (it holds examples)
+        self.total_examples, self.subset = inputs.total_examples, inputs.subset
+        self.full_data, self.check_subset = inputs.full, inputs.check_subset
+        classification = inputs.classification
         blocks = block_config(model, blocks, block_options)
-        shared = tsdist.is_distributed() if distributed is None else bool(distributed)
         settings = MeasurementSettings(
-            k, OperatorSettings(dtype=measurement_dtype(dtype, model), mode=mode,
-                                chunk_size=chunk_size, hvp_method=hvp_method,
-                                distributed=shared),
-            SolverSettings(tol=tol, tol_scale=tol_scale, solver=solver, check=check,
+            k, operators, SolverSettings(tol=tol, tol_scale=tol_scale, solver=solver, check=check,
                            check_every=check_every, budget_matvecs=budget_matvecs,
                            pass_cost=pass_cost), self.save_vectors_at)
         certified = settings.solver.reports_certificate
@@ -206,37 +209,6 @@ class SubspaceTracker:
             loggers = ("csv",) if self.out is not None else ()
         self.loggers: list[Logger] = build_loggers(loggers, self.out, self.store,
                                                      self.columns) if self.is_main else []
-
-    def _prepare(self, data: Any, test: Any, subset: int | None, check_subset: bool,
-                 classification: bool | None, distributed: bool | None) -> tuple:
-        """The data measured on, the test data, and whether accuracy is defined; checks the
-        data's device and that the loss is a scalar mean."""
-        model, loss_fn = self.model, self.loss_fn
-        data = measurement_view(data)
-        check_data_device(data, model)
-        self.total_examples = count_examples(data)
-        self.subset = None
-        self.full_data = data
-        if subset is not None:
-            part = tsdist.shard_slice(int(subset)) if tsdist.is_distributed() else None
-            n = len(range(int(subset))[part]) if part is not None else subset
-            index = subset_indices(self.total_examples, n, self.seed + tsdist.rank())
-            data = take_subset(data, index)
-            self.subset = {"n": int(subset), "seed": self.seed, "of": self.total_examples,
-                           "indices": index.tolist()}
-        self.check_subset = bool(check_subset and subset is not None)
-        test = None if test is None else measurement_view(test)
-        shared = tsdist.is_distributed() if distributed is None else bool(distributed)
-        batch = first_batch(data, next(model.parameters()).device)
-        if batch is None and not shared:  # under torchrun a rank may hold no examples
-            raise ValueError("the data set is empty: nothing to measure on")
-        outputs = None if batch is None else check_mean_loss(model, loss_fn, batch)
-        self._probe = (outputs, None if batch is None else batch.targets)
-        if classification is None:
-            classification = batch is not None and is_classification(outputs, batch.targets)
-            if shared:
-                classification = tsdist.broadcast_object(classification)
-        return data, test, classification
 
     def _groups(self, k: int, test: bool, blocks: dict[str, Any], certified: bool) -> list[Any]:
         """The measurement's column groups, in the columns' order (the curvature options'
@@ -273,6 +245,8 @@ class SubspaceTracker:
         ``ValueError``)."""
         if self.last_step is not None or any(g.name == "sharpness" for g in self.engine.groups):
             raise ValueError("track_optimizer must be called once, before the first measurement")
+        if is_sharded_model(self.model):
+            check_sharded_options(optimizer=optimizer)
         check_curvature_options(self.model, self.loss_fn, *self._probe, ggn=False,
                                 class_means=False, optimizer=optimizer)
         engine = self.engine

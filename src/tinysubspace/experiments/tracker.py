@@ -48,6 +48,7 @@ from tinysubspace.experiments.measurement import (
 )
 from tinysubspace.experiments.measurement import measure_groups as _measure_groups
 from tinysubspace.experiments.schedules import measurement_steps
+from tinysubspace.experiments.tracker_sharded import reshard, saved_eigenvectors
 from tinysubspace.linalg.lanczos import Eigenpairs
 from tinysubspace.linalg.warm_state import WarmStart
 from tinysubspace.problems.models.blocks import parameter_blocks
@@ -214,12 +215,9 @@ class Tracker:
         save = None
         kept = step in self.settings.save_vectors_at or step in getattr(self._anchors(),
                                                                         "anchors", ())
-        if kept and context.eig is not None:
-            op = context.op
-            save = {"step": step, "values": context.eig.values.cpu(),
-                    "vectors": context.eig.vectors.float().cpu(),
-                    "param_names": list(op.layout.names),
-                    "param_shapes": [list(s) for s in op.layout.shapes]}
+        if kept and context.eig is not None:  # gathered from the ranks of a sharded model
+            save = saved_eigenvectors(model, context.op, context.eig.values,
+                                      context.eig.vectors, step)
         return Measurement(row, context.eig, context.g, save)
 
     def context(self, model: torch.nn.Module, step: int, seed: int) -> Context:
@@ -329,7 +327,9 @@ def block_columns(model: torch.nn.Module, blocks: str, k: int) -> list[str]:
 def preserved_state(model: torch.nn.Module) -> Iterator[None]:
     """Restore the global random streams (torch CPU and the model's CUDA device, numpy,
     ``random``) and every ``p.grad`` of ``model`` on exit: a measurement that draws random
-    numbers (dropout in train mode, a ``DataLoader`` that shuffles) leaves training unchanged."""
+    numbers (dropout in train mode, a ``DataLoader`` that shuffles) leaves training unchanged.
+    An FSDP2 model's parameters are shards on entry and exit (:func:`.tracker_sharded.reshard`)."""
+    reshard(model)
     device = next(model.parameters()).device
     devices = [device.index if device.index is not None else torch.cuda.current_device()] \
         if device.type == "cuda" else []
@@ -340,6 +340,7 @@ def preserved_state(model: torch.nn.Module) -> Iterator[None]:
                 torch.enable_grad():
             yield
     finally:
+        reshard(model)
         numpy.random.set_state(np_state)
         random.setstate(py_state)
         for p, grad in grads:

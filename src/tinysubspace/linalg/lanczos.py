@@ -36,8 +36,11 @@ the products run in half precision) and their results returned in the operator's
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import warnings
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 
@@ -49,7 +52,7 @@ from tinysubspace.linalg.stagnation import ProgressWatch, stagnation_message
 from tinysubspace.linalg.tolerance import ConvergenceCriterion, check_tol_scale
 from tinysubspace.operator import vector_space
 
-__all__ = ["Eigenpairs", "top_eigenpairs"]
+__all__ = ["Eigenpairs", "in_operator_space", "top_eigenpairs"]
 
 
 @dataclass(frozen=True)
@@ -91,6 +94,11 @@ class Eigenpairs:
             ``None`` for a solve to ``tol``.
         pass_cost: the measured cost of a data pass that ``warm="auto"`` chose by
             (:class:`~tinysubspace.linalg.pass_cost.PassCost`), to pass on; ``None`` otherwise.
+        space: the inner product of ``vectors``: the operator's ``vector_space`` when its
+            vectors are shards over ranks (an FSDP2 model's), so that the metrics sum over ranks
+            without being told (:mod:`tinysubspace.metrics`); ``None``: plain local tensors.
+            Set by :func:`top_eigenpairs` and :func:`~tinysubspace.track_eigenpairs`
+            (:func:`in_operator_space`); not compared, not saved with a warm start.
     """
 
     values: torch.Tensor
@@ -106,12 +114,28 @@ class Eigenpairs:
     solver: str = "lanczos"
     subspace_error: float | None = None
     pass_cost: object | None = None
+    space: object | None = field(default=None, compare=False, repr=False)
 
     @property
     def f_top_error(self) -> float | None:
         """Bound on ``|f_top(V) − f_top(V*)|`` (eq. 2) for every gradient: ``subspace_error``
         (``|gᵀ(VVᵀ − V*V*ᵀ)g| ≤ ‖VVᵀ − V*V*ᵀ‖₂ ‖g‖²``); ``None`` for a solve to ``tol``."""
         return self.subspace_error
+
+
+def in_operator_space(solve: Callable[..., Eigenpairs]) -> Callable[..., Eigenpairs]:
+    """``solve(op, ...)`` whose :class:`Eigenpairs` carry ``op``'s ``vector_space`` (if the
+    operator declares one) as their ``space``."""
+
+    @functools.wraps(solve)
+    def solve_in_space(op, *args, **kwargs) -> Eigenpairs:
+        found = solve(op, *args, **kwargs)
+        space = getattr(op, "vector_space", None)
+        if space is None or found.space is space:
+            return found
+        return dataclasses.replace(found, space=space)
+
+    return solve_in_space
 
 
 @dataclass(frozen=True)
@@ -170,6 +194,7 @@ def _validate(op, *, k: int, skip: int, tol: float, init: torch.Tensor | None,
     return p
 
 
+@in_operator_space
 def top_eigenpairs(op, k: int, tol: float = 1e-6, init: torch.Tensor | None = None,
                    seed: int = 0, max_matvecs: int | None = None, skip: int = 0,
                    block_size: int | None = None, basis_size: int | None = None,

@@ -81,7 +81,7 @@ from tinysubspace.linalg.basis import KrylovBasis, working_dtype
 from tinysubspace.linalg.budget import previous_block, refine_eigenpairs
 from tinysubspace.linalg.deflation import CHECK_STEPS
 from tinysubspace.linalg.folded import folded_eigenpairs
-from tinysubspace.linalg.lanczos import Eigenpairs, top_eigenpairs
+from tinysubspace.linalg.lanczos import Eigenpairs, in_operator_space, top_eigenpairs
 from tinysubspace.linalg.pass_cost import PassCost, choose_warm_start, measure_pass_cost
 from tinysubspace.linalg.tolerance import ConvergenceCriterion
 from tinysubspace.operator import VectorSpace, vector_space
@@ -143,6 +143,7 @@ def resolve_warm_start(warm: str, device: torch.device | str) -> str:
     return "subspace" if torch.device(device).type == "cuda" else "krylov"
 
 
+@in_operator_space
 def track_eigenpairs(op, k: int, previous: Eigenpairs | torch.Tensor | None = None,
                      tol: float = 1e-4, seed: int = 0, max_matvecs: int | None = None,
                      skip: int = 0, block_size: int | None = None,
