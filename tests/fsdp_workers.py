@@ -124,7 +124,8 @@ def memory_worker(rank: int, world: int, folder: Path) -> dict:
 def checks_worker(rank: int, world: int, folder: Path) -> dict:
     """Bad input is refused with a message naming what was expected; a product leaves the
     model's parameter shards and ``.grad`` exactly as they were; the 4-point products give the
-    same top eigenvalues."""
+    same top eigenvalues; so do several batches per rank (``chunk_size=3``: 3 and 6 chunks on
+    the two ranks) and a ``params`` selection (the last layer)."""
     import pytest
 
     op = sharded_operator(rank, world)
@@ -136,10 +137,10 @@ def checks_worker(rank: int, world: int, folder: Path) -> dict:
         ts.HessianOperator(model, loss_fn, data, hvp_method="loop")
     with pytest.raises(ValueError, match=r"its own dtype torch.float64.*got dtype=torch.float32"):
         ts.HessianOperator(model, loss_fn, data, dtype=torch.float32)
-    with pytest.raises(ValueError, match="params must be None"):
-        ts.HessianOperator(model, loss_fn, data, params=["0.weight"])
-    with pytest.raises(TypeError, match=r"an \(inputs, targets\) pair of tensors, got list"):
-        ts.HessianOperator(model, loss_fn, [data, data, data])
+    with pytest.raises(ValueError, match=r"unknown parameter name 'nope'"):
+        ts.HessianOperator(model, loss_fn, data, params=["nope"])
+    with pytest.raises(TypeError, match=r"one-shot iterator"):
+        ts.HessianOperator(model, loss_fn, (d for d in [data]))
     from tinysubspace.curvature.sharded import ShardedHessianOperator
 
     with pytest.raises(TypeError, match=r"got plain tensors for \['0.weight'"):
@@ -153,5 +154,113 @@ def checks_worker(rank: int, world: int, folder: Path) -> dict:
     grads_kept = all(bool((p.grad.to_local() == 7.0).all()) for p in model.parameters())
     four = ts.HessianOperator(model, loss_fn, data, hvp_method="finite_difference4")
     eig4 = ts.top_eigenpairs(four, K, tol=1e-8, seed=0)
+    chunked = ts.HessianOperator(model, loss_fn, data, chunk_size=3)
+    last = ts.HessianOperator(model, loss_fn, data, params=["3.weight", "3.bias"])
     return {"restored": restored, "grads_kept": grads_kept, "values4": eig4.values,
-            "error4": four.product_error}
+            "error4": four.product_error, "batches": (chunked.local_batches,
+                                                     chunked.max_batches),
+            "values_chunked": ts.top_eigenpairs(chunked, K, tol=1e-8, seed=0).values,
+            "values_last": ts.top_eigenpairs(last, K, tol=1e-8, seed=0).values,
+            "dim_last": last.vector_space.dim, **buffers_checks(rank, world)}
+
+
+def build_bn_model() -> torch.nn.Module:
+    """A float64 MLP with batch norm, its running statistics away from their defaults."""
+    with torch.random.fork_rng():
+        torch.manual_seed(2)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.BatchNorm1d(8),
+                                    torch.nn.Tanh(), torch.nn.Linear(8, 3)).to(F64)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        model[1].running_mean.copy_(torch.rand(8, generator=gen, dtype=F64) - 0.5)
+        model[1].running_var.copy_(0.5 + 1.5 * torch.rand(8, generator=gen, dtype=F64))
+    return model
+
+
+def buffers_checks(rank: int, world: int) -> dict:
+    """Batch norm under FSDP2: in eval mode the products use the buffers of when the operator
+    was built (the caller changes them after); in train mode a product leaves the running
+    statistics as they were. Returns both products (gathered) for the test's references."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    model = build_bn_model()
+    fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
+    X, Y = build_data()
+    part = slice(BOUNDS[world][rank], BOUNDS[world][rank + 1])
+    evaluated = ts.HessianOperator(model, loss_fn, (X[part], Y[part]))
+    trained = ts.HessianOperator(model, loss_fn, (X[part], Y[part]), mode="train")
+    V = evaluated.vector_space.local_rows(probe_block(evaluated.vector_space.dim))
+    with torch.no_grad():
+        model[1].running_mean.add_(1.0)  # the caller trains on: the operator keeps its snapshot
+    changed = [b.clone() for b in model.buffers()]
+    HV_eval = evaluated @ V
+    HV_train = trained @ V
+    kept = all(torch.equal(b, c) for b, c in zip(model.buffers(), changed, strict=True))
+    return {"HV_eval": evaluated.vector_space.gather(HV_eval),
+            "HV_train": trained.vector_space.gather(HV_train), "buffers_kept": kept}
+
+
+# ----------------------------------------------------------------- a Hugging Face GPT-2
+GPT2_K = 5
+GPT2_LENGTHS = (12, 12, 9, 5, 3, 7, 4)  # tokens before the -100 padding of each sequence
+GPT2_BATCHES = ((slice(0, 2),), (slice(2, 4), slice(4, 7)))  # rank 0: one batch; rank 1: two
+
+
+def build_gpt2() -> torch.nn.Module:
+    """A Hugging Face ``GPT2LMHeadModel`` from a config (no download; p = 27 584, tied
+    embeddings), float64, dropout off."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=50, n_positions=16,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0,
+                        eos_token_id=0)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return GPT2LMHeadModel(config).to(F64).eval()
+
+
+def gpt2_data() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask, labels)`` of 7 sequences of 12 tokens, ``-100`` after each
+    sequence's length (``GPT2_LENGTHS``)."""
+    ids = torch.randint(50, (len(GPT2_LENGTHS), 12), generator=torch.Generator().manual_seed(1))
+    labels = ids.clone()
+    for row, length in enumerate(GPT2_LENGTHS):
+        labels[row, length:] = -100
+    return ids, (labels != -100).long(), labels
+
+
+def gpt2_batch(rows: slice) -> ts.curvature.data.Batch:
+    """A dict batch of ``rows`` weighted by its counted tokens (the size hook of
+    ``causal_lm_loss``: ``count_tokens(labels, shift=True)``)."""
+    from tinysubspace.curvature.data import Batch, count_tokens
+
+    ids, mask, labels = gpt2_data()
+    return Batch({"input_ids": ids[rows], "attention_mask": mask[rows]}, labels[rows],
+                 count_tokens(labels[rows], shift=True))
+
+
+def gpt2_worker(rank: int, world: int, folder: Path) -> dict:
+    """GPT-2 under FSDP2 (each block, then the root), this rank's dict batches weighted by
+    tokens: top-5 eigenpairs, loss and gradient of ``causal_lm_loss``, gathered."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    model = build_gpt2()
+    mesh = init_device_mesh("cpu", (world,))
+    for block in model.transformer.h:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    data = [gpt2_batch(rows) for rows in GPT2_BATCHES[rank]]
+    op = ts.HessianOperator(model, ts.causal_lm_loss, data, hvp_method="finite_difference4")
+    space = op.vector_space
+    eig = ts.top_eigenpairs(op, GPT2_K, tol=1e-8, seed=0)
+    loss, g = op.loss_and_gradient()
+    two = ts.HessianOperator(model, ts.causal_lm_loss, data)  # the default: 2-point differences
+    eig2 = ts.top_eigenpairs(two, GPT2_K, tol=1e-6, seed=0, max_matvecs=300)
+    return {"values": eig.values, "converged": eig.converged, "matvecs": eig.matvecs,
+            "vectors": space.gather(eig.vectors), "loss": loss, "g": space.gather(g),
+            "rows": op.shape[0], "dim": space.dim, "tokens": op.num_examples,
+            "batches": (op.local_batches, op.max_batches), "product_error": op.product_error,
+            "values2": eig2.values, "converged2": eig2.converged, "matvecs2": eig2.matvecs}
+

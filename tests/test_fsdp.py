@@ -22,6 +22,7 @@ import fsdp_workers as fw
 import tinysubspace as ts
 from distributed_workers import launch
 from reference import FlatLoss, reference_gradient, reference_hessian, relative_error
+from tinysubspace.curvature.data import Batch
 
 needs_gloo = pytest.mark.skipif(
     not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
@@ -177,10 +178,40 @@ def test_exact_spectrum_refuses_sharded_vectors():
 @pytest.mark.slow
 def test_sharded_operator_checks_input_and_restores_the_model(tmp_path):
     ref = _reference()
-    for r in _launched(fw.checks_worker, tmp_path, 2, deadline_s=300):
+    results = _launched(fw.checks_worker, tmp_path, 2, deadline_s=300)
+    # chunks of 3 of 7 and 16 examples: rank 0 runs its 3 chunks, then 3 repeats of weight 0
+    assert [r["batches"] for r in results] == [(3, 6), (6, 6)]
+    for r in results:
         assert r["restored"] and r["grads_kept"]  # parameters and the caller's .grad exact
         assert torch.allclose(r["values4"], ref["values"], rtol=1e-8, atol=0)
         assert r["error4"] < 1e-8
+        assert torch.allclose(r["values_chunked"], ref["values"], rtol=1e-8, atol=0)
+        last = ref["H"][-51:, -51:]  # params=["3.weight", "3.bias"]: the last 16·3 + 3 rows
+        assert r["dim_last"] == 51
+        assert torch.allclose(r["values_last"], torch.linalg.eigvalsh(last).flip(0)[: fw.K],
+                              rtol=1e-8, atol=0)
+        assert r["buffers_kept"]  # the caller's (changed) running statistics, untouched
+        for mode, HV in _batch_norm_references().items():
+            assert relative_error(r[f"HV_{mode}"], HV) < 1e-7, mode
+
+
+@functools.cache
+def _batch_norm_references() -> dict[str, torch.Tensor]:
+    """``H V`` of the batch-norm MLP at its built buffers: eval mode (running statistics) and
+    train mode (each rank's shard is one batch: its own batch statistics), exact products of a
+    single-process operator over the 2-rank shards as batches, and the eval one also against
+    the dense Hessian."""
+    X, Y = fw.build_data()
+    cut = fw.BOUNDS[2][1]
+    batches = [(X[:cut], Y[:cut]), (X[cut:], Y[cut:])]
+    V = fw.probe_block(sum(p.numel() for p in fw.build_bn_model().parameters()))
+    HV = {mode: ts.HessianOperator(fw.build_bn_model(), fw.loss_fn, batches, mode=mode) @ V
+          for mode in ("eval", "train")}
+    model = fw.build_bn_model().eval()
+    dense = reference_hessian(FlatLoss(model, fw.loss_fn, X, Y))
+    assert relative_error(HV["eval"], dense @ V) < 1e-10  # the reference, checked
+    assert relative_error(HV["train"], HV["eval"]) > 1e-2  # batch statistics matter
+    return HV
 
 
 def test_the_default_vector_space_changes_nothing_for_plain_operators():
@@ -200,3 +231,77 @@ def test_the_default_vector_space_changes_nothing_for_plain_operators():
     assert torch.allclose(space.norm(A), A.norm(dim=0), rtol=1e-15)
     difference = op - ts.DenseOperator(torch.eye(7, dtype=torch.float64))
     assert vector_space(difference).dim == 7
+
+
+# ------------------------------------------------------------- a Hugging Face GPT-2
+@functools.cache
+def _gpt2_reference() -> dict:
+    """The single-process exact (double-backward) top-5 of GPT-2's next-token loss over all 7
+    sequences as one batch (``causal_lm_loss``: the mean over every counted token), checked:
+    its gradient against plain autograd and its product with the top eigenvector against a
+    central difference of plain autograd gradients."""
+    model = fw.build_gpt2()
+    ids, mask, labels = fw.gpt2_data()
+
+    def gradient(theta: torch.Tensor) -> tuple[float, torch.Tensor]:
+        copy = fw.build_gpt2()
+        torch.nn.utils.vector_to_parameters(theta, copy.parameters())
+        loss = ts.causal_lm_loss(copy(input_ids=ids, attention_mask=mask), labels)
+        loss.backward()
+        return float(loss.detach()), torch.cat([p.grad.reshape(-1) for p in copy.parameters()])
+
+    op = ts.HessianOperator(model, ts.causal_lm_loss, [fw.gpt2_batch(slice(0, 7))])
+    eig = ts.top_eigenpairs(op, fw.GPT2_K, tol=1e-10, seed=0)
+    theta = torch.nn.utils.parameters_to_vector(model.parameters()).detach()
+    loss, g = gradient(theta)
+    v, h = eig.vectors[:, 0], 1e-5
+    difference = (gradient(theta + h * v)[1] - gradient(theta - h * v)[1]) / (2 * h)
+    assert eig.converged and relative_error(op.loss_and_gradient()[1], g) < 1e-12
+    assert relative_error(difference, eig.values[0] * v) < 1e-7  # H v = λ v, from gradients
+    return {"values": eig.values, "vectors": eig.vectors, "loss": loss, "g": g}
+
+
+@pytest.fixture(scope="module")
+def gpt2_ranks(tmp_path_factory) -> list[dict]:
+    return _launched(fw.gpt2_worker, tmp_path_factory.mktemp("fsdp-gpt2"), 2, deadline_s=600)
+
+
+@needs_gloo
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_gpt2_under_fsdp2_has_the_single_process_top5(gpt2_ranks):
+    """A Hugging Face GPT-2 (2 blocks, tied embeddings, p = 27 584) under FSDP2 on 2 gloo ranks,
+    dict batches with -100 padding (rank 0: 1 batch, 22 tokens; rank 1: 2 batches, 23 tokens):
+    top-5 of ``causal_lm_loss`` equal to the single-process exact ones."""
+    ref = _gpt2_reference()
+    assert sum(r["rows"] for r in gpt2_ranks) == gpt2_ranks[0]["dim"] == ref["g"].numel()
+    assert [r["batches"] for r in gpt2_ranks] == [(1, 2), (2, 2)]
+    for r in gpt2_ranks:
+        assert r["converged"] and torch.equal(r["values"], gpt2_ranks[0]["values"])
+        assert relative_error(r["values"], ref["values"]) < 1e-6
+        assert torch.allclose(r["values"], ref["values"], rtol=1e-8, atol=0)
+        overlaps = (r["vectors"].T @ ref["vectors"]).diagonal().abs()
+        assert torch.allclose(overlaps, torch.ones(fw.GPT2_K, dtype=torch.float64), atol=1e-6)
+        # the default 2-point differences: true product errors up to ~1e-6 on this model
+        assert r["converged2"] and torch.allclose(r["values2"], ref["values"], rtol=1e-5)
+
+
+@needs_gloo
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_gpt2_ranks_are_weighted_by_counted_tokens(gpt2_ranks):
+    """The loss and gradient are the mean over all 45 counted tokens; weighting the ranks by
+    sequences (2 and 5 of 7) would give another loss and another top eigenvalue."""
+    ref = _gpt2_reference()
+    for r in gpt2_ranks:
+        assert r["tokens"] == 45
+        assert abs(r["loss"] - ref["loss"]) < 1e-12 * ref["loss"]
+        assert relative_error(r["g"], ref["g"]) < 1e-12
+    model = fw.build_gpt2()
+    by_sequences = [fw.gpt2_batch(rows) for rows in fw.GPT2_BATCHES[0] + fw.GPT2_BATCHES[1]]
+    by_sequences = [Batch(b.inputs, b.targets, len(b.targets))
+                    for b in by_sequences]
+    other = ts.HessianOperator(model, ts.causal_lm_loss, by_sequences)
+    assert abs(other.loss_and_gradient()[0] - ref["loss"]) > 1e-3 * ref["loss"]
+    top = ts.top_eigenpairs(other, 1, tol=1e-8, seed=0).values[0]
+    assert abs(top - ref["values"][0]) > 1e-4 * ref["values"][0]

@@ -2,16 +2,22 @@
 finite differences of ordinary gradients.
 
 Under FSDP2 every parameter is a ``DTensor`` of which each rank holds a shard (rows of dimension
-0). The operator's vectors are sharded the same way: on rank ``r`` a vector is the concatenation
-of the rank's local shards of each parameter (``p_r`` numbers, ``Σ_r p_r = p``), so a Lanczos
-basis of ``m`` vectors costs each rank ``m · p_r ≈ m p / world`` numbers. Inner products and
-norms are sums over ranks (:class:`ShardedSpace`, the operator's ``vector_space``; every solver
-of :mod:`tinysubspace.linalg` forms its inner products through it).
+0). The operator's vectors are sharded the same way (:mod:`tinysubspace.curvature.shards`): on
+rank ``r`` a vector is the concatenation of the rank's local shards of each measured parameter
+(``p_r`` numbers, ``Σ_r p_r = p``), so a Lanczos basis of ``m`` vectors costs each rank
+``m · p_r ≈ m p / world`` numbers; inner products and norms are sums over ranks
+(:class:`~tinysubspace.curvature.shards.ShardedSpace`, the operator's ``vector_space``).
 
-**Loss.** Rank ``r`` holds ``n_r`` examples (``N = Σ_r n_r``, uneven shards allowed) and
-computes its mean loss ``ℓ_r``; the loss measured is the mean over all examples,
-``L = Σ_r (n_r / N) ℓ_r``. FSDP2 reduce-scatters gradients as a *mean* over ranks, so each rank
-back-propagates ``(n_r · world / N) ℓ_r``: the mean over ranks of these gradients is ``∇L``.
+**Loss.** Rank ``r`` holds batches ``B_{r,j}`` of sizes ``n_{r,j}`` — the batch dimension, or
+the count a :class:`~tinysubspace.curvature.data.Batch` states (the size hook: counted tokens of
+a language model, ``count_tokens(labels, shift=True)``), exactly as a single-process
+:class:`~tinysubspace.HessianOperator` weights its batches — with mean losses ``ℓ_{r,j}``. The
+loss measured is the mean over all ranks' data, ``L = Σ_{r,j} (n_{r,j} / N) ℓ_{r,j}``
+(``N = Σ_{r,j} n_{r,j}``). FSDP2 reduce-scatters gradients as a *mean* over ranks and
+accumulates them over backward passes, so each rank back-propagates
+``(n_{r,j} · world / N) ℓ_{r,j}`` for each of its batches: the accumulated gradient is ``∇L``.
+FSDP2's all-gathers need the same number of forward passes on every rank: a rank with fewer
+batches than the most any rank holds repeats its last batch with weight 0.
 
 **Products.** Double backward does not run through FSDP2's gradient hooks, so ``H v`` is the
 central difference of ordinary gradients (``hvp_method="finite_difference"``),
@@ -21,9 +27,11 @@ central difference of ordinary gradients (``hvp_method="finite_difference"``),
 
 or its Richardson extrapolation (``"finite_difference4"``), with the step and error floor of
 :class:`~tinysubspace.curvature.hvp.FiniteDifference` (norms over all ranks). Each rank adds its
-shard of ``h v`` to its shards of the parameters in place (under ``no_grad``), runs an ordinary
-forward and backward over its local data and reads its gradient shard; the parameters (and any
-``.grad`` the caller had) are restored exactly afterwards.
+shard of ``h v`` to its shards of the parameters in place (under ``no_grad``), runs ordinary
+forwards and backwards over its local batches and reads its gradient shards. The point ``θ``
+and the buffers (batch-norm statistics) are snapshots taken when the operator is built: every
+gradient is taken at the snapshot, and the model's parameters, buffers and any ``.grad`` the
+caller had are restored exactly afterwards.
 
 **Random directions** are the rows this rank holds of one global Gaussian ``(p, b)`` block drawn
 on the CPU from the solver's seeded generator (the same draw on every rank), so a solve makes
@@ -39,65 +47,21 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from tinysubspace.curvature.data import call_model, checked_loss
+from tinysubspace.curvature.data import Batch, BatchSource, call_model, checked_loss
 from tinysubspace.curvature.dataset_operator import module_mode
 from tinysubspace.curvature.hvp import FiniteDifference
-from tinysubspace.operator import SymmetricOperator, VectorSpace
+from tinysubspace.curvature.layout import select_parameters
+from tinysubspace.curvature.shards import (
+    ShardedSpace,
+    dtensor_type,
+    global_index,
+    is_sharded_model,
+)
+from tinysubspace.operator import SymmetricOperator
 
 __all__ = ["ShardedHessianOperator", "ShardedSpace", "is_sharded_model"]
 
 _POINTS = {"auto": 2, "finite_difference": 2, "finite_difference4": 4}
-
-
-def _dtensor_type() -> type | None:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - torch without distributed tensors
-        return None
-    return DTensor
-
-
-def is_sharded_model(model: torch.nn.Module) -> bool:
-    """Whether any trainable parameter of ``model`` is a ``DTensor`` (FSDP2's ``fully_shard``)."""
-    kind = _dtensor_type()
-    return kind is not None and any(isinstance(p, kind) for p in model.parameters()
-                                    if p.requires_grad)
-
-
-class ShardedSpace(VectorSpace):
-    """Vectors held as local rows on each rank: inner products all-reduced over ``group``.
-
-    Args:
-        dim: the global dimension ``p``.
-        index: ``(p_r,)`` int64, the global positions (``named_parameters`` order, each parameter
-            flattened) of the rows this rank holds.
-        group: the process group of the shards.
-    """
-
-    def __init__(self, dim: int, index: torch.Tensor, group: Any = None) -> None:
-        super().__init__(dim)
-        self.index, self.group = index, group
-
-    def reduce(self, local: torch.Tensor) -> torch.Tensor:
-        """``Σ_ranks local`` (every rank gets the same numbers)."""
-        total = local.clone()
-        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self.group)
-        return total
-
-    def gram(self, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-        """``Σ_ranks A_rᵀ B_r``."""
-        return self.reduce(super().gram(A, B))
-
-    def local_rows(self, block: torch.Tensor) -> torch.Tensor:
-        """This rank's rows of a global ``(p, ·)`` (or ``(p,)``) tensor."""
-        return block[self.index.to(block.device)]
-
-    def gather(self, local: torch.Tensor) -> torch.Tensor:
-        """The global ``(p, ·)`` tensor from every rank's rows (e.g. eigenvectors of a small
-        model; every rank gets it, and must call this together)."""
-        full = local.new_zeros((self.dim, *local.shape[1:]))
-        full[self.index.to(local.device)] = local
-        return self.reduce(full)
 
 
 class ShardedHessianOperator(SymmetricOperator):
@@ -109,29 +73,37 @@ class ShardedHessianOperator(SymmetricOperator):
     same on every rank, eigenvectors local shards (:meth:`ShardedSpace.gather` assembles them).
 
     Args:
-        model: a module whose trainable parameters are all FSDP2 ``DTensor`` s (sharded on
+        model: a module whose measured parameters are FSDP2 ``DTensor`` s (sharded on
             dimension 0), in the dtype to measure in.
         loss_fn: ``loss_fn(outputs, targets)``, the *mean* loss of a batch.
-        data: this rank's ``(inputs, targets)`` (one forward pass each gradient; at least one
-            example on every rank).
-        params: ``None`` only (every trainable parameter).
+        data: this rank's data, as a single-process operator takes it: ``(X, Y)`` tensors
+            (split by ``chunk_size``), a ``DataLoader`` or list of ``(inputs, targets)`` pairs,
+            of dicts (keyword inputs, targets ``item["labels"]``) or of
+            :class:`~tinysubspace.curvature.data.Batch` es (their ``size`` weights them). Every
+            rank needs at least one counted example; ranks may hold different numbers of
+            batches, but each pass must yield the same batches as the first.
+        params: ``None`` (every trainable parameter) or names / parameter tensors, all sharded
+            and requiring grad (the operator acts on their subspace).
         dtype, device: ``None`` or the parameters' own (the model itself is perturbed).
         mode: ``"eval"`` (default) or ``"train"``.
+        chunk_size: examples of an ``(X, Y)`` pair per forward pass (``batch_size``: old name).
         hvp_method: ``"finite_difference"`` (``"auto"``) or ``"finite_difference4"``.
-        chunk_size (old name ``batch_size``), distributed: accepted for
-            :class:`~tinysubspace.HessianOperator`'s signature and ignored (the local data is
-            one batch; the operator is always distributed); so is ``graph_memory`` (``**ignored``).
+        distributed: accepted for :class:`~tinysubspace.HessianOperator`'s signature and
+            ignored (the operator is always distributed); so is ``graph_memory``.
 
     Raises:
-        TypeError: a parameter that is not a ``DTensor``, or ``data`` not an ``(X, Y)`` pair.
-        ValueError: an exact ``hvp_method``, another ``dtype`` / ``device`` or a ``params``
-            selection, a bad ``mode``, or a rank without data.
+        TypeError: a measured parameter that is not a ``DTensor``, or ``data`` of an unusable
+            kind (as for :class:`~tinysubspace.HessianOperator`).
+        ValueError: an exact ``hvp_method``, another ``dtype`` / ``device``, a bad ``params``
+            selection or ``mode``, a rank without data, or (in a pass) a rank whose data yields
+            more batches than when the operator was built.
     """
 
     def __init__(self, model: torch.nn.Module, loss_fn: Any, data: Any, params: Any = None,
                  dtype: torch.dtype | None = None, device: Any = None, mode: str = "eval",
                  chunk_size: int | None = None, distributed: bool | None = None,
-                 hvp_method: str = "auto", **ignored: Any) -> None:
+                 hvp_method: str = "auto", *, batch_size: int | None = None,
+                 **ignored: Any) -> None:
         self._params = _sharded_parameters(model, params)
         first = self._params[0]
         _check_options(first, dtype, device, mode, hvp_method)
@@ -139,21 +111,16 @@ class ShardedHessianOperator(SymmetricOperator):
         self.hvp_method, self._fd = hvp_method, FiniteDifference(_POINTS[hvp_method])
         self.group = first.device_mesh.get_group()
         self.world = dist.get_world_size(self.group)
-        self.inputs, self.targets = _local_data(data, first.dtype, first.device)
+        self.batches = BatchSource(data, device=first.device, dtype=first.dtype,
+                                   chunk_size=chunk_size, batch_size=batch_size)
         local = self._local_shards()
         super().__init__(sum(t.numel() for t in local), first.dtype, first.device)
         self.vector_space = ShardedSpace(sum(p.numel() for p in self._params),
-                                         _global_index(self._params), self.group)
+                                         global_index(self._params), self.group)
         self._theta = torch.cat([t.detach().reshape(-1) for t in local]).clone()
         self._theta_norm = float(self.vector_space.norm(self._theta))
-        self._local_count = int(_batch_size(self.targets))
-        counts = self.vector_space.reduce(torch.tensor(
-            [float(self._local_count), float(self._local_count == 0)], dtype=torch.float64,
-            device=self.device))
-        if counts[1] > 0:
-            raise ValueError(f"every rank needs at least one example; {int(counts[1])} of "
-                             f"{self.world} ranks hold none")
-        self.num_examples = int(counts[0])
+        self._buffers = [(b, b.detach().clone()) for b in model.buffers()]
+        self._count_batches()
         self._largest_error = self.last_product_error = 0.0
 
     # ------------------------------------------------------------------ the maths
@@ -203,26 +170,67 @@ class ShardedHessianOperator(SymmetricOperator):
 
     def _gradient(self, shift: torch.Tensor | None) -> tuple[float, torch.Tensor]:
         """``(L, ∇L)`` at ``θ + shift`` (this rank's shard of each), model restored after."""
-        weight = self._local_count * self.world / self.num_examples
+        scale = self.world / self.num_examples
+        total = torch.zeros(1, dtype=torch.float64, device=self.device)
         with self._perturbed(shift), module_mode(self.model, self.mode == "train"):
-            with torch.enable_grad():
-                loss = checked_loss(self.loss_fn(call_model(self.model, self.inputs),
-                                                 self.targets), 0)
-                (weight * loss).backward()
+            for index, batch, size in self._passes():
+                with torch.enable_grad():
+                    loss = checked_loss(self.loss_fn(call_model(self.model, batch.inputs),
+                                                     batch.targets), index)
+                    (size * scale * loss).backward()
+                total += size * loss.detach().to(torch.float64)
             grads = [torch.zeros(t.numel(), dtype=self.dtype, device=self.device)
                      if p.grad is None else p.grad.to_local().detach().reshape(-1).clone()
                      for p, t in zip(self._params, self._local_shards(), strict=True)]
-        total = self.vector_space.reduce(loss.detach().reshape(1) * self._local_count)
+        total = self.vector_space.reduce(total)
         if not bool(torch.isfinite(total).all()):
             raise FloatingPointError("the loss is not finite at the perturbed parameters")
         return float(total[0]) / self.num_examples, torch.cat(grads)
 
+    # ---------------------------------------------------------------- the data
+    def _passes(self) -> Iterator[tuple[int, Batch, int]]:
+        """``(index, batch, weight)`` for each forward this rank runs in one pass: its own
+        batches (weight ``n_{r,j}``), then its last batch again with weight 0 until every rank
+        has run :attr:`max_batches` forwards (FSDP2's collectives must match)."""
+        last, count = None, 0
+        for index, batch in enumerate(self.batches):
+            if index >= self.max_batches:
+                raise ValueError(f"this rank's data yielded more than the {self.max_batches} "
+                                 f"batches it held when the operator was built; every pass "
+                                 f"must yield the same batches (no shuffling with drop_last)")
+            last, count = batch, index + 1
+            yield index, batch, batch.size
+        if last is None:
+            raise ValueError("this rank's data yielded no batch in this pass, but held some "
+                             "when the operator was built; every pass must yield the same "
+                             "batches")
+        for index in range(count, self.max_batches):
+            yield index, last, 0
+
+    def _count_batches(self) -> None:
+        """``num_examples`` (``N``, all ranks), ``local_batches`` and ``max_batches``."""
+        sizes = [batch.size for batch in self.batches]
+        self.local_batches = len(sizes)
+        counts = torch.tensor([[float(sum(sizes)), float(not sizes)], [len(sizes), 0.0]],
+                              dtype=torch.float64, device=self.device)
+        summed = self.vector_space.reduce(counts[0])
+        largest = counts[1].clone()
+        dist.all_reduce(largest, op=dist.ReduceOp.MAX, group=self.group)
+        if summed[1] > 0:
+            raise ValueError(f"every rank needs at least one example; {int(summed[1])} of "
+                             f"{self.world} ranks hold none")
+        self.num_examples, self.max_batches = int(summed[0]), int(largest[0])
+
+    # ----------------------------------------------------------- the model
     @contextlib.contextmanager
     def _perturbed(self, shift: torch.Tensor | None) -> Iterator[None]:
-        """Parameters at ``θ + shift`` and ``.grad`` cleared; both restored on exit."""
+        """Parameters at ``θ + shift``, buffers at their snapshot, every ``.grad`` cleared; all
+        restored on exit."""
         local = self._local_shards()
         saved = [t.detach().clone() for t in local]
-        grads = [p.grad for p in self._params]
+        buffers = [b.detach().clone() for b, _ in self._buffers]
+        everything = list(self.model.parameters())
+        grads = [p.grad for p in everything]
         point = self._theta if shift is None else self._theta + shift
         try:
             with torch.no_grad():
@@ -230,14 +238,18 @@ class ShardedHessianOperator(SymmetricOperator):
                 for t in local:
                     t.copy_(point[offset: offset + t.numel()].view_as(t))
                     offset += t.numel()
-            for p in self._params:
+                for b, snapshot in self._buffers:
+                    b.copy_(snapshot)
+            for p in everything:
                 p.grad = None
             yield
         finally:
             with torch.no_grad():
                 for t, s in zip(local, saved, strict=True):
                     t.copy_(s)
-            for p, g in zip(self._params, grads, strict=True):
+                for (b, _), s in zip(self._buffers, buffers, strict=True):
+                    b.copy_(s)
+            for p, g in zip(everything, grads, strict=True):
                 p.grad = g
 
     def _local_shards(self) -> list[torch.Tensor]:
@@ -245,16 +257,18 @@ class ShardedHessianOperator(SymmetricOperator):
 
 
 def _sharded_parameters(model: torch.nn.Module, params: Any) -> list[torch.Tensor]:
-    if params is not None:
-        raise ValueError(f"a sharded (FSDP2) model is measured in all its trainable parameters: "
-                         f"params must be None, got {params!r}")
-    kind = _dtensor_type()
-    chosen = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    """The measured parameters (``select_parameters``), each a trainable ``DTensor``."""
+    kind = dtensor_type()
+    chosen = select_parameters(model, params)
     plain = [name for name, p in chosen if kind is None or not isinstance(p, kind)]
-    if not chosen or plain:
-        raise TypeError(f"ShardedHessianOperator needs every trainable parameter sharded by "
+    if plain:
+        raise TypeError(f"ShardedHessianOperator needs every measured parameter sharded by "
                         f"FSDP2 (a DTensor; wrap the model with fully_shard); got plain tensors "
-                        f"for {plain or 'no parameters at all'}")
+                        f"for {plain}")
+    frozen = [name for name, p in chosen if not p.requires_grad]
+    if frozen:
+        raise ValueError(f"a sharded model's Hessian is measured through FSDP2's gradients, "
+                         f"which skip parameters with requires_grad=False; got {frozen}")
     return [p for _, p in chosen]
 
 
@@ -272,33 +286,3 @@ def _check_options(first: torch.Tensor, dtype: Any, device: Any, mode: str,
                          f"device={device}")
     if mode not in ("eval", "train"):
         raise ValueError(f"mode must be 'eval' or 'train', got {mode!r}")
-
-
-def _local_data(data: Any, dtype: torch.dtype, device: torch.device) -> tuple[Any, Any]:
-    if not (isinstance(data, (tuple, list)) and len(data) == 2
-            and isinstance(data[1], torch.Tensor)):
-        raise TypeError(f"an FSDP2 operator takes this rank's data as an (inputs, targets) pair "
-                        f"of tensors, got {type(data).__name__}")
-    inputs, targets = data
-    if isinstance(inputs, torch.Tensor) and inputs.is_floating_point():
-        inputs = inputs.to(device=device, dtype=dtype)
-    return inputs, targets.to(device=device)
-
-
-def _batch_size(targets: torch.Tensor) -> int:
-    return int(targets.shape[0]) if targets.ndim else 1
-
-
-def _global_index(params: list[torch.Tensor]) -> torch.Tensor:
-    """Global flat positions of this rank's rows: each parameter's index tensor sharded the same
-    way as the parameter (``distribute_tensor`` with its mesh and placements)."""
-    from torch.distributed.tensor import distribute_tensor
-
-    pieces, offset = [], 0
-    for p in params:
-        numbers = torch.arange(offset, offset + p.numel(), dtype=torch.int64,
-                               device=p.device).reshape(p.shape)
-        pieces.append(distribute_tensor(numbers, p.device_mesh, p.placements).to_local()
-                      .reshape(-1))
-        offset += p.numel()
-    return torch.cat(pieces)
