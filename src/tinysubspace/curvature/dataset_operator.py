@@ -45,7 +45,12 @@ from tinysubspace.curvature.data import (
     checked_loss,
     chunk_size_argument,
 )
-from tinysubspace.curvature.hvp import ProductEstimate, check_functional_mode, hvp_strategy
+from tinysubspace.curvature.hvp import (
+    ProductEstimate,
+    accumulation_dtype,
+    check_functional_mode,
+    hvp_strategy,
+)
 from tinysubspace.curvature.layout import ParameterLayout, select_parameters
 from tinysubspace.curvature.snapshot import Bound, module_mode, snapshot
 from tinysubspace.operator import SymmetricOperator
@@ -238,7 +243,8 @@ class DataSetOperator(SymmetricOperator):
                 parameter are named).
         """
         def local_sums() -> torch.Tensor:  # [Σ n_j ℓ_j, Σ n_j ∇ℓ_j] over this process's data
-            total = torch.zeros(1 + self.shape[0], dtype=self.dtype, device=self.device)
+            total = torch.zeros(1 + self.shape[0], dtype=accumulation_dtype(self.dtype),
+                                device=self.device)  # float32 sums for a half-precision model
             for index, batch in self._local_batches():
                 loss, grads = self.batch_gradient(batch, index)
                 flat = self.layout.flatten(grads, like=total[1:])
@@ -248,7 +254,7 @@ class DataSetOperator(SymmetricOperator):
             return total
 
         total = self.sum_over_data(local_sums)
-        return float(total[0] / self._num_examples), total[1:] / self._num_examples
+        return float(total[0] / self._num_examples), (total[1:] / self._num_examples).to(self.dtype)
 
     # ------------------------------------------------------------ product error
     @property
@@ -312,7 +318,8 @@ class DataSetOperator(SymmetricOperator):
     # ---------------------------------------------------------------- internals
     def _matmat(self, block: torch.Tensor) -> torch.Tensor:
         def local_sum() -> torch.Tensor:  # [Σ n_j A_j V ; Σ n_j err_j] over this process's data
-            total = block.new_zeros(block.shape[0] + 1, block.shape[1])
+            total = torch.zeros(block.shape[0] + 1, block.shape[1], device=block.device,
+                                dtype=accumulation_dtype(block.dtype))  # float32 for half
             for index, batch in self._local_batches():
                 product = self.batch_product(batch, index, block)
                 if isinstance(product, ProductEstimate):
@@ -327,7 +334,7 @@ class DataSetOperator(SymmetricOperator):
         relative = error / result.norm(dim=0).clamp_min(torch.finfo(self.dtype).tiny)
         self._last_error = float(relative.max())
         self._largest_error = max(self._largest_error, self._last_error)
-        return result
+        return result.to(self.dtype)
 
     def _local_batches(self) -> Iterator[tuple[int, Batch]]:
         """``(index, batch)`` for each chunk of this process's data (one pass)."""
