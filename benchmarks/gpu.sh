@@ -15,3 +15,6 @@ echo "pytest exit $?" | tee -a "$OUT/gpu.log"
 tail -n 25 "$OUT/pytest.log"
 python3 benchmarks/gpu.py --budget "${1:-270}" ${GPU_ARGS:-} 2>&1 | tee -a "$OUT/gpu.log"
 python3 benchmarks/gpu_gpt.py --budget "${2:-180}" 2>&1 | tee -a "$OUT/gpu.log"
+# Issue 25: GPT-2 small under FSDP2 on one GPU (world 1, NCCL), bf16, finite differences; the
+# script itself skips without CUDA.
+timeout 600 python3 benchmarks/gpu_fsdp.py ${FSDP_ARGS:-} 2>&1 | tee -a "$OUT/gpu.log"

@@ -34,7 +34,6 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
-from torch.func import functional_call
 
 from tinysubspace.curvature import collectives as tsdist
 from tinysubspace.curvature.data import (
@@ -46,8 +45,14 @@ from tinysubspace.curvature.data import (
     checked_loss,
     chunk_size_argument,
 )
-from tinysubspace.curvature.hvp import ProductEstimate, check_functional_mode, hvp_strategy
+from tinysubspace.curvature.hvp import (
+    ProductEstimate,
+    accumulation_dtype,
+    check_functional_mode,
+    hvp_strategy,
+)
 from tinysubspace.curvature.layout import ParameterLayout, select_parameters
+from tinysubspace.curvature.snapshot import Bound, module_mode, snapshot
 from tinysubspace.operator import SymmetricOperator
 
 __all__ = ["DataSetOperator", "LossFn", "NonDeterministicError", "module_mode"]
@@ -57,18 +62,6 @@ LossFn = Callable[[Any, Any], torch.Tensor]
 
 class NonDeterministicError(RuntimeError):
     """Two evaluations of the same quantity at the same point disagreed."""
-
-
-@contextlib.contextmanager
-def module_mode(model: torch.nn.Module, train: bool) -> Iterator[None]:
-    """Put every submodule in train or eval mode, then restore each one's own flag."""
-    saved = [(module, module.training) for module in model.modules()]
-    model.train(train)
-    try:
-        yield
-    finally:
-        for module, flag in saved:
-            module.training = flag
 
 
 class DataSetOperator(SymmetricOperator):
@@ -136,9 +129,9 @@ class DataSetOperator(SymmetricOperator):
         self._leaves = tuple(p.detach().to(device=device, dtype=dtype).clone().requires_grad_(True)
                              for _, p in chosen)
         measured = set(self.layout.names)
-        self._fixed = {name: _snapshot(t, device, dtype) for name, t in model.named_parameters()
+        self._fixed = {name: snapshot(t, device, dtype) for name, t in model.named_parameters()
                        if name not in measured}
-        self._buffers = {name: _snapshot(t, device, dtype) for name, t in model.named_buffers()}
+        self._buffers = {name: snapshot(t, device, dtype) for name, t in model.named_buffers()}
         self._fresh = False  # True: every pass recomputes everything (check_deterministic)
         self._strategies: dict[tuple[str, str, str], Any] = {}  # resolved per (method, device)
         self._last_error, self._largest_error = 0.0, 0.0
@@ -195,7 +188,7 @@ class DataSetOperator(SymmetricOperator):
         def loss_of(*leaves: torch.Tensor) -> torch.Tensor:
             state = {**self._fixed, **self._buffers, **dict(zip(names, leaves, strict=True))}
             with module_mode(self.model, train=self.mode == "train"):
-                outputs = call_model(_Bound(self.model, state), batch.inputs)
+                outputs = call_model(Bound(self.model, state), batch.inputs)
             return self.loss_fn(outputs, batch.targets)
 
         return loss_of
@@ -250,7 +243,8 @@ class DataSetOperator(SymmetricOperator):
                 parameter are named).
         """
         def local_sums() -> torch.Tensor:  # [Σ n_j ℓ_j, Σ n_j ∇ℓ_j] over this process's data
-            total = torch.zeros(1 + self.shape[0], dtype=self.dtype, device=self.device)
+            total = torch.zeros(1 + self.shape[0], dtype=accumulation_dtype(self.dtype),
+                                device=self.device)  # float32 sums for a half-precision model
             for index, batch in self._local_batches():
                 loss, grads = self.batch_gradient(batch, index)
                 flat = self.layout.flatten(grads, like=total[1:])
@@ -260,7 +254,7 @@ class DataSetOperator(SymmetricOperator):
             return total
 
         total = self.sum_over_data(local_sums)
-        return float(total[0] / self._num_examples), total[1:] / self._num_examples
+        return float(total[0] / self._num_examples), (total[1:] / self._num_examples).to(self.dtype)
 
     # ------------------------------------------------------------ product error
     @property
@@ -324,7 +318,8 @@ class DataSetOperator(SymmetricOperator):
     # ---------------------------------------------------------------- internals
     def _matmat(self, block: torch.Tensor) -> torch.Tensor:
         def local_sum() -> torch.Tensor:  # [Σ n_j A_j V ; Σ n_j err_j] over this process's data
-            total = block.new_zeros(block.shape[0] + 1, block.shape[1])
+            total = torch.zeros(block.shape[0] + 1, block.shape[1], device=block.device,
+                                dtype=accumulation_dtype(block.dtype))  # float32 for half
             for index, batch in self._local_batches():
                 product = self.batch_product(batch, index, block)
                 if isinstance(product, ProductEstimate):
@@ -339,7 +334,7 @@ class DataSetOperator(SymmetricOperator):
         relative = error / result.norm(dim=0).clamp_min(torch.finfo(self.dtype).tiny)
         self._last_error = float(relative.max())
         self._largest_error = max(self._largest_error, self._last_error)
-        return result
+        return result.to(self.dtype)
 
     def _local_batches(self) -> Iterator[tuple[int, Batch]]:
         """``(index, batch)`` for each chunk of this process's data (one pass)."""
@@ -353,7 +348,7 @@ class DataSetOperator(SymmetricOperator):
         if self.mode == "train":  # running statistics update our copies, never the model's
             state.update({name: b.clone() for name, b in self._buffers.items()})
         with module_mode(self.model, train=self.mode == "train"):
-            return call_model(_Bound(self.model, state), batch.inputs)
+            return call_model(Bound(self.model, state), batch.inputs)
 
     @contextlib.contextmanager
     def _fresh_passes(self) -> Iterator[None]:
@@ -392,21 +387,3 @@ class DataSetOperator(SymmetricOperator):
                 suspects.append(f"mode='train' with {', '.join(sorted(kinds))} (use mode='eval')")
         return suspects or ["randomness inside the model or loss (e.g. dropout implemented with "
                             "torch.rand), or a data set that changes between passes"]
-
-
-class _Bound:
-    """``model`` called with the given parameters and buffers (``functional_call``)."""
-
-    def __init__(self, model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-        self.model, self.state = model, state
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return functional_call(self.model, self.state, args, kwargs)
-
-
-def _snapshot(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """A detached copy; floating tensors cast to ``dtype`` (integer buffers keep theirs)."""
-    tensor = tensor.detach()
-    if tensor.is_floating_point():
-        return tensor.to(device=device, dtype=dtype).clone()
-    return tensor.to(device=device).clone()

@@ -47,11 +47,28 @@ from tinysubspace.curvature.graphs import (
     validate_graph_memory,
 )
 
-__all__ = ["DEFAULT_GRAPH_MEMORY", "FINITE_DIFFERENCE_METHODS", "HVP_METHODS", "KNOWN_METHODS",
-           "FallbackOnError", "FiniteDifference", "GradientGraph",
-           "HvpStrategy", "ProductEstimate", "build_gradient_graph", "check_functional_mode",
-           "free_memory", "graph_budget", "graph_nbytes", "hvp_strategy", "resolve_hvp_method",
-           "validate_graph_memory"]
+__all__ = [
+    "DEFAULT_GRAPH_MEMORY",
+    "FINITE_DIFFERENCE_METHODS",
+    "HALF_PRECISION_FLOOR",
+    "HALF_PRECISION_STEP",
+    "HVP_METHODS",
+    "KNOWN_METHODS",
+    "FallbackOnError",
+    "FiniteDifference",
+    "GradientGraph",
+    "HvpStrategy",
+    "ProductEstimate",
+    "accumulation_dtype",
+    "build_gradient_graph",
+    "check_functional_mode",
+    "free_memory",
+    "graph_budget",
+    "graph_nbytes",
+    "hvp_strategy",
+    "resolve_hvp_method",
+    "validate_graph_memory",
+]
 
 HVP_METHODS = ("auto", "loop", "batched", "jvp")
 """Exact ways to compute ``∇²ℓ V`` (``op.hvp_method``); see the module docstring."""
@@ -62,6 +79,13 @@ for kernels without double backward; each product carries its error estimate."""
 
 KNOWN_METHODS = HVP_METHODS + FINITE_DIFFERENCE_METHODS
 """Every name ``hvp_method`` accepts."""
+
+HALF_PRECISION_STEP = {torch.bfloat16: 1e-3, torch.float16: 1e-3}
+"""``κ`` of the finite-difference step ``h = κ max(‖θ‖, 1) / ‖v‖`` for a model measured in its
+own half precision (:class:`FiniteDifference`, "Half precision"; measured, docs/scale.md)."""
+
+HALF_PRECISION_FLOOR = {torch.bfloat16: 0.1, torch.float16: 0.1}
+"""A-priori relative error of a half-precision finite-difference product (measured)."""
 
 
 class HvpStrategy(Protocol):
@@ -210,19 +234,27 @@ class FiniteDifference:
         self.points = points
 
     def error_floor(self, dtype: torch.dtype) -> float:
-        """A-priori relative error of one product, ``eps^(2/3)`` (class docstring)."""
+        """A-priori relative error of one product: ``eps^(2/3)`` (class docstring); for
+        ``float16`` / ``bfloat16`` the measured :data:`HALF_PRECISION_FLOOR`."""
+        if dtype in HALF_PRECISION_STEP:
+            return HALF_PRECISION_FLOOR[dtype]
         return torch.finfo(dtype).eps ** (2 / 3)
 
     def step(self, theta_norm: float, v_norm: float, dtype: torch.dtype) -> float:
-        """``h = eps^(1/3) max(‖θ‖, 1) / ‖v‖`` (class docstring)."""
-        return torch.finfo(dtype).eps ** (1 / 3) * max(theta_norm, 1.0) / v_norm
+        """``h = κ max(‖θ‖, 1) / ‖v‖`` with ``κ = eps^(1/3)`` (class docstring), or the
+        measured :data:`HALF_PRECISION_STEP` ``κ`` for ``float16`` / ``bfloat16``."""
+        kappa = HALF_PRECISION_STEP.get(dtype, torch.finfo(dtype).eps ** (1 / 3))
+        return kappa * max(theta_norm, 1.0) / v_norm
 
     def __call__(self, op: Any, batch: Any, index: int, block: torch.Tensor) -> ProductEstimate:
-        out, error = torch.zeros_like(block), block.new_zeros(block.shape[1])
+        work = accumulation_dtype(block.dtype)  # float32 for a half-precision model
+        out = torch.zeros(block.shape, dtype=work, device=block.device)
+        error = out.new_zeros(block.shape[1])
         eps = torch.finfo(block.dtype).eps
-        theta_norm = float(torch.cat([leaf.detach().reshape(-1) for leaf in op.leaves]).norm())
+        theta_norm = float(torch.cat([leaf.detach().reshape(-1).to(work)
+                                      for leaf in op.leaves]).norm())
         for column in range(block.shape[1]):
-            v = block[:, column]
+            v = block[:, column].to(work)
             v_norm = float(v.norm())
             if v_norm == 0.0:
                 continue
@@ -241,15 +273,29 @@ class FiniteDifference:
         return ProductEstimate(out, error)
 
 
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype sums and differences of a ``dtype`` measurement are formed in: ``float32``
+    for ``float16`` / ``bfloat16`` (a model measured in its own half precision), else ``dtype``.
+
+    >>> accumulation_dtype(torch.bfloat16), accumulation_dtype(torch.float64)
+    (torch.float32, torch.float64)
+    """
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
 def _gradient_at(op: Any, batch: Any, index: int, v: torch.Tensor, t: float) -> torch.Tensor:
-    """``∇ℓ_j(θ + t v)``, flat, by one ordinary forward and backward pass."""
+    """``∇ℓ_j(θ + t v)``, flat in ``v``'s dtype, by one ordinary forward and backward pass.
+
+    The point is formed in ``v``'s dtype and rounded once to the model's (``θ + t v`` in
+    float32, then bfloat16 for a bf16 model): one parameter at a time, so the float32 shadow
+    costs the largest parameter's size in float32, never a copy of the model."""
     pieces = op.layout.split(v)
-    leaves = [(leaf.detach() + t * piece).requires_grad_(True)
+    leaves = [(leaf.detach().to(v.dtype) + t * piece).to(leaf.dtype).requires_grad_(True)
               for leaf, piece in zip(op.leaves, pieces.values(), strict=True)]
     with torch.enable_grad():
         loss = op.batch_loss(batch, index, leaves=leaves)
         grads = torch.autograd.grad(loss, leaves, allow_unused=True)
-    return op.layout.flatten(grads, like=v)
+    return op.layout.flatten([None if g is None else g.to(v.dtype) for g in grads], like=v)
 
 
 class FallbackOnError:
