@@ -24,7 +24,13 @@ spent outside the products (the solver's own work). Also: ``floor`` = one block 
 other work (``g``, ``H·g``) over the default warm solve (the ceiling of "H·g from the Krylov basis"
 and "one data pass for g and the first block").
 
-Run: ``OMP_NUM_THREADS=1 python benchmarks/levers.py [--problem digits|fashion] [--quick]``.
+``--set amortised`` (issue 23) compares the multiplicity checks instead, each warm ``krylov``:
+``check="full"``, ``check="amortised"`` (``M = 4``) with ``guard_steps`` 2 (the default) and 0,
+and no check; the products column adds the mean products and the mean time ratio (the median
+hides the full-check rows, one in ``M``). Numbers: docs/performance.md, section 4.
+
+Run: ``OMP_NUM_THREADS=1 python benchmarks/levers.py [--problem digits|fashion] [--set amortised]
+[--quick]``.
 """
 
 from __future__ import annotations

@@ -32,13 +32,14 @@ between carry ``certificate="scheduled"`` or ``"guard"``: their values may lack 
 step only evaluates its vector's Rayleigh quotient and never moves it) can find it earlier: for
 a slowly drifting ``H`` it is a restarted Lanczos run of ``s`` steps per measurement, converging
 to the top of ``H_⊥`` like the ``c``-step check after about ``c / s`` measurements (in the tests
-below it finds a second copy one measurement, and an eigenvalue rising from the bulk four
-measurements, before the scheduled check). Its ``s = 2`` products are about 10% of a warm
-top-10 solve and 2% of a top-20 one (docs/performance.md, section 4): ``guard_steps=0`` saves
-them where the top-10 cost matters more than an early find. The **last** measurement of a run
-should pass ``check="full"`` (the caller knows it is the last). Cost per measurement:
-``(c + (M − 1) s) / M`` products on average instead of ``c`` (3.5 instead of 8 with the defaults
-``M = 4``, ``s = 2``; 2 with ``s = 0``), and ``s`` at the rows between full checks.
+below it finds a second copy of λ1 appearing at t = 5 at t = 6, where ``s = 0`` waits for the
+full check at t = 8; an eigenvalue rising from the bulk both find at t = 4). Its ``s = 2``
+products are about 10% of a warm top-10 solve and 2% of a top-20 one (docs/performance.md,
+section 4): ``guard_steps=0`` saves them where the top-10 cost matters more than an early find.
+The **last** measurement of a run should pass ``check="full"`` (the caller knows it is the last).
+Cost per measurement: ``(c + (M − 1) s) / M`` products on average instead of ``c`` (3.5 instead
+of 8 with the defaults ``M = 4``, ``s = 2``; 2 with ``s = 0``), and ``s`` at the rows between
+full checks.
 
 Tests (tests/test_amortised_check.py): a trajectory where a second copy of the top eigenvalue
 appears mid-way, and one where an eigenvalue rises from the bulk edge into the top ``n``

@@ -57,9 +57,9 @@ the same case) can need more steps (``check_steps=16`` there) and is otherwise r
 with ``converged=True`` — the returned values are then off by at most that distance.
 ``multiplicity_checked`` says whether the check ran. By default (``check="amortised"``, issue 23)
 its cost is spread over the measurements: a full check at the first and at least every ``M = 4``,
-none (or a carried guard vector, ``guard_steps > 0``) in between; a miss within the check's reach
-is found within ``M`` measurements (:mod:`tinysubspace.linalg.amortised`); ``check="full"``
-checks every measurement.
+a 2-product guard carried from row to row in between (none with ``guard_steps=0``); a miss within
+the check's reach is found within ``M`` measurements (:mod:`tinysubspace.linalg.amortised`);
+``check="full"`` checks every measurement.
 Tests (tests/test_tracking.py):
 ``test_krylov_warm_start_finds_an_eigenvector_entering_a_nearly_invariant_subspace``,
 ``test_the_reach_of_the_multiplicity_check_grows_with_check_steps``.
