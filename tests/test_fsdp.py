@@ -150,7 +150,7 @@ def test_sharded_tracking_and_slq_equal_the_single_process_ones(tracked):
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_a_ranks_basis_costs_one_world_th_of_the_memory(tmp_path):
-    measured = {world: launch(fw.memory_worker, tmp_path / str(world), world=world)
+    measured = {world: launch(fw.memory_worker, tmp_path / str(world), world=world, deadline_s=300)
                 for world in (1, 2, 3)}
     errors = [r["error"][2] for ranks in measured.values() for r in ranks if "error" in r]
     assert not errors, errors[0]

@@ -65,7 +65,11 @@ from tinysubspace.experiments.tracker_folder import (
     run_meta,
 )
 from tinysubspace.experiments.tracker_inputs import prepare_inputs
-from tinysubspace.experiments.tracker_sharded import check_sharded_options, is_sharded_model
+from tinysubspace.experiments.tracker_sharded import (
+    check_sharded_data,
+    check_sharded_options,
+    is_sharded_model,
+)
 from tinysubspace.runtime import distributed as tsdist
 
 __all__ = ["PAPER_ANCHORS", "SubspaceTracker"]
@@ -169,6 +173,8 @@ class SubspaceTracker:
             check_sharded_options(ggn=ggn, class_means=class_means, geometry=geometry,
                                   optimizer=optimizer, blocks=blocks, subset=subset,
                                   chunk_size=chunk_size, resume=resume)
+            check_sharded_data(data)
+            check_sharded_data(test, "test")
             operators.hessian(model, loss_fn, data)
         with preserved_state(model):  # iterating a DataLoader draws from torch's RNG
             inputs = prepare_inputs(model, loss_fn, data, test, subset=subset, seed=self.seed,

@@ -37,7 +37,8 @@ import torch
 
 from tinysubspace.curvature.sharded import ShardedSpace, is_sharded_model
 
-__all__ = ["check_sharded_options", "is_sharded_model", "reshard", "saved_eigenvectors"]
+__all__ = ["check_sharded_data", "check_sharded_options", "is_sharded_model", "reshard",
+           "saved_eigenvectors"]
 
 
 def check_sharded_options(**options: Any) -> None:
@@ -54,6 +55,25 @@ def check_sharded_options(**options: Any) -> None:
                          f"hessian, anchors, test, cost and residuals columns on sharded "
                          f"vectors; these options are not supported there: {sorted(on)} "
                          f"(leave them at their defaults)")
+
+
+def check_sharded_data(data: Any, name: str = "data") -> None:
+    """Refuse data other than one ``(inputs, targets)`` pair of tensors per rank.
+
+    The sharded operator takes several batches per rank (it pads a rank's passes with forwards
+    of weight 0), but the tracker's own forwards (accuracy, the test columns) run once per batch,
+    and FSDP2's collectives need the same number of forwards on every rank.
+
+    Raises:
+        TypeError: naming what arrived.
+    """
+    if data is None and name == "test":
+        return
+    if not (isinstance(data, tuple | list) and len(data) == 2
+            and all(isinstance(t, torch.Tensor) for t in data)):
+        raise TypeError(f"a tracker of an FSDP2 (fully_shard) model takes its {name} as one "
+                        f"(inputs, targets) pair of tensors per rank (every rank must run the "
+                        f"same forwards), got {type(data).__name__}")
 
 
 def reshard(model: torch.nn.Module) -> None:
