@@ -268,11 +268,12 @@ class DataSetOperator(SymmetricOperator):
         """The relative error floor of this operator's products, for a solver to stop at: 0 for
         exact products; for an approximate ``hvp_method`` the larger of its a-priori floor
         (:meth:`~tinysubspace.curvature.hvp.FiniteDifference.error_floor`) and the largest
-        :attr:`last_product_error` seen so far."""
+        :attr:`last_product_error` seen so far, at most 0.5 (an estimate of 100 % or more, seen
+        on random vectors of a bfloat16 model, would make every solve refuse the operator)."""
         if not self.uses_hvp:
             return 0.0
         floor = getattr(self.hvp_strategy(), "error_floor", lambda dtype: 0.0)(self.dtype)
-        return max(float(floor), self._largest_error)
+        return min(max(float(floor), self._largest_error), 0.5)
 
     def hvp_strategy(self) -> Any:
         """The H·V strategy ``hvp_method`` names here (``auto`` resolved for this operator's

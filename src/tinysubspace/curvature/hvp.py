@@ -80,7 +80,7 @@ for kernels without double backward; each product carries its error estimate."""
 KNOWN_METHODS = HVP_METHODS + FINITE_DIFFERENCE_METHODS
 """Every name ``hvp_method`` accepts."""
 
-HALF_PRECISION_STEP = {torch.bfloat16: 1e-3, torch.float16: 1e-3}
+HALF_PRECISION_STEP = {torch.bfloat16: 1e-3, torch.float16: 5e-4}
 """``κ`` of the finite-difference step ``h = κ max(‖θ‖, 1) / ‖v‖`` for a model measured in its
 own half precision (:class:`FiniteDifference`, "Half precision"; measured, docs/scale.md)."""
 
@@ -210,6 +210,24 @@ class FiniteDifference:
     limited by rounding (the step :math:`\\epsilon^{1/5} s` that would balance a smooth loss is
     100× longer and crosses the kinks of a ReLU network: measured relative error 0.9 on the
     test CNN, against 3e-11 at ``h``).
+
+    **Half precision** (``bfloat16``, ``float16``: a model measured in its own dtype, no float32
+    copy). Three errors meet, measured on the project's ``gpt`` (docs/scale.md, "Low
+    precision"): the gradient's own rounding through the whole forward and backward (5e-3 of
+    ``‖g‖`` in bf16), the rounding of the point ``θ ± h v`` to bf16 (a shift below half an ulp
+    of ``θ_i``, ``2^{-9} |θ_i|``, is lost), and the truncation, which along a top eigenvector of a
+    transformer is 100× that of the "scale of ``θ``" model (the loss bends on a scale of
+    ``‖θ‖/200``: embeddings and biases that feed the residual stream). ``eps^{1/3} = 0.2``
+    gave a relative product error of 0.98 there; the error against ``κ = h ‖v‖ / max(‖θ‖, 1)`` was
+    smallest at ``κ = 1e-3`` (0.07 along the top eigenvector, 0.3 along a random vector, untrained
+    ``gpt``), so :data:`HALF_PRECISION_STEP` is ``1e-3`` for bf16 (``float16``: ``5e-4``, the
+    same balance scaled by ``eps^{1/3}``, not measured) and :data:`HALF_PRECISION_FLOOR` 0.1.
+    The point is formed in float32 and rounded once (never a float32 copy of the model: one
+    parameter at a time), the two gradients are differenced and divided in float32, and the
+    data-set operator sums the batches in float32 (:func:`accumulation_dtype`). After 300 Adam
+    steps (λ1 = 128) the same ``gpt``'s bf16 products were wrong by 0.5: measure trained models
+    with ``dtype=torch.float32`` (a copy). ReLU networks with many units: a difference crosses
+    kinks and its error does not shrink with ``h`` (a factor 127 for 512 examples × 200 units).
 
     **Error estimate** (absolute, per column, carried by the :class:`ProductEstimate`):
     :math:`D_2`: the rounding term :math:`\\epsilon (\\lVert g(h)\\rVert +
