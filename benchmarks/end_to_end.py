@@ -50,7 +50,7 @@ VARIANTS: dict[str, dict] = {
     "cold": {"solver": "cold"},
     "track": {"solver": "track", "check": "full"},
     "amortised": {"solver": "track", "check": "amortised"},
-    "budget": {"solver": "budget", "budget_matvecs": 40},  # two passes of the 2k block
+    "budget": {"solver": "budget", "budget_matvecs": 40},  # 40 products for the 2k = 20 pairs
 }
 
 

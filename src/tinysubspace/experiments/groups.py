@@ -107,17 +107,19 @@ class HessianGroup(StatelessGroup):
 
 SOLVE_COLUMNS = ("hessian/f_top_error", "hessian/certificate")
 """The Hessian group's columns of a non-default solve (``SolverSettings.reports_certificate``):
-the ``f_top`` error bound of a budget solve and the certificate as a number."""
+the ``f_top`` error estimate of a budget solve and the certificate as a number."""
 
 CERTIFICATES = {"full": 2.0, "guard": 1.0, "folded": 1.0, "scheduled": 0.5, "none": 0.0}
 """``hessian/certificate``: ``Eigenpairs.certificate`` as a number (docs/run-store.md)."""
 
 
 def f_top_error(eig: Any, k: int) -> float:
-    """Davis–Kahan bound on ``|f_top(V_k) − f_top(V*_k)|`` (eq. 2) for the top ``k`` of a budget
-    solve's ``2k`` pairs (:mod:`tinysubspace.linalg.budget`): ``min(1, ‖R_k‖ / δ̂)`` with
+    """Davis–Kahan estimate of ``|f_top(V_k) − f_top(V*_k)|`` (eq. 2) for the top ``k`` of a
+    budget solve's ``2k`` pairs (:mod:`tinysubspace.linalg.budget`): ``min(1, ‖R_k‖ / δ̂)`` with
     ``‖R_k‖₂ ≤ ‖R_k‖_F = (Σ_{i≤k} r_i²)^{1/2}`` and ``δ̂ = θ_k − (θ_{k+1} + r_{k+1})`` (1 when
-    ``δ̂ ≤ 0``); NaN for a solve to ``tol`` (not estimated)."""
+    ``δ̂ ≤ 0``); NaN for a solve to ``tol`` (not estimated). A bound when ``λ_{k+1} ≤ θ_{k+1} +
+    r_{k+1}``; the Krylov budget's unresolved ``(k+1)``-th pair can break that (linalg/budget.py:
+    short of the true ``sin θ`` by up to 1.22× in its tests)."""
     if getattr(eig, "solver", "lanczos") != "budget" or eig.values.numel() <= k:
         return float("nan")
     norm = float(eig.residuals[:k].double().pow(2).sum().sqrt())
