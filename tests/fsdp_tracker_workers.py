@@ -147,6 +147,6 @@ def refusals(model: torch.nn.Module, data: tuple) -> list[str]:
     for options, kind, pattern in REFUSED.values():
         with pytest.raises(kind, match=pattern):
             ts.SubspaceTracker(model, loss_fn, data, k=K, **options)
-    with pytest.raises(TypeError, match=r"\(inputs, targets\) pair of tensors, got list"):
+    with pytest.raises(TypeError, match=r"pair of tensors per rank .*got list"):
         ts.SubspaceTracker(model, loss_fn, [data, data], k=K)
     return [*REFUSED, "batches"]
