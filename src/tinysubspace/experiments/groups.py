@@ -119,7 +119,7 @@ def f_top_error(eig: Any, k: int) -> float:
     ``‖R_k‖₂ ≤ ‖R_k‖_F = (Σ_{i≤k} r_i²)^{1/2}`` and ``δ̂ = θ_k − (θ_{k+1} + r_{k+1})`` (1 when
     ``δ̂ ≤ 0``); NaN for a solve to ``tol`` (not estimated). A bound when ``λ_{k+1} ≤ θ_{k+1} +
     r_{k+1}``; the Krylov budget's unresolved ``(k+1)``-th pair can break that (linalg/budget.py:
-    short of the true ``sin θ`` by up to 1.22× in its tests)."""
+    short of the true ``sin θ`` by up to 1.29× in its tests)."""
     if getattr(eig, "solver", "lanczos") != "budget" or eig.values.numel() <= k:
         return float("nan")
     norm = float(eig.residuals[:k].double().pow(2).sum().sqrt())
@@ -156,8 +156,9 @@ class AnchorsGroup:
         for t1, W in sorted(self.bases.items()):
             W = W.to(now.device)
             subspace_overlap(W, now, space=space)  # checks both bases (orthonormal, same rows)
-            gram = W.T @ now if space is None else space.gram(W, now)  # (2k, 2k), summed
-            row[f"overlap/top/t1={t1}"] = _block_overlap(gram[:k, :k])  # over ranks if sharded
+            # one (2k, 2k) Gram (summed over ranks if sharded); every column is a block of it
+            gram = W.T @ now if space is None else space.gram(W, now)
+            row[f"overlap/top/t1={t1}"] = _block_overlap(gram[:k, :k])
             row[f"overlap/next/t1={t1}"] = _block_overlap(gram[k:, k:])
             for d in range(2, 2 * k + 1):
                 row[f"overlap/d={d}/t1={t1}"] = _block_overlap(gram[:d, :d])
