@@ -156,8 +156,10 @@ class AnchorsGroup:
         for t1, W in sorted(self.bases.items()):
             W = W.to(now.device)
             subspace_overlap(W, now, space=space)  # checks both bases (orthonormal, same rows)
-            # one (2k, 2k) Gram (summed over ranks if sharded); every column is a block of it
-            gram = W.T @ now if space is None else space.gram(W, now)
+            # one (2k, 2k) Gram, accumulated in float64 (summed over ranks if sharded); every
+            # column is a block of it
+            W64, now64 = W.double(), now.double()
+            gram = W64.T @ now64 if space is None else space.gram(W64, now64)
             row[f"overlap/top/t1={t1}"] = _block_overlap(gram[:k, :k])
             row[f"overlap/next/t1={t1}"] = _block_overlap(gram[k:, k:])
             for d in range(2, 2 * k + 1):
