@@ -97,12 +97,18 @@ def product_table() -> None:
                                    "rel. error vs float64", "own estimate"], rows)
 
 
+def bf16_gpt(steps: int) -> tuple[torch.nn.Module, tuple, ts.HessianOperator]:
+    """The ``gpt`` after ``steps`` Adam steps, cast to bfloat16, its data, and the exact float64
+    Hessian of those same bfloat16 weights (the reference of both bf16 tables)."""
+    model, data = gpt_problem(steps)
+    half = model.to(torch.bfloat16)
+    return half, data, ts.HessianOperator(half, token_loss, data, dtype=F64, hvp_method="loop")
+
+
 def bf16_product_table() -> None:
     rows = []
     for steps in (0, 300):
-        model, data = gpt_problem(steps)
-        half = model.to(torch.bfloat16)
-        reference = ts.HessianOperator(half, token_loss, data, dtype=F64, hvp_method="loop")
+        half, data, reference = bf16_gpt(steps)
         top = ts.top_eigenpairs(reference, k=1, tol=1e-8).vectors[:, 0]
         random = torch.randn(top.shape[0], generator=torch.Generator().manual_seed(1), dtype=F64)
         for method in METHODS[1:]:
@@ -120,9 +126,7 @@ def bf16_product_table() -> None:
 def bf16_eigen_table() -> None:
     rows = []
     for steps in (0, 300):
-        model, data = gpt_problem(steps)
-        half = model.to(torch.bfloat16)
-        reference = ts.HessianOperator(half, token_loss, data, dtype=F64, hvp_method="loop")
+        half, data, reference = bf16_gpt(steps)
         _, g = reference.loss_and_gradient()
         exact = ts.top_eigenpairs(reference, k=3, tol=1e-8)
         f_exact = float(ts.top_fraction(g, exact.vectors))
