@@ -235,15 +235,15 @@ class SubspaceTracker:
         keywords = {"k": config.k, "tol": config.tol, "tol_scale": config.tol_scale,
                     "dtype": DTYPES.get(config.dtype, config.dtype), "anchors": config.anchors,
                     "save_vectors_at": config.save_vectors_at, "mode": config.mode,
-                    "chunk_size": config.chunk_size, "solver": config.solver,
+                    "chunk_size": config.chunk_size, "solver": config.solver, "out": None,
                     "blocks": config.blocks, "ggn": config.ggn, "check": config.check,
                     "check_every": config.check_every, "budget_matvecs": config.budget_matvecs,
-                    "pass_cost": config.pass_cost,
-                    "class_means": config.class_means, "geometry": config.geometry,
-                    "block_options": {key: getattr(config, f"blocks_{key}")
-                                      for key in ("k", "probes", "steps")}}
-        return cls(model, loss_fn, data, schedule=list(steps), out=None, loggers=(),
-                   **keywords, **options)
+                    "pass_cost": config.pass_cost, "class_means": config.class_means,
+                    "geometry": config.geometry, "block_options": {
+                        key: getattr(config, f"blocks_{key}") for key in ("k", "probes", "steps")}}
+        tracker = cls(model, loss_fn, data, schedule=list(steps), loggers=(), **keywords, **options)
+        tracker.engine.final_step = max(steps, default=None)  # its full check (issue 23)
+        return tracker
 
     def track_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """``optimizer=`` for a tracker built before its optimizer (the CLI's projected

@@ -14,11 +14,20 @@ A measurement changes nothing of the caller's: the model's parameters, buffers (
 batch norm runs on copies) and train/eval flags, ``p.grad``, and the global random streams
 (torch CPU and CUDA, numpy, ``random``) are as they were before it. :class:`~tinysubspace.
 experiments.subspace_tracker.SubspaceTracker` is the user-facing API on top of this class.
+
+The amortised multiplicity check (:mod:`tinysubspace.linalg.amortised`) runs in full at a run's
+first measurement and every ``M``-th; :attr:`Tracker.final_step` adds the **last** (issue 23:
+"a full check every M measurements and at the first and last"): the measurement at that step
+runs every solve with ``check="full"``, so the run's last row is certified (``hessian/
+certificate`` = full). A config-built tracker sets it to its schedule's last step; a user's own
+loop, which alone knows its last step, sets ``tracker.engine.final_step = last`` before
+measuring it (docs/performance.md).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import random
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -150,6 +159,8 @@ class Tracker:
         self.train, self.test, self.classification = train, test, classification
         self.warm = WarmStart()
         self._blocks = blocks
+        self.final_step: int | None = None
+        """The run's last measurement step, if known: measured with the full check."""
 
     # ----------------------------------------------------------------- groups
     @property
@@ -227,21 +238,29 @@ class Tracker:
         op = self.operator(model, self.train)
         loss, g = op.loss_and_gradient()
         previous = self.warm.get(HESSIAN)
+        solver = self.solver_at(step)
         eig = Hg = None
         if self.solves_hessian:
             started = time.perf_counter()
-            eig = self.solver.solve(op, 2 * self.k, self.warm, HESSIAN, seed + step)
+            eig = solver.solve(op, 2 * self.k, self.warm, HESSIAN, seed + step)
             seconds = time.perf_counter() - started
             Hg = op @ g
         context = Context(model=model, loss_fn=self.loss_fn, train=self.train, test=self.test,
                           step=step, seed=seed + step, k=self.k, operators=self.operators,
-                          solver=self.solver, warm=self.warm,
+                          solver=solver, warm=self.warm,
                           classification=self.classification, op=op, loss=loss, g=g,
                           Hg=Hg, eig=eig, previous=previous, run_seed=seed,
                           started=measuring_since)
         if eig is not None:
             context.charge(HESSIAN, eig.matvecs, seconds)  # the solve's cost, bucket "hessian"
         return context
+
+    def solver_at(self, step: int) -> SolverSettings:
+        """The solver settings at ``step``: :attr:`solver`, with ``check="full"`` at
+        :attr:`final_step` (the amortised check's full check at a run's last measurement)."""
+        if step != self.final_step or self.solver.check == "full":
+            return self.solver
+        return dataclasses.replace(self.solver, check="full")
 
     @property
     def solves_hessian(self) -> bool:
