@@ -26,7 +26,7 @@ central difference of ordinary gradients (``hvp_method="finite_difference"``),
            \\qquad h = \\epsilon^{1/3} \\max(\\lVert\\theta\\rVert, 1) / \\lVert v \\rVert,
 
 or its Richardson extrapolation (``"finite_difference4"``), with the step and error floor of
-:class:`~tinysubspace.curvature.hvp.FiniteDifference` (norms over all ranks). Each rank adds its
+:class:`~tinysubspace.curvature.finite_difference.FiniteDifference` (norms over all ranks). Each rank adds its
 shard of ``h v`` to its shards of the parameters in place (under ``no_grad``), runs ordinary
 forwards and backwards over its local batches and reads its gradient shards. The point ``θ``
 and the buffers (batch-norm statistics) are snapshots taken when the operator is built: every
