@@ -10,6 +10,7 @@ Half-precision models are measured in their own dtype: the point and the sums in
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +19,7 @@ import torch
 __all__ = [
     "HALF_PRECISION_FLOOR",
     "HALF_PRECISION_STEP",
+    "PROBE_EVERY",
     "FiniteDifference",
     "ProductEstimate",
     "accumulation_dtype",
@@ -29,6 +31,14 @@ own half precision (:class:`FiniteDifference`, "Half precision"; measured, docs/
 
 HALF_PRECISION_FLOOR = {torch.bfloat16: 0.1, torch.float16: 0.1}
 """A-priori relative error of a half-precision finite-difference product (measured)."""
+
+PROBE_EVERY = 8
+"""A 2-point product measures its truncation along every ``PROBE_EVERY``-th column (and the
+first): 2 more gradients, so 1/8 more gradients in all (:class:`FiniteDifference`)."""
+
+CALIBRATION_TRIALS = 6
+"""Steps tried at the first product, ``ε^{1/3} 4^{-i}``, ``i < 6`` (down to ``ε^{1/3} / 1024``);
+the trials stop early once the successive differences grow."""
 
 
 @dataclass(frozen=True)
@@ -58,20 +68,24 @@ class FiniteDifference:
     **Step.** Each gradient carries a rounding error of about :math:`\\epsilon \\lVert g
     \\rVert` (:math:`\\epsilon` the dtype's machine epsilon), so the error of :math:`D_2` is
     about :math:`\\tfrac{h^2}{6} \\lVert \\nabla^4 \\ell[v,v,v] \\rVert
-    + \\epsilon \\lVert g \\rVert / h`. If the loss varies on the scale of ``θ``
-    (:math:`\\lVert \\nabla^4 \\ell[v,v,v] \\rVert \\sim \\lVert g \\rVert
-    \\lVert v \\rVert^3 / s^3`, :math:`s = \\max(\\lVert\\theta\\rVert, 1)`) the two
-    terms balance at
+    + \\epsilon \\lVert g \\rVert / h`. If the loss varied on the scale of ``θ`` the two
+    terms would balance at the a-priori step
 
-    .. math::  h = \\epsilon^{1/3}\\, \\max(\\lVert\\theta\\rVert, 1) / \\lVert v\\rVert
+    .. math::  h_0 = \\epsilon^{1/3}\\, \\max(\\lVert\\theta\\rVert, 1) / \\lVert v\\rVert
 
     (the classic per-coordinate rule :math:`h_i = \\epsilon^{1/3} |\\theta_i|` for the whole
-    vector), each column its own ``h``, where both are of relative order
-    :math:`\\epsilon^{2/3}` (4e-11 in float64, 2e-5 in float32): :meth:`error_floor`.
-    :math:`D_4` uses the same ``h``: its truncation :math:`O(h^4)` is then negligible and it is
-    limited by rounding (the step :math:`\\epsilon^{1/5} s` that would balance a smooth loss is
-    100× longer and crosses the kinks of a ReLU network: measured relative error 0.9 on the
-    test CNN, against 3e-11 at ``h``).
+    vector), where both are of relative order :math:`\\epsilon^{2/3}` (4e-11 in float64, 2e-5 in
+    float32): :meth:`error_floor`. Networks bend on a far shorter scale: along the top
+    eigenvector of the project's ``gpt`` and of a trained LayerNorm–tanh MLP, ``h_0`` gave a
+    relative error of 1e-6 in float64 and 0.5 in float32 (truncation), ``h_0 / 100`` gave 1e-10
+    and 1e-4. So the step is **calibrated** at the operator's first product (:meth:`calibrate`,
+    2 ``points`` gradients per trial): ``h = κ max(‖θ‖, 1) / ‖v‖`` with ``κ`` the first of
+    :data:`CALIBRATION_TRIALS` trials ``ε^{1/3} 4^{-i}`` after the smallest gap between
+    successive differences ``‖D(h_i) − D(h_{i+1})‖`` (the gaps fall 16× per trial while the
+    2-point truncation dominates, 256× for the 4-point form, and grow 4× once rounding does: the
+    Richardson-table rule of numerical differentiation). Then ``κ`` stays fixed: the operator
+    is one linear map for the whole solve, and two products with the same vector agree.
+    :math:`D_4` is calibrated the same way on its own differences.
 
     **Half precision** (``bfloat16``, ``float16``: a model measured in its own dtype, no float32
     copy). Three errors meet, measured on the project's ``gpt`` (docs/scale.md, "Low
@@ -93,10 +107,14 @@ class FiniteDifference:
 
     **Error estimate** (absolute, per column, carried by the :class:`ProductEstimate`):
     :math:`D_2`: the rounding term :math:`\\epsilon (\\lVert g(h)\\rVert +
-    \\lVert g(-h)\\rVert) / 2h` doubled (the model's balance; the real truncation constant
-    needs two more gradients and was up to 50× larger on the test networks);
+    \\lVert g(-h)\\rVert) / 2h` doubled, and on every :attr:`probe_every`-th column (and the
+    first) the truncation measured along that very column, :math:`\\lVert D_2(2h) - D_2(h)
+    \\rVert / 3` (the :math:`h^2` terms of the two differ by a factor 4), for 2 more gradients
+    (the a-priori model alone understated the error along top directions by 10⁵–10⁶: 1e-11
+    against 1e-6 on the ``gpt``); the operator keeps the largest relative value seen
+    (``op.product_error``), so a solve cannot claim a tolerance its products do not reach.
     :math:`D_4`: :math:`\\lVert D_4 - D_2(h)\\rVert` (the measured error of the 2-point form,
-    a bound on the 4-point one) plus its rounding term.
+    an upper bound of the 4-point one's) plus its rounding term, on every column.
 
     Costs 2 (``points=2``) or 4 forward and backward passes per column and batch, and the memory
     of one ordinary gradient: it runs through kernels that are differentiable only once
@@ -108,10 +126,19 @@ class FiniteDifference:
 
     uses_graph = False
 
-    def __init__(self, points: int = 2) -> None:
+    def __init__(self, points: int = 2, probe_every: int | None = None) -> None:
         if points not in (2, 4):
             raise ValueError(f"finite differences use 2 or 4 points, got {points}")
         self.points = points
+        self.probe_every = PROBE_EVERY if probe_every is None else int(probe_every)
+        if self.probe_every < 1:
+            raise ValueError(f"probe_every must be a positive number of columns, got "
+                             f"{probe_every}")
+        self.kappa: float | None = None
+        """The step's scale ``κ`` once calibrated (``None`` before the first product)."""
+        self.calibration_error = 0.0
+        """The smallest gap of the calibration relative to the chosen difference: a measured
+        floor of every column's relative error (class docstring, "Error estimate")."""
 
     def error_floor(self, dtype: torch.dtype) -> float:
         """A-priori relative error of one product: ``eps^(2/3)`` (class docstring); for
@@ -120,36 +147,96 @@ class FiniteDifference:
             return HALF_PRECISION_FLOOR[dtype]
         return torch.finfo(dtype).eps ** (2 / 3)
 
+    @staticmethod
+    def a_priori_kappa(dtype: torch.dtype) -> float:
+        """``κ`` before calibration: ``eps^(1/3)``, or the measured :data:`HALF_PRECISION_STEP`."""
+        return HALF_PRECISION_STEP.get(dtype, torch.finfo(dtype).eps ** (1 / 3))
+
     def step(self, theta_norm: float, v_norm: float, dtype: torch.dtype) -> float:
-        """``h = κ max(‖θ‖, 1) / ‖v‖`` with ``κ = eps^(1/3)`` (class docstring), or the
-        measured :data:`HALF_PRECISION_STEP` ``κ`` for ``float16`` / ``bfloat16``."""
-        kappa = HALF_PRECISION_STEP.get(dtype, torch.finfo(dtype).eps ** (1 / 3))
+        """``h = κ max(‖θ‖, 1) / ‖v‖``: ``κ`` calibrated, else :meth:`a_priori_kappa`."""
+        kappa = self.kappa if self.kappa is not None else self.a_priori_kappa(dtype)
         return kappa * max(theta_norm, 1.0) / v_norm
+
+    def calibrate(self, gradient_at: Callable[[float], torch.Tensor], theta_norm: float,
+                  v_norm: float, dtype: torch.dtype, norm: Callable[[torch.Tensor], float]
+                  ) -> None:
+        """Fix :attr:`kappa` from trials along one column (class docstring, "Step").
+
+        Args:
+            gradient_at: ``t ↦ ∇ℓ(θ + t v)`` (flat).
+            theta_norm, v_norm: ``‖θ‖`` and ``‖v‖``.
+            dtype: the model's dtype (half precision keeps its measured step).
+            norm: the 2-norm of a flat vector (over all ranks for sharded vectors).
+        """
+        base = self.a_priori_kappa(dtype)
+        if dtype in HALF_PRECISION_STEP:  # rounding of the point itself dominates (docstring)
+            self.kappa = base
+            return
+        kappas = [base * 4.0 ** -i for i in range(CALIBRATION_TRIALS)]
+        values, gaps = [], []
+        for kappa in kappas:
+            h = kappa * max(theta_norm, 1.0) / v_norm
+            values.append(self._difference(gradient_at, h, dtype, norm)[0])
+            if len(values) > 1:
+                gaps.append(norm(values[-1] - values[-2]))
+                if len(gaps) >= 2 and gaps[-1] > gaps[-2]:
+                    break  # rounding dominates from here on
+        best = min(range(len(gaps)), key=gaps.__getitem__)
+        self.kappa = kappas[best + 1]
+        self.calibration_error = gaps[best] / max(norm(values[best + 1]),
+                                                  torch.finfo(dtype).tiny)
+
+    def column(self, gradient_at: Callable[[float], torch.Tensor], theta_norm: float,
+               v_norm: float, dtype: torch.dtype, norm: Callable[[torch.Tensor], float],
+               probe: bool) -> tuple[torch.Tensor, float]:
+        """``(D v, its estimated absolute error)`` for one column (class docstring, "Error
+        estimate"); the operator's first column calibrates the step; ``probe`` measures the
+        truncation along ``v`` (2 or 4 more gradients).
+
+        Args:
+            gradient_at, theta_norm, v_norm, dtype, norm: as for :meth:`calibrate`.
+            probe: whether to measure the truncation along this column.
+        """
+        if self.kappa is None:
+            self.calibrate(gradient_at, theta_norm, v_norm, dtype, norm)
+        h = self.step(theta_norm, v_norm, dtype)
+        value, rounding = self._difference(gradient_at, h, dtype, norm)
+        error = rounding + self.calibration_error * norm(value)
+        if probe:  # D(2h) − D(h) = (4 − 1) h²/6 ∇⁴ℓ[v,v,v] (2 points), (16 − 1) × D_4's h⁴ term
+            wide = self._difference(gradient_at, 2 * h, dtype, norm)[0]
+            error += norm(wide - value) / (3 if self.points == 2 else 15)
+        return value, error
+
+    def _difference(self, gradient_at: Callable[[float], torch.Tensor], h: float,
+                    dtype: torch.dtype, norm: Callable[[torch.Tensor], float]
+                    ) -> tuple[torch.Tensor, float]:
+        """``(D(h), its rounding term)`` of this form: ``ε`` (the model's ``dtype``) times the
+        gradients' norms, weighted as they enter ``D``, doubled for ``D_2`` (class docstring)."""
+        eps = torch.finfo(dtype).eps
+        plus, minus = gradient_at(h), gradient_at(-h)
+        if self.points == 2:
+            return (plus - minus) / (2 * h), eps * (norm(plus) + norm(minus)) / h
+        plus2, minus2 = gradient_at(2 * h), gradient_at(-2 * h)
+        value = (8 * (plus - minus) - (plus2 - minus2)) / (12 * h)
+        weight = 8 * (norm(plus) + norm(minus)) + norm(plus2) + norm(minus2)
+        return value, eps * weight / (12 * h)
 
     def __call__(self, op: Any, batch: Any, index: int, block: torch.Tensor) -> ProductEstimate:
         work = accumulation_dtype(block.dtype)  # float32 for a half-precision model
         out = torch.zeros(block.shape, dtype=work, device=block.device)
         error = out.new_zeros(block.shape[1])
-        eps = torch.finfo(block.dtype).eps
         theta_norm = float(torch.cat([leaf.detach().reshape(-1).to(work)
                                       for leaf in op.leaves]).norm())
+        first = int(getattr(op, "matvecs", 0))  # the same on every batch of one product
         for column in range(block.shape[1]):
             v = block[:, column].to(work)
             v_norm = float(v.norm())
             if v_norm == 0.0:
                 continue
-            h = self.step(theta_norm, v_norm, block.dtype)
-            g1, m1 = _gradient_at(op, batch, index, v, h), _gradient_at(op, batch, index, v, -h)
-            d2 = (g1 - m1) / (2 * h)
-            rounding = eps * (g1.norm() + m1.norm()) / (2 * h)
-            if self.points == 2:
-                out[:, column], error[column] = d2, 2 * rounding
-                continue
-            g2, m2 = (_gradient_at(op, batch, index, v, 2 * h),
-                      _gradient_at(op, batch, index, v, -2 * h))
-            d4 = (8 * (g1 - m1) - (g2 - m2)) / (12 * h)
-            rounding4 = eps * (8 * (g1.norm() + m1.norm()) + g2.norm() + m2.norm()) / (12 * h)
-            out[:, column], error[column] = d4, (d4 - d2).norm() + rounding4
+            out[:, column], error[column] = self.column(
+                lambda t, v=v: _gradient_at(op, batch, index, v, t), theta_norm, v_norm,
+                block.dtype, lambda x: float(x.norm()),
+                probe=(first + column) % self.probe_every == 0)
         return ProductEstimate(out, error)
 
 

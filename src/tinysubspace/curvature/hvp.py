@@ -210,8 +210,6 @@ _STRATEGIES: dict[str, HvpStrategy] = {
     "loop": DoubleBackward(batched=False),
     "batched": DoubleBackward(batched=True),
     "jvp": ForwardOverReverse(),
-    "finite_difference": FiniteDifference(points=2),
-    "finite_difference4": FiniteDifference(points=4),
 }
 
 
@@ -254,7 +252,9 @@ def check_functional_mode(model: torch.nn.Module, name: str, mode: str) -> None:
 
 def hvp_strategy(name: str, device: torch.device, mode: str) -> HvpStrategy:
     """The strategy object for ``name`` (see :func:`resolve_hvp_method`); ``auto`` resolving to
-    ``jvp`` gives a new :class:`FallbackOnError` (``jvp``, then ``loop``) for each call.
+    ``jvp`` gives a new :class:`FallbackOnError` (``jvp``, then ``loop``) for each call, and
+    each call for a finite difference a new :class:`FiniteDifference` (its calibrated step is
+    one operator's).
 
     Raises:
         ValueError: an unknown name.
@@ -262,4 +262,6 @@ def hvp_strategy(name: str, device: torch.device, mode: str) -> HvpStrategy:
     resolved = resolve_hvp_method(name, device, mode)
     if name == "auto" and resolved == "jvp":
         return FallbackOnError(_STRATEGIES["jvp"], _STRATEGIES["loop"])
+    if resolved in FINITE_DIFFERENCE_METHODS:
+        return FiniteDifference(points=2 if resolved == "finite_difference" else 4)
     return _STRATEGIES[resolved]

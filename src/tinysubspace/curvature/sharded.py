@@ -23,15 +23,16 @@ batches than the most any rank holds repeats its last batch with weight 0.
 central difference of ordinary gradients (``hvp_method="finite_difference"``),
 
 .. math::  H v \\approx \\frac{\\nabla L(\\theta + h v) - \\nabla L(\\theta - h v)}{2 h},
-           \\qquad h = \\epsilon^{1/3} \\max(\\lVert\\theta\\rVert, 1) / \\lVert v \\rVert,
+           \\qquad h = \\kappa \\max(\\lVert\\theta\\rVert, 1) / \\lVert v \\rVert,
 
-or its Richardson extrapolation (``"finite_difference4"``), with the step and error floor of
-:class:`~tinysubspace.curvature.finite_difference.FiniteDifference` (norms over all ranks). Each rank adds its
-shard of ``h v`` to its shards of the parameters in place (under ``no_grad``), runs ordinary
-forwards and backwards over its local batches and reads its gradient shards. The point ``θ``
-and the buffers (batch-norm statistics) are snapshots taken when the operator is built: every
-gradient is taken at the snapshot, and the model's parameters, buffers and any ``.grad`` the
-caller had are restored exactly afterwards.
+or its Richardson extrapolation (``"finite_difference4"``), with the step (``κ`` calibrated at
+the first product), the probes of the truncation and the error floor of
+:class:`~tinysubspace.curvature.finite_difference.FiniteDifference` (norms over all ranks).
+Each rank adds its shard of ``h v`` to its shards of the parameters in place (under
+``no_grad``), runs ordinary forwards and backwards over its local batches and reads its
+gradient shards. The point ``θ`` and the buffers (batch-norm statistics) are snapshots taken
+when the operator is built: every gradient is taken at the snapshot, and the model's
+parameters, buffers and any ``.grad`` the caller had are restored exactly afterwards.
 
 **Random directions** are the rows this rank holds of one global Gaussian ``(p, b)`` block drawn
 on the CPU from the solver's seeded generator (the same draw on every rank), so a solve makes
@@ -144,27 +145,20 @@ class ShardedHessianOperator(SymmetricOperator):
         norms = self.vector_space.norm(block)
         errors = []
         for j in range(block.shape[1]):
-            out[:, j], error = self._column(block[:, j], float(norms[j]))
+            probe = (self.matvecs + j) % self._fd.probe_every == 0
+            out[:, j], error = self._column(block[:, j], float(norms[j]), probe)
             errors.append(error)
         self.last_product_error = max(errors)
         self._largest_error = max(self._largest_error, self.last_product_error)
         return out
 
-    def _column(self, v: torch.Tensor, v_norm: float) -> tuple[torch.Tensor, float]:
+    def _column(self, v: torch.Tensor, v_norm: float, probe: bool) -> tuple[torch.Tensor, float]:
         """``H v`` by central differences (Richardson with 4 points) and its relative error."""
         if v_norm == 0:
             return torch.zeros_like(v), 0.0
-        eps = torch.finfo(self.dtype).eps
-        h = self._fd.step(self._theta_norm, v_norm, self.dtype)
-        plus, minus = self._gradient(h * v)[1], self._gradient(-h * v)[1]
-        d2 = (plus - minus) / (2 * h)
-        rounding = 2 * eps * float(self.vector_space.norm(torch.stack([plus, minus], 1)).sum())
-        rounding /= 2 * h
-        result, error = d2, rounding
-        if self._fd.points == 4:
-            wide = (self._gradient(2 * h * v)[1] - self._gradient(-2 * h * v)[1]) / (4 * h)
-            result = (4 * d2 - wide) / 3
-            error = float(self.vector_space.norm(result - d2)) + rounding
+        result, error = self._fd.column(
+            lambda t: self._gradient(t * v)[1], self._theta_norm, v_norm, self.dtype,
+            lambda x: float(self.vector_space.norm(x)), probe=probe)
         scale = max(float(self.vector_space.norm(result)), float(torch.finfo(self.dtype).tiny))
         return result, error / scale
 
