@@ -103,7 +103,8 @@ class FiniteDifference:
     data-set operator sums the batches in float32 (:func:`accumulation_dtype`). After 300 Adam
     steps (λ1 = 128) the same ``gpt``'s bf16 products were wrong by 0.5: measure trained models
     with ``dtype=torch.float32`` (a copy). ReLU networks with many units: a difference crosses
-    kinks and its error does not shrink with ``h`` (a factor 127 for 512 examples × 200 units).
+    kinks and its error does not shrink with ``h`` (512 examples × 200 units: a factor 127 at
+    ``h_0`` in float64, 6.7e-10 at the calibrated step, 1,000× shorter; 4.2 in float32).
 
     **Error estimate** (absolute, per column, carried by the :class:`ProductEstimate`):
     :math:`D_2`: the rounding term :math:`\\epsilon (\\lVert g(h)\\rVert +
