@@ -264,3 +264,29 @@ def gpt2_worker(rank: int, world: int, folder: Path) -> dict:
             "batches": (op.local_batches, op.max_batches), "product_error": op.product_error,
             "values2": eig2.values, "converged2": eig2.converged, "matvecs2": eig2.matvecs}
 
+
+
+def bf16_worker(rank: int, world: int, folder: Path) -> dict:
+    """The model in bfloat16 (no float32 copy), sharded: products along the given vectors
+    (``folder / "vectors.pt"``, global) and a top-3 solve at tol 0.05."""
+    import warnings
+
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    model = build_model().to(torch.bfloat16)
+    mesh = init_device_mesh("cpu", (world,))
+    fully_shard(model[0], mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    X, Y = build_data()
+    part = slice(BOUNDS[world][rank], BOUNDS[world][rank + 1])
+    op = ts.HessianOperator(model, loss_fn, (X[part].bfloat16(), Y[part]),
+                            hvp_method="finite_difference")
+    space = op.vector_space
+    V = torch.load(folder / "vectors.pt")
+    HV = space.gather(op @ space.local_rows(V).bfloat16())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        eig = ts.top_eigenpairs(op, K, tol=0.05, seed=0)
+    return {"HV": HV.double(), "values": eig.values.double(), "converged": eig.converged,
+            "product_error": op.product_error, "dtype": str(op.dtype)}

@@ -50,7 +50,7 @@ import torch.distributed as dist
 
 from tinysubspace.curvature.data import Batch, BatchSource, call_model, checked_loss
 from tinysubspace.curvature.dataset_operator import module_mode
-from tinysubspace.curvature.hvp import FiniteDifference
+from tinysubspace.curvature.finite_difference import FiniteDifference, accumulation_dtype
 from tinysubspace.curvature.layout import select_parameters
 from tinysubspace.curvature.shards import (
     ShardedSpace,
@@ -118,8 +118,9 @@ class ShardedHessianOperator(SymmetricOperator):
         super().__init__(sum(t.numel() for t in local), first.dtype, first.device)
         self.vector_space = ShardedSpace(sum(p.numel() for p in self._params),
                                          global_index(self._params), self.group)
+        self._work = accumulation_dtype(first.dtype)  # float32 for a half-precision model
         self._theta = torch.cat([t.detach().reshape(-1) for t in local]).clone()
-        self._theta_norm = float(self.vector_space.norm(self._theta))
+        self._theta_norm = float(self.vector_space.norm(self._theta.to(self._work)))
         self._buffers = [(b, b.detach().clone()) for b in model.buffers()]
         self._count_batches()
         self._largest_error = self.last_product_error = 0.0
@@ -132,15 +133,17 @@ class ShardedHessianOperator(SymmetricOperator):
 
     @property
     def product_error(self) -> float:
-        """Relative error floor of the products (``ε^{2/3}``, or larger estimates seen)."""
-        return max(self._fd.error_floor(self.dtype), self._largest_error)
+        """Relative error floor of the products (``ε^{2/3}``, or larger estimates seen), at
+        most 0.5 (as the single-process operator's)."""
+        return min(max(self._fd.error_floor(self.dtype), self._largest_error), 0.5)
 
     def loss_and_gradient(self) -> tuple[float, torch.Tensor]:
         """The mean loss ``L`` over all ranks' data and this rank's shard of ``∇L``."""
         loss, grad = self._gradient(None)
-        return loss, grad
+        return loss, grad.to(self.dtype)
 
     def _matmat(self, block: torch.Tensor) -> torch.Tensor:
+        block = block.to(self._work)  # half precision: the point and differences in float32
         out = torch.empty_like(block)
         norms = self.vector_space.norm(block)
         errors = []
@@ -150,7 +153,7 @@ class ShardedHessianOperator(SymmetricOperator):
             errors.append(error)
         self.last_product_error = max(errors)
         self._largest_error = max(self._largest_error, self.last_product_error)
-        return out
+        return out.to(self.dtype)
 
     def _column(self, v: torch.Tensor, v_norm: float, probe: bool) -> tuple[torch.Tensor, float]:
         """``H v`` by central differences (Richardson with 4 points) and its relative error."""
@@ -173,8 +176,8 @@ class ShardedHessianOperator(SymmetricOperator):
                                                      batch.targets), index)
                     (size * scale * loss).backward()
                 total += size * loss.detach().to(torch.float64)
-            grads = [torch.zeros(t.numel(), dtype=self.dtype, device=self.device)
-                     if p.grad is None else p.grad.to_local().detach().reshape(-1).clone()
+            grads = [torch.zeros(t.numel(), dtype=self._work, device=self.device)
+                     if p.grad is None else p.grad.to_local().detach().reshape(-1).to(self._work)
                      for p, t in zip(self._params, self._local_shards(), strict=True)]
         total = self.vector_space.reduce(total)
         if not bool(torch.isfinite(total).all()):
@@ -225,7 +228,7 @@ class ShardedHessianOperator(SymmetricOperator):
         buffers = [b.detach().clone() for b, _ in self._buffers]
         everything = list(self.model.parameters())
         grads = [p.grad for p in everything]
-        point = self._theta if shift is None else self._theta + shift
+        point = self._theta if shift is None else self._theta.to(shift.dtype) + shift
         try:
             with torch.no_grad():
                 offset = 0
