@@ -87,6 +87,12 @@ def test_sharded_top_eigenpairs_equal_the_single_process_ones(ranks):
         overlaps = (r["vectors"].T @ ref["vectors"]).diagonal().abs()
         assert torch.allclose(overlaps, torch.ones(fw.K, dtype=torch.float64), atol=1e-6)
         assert r["product_error"] < 1e-9  # the finite-difference floor in float64
+        # the same shard as a DataLoader of batches of 3 (ranks hold 2 to 6 batches, so the
+        # ranks with fewer run forwards of weight 0): the same eigenvalues
+        assert torch.equal(r["loader_values"], ranks[0]["loader_values"])
+        assert torch.allclose(r["loader_values"], ref["values"], rtol=1e-8, atol=0)
+    batches = {2: [3, 6], 3: [2, 3, 4]}[len(ranks)]
+    assert [r["loader_batches"] for r in ranks] == batches
 
 
 @needs_gloo
@@ -118,7 +124,10 @@ def _moved_reference() -> dict:
     op = ts.HessianOperator(model, fw.loss_fn, (X, Y))
     density = ts.spectral_density(op, steps=fw.SLQ_STEPS, probes=2, seed=3)
     values = torch.linalg.eigvalsh(reference_hessian(ref["f"], theta)).flip(0)[: fw.K]
-    return {"values": values, "nodes": density.nodes, "weights": density.weights}
+    budget = ts.track_eigenpairs(op, fw.K, previous=ref["single"], tol=1e-8, solver="budget",
+                                 matvecs=fw.BUDGET)
+    return {"values": values, "nodes": density.nodes, "weights": density.weights,
+            "budget": budget}
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=lambda w: f"world{w}")
@@ -144,6 +153,14 @@ def test_sharded_tracking_and_slq_equal_the_single_process_ones(tracked):
         # the same probes (rows of one global draw) give the single-process quadrature
         assert torch.allclose(r["nodes"], moved["nodes"], rtol=0, atol=1e-7)
         assert torch.allclose(r["weights"], moved["weights"], rtol=0, atol=1e-7)
+        # the budget refinement: exactly BUDGET products, the single-process (exact-product)
+        # refinement's Ritz values and residuals, the same on every rank
+        single = moved["budget"]
+        assert r["budget_matvecs"] == single.matvecs == fw.BUDGET
+        assert torch.equal(r["budget_values"], tracked[0]["budget_values"])
+        assert torch.allclose(r["budget_values"], single.values, rtol=1e-7, atol=0)
+        assert torch.allclose(r["budget_residuals"], single.residuals, rtol=1e-3, atol=1e-9)
+        assert r["budget_converged"] == single.converged
 
 
 @needs_gloo
