@@ -274,29 +274,3 @@ def test_the_cli_loop_resumes_an_amortised_run_with_its_guard(tmp_path):
                   for name in ("whole", "cut"))
     assert whole["hessian/certificate"].tolist() == [2.0, 1.0, 1.0, 1.0, 2.0, 1.0]
     assert whole.equals(cut)
-
-
-def test_a_runs_last_scheduled_measurement_runs_the_full_check():
-    """A list schedule of 6 steps with the amortised check (M = 4): full checks at the first
-    and the 5th measurement (the schedule), guards between, and a full check at the last one,
-    which the amortised schedule alone would have given a guard; the eigenvalues are the dense
-    Hessian's at every row."""
-    X, Y = _data()
-    model = _model()
-    steps = [0, 1, 2, 3, 4, 5]
-    tracker = ts.SubspaceTracker(model, F.cross_entropy, (X, Y), k=K, schedule=steps, anchors=(),
-                                 tol=1e-8)
-    assert tracker.engine.final_step == 5
-    certificates = []
-    for step in steps:
-        row = tracker.on_step(step)
-        flat = FlatLoss(model, F.cross_entropy, X, Y)
-        top = torch.linalg.eigvalsh(reference_hessian(flat)).flip(0)[:K]
-        assert [row[f"hessian/eig_{i + 1}"] for i in range(K)] == pytest.approx(
-            top.tolist(), rel=1e-6)
-        certificates.append(row["hessian/certificate"])
-        _sgd_step(model, X, Y)
-    full, guard = CERTIFICATES["full"], CERTIFICATES["guard"]
-    assert certificates == [full, guard, guard, guard, full, full]
-    other = ts.SubspaceTracker(_model(), F.cross_entropy, (X, Y), k=K, schedule=1, anchors=())
-    assert other.engine.final_step is None  # a schedule without an end: the caller's to say

@@ -153,11 +153,10 @@ class SolverSettings:
         return self.solver == "budget" or self.check != "full" or self.pass_cost is not None
 
     def solve(self, op: Any, n: int, warm: WarmStart, name: str, seed: int,
-              start: str | None = None, final: bool = False) -> Eigenpairs:
+              start: str | None = None) -> Eigenpairs:
         """The top ``n`` pairs of ``op``, started from ``warm``'s previous result of ``name``
         (and kept there for the next solve of that name, with its guard and pass cost);
-        ``start`` overrides :attr:`warm`; ``final`` (a run's last measurement) runs the full
-        multiplicity check instead of the amortised one."""
+        ``start`` overrides :attr:`warm`."""
         previous = warm.previous(name)
         if self.solver == "cold":
             eig = self.cold(op, n, seed)
@@ -166,12 +165,11 @@ class SolverSettings:
                 previous = previous.to(device=op.device, dtype=op.dtype)
             eig = track_eigenpairs(op, n, previous, tol=self.tol, seed=seed,
                                    tol_scale=self.tol_scale, warm=start or self.warm,
-                                   **self._track_keywords(previous, final))
+                                   **self._track_keywords(previous))
         warm.update(name, eig)
         return eig
 
-    def _track_keywords(self, previous: Eigenpairs | torch.Tensor | None,
-                        final: bool = False) -> dict[str, Any]:
+    def _track_keywords(self, previous: Eigenpairs | torch.Tensor | None) -> dict[str, Any]:
         """The keywords of :func:`track_eigenpairs` beyond ``tol``, ``seed``, ``tol_scale`` and
         ``warm``: ``check="full"`` only when asked for (its default is the amortised check, or
         the folded solver where a measured pass cost chooses the ``subspace`` start)."""
@@ -179,7 +177,7 @@ class SolverSettings:
         if self.solver == "budget":
             options.update(solver="budget", **_budget_keywords(self.budget_matvecs))
         options["check_every"] = self.check_every
-        if self.check == "full" or (final and self.solver != "budget"):
+        if self.check == "full":
             options["check"] = "full"
         carried = previous.pass_cost if isinstance(previous, Eigenpairs) else None
         if self.pass_cost == "measure" and previous is not None and carried is None:

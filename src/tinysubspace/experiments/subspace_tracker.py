@@ -196,8 +196,6 @@ class SubspaceTracker:
         certified = settings.solver.reports_certificate
         self.engine = Tracker(settings, loss_fn, data, test, classification, groups=[
             *self._groups(k, test is not None, blocks, certified), *groups])
-        if isinstance(schedule, (list, tuple)) and schedule:  # its last step: a full check
-            self.engine.final_step = max(schedule)
         self.blocks, self.extra_groups = blocks, [g.name for g in groups]
         self._curvature = {"ggn": ggn, "class_means": class_means, "geometry": geometry,
                            "classes": classes}

@@ -198,12 +198,6 @@ class Tracker:
             self._with_blocks(model)
         return ["step", "epoch", "wall_time", *(c for g in self.groups for c in g.names())]
 
-    final_step: int | None = None
-    """A run's last scheduled step, where known (a list schedule): its measurement runs the full
-    multiplicity check whatever ``tracker.check`` says, so a run ends certified (the amortised
-    check's guarantee, :mod:`tinysubspace.linalg.amortised`, covers a miss within ``M``
-    measurements, which a run's last ``M − 1`` would otherwise not have)."""
-
     # ------------------------------------------------------------- measurement
     def operator(self, model: torch.nn.Module, data: Any) -> HessianOperator:
         """The Hessian of ``model`` on ``data`` with the tracker's operator settings."""
@@ -236,8 +230,7 @@ class Tracker:
         eig = Hg = None
         if self.solves_hessian:
             started = time.perf_counter()
-            eig = self.solver.solve(op, 2 * self.k, self.warm, HESSIAN, seed + step,
-                                    final=step == self.final_step)
+            eig = self.solver.solve(op, 2 * self.k, self.warm, HESSIAN, seed + step)
             seconds = time.perf_counter() - started
             Hg = op @ g
         context = Context(model=model, loss_fn=self.loss_fn, train=self.train, test=self.test,

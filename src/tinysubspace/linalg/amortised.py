@@ -36,9 +36,7 @@ below it finds a second copy of λ1 appearing at t = 5 at t = 6, where ``s = 0``
 full check at t = 8; an eigenvalue rising from the bulk both find at t = 4). Its ``s = 2``
 products are about 10% of a warm top-10 solve and 2% of a top-20 one (docs/performance.md,
 section 4): ``guard_steps=0`` saves them where the top-10 cost matters more than an early find.
-The **last** measurement of a run should pass ``check="full"`` (the caller knows it is the last):
-the experiments' tracker does at the last step of a list schedule (``Tracker.final_step``;
-the CLI's runs and ``SubspaceTracker(schedule=[...])``).
+The **last** measurement of a run should pass ``check="full"`` (the caller knows it is the last).
 Cost per measurement: ``(c + (M − 1) s) / M`` products on average instead of ``c`` (3.5 instead
 of 8 with the defaults ``M = 4``, ``s = 2``; 2 with ``s = 0``), and ``s`` at the rows between
 full checks.
