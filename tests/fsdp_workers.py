@@ -18,6 +18,7 @@ F64 = torch.float64
 N = 23
 K = 3
 BOUNDS = {2: (0, 7, 23), 3: (0, 5, 13, 23)}  # uneven shards of the N examples
+BUDGET = 8  # products of the budget refinement (issue 23's solver="budget") in tracking_worker
 
 
 def build_model() -> torch.nn.Module:
@@ -64,7 +65,14 @@ def eigen_worker(rank: int, world: int, folder: Path) -> dict:
     eig = ts.top_eigenpairs(op, K, tol=1e-8, seed=0)
     loss, g = op.loss_and_gradient()
     V = space.local_rows(probe_block(space.dim))
-    return {"values": eig.values, "vectors": space.gather(eig.vectors),
+    X, Y = build_data()
+    part = slice(BOUNDS[world][rank], BOUNDS[world][rank + 1])
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X[part], Y[part]),
+                                         batch_size=3)  # 2 to 6 batches a rank, uneven
+    by_loader = ts.HessianOperator(op.model, loss_fn, loader)
+    return {"loader_values": ts.top_eigenpairs(by_loader, K, tol=1e-8, seed=0).values,
+            "loader_batches": by_loader.local_batches,
+            "values": eig.values, "vectors": space.gather(eig.vectors),
             "local_rows": op.shape[0], "converged": eig.converged,
             "checked": eig.multiplicity_checked, "loss": loss, "g": space.gather(g),
             "HV": space.gather(op @ V), "product_error": op.product_error,
@@ -95,11 +103,15 @@ def tracking_worker(rank: int, world: int, folder: Path) -> dict:
     moved = ts.HessianOperator(model, loss_fn, (X[part], Y[part]))
     tracked = {warm: ts.track_eigenpairs(moved, K, previous=first, tol=1e-8, warm=warm)
                for warm in ("krylov", "subspace")}
+    budget = ts.track_eigenpairs(moved, K, previous=first, tol=1e-8, solver="budget",
+                                 matvecs=BUDGET)
     density = ts.spectral_density(moved, steps=SLQ_STEPS, probes=2, seed=3)
     return {"first": first.values, "g": op.vector_space.gather(g),
             **{f"tracked_{w}": e.values for w, e in tracked.items()},
             **{f"converged_{w}": e.converged for w, e in tracked.items()},
-            "nodes": density.nodes, "weights": density.weights, "dim": density.dimension}
+            "nodes": density.nodes, "weights": density.weights, "dim": density.dimension,
+            "budget_values": budget.values, "budget_matvecs": budget.matvecs,
+            "budget_residuals": budget.residuals, "budget_converged": budget.converged}
 
 
 def memory_worker(rank: int, world: int, folder: Path) -> dict:
@@ -264,3 +276,29 @@ def gpt2_worker(rank: int, world: int, folder: Path) -> dict:
             "batches": (op.local_batches, op.max_batches), "product_error": op.product_error,
             "values2": eig2.values, "converged2": eig2.converged, "matvecs2": eig2.matvecs}
 
+
+
+def bf16_worker(rank: int, world: int, folder: Path) -> dict:
+    """The model in bfloat16 (no float32 copy), sharded: products along the given vectors
+    (``folder / "vectors.pt"``, global) and a top-3 solve at tol 0.05."""
+    import warnings
+
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    model = build_model().to(torch.bfloat16)
+    mesh = init_device_mesh("cpu", (world,))
+    fully_shard(model[0], mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    X, Y = build_data()
+    part = slice(BOUNDS[world][rank], BOUNDS[world][rank + 1])
+    op = ts.HessianOperator(model, loss_fn, (X[part].bfloat16(), Y[part]),
+                            hvp_method="finite_difference")
+    space = op.vector_space
+    V = torch.load(folder / "vectors.pt")
+    HV = space.gather(op @ space.local_rows(V).bfloat16())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        eig = ts.top_eigenpairs(op, K, tol=0.05, seed=0)
+    return {"HV": HV.double(), "values": eig.values.double(), "converged": eig.converged,
+            "product_error": op.product_error, "dtype": str(op.dtype)}

@@ -60,6 +60,8 @@ def test_metrics_take_eigenpairs_and_the_operator_in_place_of_tensors():
 class _Rescaled(VectorSpace):
     """A space that is not the plain one (stands for a sharded space of another dimension)."""
 
+    sharded = True
+
 
 def test_metrics_refuse_eigenpairs_of_different_spaces():
     op, g = _diagonal_case()

@@ -40,13 +40,14 @@ __all__ = [
 def _space_of(item: Any) -> Any:
     """The inner product ``item`` declares: a space itself (anything with ``gram``), an
     operator's ``vector_space``, eigenpairs' ``space``; ``None`` for a tensor. A plain local
-    space counts as ``None`` (plain tensor algebra, the same numbers as without one)."""
+    space (``space.sharded`` false) counts as ``None`` (plain tensor algebra, the same numbers
+    as without one); a space that does not say is taken as sharded."""
     if isinstance(item, torch.Tensor) or item is None:
         return None
     space = item if hasattr(item, "gram") else getattr(item, "vector_space", None)
     if space is None and not hasattr(item, "vector_space"):
         space = getattr(item, "space", None)
-    return None if space is None or type(space).__name__ == "VectorSpace" else space
+    return None if space is None or not getattr(space, "sharded", True) else space
 
 
 def _resolve_space(space: Any, *items: Any) -> Any:

@@ -169,6 +169,9 @@ class VectorSpace:
         dim: the dimension ``p`` of the (global) space.
     """
 
+    sharded = False
+    """Whether vectors are held as rows on several processes (inner products reduced)."""
+
     def __init__(self, dim: int) -> None:
         self.dim = int(dim)
 

@@ -22,8 +22,8 @@ product may use (``leaves``, ``layout``, ``batch_loss``, ``functional_loss``, ``
 linearised products (:mod:`tinysubspace.curvature.linearized`) see.
 
 A batch product may be approximate (finite differences): a
-:class:`~tinysubspace.curvature.hvp.ProductEstimate`, whose per-column error is weighted and summed
-like the product (:attr:`DataSetOperator.last_product_error`).
+:class:`~tinysubspace.curvature.finite_difference.ProductEstimate`, whose per-column error is
+weighted and summed like the product (:attr:`DataSetOperator.last_product_error`).
 """
 
 from __future__ import annotations
@@ -267,9 +267,10 @@ class DataSetOperator(SymmetricOperator):
     def product_error(self) -> float:
         """The relative error floor of this operator's products, for a solver to stop at: 0 for
         exact products; for an approximate ``hvp_method`` the larger of its a-priori floor
-        (:meth:`~tinysubspace.curvature.hvp.FiniteDifference.error_floor`) and the largest
-        :attr:`last_product_error` seen so far, at most 0.5 (an estimate of 100 % or more, seen
-        on random vectors of a bfloat16 model, would make every solve refuse the operator)."""
+        (:meth:`~tinysubspace.curvature.finite_difference.FiniteDifference.error_floor`) and the
+        largest :attr:`last_product_error` seen so far, at most 0.5 (an estimate of 100 % or
+        more, seen on random vectors of a bfloat16 model, would make every solve refuse the
+        operator)."""
         if not self.uses_hvp:
             return 0.0
         floor = getattr(self.hvp_strategy(), "error_floor", lambda dtype: 0.0)(self.dtype)

@@ -23,15 +23,16 @@ batches than the most any rank holds repeats its last batch with weight 0.
 central difference of ordinary gradients (``hvp_method="finite_difference"``),
 
 .. math::  H v \\approx \\frac{\\nabla L(\\theta + h v) - \\nabla L(\\theta - h v)}{2 h},
-           \\qquad h = \\epsilon^{1/3} \\max(\\lVert\\theta\\rVert, 1) / \\lVert v \\rVert,
+           \\qquad h = \\kappa \\max(\\lVert\\theta\\rVert, 1) / \\lVert v \\rVert,
 
-or its Richardson extrapolation (``"finite_difference4"``), with the step and error floor of
-:class:`~tinysubspace.curvature.hvp.FiniteDifference` (norms over all ranks). Each rank adds its
-shard of ``h v`` to its shards of the parameters in place (under ``no_grad``), runs ordinary
-forwards and backwards over its local batches and reads its gradient shards. The point ``θ``
-and the buffers (batch-norm statistics) are snapshots taken when the operator is built: every
-gradient is taken at the snapshot, and the model's parameters, buffers and any ``.grad`` the
-caller had are restored exactly afterwards.
+or its Richardson extrapolation (``"finite_difference4"``), with the step (``κ`` calibrated at
+the first product), the probes of the truncation and the error floor of
+:class:`~tinysubspace.curvature.finite_difference.FiniteDifference` (norms over all ranks).
+Each rank adds its shard of ``h v`` to its shards of the parameters in place (under
+``no_grad``), runs ordinary forwards and backwards over its local batches and reads its
+gradient shards. The point ``θ`` and the buffers (batch-norm statistics) are snapshots taken
+when the operator is built: every gradient is taken at the snapshot, and the model's
+parameters, buffers and any ``.grad`` the caller had are restored exactly afterwards.
 
 **Random directions** are the rows this rank holds of one global Gaussian ``(p, b)`` block drawn
 on the CPU from the solver's seeded generator (the same draw on every rank), so a solve makes
@@ -49,7 +50,7 @@ import torch.distributed as dist
 
 from tinysubspace.curvature.data import Batch, BatchSource, call_model, checked_loss
 from tinysubspace.curvature.dataset_operator import module_mode
-from tinysubspace.curvature.hvp import FiniteDifference
+from tinysubspace.curvature.finite_difference import FiniteDifference, accumulation_dtype
 from tinysubspace.curvature.layout import select_parameters
 from tinysubspace.curvature.shards import (
     ShardedSpace,
@@ -117,8 +118,9 @@ class ShardedHessianOperator(SymmetricOperator):
         super().__init__(sum(t.numel() for t in local), first.dtype, first.device)
         self.vector_space = ShardedSpace(sum(p.numel() for p in self._params),
                                          global_index(self._params), self.group)
+        self._work = accumulation_dtype(first.dtype)  # float32 for a half-precision model
         self._theta = torch.cat([t.detach().reshape(-1) for t in local]).clone()
-        self._theta_norm = float(self.vector_space.norm(self._theta))
+        self._theta_norm = float(self.vector_space.norm(self._theta.to(self._work)))
         self._buffers = [(b, b.detach().clone()) for b in model.buffers()]
         self._count_batches()
         self._largest_error = self.last_product_error = 0.0
@@ -131,40 +133,35 @@ class ShardedHessianOperator(SymmetricOperator):
 
     @property
     def product_error(self) -> float:
-        """Relative error floor of the products (``ε^{2/3}``, or larger estimates seen)."""
-        return max(self._fd.error_floor(self.dtype), self._largest_error)
+        """Relative error floor of the products (``ε^{2/3}``, or larger estimates seen), at
+        most 0.5 (as the single-process operator's)."""
+        return min(max(self._fd.error_floor(self.dtype), self._largest_error), 0.5)
 
     def loss_and_gradient(self) -> tuple[float, torch.Tensor]:
         """The mean loss ``L`` over all ranks' data and this rank's shard of ``∇L``."""
         loss, grad = self._gradient(None)
-        return loss, grad
+        return loss, grad.to(self.dtype)
 
     def _matmat(self, block: torch.Tensor) -> torch.Tensor:
+        block = block.to(self._work)  # half precision: the point and differences in float32
         out = torch.empty_like(block)
         norms = self.vector_space.norm(block)
         errors = []
         for j in range(block.shape[1]):
-            out[:, j], error = self._column(block[:, j], float(norms[j]))
+            probe = (self.matvecs + j) % self._fd.probe_every == 0
+            out[:, j], error = self._column(block[:, j], float(norms[j]), probe)
             errors.append(error)
         self.last_product_error = max(errors)
         self._largest_error = max(self._largest_error, self.last_product_error)
-        return out
+        return out.to(self.dtype)
 
-    def _column(self, v: torch.Tensor, v_norm: float) -> tuple[torch.Tensor, float]:
+    def _column(self, v: torch.Tensor, v_norm: float, probe: bool) -> tuple[torch.Tensor, float]:
         """``H v`` by central differences (Richardson with 4 points) and its relative error."""
         if v_norm == 0:
             return torch.zeros_like(v), 0.0
-        eps = torch.finfo(self.dtype).eps
-        h = self._fd.step(self._theta_norm, v_norm, self.dtype)
-        plus, minus = self._gradient(h * v)[1], self._gradient(-h * v)[1]
-        d2 = (plus - minus) / (2 * h)
-        rounding = 2 * eps * float(self.vector_space.norm(torch.stack([plus, minus], 1)).sum())
-        rounding /= 2 * h
-        result, error = d2, rounding
-        if self._fd.points == 4:
-            wide = (self._gradient(2 * h * v)[1] - self._gradient(-2 * h * v)[1]) / (4 * h)
-            result = (4 * d2 - wide) / 3
-            error = float(self.vector_space.norm(result - d2)) + rounding
+        result, error = self._fd.column(
+            lambda t: self._gradient(t * v)[1], self._theta_norm, v_norm, self.dtype,
+            lambda x: float(self.vector_space.norm(x)), probe=probe)
         scale = max(float(self.vector_space.norm(result)), float(torch.finfo(self.dtype).tiny))
         return result, error / scale
 
@@ -179,8 +176,8 @@ class ShardedHessianOperator(SymmetricOperator):
                                                      batch.targets), index)
                     (size * scale * loss).backward()
                 total += size * loss.detach().to(torch.float64)
-            grads = [torch.zeros(t.numel(), dtype=self.dtype, device=self.device)
-                     if p.grad is None else p.grad.to_local().detach().reshape(-1).clone()
+            grads = [torch.zeros(t.numel(), dtype=self._work, device=self.device)
+                     if p.grad is None else p.grad.to_local().detach().reshape(-1).to(self._work)
                      for p, t in zip(self._params, self._local_shards(), strict=True)]
         total = self.vector_space.reduce(total)
         if not bool(torch.isfinite(total).all()):
@@ -231,7 +228,7 @@ class ShardedHessianOperator(SymmetricOperator):
         buffers = [b.detach().clone() for b, _ in self._buffers]
         everything = list(self.model.parameters())
         grads = [p.grad for p in everything]
-        point = self._theta if shift is None else self._theta + shift
+        point = self._theta if shift is None else self._theta.to(shift.dtype) + shift
         try:
             with torch.no_grad():
                 offset = 0

@@ -50,6 +50,8 @@ class ShardedSpace(VectorSpace):
         group: the process group of the shards.
     """
 
+    sharded = True
+
     def __init__(self, dim: int, index: torch.Tensor, group: Any = None) -> None:
         super().__init__(dim)
         self.index, self.group = index, group

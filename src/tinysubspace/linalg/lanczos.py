@@ -48,7 +48,7 @@ from tinysubspace.linalg.basis import KrylovBasis, apply_operator, working_dtype
 from tinysubspace.linalg.deflation import CHECK_STEPS, GuardState, deflated_search, miss_bar
 from tinysubspace.linalg.krylov_schur import KrylovResult, krylov_schur
 from tinysubspace.linalg.rayleigh_ritz import RitzBasis
-from tinysubspace.linalg.stagnation import ProgressWatch, stagnation_message
+from tinysubspace.linalg.stagnation import ProgressWatch, stagnation_message, unreachable_tolerance
 from tinysubspace.linalg.tolerance import ConvergenceCriterion, check_tol_scale
 from tinysubspace.operator import vector_space
 
@@ -289,6 +289,9 @@ def top_eigenpairs(op, k: int, tol: float = 1e-6, init: torch.Tensor | None = No
         reached = criterion.relative(found.residuals, criterion.bars(found.values, scale), scale)
         warnings.warn(stagnation_message(tol, op.dtype, reached, watch.window, found.matvecs,
                                          criterion.product_error), RuntimeWarning, stacklevel=2)
+    if found.converged and (message := unreachable_tolerance(op, tol)):
+        found = found._replace(converged=False)
+        warnings.warn(message, RuntimeWarning, stacklevel=2)
     return Eigenpairs(*(t[..., skip:].to(op.dtype).clone() for t in
                         (found.values, found.vectors, found.residuals)),
                       found.matvecs, found.converged, skip, checked, tol_scale,

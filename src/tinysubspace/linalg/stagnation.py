@@ -6,13 +6,18 @@ product over a data set does): no iteration brings it below that floor, and a so
 less would run to its budget (``50 p`` products: 10,000 for ``p = 200`` in float32 at
 ``tol = 1e-9``; hours for a network). :class:`ProgressWatch` stops it instead.
 
-It is armed only when ``tol`` is within a factor :data:`ARM_FACTOR` of the rounding level of a
-``p``-term sum, ``√p · eps``, or of the operator's own relative product error ``δ``
-(``op.product_error``, e.g. a finite-difference ``H·v``); float64 solves with exact products at
-ordinary tolerances never are, so their results cannot change. Armed, it watches the largest wanted
-residual: when its best value has not halved over :data:`window` products, the solve has stagnated
-at the floor. The solver then returns ``converged=False`` and warns with the tolerance that was
-reached.
+It is armed when ``tol`` is within a factor :data:`ARM_FACTOR` of the rounding level of a
+``p``-term sum, ``√p · eps``, and always for approximate products (``op.product_error > 0``, a
+finite-difference ``H·v``), whose error along the solve's own directions is known only as it is
+measured: the watch then follows the residual history without trusting any estimate. float64
+solves with exact products at ordinary tolerances are never watched, so their results cannot
+change. Independently, :func:`unreachable_tolerance` keeps a solve from being called converged at
+a ``tol`` below the error its products were *measured* to carry (``op.product_error`` after the
+solve: finite differences measure theirs along the vectors they are applied to).
+
+Armed, the watch follows the largest wanted residual: when its best value has not halved over
+:data:`window` products, the solve has stagnated at the floor. The solver then returns
+``converged=False`` and warns with the tolerance that was reached.
 """
 
 from __future__ import annotations
@@ -21,7 +26,8 @@ import math
 
 import torch
 
-__all__ = ["ARM_FACTOR", "ProgressWatch", "reachable_tolerance", "stagnation_message"]
+__all__ = ["ARM_FACTOR", "ProgressWatch", "reachable_tolerance", "stagnation_message",
+           "unreachable_tolerance"]
 
 ARM_FACTOR = 100.0
 """The watch is armed when ``tol < ARM_FACTOR · √p · eps`` (float32: ``tol < 1.7e-4`` for
@@ -42,7 +48,7 @@ class ProgressWatch:
     def __init__(self, tol: float, dtype: torch.dtype, p: int, window: int,
                  product_error: float = 0.0) -> None:
         floor = max(math.sqrt(p) * torch.finfo(dtype).eps, product_error)
-        self.armed = tol < ARM_FACTOR * floor
+        self.armed = tol < ARM_FACTOR * floor or product_error > 0
         self.product_error = product_error
         self.window = window
         self.best = math.inf  # smallest relative residual seen
@@ -87,3 +93,16 @@ def stagnation_message(tol: float, dtype: torch.dtype, reached: float, window: i
             f"products with converged=False. Use tol >= {reachable_tolerance(reached):.0e}, or an "
             "operator in float64 (dtype=torch.float64)"
             + (" with exact products." if product_error > 0 else "."))
+
+
+def unreachable_tolerance(op, tol: float) -> str | None:
+    """The warning for a solve that met ``tol`` on products measured less accurate than ``tol``
+    (``op.product_error``, relative to ``‖H v‖ ≤ |λ_1| ‖v‖``: a residual of the approximate
+    operator then certifies nothing below it), or ``None`` when ``tol`` is within reach."""
+    error = float(getattr(op, "product_error", 0.0) or 0.0)
+    if error <= tol:
+        return None
+    return (f"top_eigenpairs: the residuals met tol={tol:.1e}, but the products were measured to "
+            f"be accurate to {error:.1e} (relative) only, so the result is returned with "
+            f"converged=False. Use tol >= {reachable_tolerance(error):.0e}, "
+            "hvp_method='finite_difference4', or exact products (hvp_method='auto').")
