@@ -264,3 +264,82 @@ def gpt2_worker(rank: int, world: int, folder: Path) -> dict:
             "batches": (op.local_batches, op.max_batches), "product_error": op.product_error,
             "values2": eig2.values, "converged2": eig2.converged, "matvecs2": eig2.matvecs}
 
+
+
+# ----------------------------------------------------------------- a bf16 model, no float32 copy
+BF16_SPLIT = ((slice(0, 20),), (slice(20, 32), slice(32, 48)))  # rank 0: one batch; rank 1: two
+
+
+def bf16_worker(rank: int, world: int, folder: Path) -> dict:
+    """test_low_precision.py's bf16 ``gpt`` (p = 976) under FSDP2 on 2 ranks, measured in bf16
+    (``θ + h v`` formed in float32, gradients summed in float32): top-3 eigenvalues, ``f_top``
+    (its basis gathered), the largest float32 shard of a parameter (the transient shadow)."""
+    import warnings
+
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from test_low_precision import bf16_gpt, token_loss
+
+    model, X, Y = bf16_gpt()
+    fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
+    data = [(X[rows], Y[rows]) for rows in BF16_SPLIT[rank]]
+    op = ts.HessianOperator(model, token_loss, data, hvp_method="finite_difference")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        eig = ts.top_eigenpairs(op, k=3, tol=0.05, seed=0)
+    _, g = op.loss_and_gradient()
+    space = op.vector_space
+    shards = [p.to_local() for p in model.parameters()]
+    return {"values": eig.values, "vectors": space.gather(eig.vectors), "g": space.gather(g),
+            "dtype": op.dtype, "g_dtype": g.dtype, "matvecs": eig.matvecs,
+            "product_error": op.product_error, "rows": op.shape[0],
+            "shadow_bytes": 4 * max(s.numel() for s in shards),
+            "bf16_bytes": sum(s.nbytes for s in shards)}
+
+
+# ------------------------------------------------------- data paths: loaders, lists, dict batches
+def weighted_batches(rank: int, world: int) -> list:
+    """This rank's dict batches (``{"input": x}``, ``nn.Sequential``'s keyword) as
+    :class:`~tinysubspace.curvature.data.Batch` es of 3 examples, each weighted by a stated
+    count (``1 + index mod 4``, standing for counted tokens), not by its rows."""
+    from tinysubspace.curvature.data import Batch
+
+    X, Y = build_data()
+    rows = range(BOUNDS[world][rank], BOUNDS[world][rank + 1])
+    starts = list(rows)[::3]
+    return [Batch({"input": X[s: min(s + 3, rows.stop)]}, Y[s: min(s + 3, rows.stop)],
+                  1 + s % 4) for s in starts]
+
+
+def data_paths_worker(rank: int, world: int, folder: Path) -> dict:
+    """One FSDP2 model, this rank's shard as a ``DataLoader`` (batches of 4), a list of
+    ``(x, y)`` batches (of 3), an ``(X, Y)`` pair with ``chunk_size=4`` and weighted dict
+    batches: each operator's batch counts, its product with a probe block and gradient
+    (gathered), and the loader's top-3 eigenvalues."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    op = sharded_operator(rank, world)
+    model = op.model
+    X, Y = build_data()
+    part = slice(BOUNDS[world][rank], BOUNDS[world][rank + 1])
+    x, y = X[part], Y[part]
+    operators = {
+        "loader": ts.HessianOperator(model, loss_fn, DataLoader(TensorDataset(x, y),
+                                                                batch_size=4)),
+        "list": ts.HessianOperator(model, loss_fn, [(x[s: s + 3], y[s: s + 3])
+                                                    for s in range(0, len(x), 3)]),
+        "chunked": ts.HessianOperator(model, loss_fn, (x, y), chunk_size=4),
+        "weighted": ts.HessianOperator(model, loss_fn, weighted_batches(rank, world)),
+    }
+    out = {}
+    for name, each in operators.items():
+        space = each.vector_space
+        V = space.local_rows(probe_block(space.dim))
+        loss, g = each.loss_and_gradient()
+        out[name] = {"batches": (each.local_batches, each.max_batches),
+                     "examples": each.num_examples, "HV": space.gather(each @ V),
+                     "loss": loss, "g": space.gather(g)}
+    out["loader"]["values"] = ts.top_eigenpairs(operators["loader"], K, tol=1e-8,
+                                                seed=0).values
+    return out

@@ -113,7 +113,8 @@ def sharded(request, tmp_path_factory) -> dict:
     results = launch(fw.tracker_worker, folder, world=request.param, deadline_s=900)
     errors = [r["error"][2] for r in results if "error" in r]
     assert not errors, errors[0]
-    return {"ranks": [r["ok"] for r in results], "run": ts.load_run(folder / "run")}
+    return {"ranks": [r["ok"] for r in results], "run": ts.load_run(folder / "run"),
+            "folder": folder}
 
 
 def column_differences(expected: pd.DataFrame, actual: pd.DataFrame) -> dict[str, float]:
@@ -201,3 +202,29 @@ def test_options_that_cannot_run_sharded_are_refused_by_name(sharded):
     # each rank checked the messages with pytest.raises (fsdp_tracker_workers.refusals)
     for r in sharded["ranks"]:
         assert r["refused"] == [*fw.REFUSED, "batches"]
+
+
+@needs_gloo
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_budget_mode_under_fsdp2_gives_the_single_process_rows(sharded, tmp_path):
+    """The tracker's Krylov budget (``solver="budget"``, ``budget_matvecs=2k+1``) with the FSDP2
+    model on 2 uneven ranks: rank 0's rows equal the single-process budget run's (the same
+    random start, the same products up to the finite-difference error)."""
+    if "budget_rows" not in sharded["ranks"][0]:
+        pytest.skip("the budget run is launched on 2 ranks only")
+    fw.single_process_run(tmp_path / "budget", **fw.BUDGET)
+    expected = ts.load_run(tmp_path / "budget").metrics
+    actual = ts.load_run(sharded["folder"] / "budget").metrics
+    assert list(actual.columns) == list(expected.columns)
+    assert actual["step"].tolist() == expected["step"].tolist() == [0, 1, 3, fw.STEPS]
+    differences = column_differences(expected, actual)
+    print("budget", {c: f"{d:.1e}" for c, d in differences.items()})
+    for column, difference in differences.items():
+        if column in TIMING or column in PRODUCTS or column.startswith(SOLVE_RESIDUALS):
+            continue
+        assert difference <= 1e-6, (column, difference)
+    assert (actual["cost/matvecs"] == expected["cost/matvecs"]).all()
+    for r in sharded["ranks"][1:]:
+        assert [row["hessian/eig_1"] for row in r["budget_rows"]] == [
+            row["hessian/eig_1"] for row in sharded["ranks"][0]["budget_rows"]]

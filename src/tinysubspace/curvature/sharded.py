@@ -33,6 +33,18 @@ and the buffers (batch-norm statistics) are snapshots taken when the operator is
 gradient is taken at the snapshot, and the model's parameters, buffers and any ``.grad`` the
 caller had are restored exactly afterwards.
 
+**Half precision** (a bf16 or float16 model, no float32 copy): as in one process
+(:class:`~tinysubspace.curvature.hvp.FiniteDifference`), the point ``θ ± h v`` is formed in
+float32 from the snapshot's shard and the float32 direction, one parameter shard at a time (a
+transient float32 shadow of the largest local shard), and rounded to the model's dtype once;
+each backward's gradient shards are added into a float32 sum over the batches
+(:func:`~tinysubspace.curvature.hvp.accumulation_dtype`), and the differences and the division
+by ``2h`` are float32; products and the gradient are returned in the model's dtype. Left in
+the model's dtype: the forward and backward passes, FSDP2's reduce-scatter over ranks (its
+sum is in the parameters' dtype unless the model was wrapped with a
+``MixedPrecisionPolicy(reduce_dtype=torch.float32)``) and the batch weight ``n_{r,j} world /
+N`` by which the loss is scaled before the backward (rounded to bf16: 2^-9 relative).
+
 **Random directions** are the rows this rank holds of one global Gaussian ``(p, b)`` block drawn
 on the CPU from the solver's seeded generator (the same draw on every rank), so a solve makes
 the same random choices as a single-process solve of the same model.
@@ -49,7 +61,7 @@ import torch.distributed as dist
 
 from tinysubspace.curvature.data import Batch, BatchSource, call_model, checked_loss
 from tinysubspace.curvature.dataset_operator import module_mode
-from tinysubspace.curvature.hvp import FiniteDifference
+from tinysubspace.curvature.hvp import FiniteDifference, accumulation_dtype
 from tinysubspace.curvature.layout import select_parameters
 from tinysubspace.curvature.shards import (
     ShardedSpace,
@@ -118,7 +130,8 @@ class ShardedHessianOperator(SymmetricOperator):
         self.vector_space = ShardedSpace(sum(p.numel() for p in self._params),
                                          global_index(self._params), self.group)
         self._theta = torch.cat([t.detach().reshape(-1) for t in local]).clone()
-        self._theta_norm = float(self.vector_space.norm(self._theta))
+        self._theta_norm = float(self.vector_space.norm(
+            self._theta.to(accumulation_dtype(first.dtype))))
         self._buffers = [(b, b.detach().clone()) for b in model.buffers()]
         self._count_batches()
         self._largest_error = self.last_product_error = 0.0
@@ -131,57 +144,69 @@ class ShardedHessianOperator(SymmetricOperator):
 
     @property
     def product_error(self) -> float:
-        """Relative error floor of the products (``ε^{2/3}``, or larger estimates seen)."""
-        return max(self._fd.error_floor(self.dtype), self._largest_error)
+        """Relative error floor of the products (``ε^{2/3}``; bf16's measured 0.1), or larger
+        estimates seen, at most 0.5 (as for a single-process operator)."""
+        return min(max(self._fd.error_floor(self.dtype), self._largest_error), 0.5)
 
     def loss_and_gradient(self) -> tuple[float, torch.Tensor]:
-        """The mean loss ``L`` over all ranks' data and this rank's shard of ``∇L``."""
+        """The mean loss ``L`` over all ranks' data and this rank's shard of ``∇L`` (summed
+        in float32 for a half-precision model, returned in the model's dtype)."""
         loss, grad = self._gradient(None)
-        return loss, grad
+        return loss, grad.to(self.dtype)
 
     def _matmat(self, block: torch.Tensor) -> torch.Tensor:
-        out = torch.empty_like(block)
-        norms = self.vector_space.norm(block)
+        work = accumulation_dtype(self.dtype)  # float32 for a half-precision model
+        out = torch.empty(block.shape, dtype=work, device=block.device)
+        norms = self.vector_space.norm(block.to(work))
         errors = []
         for j in range(block.shape[1]):
-            out[:, j], error = self._column(block[:, j], float(norms[j]))
+            out[:, j], error = self._column(block[:, j].to(work), float(norms[j]))
             errors.append(error)
         self.last_product_error = max(errors)
         self._largest_error = max(self._largest_error, self.last_product_error)
-        return out
+        return out.to(self.dtype)
 
     def _column(self, v: torch.Tensor, v_norm: float) -> tuple[torch.Tensor, float]:
-        """``H v`` by central differences (Richardson with 4 points) and its relative error."""
+        """``H v`` by central differences (Richardson with 4 points) and its relative error,
+        in ``v``'s dtype (float32 for a half-precision model)."""
         if v_norm == 0:
             return torch.zeros_like(v), 0.0
         eps = torch.finfo(self.dtype).eps
         h = self._fd.step(self._theta_norm, v_norm, self.dtype)
-        plus, minus = self._gradient(h * v)[1], self._gradient(-h * v)[1]
+        plus, minus = self._gradient(v, h)[1], self._gradient(v, -h)[1]
         d2 = (plus - minus) / (2 * h)
         rounding = 2 * eps * float(self.vector_space.norm(torch.stack([plus, minus], 1)).sum())
         rounding /= 2 * h
         result, error = d2, rounding
         if self._fd.points == 4:
-            wide = (self._gradient(2 * h * v)[1] - self._gradient(-2 * h * v)[1]) / (4 * h)
+            wide = (self._gradient(v, 2 * h)[1] - self._gradient(v, -2 * h)[1]) / (4 * h)
             result = (4 * d2 - wide) / 3
             error = float(self.vector_space.norm(result - d2)) + rounding
         scale = max(float(self.vector_space.norm(result)), float(torch.finfo(self.dtype).tiny))
         return result, error / scale
 
-    def _gradient(self, shift: torch.Tensor | None) -> tuple[float, torch.Tensor]:
-        """``(L, ∇L)`` at ``θ + shift`` (this rank's shard of each), model restored after."""
+    def _gradient(self, v: torch.Tensor | None, t: float = 0.0) -> tuple[float, torch.Tensor]:
+        """``(L, ∇L)`` at ``θ + t v`` (this rank's shard of each), model restored after.
+
+        The gradient is summed over the batches in :func:`~tinysubspace.curvature.hvp.
+        accumulation_dtype` (float32 for a half-precision model): each backward's gradient
+        shards are read and added, the ``.grad`` cleared, so no sum is rounded to bf16."""
         scale = self.world / self.num_examples
+        work = accumulation_dtype(self.dtype)
         total = torch.zeros(1, dtype=torch.float64, device=self.device)
-        with self._perturbed(shift), module_mode(self.model, self.mode == "train"):
+        grads = [torch.zeros(shard.numel(), dtype=work, device=self.device)
+                 for shard in self._local_shards()]
+        with self._perturbed(v, t), module_mode(self.model, self.mode == "train"):
             for index, batch, size in self._passes():
                 with torch.enable_grad():
                     loss = checked_loss(self.loss_fn(call_model(self.model, batch.inputs),
                                                      batch.targets), index)
                     (size * scale * loss).backward()
                 total += size * loss.detach().to(torch.float64)
-            grads = [torch.zeros(t.numel(), dtype=self.dtype, device=self.device)
-                     if p.grad is None else p.grad.to_local().detach().reshape(-1).clone()
-                     for p, t in zip(self._params, self._local_shards(), strict=True)]
+                for p, acc in zip(self._params, grads, strict=True):
+                    if p.grad is not None:
+                        acc += p.grad.to_local().detach().reshape(-1).to(work)
+                        p.grad = None
         total = self.vector_space.reduce(total)
         if not bool(torch.isfinite(total).all()):
             raise FloatingPointError("the loss is not finite at the perturbed parameters")
@@ -223,21 +248,27 @@ class ShardedHessianOperator(SymmetricOperator):
 
     # ----------------------------------------------------------- the model
     @contextlib.contextmanager
-    def _perturbed(self, shift: torch.Tensor | None) -> Iterator[None]:
-        """Parameters at ``θ + shift``, buffers at their snapshot, every ``.grad`` cleared; all
-        restored on exit."""
+    def _perturbed(self, v: torch.Tensor | None, t: float) -> Iterator[None]:
+        """Parameters at ``θ + t v``, buffers at their snapshot, every ``.grad`` cleared; all
+        restored on exit. The point is formed in ``v``'s dtype (float32 for a half-precision
+        model) one parameter shard at a time and rounded once to the model's dtype, as
+        :func:`~tinysubspace.curvature.hvp.FiniteDifference` does in one process."""
         local = self._local_shards()
-        saved = [t.detach().clone() for t in local]
+        saved = [shard.detach().clone() for shard in local]
         buffers = [b.detach().clone() for b, _ in self._buffers]
         everything = list(self.model.parameters())
         grads = [p.grad for p in everything]
-        point = self._theta if shift is None else self._theta + shift
         try:
             with torch.no_grad():
                 offset = 0
-                for t in local:
-                    t.copy_(point[offset: offset + t.numel()].view_as(t))
-                    offset += t.numel()
+                for shard in local:
+                    theta = self._theta[offset: offset + shard.numel()].view_as(shard)
+                    if v is None:
+                        shard.copy_(theta)
+                    else:
+                        piece = v[offset: offset + shard.numel()].view_as(shard)
+                        shard.copy_(theta.to(v.dtype) + t * piece)  # rounded once
+                    offset += shard.numel()
                 for b, snapshot in self._buffers:
                     b.copy_(snapshot)
             for p in everything:
@@ -245,8 +276,8 @@ class ShardedHessianOperator(SymmetricOperator):
             yield
         finally:
             with torch.no_grad():
-                for t, s in zip(local, saved, strict=True):
-                    t.copy_(s)
+                for shard, s in zip(local, saved, strict=True):
+                    shard.copy_(s)
                 for (b, _), s in zip(self._buffers, buffers, strict=True):
                     b.copy_(s)
             for p, g in zip(everything, grads, strict=True):
