@@ -204,27 +204,57 @@ def test_options_that_cannot_run_sharded_are_refused_by_name(sharded):
         assert r["refused"] == [*fw.REFUSED, "batches"]
 
 
+def dense_spectra_along_the_loop() -> dict[int, torch.Tensor]:
+    """The dense float64 Hessian's eigenvalues at each measured step of the user's loop (the
+    full-batch SGD steps replayed on an unsharded copy), descending."""
+    model = fw.build_model()
+    X, Y, _, _ = fw.build_data()
+    optimizer = torch.optim.SGD(model.parameters(), lr=fw.LR)
+    spectra = {}
+    for step in range(fw.STEPS + 1):
+        if step in fw.OPTIONS["schedule"]:
+            H = reference_hessian(FlatLoss(model, fw.loss_fn, X, Y))
+            spectra[step] = torch.linalg.eigvalsh(H).flip(0)
+        optimizer.zero_grad()
+        fw.loss_fn(model(X), Y).backward()
+        optimizer.step()
+    return spectra
+
+
 @needs_gloo
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_budget_mode_under_fsdp2_gives_the_single_process_rows(sharded, tmp_path):
+def test_budget_mode_under_fsdp2_gives_ritz_pairs_of_the_dense_hessian(sharded):
     """The tracker's Krylov budget (``solver="budget"``, ``budget_matvecs=2k+1``) with the FSDP2
-    model on 2 uneven ranks: rank 0's rows equal the single-process budget run's (the same
-    random start, the same products up to the finite-difference error)."""
+    model on 2 uneven ranks. The refined pairs are Ritz pairs of an unconverged Krylov space
+    whose start ``Σ v_i`` depends on the previous eigenvectors' arbitrary signs (a sharded and a
+    single-process solve may flip one), so rows are not compared with a single-process budget
+    run; instead, at every measured step against the dense Hessian of that step: the first
+    measurement (a full solve) has its eigenvalues to 1e-6; every Ritz value lies below its
+    eigenvalue (Cauchy interlacing) and within its residual (``res_i · max|θ|``, the residual
+    summed over ranks) of an eigenvalue; each measurement costs ``budget_matvecs`` products
+    and one for ``H g``;
+    every rank has the same row."""
     if "budget_rows" not in sharded["ranks"][0]:
         pytest.skip("the budget run is launched on 2 ranks only")
-    fw.single_process_run(tmp_path / "budget", **fw.BUDGET)
-    expected = ts.load_run(tmp_path / "budget").metrics
+    spectra = dense_spectra_along_the_loop()
     actual = ts.load_run(sharded["folder"] / "budget").metrics
-    assert list(actual.columns) == list(expected.columns)
-    assert actual["step"].tolist() == expected["step"].tolist() == [0, 1, 3, fw.STEPS]
-    differences = column_differences(expected, actual)
-    print("budget", {c: f"{d:.1e}" for c, d in differences.items()})
-    for column, difference in differences.items():
-        if column in TIMING or column in PRODUCTS or column.startswith(SOLVE_RESIDUALS):
+    assert actual["step"].tolist() == [0, 1, 3, fw.STEPS]
+    n = 2 * fw.K
+    for _, row in actual.iterrows():
+        exact = spectra[int(row["step"])]
+        theta = torch.tensor([row[f"hessian/eig_{i + 1}"] for i in range(n)], dtype=torch.float64)
+        res = torch.tensor([row[f"hessian/res_{i + 1}"] for i in range(n)], dtype=torch.float64)
+        if row["step"] == 0:
+            assert torch.allclose(theta, exact[:n], rtol=1e-6, atol=0)
             continue
-        assert difference <= 1e-6, (column, difference)
-    assert (actual["cost/matvecs"] == expected["cost/matvecs"]).all()
+        assert row["cost/matvecs"] == fw.BUDGET["budget_matvecs"] + 1  # and one for H g
+        assert bool((theta <= exact[:n] + 1e-7).all()), (theta, exact[:n])
+        nearest = (theta[:, None] - exact[None, :]).abs().min(dim=1).values
+        bound = res * float(theta.abs().max())
+        assert bool((nearest <= bound * (1 + 1e-6) + 1e-7).all()), (nearest, bound)
+    first = sharded["ranks"][0]["budget_rows"]
     for r in sharded["ranks"][1:]:
-        assert [row["hessian/eig_1"] for row in r["budget_rows"]] == [
-            row["hessian/eig_1"] for row in sharded["ranks"][0]["budget_rows"]]
+        for mine, theirs in zip(r["budget_rows"], first, strict=True):
+            for c in (c for c in mine if c not in TIMING):
+                assert mine[c] == theirs[c] or (math.isnan(mine[c]) and math.isnan(theirs[c])), c
