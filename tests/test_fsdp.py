@@ -311,7 +311,9 @@ BF16_AGREEMENT = 0.05
 """Sharded against single-process bf16 eigenvalues (relative): both difference bf16 gradients
 at the same float32-formed points, but FSDP2 sums the ranks' gradients in bf16 and each rank
 runs its own batches, so the products differ by bf16 roundings (a few 1e-3 of ``‖g‖``, then
-divided by ``2h``); measured 2.9e-2 at most (docs/scale.md), within half the documented 0.1."""
+divided by ``2h``); measured 2.9e-2 at most on one BLAS thread, 3.6e-2 on two (the
+single-process solve's roundings move with the thread count; docs/scale.md), within half the
+documented 0.1."""
 
 
 @pytest.fixture(scope="module")

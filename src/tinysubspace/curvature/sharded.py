@@ -45,7 +45,7 @@ sum is in the parameters' dtype unless the model was wrapped with a
 ``MixedPrecisionPolicy(reduce_dtype=torch.float32)``) and, where the loss itself is bf16, the
 batch weight ``n_{r,j} world / N`` by which it is scaled before the backward (2^-9 relative).
 Measured on 2 ranks (docs/scale.md, "Low precision"): top-3 eigenvalues within 3.7e-2 of the
-float64 ones of the same weights, within 2.9e-2 of the single-process bf16 ones.
+float64 ones of the same weights, within 3.6e-2 of the single-process bf16 ones.
 
 **Random directions** are the rows this rank holds of one global Gaussian ``(p, b)`` block drawn
 on the CPU from the solver's seeded generator (the same draw on every rank), so a solve makes
