@@ -66,13 +66,17 @@ def user_loop(model: torch.nn.Module, data: tuple, weight: float,
     return rows
 
 
-def single_process_run(out: Path) -> tuple[list[dict[str, float]], torch.nn.Module]:
+BUDGET = {"solver": "budget", "budget_matvecs": 2 * K + 1}
+"""The Krylov budget (issue 23): a fixed number of products per measurement, no convergence."""
+
+
+def single_process_run(out: Path, **extra: Any) -> tuple[list[dict[str, float]], torch.nn.Module]:
     """The reference: the same loop and tracker on the unsharded model, all the data; its rows
-    and the model after the loop."""
+    and the model after the loop (``extra``: more tracker options, e.g. :data:`BUDGET`)."""
     model = build_model()
     X, Y, Xt, Yt = build_data()
     tracker = ts.SubspaceTracker(model, loss_fn, (X, Y), out=out, test=(Xt, Yt),
-                                 groups=[ResidualsGroup(K)], **OPTIONS)
+                                 groups=[ResidualsGroup(K)], **{**OPTIONS, **extra})
     return user_loop(model, (X, Y), 1.0, tracker), model
 
 
@@ -106,7 +110,19 @@ def tracker_worker(rank: int, world: int, folder: Path) -> dict[str, Any]:
     rows = user_loop(model, data, weight, tracker)
     return {"rows": rows, "writes": tracker.store is not None, "local_rows":
             tracker.operator().shape[0], **caller_metrics(tracker.operator()),
-            "refused": refusals(model, data)}
+            "refused": refusals(model, data), **budget_run(rank, world, folder)}
+
+
+def budget_run(rank: int, world: int, folder: Path) -> dict[str, Any]:
+    """On 2 ranks: the same loop with the tracker in budget mode (:data:`BUDGET`), rank 0
+    writing ``folder/budget``; its rows."""
+    if world != 2:
+        return {}
+    model = sharded_model(world)
+    data, test = shards(rank, world)
+    tracker = ts.SubspaceTracker(model, loss_fn, data, out=folder / "budget", test=test,
+                                 groups=[ResidualsGroup(K)], **{**OPTIONS, **BUDGET})
+    return {"budget_rows": user_loop(model, data, data[1].shape[0] * world / N, tracker)}
 
 
 def caller_metrics(op: Any) -> dict[str, Any]:

@@ -18,7 +18,6 @@ F64 = torch.float64
 N = 23
 K = 3
 BOUNDS = {2: (0, 7, 23), 3: (0, 5, 13, 23)}  # uneven shards of the N examples
-BUDGET = 8  # products of the budget refinement (issue 23's solver="budget") in tracking_worker
 
 
 def build_model() -> torch.nn.Module:
@@ -65,14 +64,7 @@ def eigen_worker(rank: int, world: int, folder: Path) -> dict:
     eig = ts.top_eigenpairs(op, K, tol=1e-8, seed=0)
     loss, g = op.loss_and_gradient()
     V = space.local_rows(probe_block(space.dim))
-    X, Y = build_data()
-    part = slice(BOUNDS[world][rank], BOUNDS[world][rank + 1])
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X[part], Y[part]),
-                                         batch_size=3)  # 2 to 6 batches a rank, uneven
-    by_loader = ts.HessianOperator(op.model, loss_fn, loader)
-    return {"loader_values": ts.top_eigenpairs(by_loader, K, tol=1e-8, seed=0).values,
-            "loader_batches": by_loader.local_batches,
-            "values": eig.values, "vectors": space.gather(eig.vectors),
+    return {"values": eig.values, "vectors": space.gather(eig.vectors),
             "local_rows": op.shape[0], "converged": eig.converged,
             "checked": eig.multiplicity_checked, "loss": loss, "g": space.gather(g),
             "HV": space.gather(op @ V), "product_error": op.product_error,
@@ -103,15 +95,11 @@ def tracking_worker(rank: int, world: int, folder: Path) -> dict:
     moved = ts.HessianOperator(model, loss_fn, (X[part], Y[part]))
     tracked = {warm: ts.track_eigenpairs(moved, K, previous=first, tol=1e-8, warm=warm)
                for warm in ("krylov", "subspace")}
-    budget = ts.track_eigenpairs(moved, K, previous=first, tol=1e-8, solver="budget",
-                                 matvecs=BUDGET)
     density = ts.spectral_density(moved, steps=SLQ_STEPS, probes=2, seed=3)
     return {"first": first.values, "g": op.vector_space.gather(g),
             **{f"tracked_{w}": e.values for w, e in tracked.items()},
             **{f"converged_{w}": e.converged for w, e in tracked.items()},
-            "nodes": density.nodes, "weights": density.weights, "dim": density.dimension,
-            "budget_values": budget.values, "budget_matvecs": budget.matvecs,
-            "budget_residuals": budget.residuals, "budget_converged": budget.converged}
+            "nodes": density.nodes, "weights": density.weights, "dim": density.dimension}
 
 
 def memory_worker(rank: int, world: int, folder: Path) -> dict:
@@ -278,27 +266,80 @@ def gpt2_worker(rank: int, world: int, folder: Path) -> dict:
 
 
 
+# ----------------------------------------------------------------- a bf16 model, no float32 copy
+BF16_SPLIT = ((slice(0, 20),), (slice(20, 32), slice(32, 48)))  # rank 0: one batch; rank 1: two
+
+
 def bf16_worker(rank: int, world: int, folder: Path) -> dict:
-    """The model in bfloat16 (no float32 copy), sharded: products along the given vectors
-    (``folder / "vectors.pt"``, global) and a top-3 solve at tol 0.05."""
+    """test_low_precision.py's bf16 ``gpt`` (p = 976) under FSDP2 on 2 ranks, measured in bf16
+    (``θ + h v`` formed in float32, gradients summed in float32): top-3 eigenvalues, ``f_top``
+    (its basis gathered), the largest float32 shard of a parameter (the transient shadow)."""
     import warnings
 
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    model = build_model().to(torch.bfloat16)
-    mesh = init_device_mesh("cpu", (world,))
-    fully_shard(model[0], mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    X, Y = build_data()
-    part = slice(BOUNDS[world][rank], BOUNDS[world][rank + 1])
-    op = ts.HessianOperator(model, loss_fn, (X[part].bfloat16(), Y[part]),
-                            hvp_method="finite_difference")
-    space = op.vector_space
-    V = torch.load(folder / "vectors.pt")
-    HV = space.gather(op @ space.local_rows(V).bfloat16())
+    from test_low_precision import bf16_gpt, token_loss
+
+    model, X, Y = bf16_gpt()
+    fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
+    data = [(X[rows], Y[rows]) for rows in BF16_SPLIT[rank]]
+    op = ts.HessianOperator(model, token_loss, data, hvp_method="finite_difference")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        eig = ts.top_eigenpairs(op, K, tol=0.05, seed=0)
-    return {"HV": HV.double(), "values": eig.values.double(), "converged": eig.converged,
-            "product_error": op.product_error, "dtype": str(op.dtype)}
+        eig = ts.top_eigenpairs(op, k=3, tol=0.05, seed=0)
+    _, g = op.loss_and_gradient()
+    space = op.vector_space
+    shards = [p.to_local() for p in model.parameters()]
+    return {"values": eig.values, "vectors": space.gather(eig.vectors), "g": space.gather(g),
+            "dtype": op.dtype, "g_dtype": g.dtype, "matvecs": eig.matvecs,
+            "product_error": op.product_error, "rows": op.shape[0],
+            "shadow_bytes": 4 * max(s.numel() for s in shards),
+            "bf16_bytes": sum(s.nbytes for s in shards)}
+
+
+# ------------------------------------------------------- data paths: loaders, lists, dict batches
+def weighted_batches(rank: int, world: int) -> list:
+    """This rank's dict batches (``{"input": x}``, ``nn.Sequential``'s keyword) as
+    :class:`~tinysubspace.curvature.data.Batch` es of 3 examples, each weighted by a stated
+    count (``1 + index mod 4``, standing for counted tokens), not by its rows."""
+    from tinysubspace.curvature.data import Batch
+
+    X, Y = build_data()
+    rows = range(BOUNDS[world][rank], BOUNDS[world][rank + 1])
+    starts = list(rows)[::3]
+    return [Batch({"input": X[s: min(s + 3, rows.stop)]}, Y[s: min(s + 3, rows.stop)],
+                  1 + s % 4) for s in starts]
+
+
+def data_paths_worker(rank: int, world: int, folder: Path) -> dict:
+    """One FSDP2 model, this rank's shard as a ``DataLoader`` (batches of 4), a list of
+    ``(x, y)`` batches (of 3), an ``(X, Y)`` pair with ``chunk_size=4`` and weighted dict
+    batches: each operator's batch counts, its product with a probe block and gradient
+    (gathered), and the loader's top-3 eigenvalues."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    op = sharded_operator(rank, world)
+    model = op.model
+    X, Y = build_data()
+    part = slice(BOUNDS[world][rank], BOUNDS[world][rank + 1])
+    x, y = X[part], Y[part]
+    operators = {
+        "loader": ts.HessianOperator(model, loss_fn, DataLoader(TensorDataset(x, y),
+                                                                batch_size=4)),
+        "list": ts.HessianOperator(model, loss_fn, [(x[s: s + 3], y[s: s + 3])
+                                                    for s in range(0, len(x), 3)]),
+        "chunked": ts.HessianOperator(model, loss_fn, (x, y), chunk_size=4),
+        "weighted": ts.HessianOperator(model, loss_fn, weighted_batches(rank, world)),
+    }
+    out = {}
+    for name, each in operators.items():
+        space = each.vector_space
+        V = space.local_rows(probe_block(space.dim))
+        loss, g = each.loss_and_gradient()
+        out[name] = {"batches": (each.local_batches, each.max_batches),
+                     "examples": each.num_examples, "HV": space.gather(each @ V),
+                     "loss": loss, "g": space.gather(g)}
+    out["loader"]["values"] = ts.top_eigenpairs(operators["loader"], K, tol=1e-8,
+                                                seed=0).values
+    return out

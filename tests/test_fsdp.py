@@ -87,12 +87,6 @@ def test_sharded_top_eigenpairs_equal_the_single_process_ones(ranks):
         overlaps = (r["vectors"].T @ ref["vectors"]).diagonal().abs()
         assert torch.allclose(overlaps, torch.ones(fw.K, dtype=torch.float64), atol=1e-6)
         assert r["product_error"] < 1e-9  # the finite-difference floor in float64
-        # the same shard as a DataLoader of batches of 3 (ranks hold 2 to 6 batches, so the
-        # ranks with fewer run forwards of weight 0): the same eigenvalues
-        assert torch.equal(r["loader_values"], ranks[0]["loader_values"])
-        assert torch.allclose(r["loader_values"], ref["values"], rtol=1e-8, atol=0)
-    batches = {2: [3, 6], 3: [2, 3, 4]}[len(ranks)]
-    assert [r["loader_batches"] for r in ranks] == batches
 
 
 @needs_gloo
@@ -124,10 +118,7 @@ def _moved_reference() -> dict:
     op = ts.HessianOperator(model, fw.loss_fn, (X, Y))
     density = ts.spectral_density(op, steps=fw.SLQ_STEPS, probes=2, seed=3)
     values = torch.linalg.eigvalsh(reference_hessian(ref["f"], theta)).flip(0)[: fw.K]
-    budget = ts.track_eigenpairs(op, fw.K, previous=ref["single"], tol=1e-8, solver="budget",
-                                 matvecs=fw.BUDGET)
-    return {"values": values, "nodes": density.nodes, "weights": density.weights,
-            "budget": budget}
+    return {"values": values, "nodes": density.nodes, "weights": density.weights}
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=lambda w: f"world{w}")
@@ -153,14 +144,6 @@ def test_sharded_tracking_and_slq_equal_the_single_process_ones(tracked):
         # the same probes (rows of one global draw) give the single-process quadrature
         assert torch.allclose(r["nodes"], moved["nodes"], rtol=0, atol=1e-7)
         assert torch.allclose(r["weights"], moved["weights"], rtol=0, atol=1e-7)
-        # the budget refinement: exactly BUDGET products, the single-process (exact-product)
-        # refinement's Ritz values and residuals, the same on every rank
-        single = moved["budget"]
-        assert r["budget_matvecs"] == single.matvecs == fw.BUDGET
-        assert torch.equal(r["budget_values"], tracked[0]["budget_values"])
-        assert torch.allclose(r["budget_values"], single.values, rtol=1e-7, atol=0)
-        assert torch.allclose(r["budget_residuals"], single.residuals, rtol=1e-3, atol=1e-9)
-        assert r["budget_converged"] == single.converged
 
 
 @needs_gloo
@@ -324,39 +307,101 @@ def test_gpt2_ranks_are_weighted_by_counted_tokens(gpt2_ranks):
     assert abs(top - ref["values"][0]) > 1e-4 * ref["values"][0]
 
 
+BF16_AGREEMENT = 0.05
+"""Sharded against single-process bf16 eigenvalues (relative): both difference bf16 gradients
+at the same float32-formed points, but FSDP2 sums the ranks' gradients in bf16 and each rank
+runs its own batches, so the products differ by bf16 roundings (a few 1e-3 of ``‖g‖``, then
+divided by ``2h``); measured 2.9e-2 at most on one BLAS thread, 3.6e-2 on two (the
+single-process solve's roundings move with the thread count; docs/scale.md), within half the
+documented 0.1."""
+
+
+@pytest.fixture(scope="module")
+def bf16_reference():
+    """test_low_precision.py's reference: the dense float64 Hessian of the bf16 ``gpt``'s
+    weights (math attention kernel), its top-3 eigenpairs and the gradient."""
+    from test_low_precision import bf16_gpt, token_loss
+    from tinysubspace.curvature.attention import exact_attention
+
+    model, X, Y = bf16_gpt()
+    f = FlatLoss(model, token_loss, X, Y)
+    f.inputs = X  # token ids stay integers
+    with exact_attention():
+        H = reference_hessian(f)
+    values, vectors = torch.linalg.eigh(H)
+    return H, values.flip(0)[:3], vectors.flip(1)[:, :3], reference_gradient(f)
+
+
 @needs_gloo
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_a_bf16_model_is_measured_sharded_as_accurately_as_in_one_process(tmp_path):
-    """bf16 FSDP2 model, no float32 copy: θ ± h v formed and the gradients differenced in
-    float32 (before, θ ± h v and the difference were bf16 and the first solve raised on a
-    product error of 1.9). Against the dense float64 Hessian of the bf16 weights, along its
-    top-3 eigenvectors, the sharded products are within 1.5× of the single-process bf16 ones'
-    error (both about 0.25–0.47 on this untrained MLP: bf16's documented regime), and every
-    rank gets the same eigenvalues."""
+def test_a_bf16_fsdp2_model_is_measured_in_bf16_like_one_process(tmp_path, bf16_reference):
+    """test_low_precision.py's bf16 ``gpt`` under FSDP2 on 2 uneven ranks (1 and 2 batches),
+    no float32 copy: top-3 eigenvalues and ``f_top`` within the documented bf16 accuracy of the
+    float64 values of the same weights, and within ``BF16_AGREEMENT`` of a single-process bf16
+    solve of the same batches; the gradient comes back in bf16."""
     import warnings
 
-    model = fw.build_model().to(torch.bfloat16)
-    X, Y = fw.build_data()
-    H = reference_hessian(FlatLoss(model, fw.loss_fn, X, Y))
-    values, vectors = torch.linalg.eigh(H)
-    V = vectors.flip(1)[:, : fw.K].contiguous()
-    torch.save(V, tmp_path / "vectors.pt")
-    single = ts.HessianOperator(model, fw.loss_fn, (X.bfloat16(), Y),
+    from test_low_precision import EIGEN_BOUND, F_TOP_BOUND, bf16_gpt, token_loss
+
+    _, values, vectors, g = bf16_reference
+    ranks = _launched(fw.bf16_worker, tmp_path, 2, deadline_s=400)
+    assert ranks[0]["dtype"] == ranks[0]["g_dtype"] == torch.bfloat16
+    assert torch.equal(ranks[0]["values"], ranks[1]["values"])
+    sharded = ranks[0]["values"].double()
+    assert float(((sharded - values).abs() / values.abs()).max()) <= EIGEN_BOUND
+    V = torch.linalg.qr(ranks[0]["vectors"].double())[0]
+    f_top, f_exact = ts.top_fraction(ranks[0]["g"].double(), V), ts.top_fraction(g, vectors)
+    assert abs(f_top - f_exact) <= F_TOP_BOUND * f_exact
+    model, X, Y = bf16_gpt()
+    rows = [rows for part in fw.BF16_SPLIT for rows in part]
+    single = ts.HessianOperator(model, token_loss, [(X[r], Y[r]) for r in rows],
                                 hvp_method="finite_difference")
-    exact = H @ V
-    single_error = ((single @ V.bfloat16()).double() - exact).norm(dim=0) / exact.norm(dim=0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        single_values = ts.top_eigenpairs(single, fw.K, tol=0.05, seed=0).values.double()
-    results = _launched(fw.bf16_worker, tmp_path, 2, deadline_s=300)
-    for r in results:
-        assert r["dtype"] == "torch.bfloat16"
-        error = (r["HV"] - exact).norm(dim=0) / exact.norm(dim=0)
-        assert bool((error <= 1.5 * single_error.clamp_min(0.05)).all()), (error, single_error)
-        assert float(error.max()) < 0.6
-        assert 0 < r["product_error"] <= 0.5
-        assert torch.equal(r["values"], results[0]["values"])
-        top = values.flip(0)[: fw.K]
-        assert float(((r["values"] - top).abs() / top).max()) <= 1.5 * float(
-            ((single_values - top).abs() / top).max()) + 0.05
+        one = ts.top_eigenpairs(single, k=3, tol=0.05, seed=0).values.double()
+    print("bf16 sharded", sharded.tolist(), "single", one.tolist(), "exact", values.tolist(),
+          "f_top", f_top, f_exact, "matvecs", ranks[0]["matvecs"], "shadow/bf16 bytes",
+          [(r["shadow_bytes"], r["bf16_bytes"]) for r in ranks])
+    assert float(((sharded - one).abs() / one.abs()).max()) <= BF16_AGREEMENT
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=lambda w: f"world{w}")
+def data_paths(request, tmp_path_factory) -> tuple[int, list[dict]]:
+    """Each rank's operators over a DataLoader, a list, chunks and weighted dict batches."""
+    world = request.param
+    return world, _launched(fw.data_paths_worker, tmp_path_factory.mktemp(f"paths{world}"),
+                            world, deadline_s=400)
+
+
+@needs_gloo
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_loaders_lists_chunks_and_weighted_dict_batches_under_fsdp2(data_paths):
+    """Each data path, with an uneven number of batches per rank (padded with weight-0
+    forwards): loss, gradient and H·V equal the single-process exact references of the same
+    batches to the finite-difference floor; the loader's top-3 eigenvalues the dense ones."""
+    world, ranks = data_paths
+    ref = _reference()
+    exact = {"loss": ref["loss"], "g": ref["g"], "HV": ref["H"] @ fw.probe_block(ref["f"].size)}
+    batches = [b for r in range(world) for b in fw.weighted_batches(r, world)]
+    single = ts.HessianOperator(fw.build_model(), fw.loss_fn, batches, dtype=torch.float64,
+                                hvp_method="loop")
+    loss, g = single.loss_and_gradient()
+    weighted = {"loss": loss, "g": g, "HV": single @ fw.probe_block(ref["f"].size)}
+    X, _ = fw.build_data()
+    sizes = [fw.BOUNDS[world][r + 1] - fw.BOUNDS[world][r] for r in range(world)]
+    counts = {"loader": [-(-n // 4) for n in sizes], "list": [-(-n // 3) for n in sizes],
+              "chunked": [-(-n // 4) for n in sizes], "weighted": [-(-n // 3) for n in sizes]}
+    assert len(set(counts["loader"])) > 1  # uneven numbers of batches per rank
+    for name, expected in (("loader", exact), ("list", exact), ("chunked", exact),
+                           ("weighted", weighted)):
+        for r, rank in enumerate(ranks):
+            got = rank[name]
+            assert got["batches"] == (counts[name][r], max(counts[name])), name
+            assert got["loss"] == pytest.approx(float(expected["loss"]), rel=1e-12), name
+            assert relative_error(got["g"], expected["g"]) < 1e-10, name
+            assert relative_error(got["HV"], expected["HV"]) < 1e-6, name
+    assert ranks[0]["weighted"]["examples"] == sum(b.size for b in batches) != len(X)
+    assert torch.allclose(ranks[0]["loader"]["values"], ref["values"], rtol=1e-6, atol=0)
+    assert all(torch.equal(r["loader"]["values"], ranks[0]["loader"]["values"]) for r in ranks)

@@ -115,7 +115,8 @@ def sharded(request, tmp_path_factory) -> dict:
     results = launch(fw.tracker_worker, folder, world=request.param, deadline_s=900)
     errors = [r["error"][2] for r in results if "error" in r]
     assert not errors, errors[0]
-    return {"ranks": [r["ok"] for r in results], "run": ts.load_run(folder / "run")}
+    return {"ranks": [r["ok"] for r in results], "run": ts.load_run(folder / "run"),
+            "folder": folder}
 
 
 def column_differences(expected: pd.DataFrame, actual: pd.DataFrame) -> dict[str, float]:
@@ -203,3 +204,59 @@ def test_options_that_cannot_run_sharded_are_refused_by_name(sharded):
     # each rank checked the messages with pytest.raises (fsdp_tracker_workers.refusals)
     for r in sharded["ranks"]:
         assert r["refused"] == [*fw.REFUSED, "batches"]
+
+
+def dense_spectra_along_the_loop() -> dict[int, torch.Tensor]:
+    """The dense float64 Hessian's eigenvalues at each measured step of the user's loop (the
+    full-batch SGD steps replayed on an unsharded copy), descending."""
+    model = fw.build_model()
+    X, Y, _, _ = fw.build_data()
+    optimizer = torch.optim.SGD(model.parameters(), lr=fw.LR)
+    spectra = {}
+    for step in range(fw.STEPS + 1):
+        if step in fw.OPTIONS["schedule"]:
+            H = reference_hessian(FlatLoss(model, fw.loss_fn, X, Y))
+            spectra[step] = torch.linalg.eigvalsh(H).flip(0)
+        optimizer.zero_grad()
+        fw.loss_fn(model(X), Y).backward()
+        optimizer.step()
+    return spectra
+
+
+@needs_gloo
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_budget_mode_under_fsdp2_gives_ritz_pairs_of_the_dense_hessian(sharded):
+    """The tracker's Krylov budget (``solver="budget"``, ``budget_matvecs=2k+1``) with the FSDP2
+    model on 2 uneven ranks. The refined pairs are Ritz pairs of an unconverged Krylov space
+    whose start ``Σ v_i`` depends on the previous eigenvectors' arbitrary signs (a sharded and a
+    single-process solve may flip one), so rows are not compared with a single-process budget
+    run; instead, at every measured step against the dense Hessian of that step: the first
+    measurement (a full solve) has its eigenvalues to 1e-6; every Ritz value lies below its
+    eigenvalue (Cauchy interlacing) and within its residual (``res_i · max|θ|``, the residual
+    summed over ranks) of an eigenvalue; each measurement costs ``budget_matvecs`` products
+    and one for ``H g``;
+    every rank has the same row."""
+    if "budget_rows" not in sharded["ranks"][0]:
+        pytest.skip("the budget run is launched on 2 ranks only")
+    spectra = dense_spectra_along_the_loop()
+    actual = ts.load_run(sharded["folder"] / "budget").metrics
+    assert actual["step"].tolist() == [0, 1, 3, fw.STEPS]
+    n = 2 * fw.K
+    for _, row in actual.iterrows():
+        exact = spectra[int(row["step"])]
+        theta = torch.tensor([row[f"hessian/eig_{i + 1}"] for i in range(n)], dtype=torch.float64)
+        res = torch.tensor([row[f"hessian/res_{i + 1}"] for i in range(n)], dtype=torch.float64)
+        if row["step"] == 0:
+            assert torch.allclose(theta, exact[:n], rtol=1e-6, atol=0)
+            continue
+        assert row["cost/matvecs"] == fw.BUDGET["budget_matvecs"] + 1  # and one for H g
+        assert bool((theta <= exact[:n] + 1e-7).all()), (theta, exact[:n])
+        nearest = (theta[:, None] - exact[None, :]).abs().min(dim=1).values
+        bound = res * float(theta.abs().max())
+        assert bool((nearest <= bound * (1 + 1e-6) + 1e-7).all()), (nearest, bound)
+    first = sharded["ranks"][0]["budget_rows"]
+    for r in sharded["ranks"][1:]:
+        for mine, theirs in zip(r["budget_rows"], first, strict=True):
+            for c in (c for c in mine if c not in TIMING):
+                assert mine[c] == theirs[c] or (math.isnan(mine[c]) and math.isnan(theirs[c])), c

@@ -27,12 +27,27 @@ central difference of ordinary gradients (``hvp_method="finite_difference"``),
 
 or its Richardson extrapolation (``"finite_difference4"``), with the step (``κ`` calibrated at
 the first product), the probes of the truncation and the error floor of
-:class:`~tinysubspace.curvature.finite_difference.FiniteDifference` (norms over all ranks).
-Each rank adds its shard of ``h v`` to its shards of the parameters in place (under
-``no_grad``), runs ordinary forwards and backwards over its local batches and reads its
-gradient shards. The point ``θ`` and the buffers (batch-norm statistics) are snapshots taken
-when the operator is built: every gradient is taken at the snapshot, and the model's
-parameters, buffers and any ``.grad`` the caller had are restored exactly afterwards.
+:class:`~tinysubspace.curvature.finite_difference.FiniteDifference` (norms over all ranks, so
+every rank picks the same step). Each rank adds its shard of ``h v`` to its shards of the
+parameters in place (under ``no_grad``), runs ordinary forwards and backwards over its local
+batches and reads its gradient shards. The point ``θ`` and the buffers (batch-norm statistics)
+are snapshots taken when the operator is built: every gradient is taken at the snapshot, and
+the model's parameters, buffers and any ``.grad`` the caller had are restored exactly
+afterwards.
+
+**Half precision** (a bf16 or float16 model, no float32 copy): as in one process
+(:class:`~tinysubspace.curvature.finite_difference.FiniteDifference`), the point ``θ ± h v`` is
+formed in float32 from the snapshot's shard and the float32 direction, one parameter shard at a
+time (a transient float32 shadow of the largest local shard), and rounded to the model's dtype
+once; each backward's gradient shards are added into a float32 sum over the batches
+(:func:`~tinysubspace.curvature.finite_difference.accumulation_dtype`), and the differences and
+the division by ``2h`` are float32; products and the gradient are returned in the model's dtype.
+Left in the model's dtype: the forward and backward passes, FSDP2's reduce-scatter over ranks
+(its sum is in the parameters' dtype unless the model was wrapped with a
+``MixedPrecisionPolicy(reduce_dtype=torch.float32)``) and, where the loss itself is bf16, the
+batch weight ``n_{r,j} world / N`` by which it is scaled before the backward (2^-9 relative).
+Measured on 2 ranks (docs/scale.md, "Low precision"): top-3 eigenvalues within 3.7e-2 of the
+float64 ones of the same weights, within 3.6e-2 of the single-process bf16 ones.
 
 **Random directions** are the rows this rank holds of one global Gaussian ``(p, b)`` block drawn
 on the CPU from the solver's seeded generator (the same draw on every rank), so a solve makes
@@ -118,9 +133,9 @@ class ShardedHessianOperator(SymmetricOperator):
         super().__init__(sum(t.numel() for t in local), first.dtype, first.device)
         self.vector_space = ShardedSpace(sum(p.numel() for p in self._params),
                                          global_index(self._params), self.group)
-        self._work = accumulation_dtype(first.dtype)  # float32 for a half-precision model
         self._theta = torch.cat([t.detach().reshape(-1) for t in local]).clone()
-        self._theta_norm = float(self.vector_space.norm(self._theta.to(self._work)))
+        self._theta_norm = float(self.vector_space.norm(
+            self._theta.to(accumulation_dtype(first.dtype))))
         self._buffers = [(b, b.detach().clone()) for b in model.buffers()]
         self._count_batches()
         self._largest_error = self.last_product_error = 0.0
@@ -133,52 +148,64 @@ class ShardedHessianOperator(SymmetricOperator):
 
     @property
     def product_error(self) -> float:
-        """Relative error floor of the products (``ε^{2/3}``, or larger estimates seen), at
-        most 0.5 (as the single-process operator's)."""
+        """Relative error floor of the products (``ε^{2/3}``; bf16's measured 0.1), or larger
+        estimates seen, at most 0.5 (as for a single-process operator)."""
         return min(max(self._fd.error_floor(self.dtype), self._largest_error), 0.5)
 
     def loss_and_gradient(self) -> tuple[float, torch.Tensor]:
-        """The mean loss ``L`` over all ranks' data and this rank's shard of ``∇L``."""
+        """The mean loss ``L`` over all ranks' data and this rank's shard of ``∇L`` (summed
+        in float32 for a half-precision model, returned in the model's dtype)."""
         loss, grad = self._gradient(None)
         return loss, grad.to(self.dtype)
 
     def _matmat(self, block: torch.Tensor) -> torch.Tensor:
-        block = block.to(self._work)  # half precision: the point and differences in float32
-        out = torch.empty_like(block)
-        norms = self.vector_space.norm(block)
+        work = accumulation_dtype(self.dtype)  # float32 for a half-precision model
+        out = torch.empty(block.shape, dtype=work, device=block.device)
+        norms = self.vector_space.norm(block.to(work))
         errors = []
         for j in range(block.shape[1]):
             probe = (self.matvecs + j) % self._fd.probe_every == 0
-            out[:, j], error = self._column(block[:, j], float(norms[j]), probe)
+            out[:, j], error = self._column(block[:, j].to(work), float(norms[j]), probe)
             errors.append(error)
         self.last_product_error = max(errors)
         self._largest_error = max(self._largest_error, self.last_product_error)
         return out.to(self.dtype)
 
     def _column(self, v: torch.Tensor, v_norm: float, probe: bool) -> tuple[torch.Tensor, float]:
-        """``H v`` by central differences (Richardson with 4 points) and its relative error."""
+        """``H v`` by central differences (Richardson with 4 points) and its relative error,
+        in ``v``'s dtype (float32 for a half-precision model): the step calibrated at the
+        first product and the truncation probed on every ``probe_every``-th column, by the
+        shared :class:`~tinysubspace.curvature.finite_difference.FiniteDifference`."""
         if v_norm == 0:
             return torch.zeros_like(v), 0.0
         result, error = self._fd.column(
-            lambda t: self._gradient(t * v)[1], self._theta_norm, v_norm, self.dtype,
+            lambda t: self._gradient(v, t)[1], self._theta_norm, v_norm, self.dtype,
             lambda x: float(self.vector_space.norm(x)), probe=probe)
         scale = max(float(self.vector_space.norm(result)), float(torch.finfo(self.dtype).tiny))
         return result, error / scale
 
-    def _gradient(self, shift: torch.Tensor | None) -> tuple[float, torch.Tensor]:
-        """``(L, ∇L)`` at ``θ + shift`` (this rank's shard of each), model restored after."""
+    def _gradient(self, v: torch.Tensor | None, t: float = 0.0) -> tuple[float, torch.Tensor]:
+        """``(L, ∇L)`` at ``θ + t v`` (this rank's shard of each), model restored after.
+
+        The gradient is summed over the batches in :func:`~tinysubspace.curvature.finite_difference.
+        accumulation_dtype` (float32 for a half-precision model): each backward's gradient
+        shards are read and added, the ``.grad`` cleared, so no sum is rounded to bf16."""
         scale = self.world / self.num_examples
+        work = accumulation_dtype(self.dtype)
         total = torch.zeros(1, dtype=torch.float64, device=self.device)
-        with self._perturbed(shift), module_mode(self.model, self.mode == "train"):
+        grads = [torch.zeros(shard.numel(), dtype=work, device=self.device)
+                 for shard in self._local_shards()]
+        with self._perturbed(v, t), module_mode(self.model, self.mode == "train"):
             for index, batch, size in self._passes():
                 with torch.enable_grad():
                     loss = checked_loss(self.loss_fn(call_model(self.model, batch.inputs),
                                                      batch.targets), index)
                     (size * scale * loss).backward()
                 total += size * loss.detach().to(torch.float64)
-            grads = [torch.zeros(t.numel(), dtype=self._work, device=self.device)
-                     if p.grad is None else p.grad.to_local().detach().reshape(-1).to(self._work)
-                     for p, t in zip(self._params, self._local_shards(), strict=True)]
+                for p, acc in zip(self._params, grads, strict=True):
+                    if p.grad is not None:
+                        acc += p.grad.to_local().detach().reshape(-1).to(work)
+                        p.grad = None
         total = self.vector_space.reduce(total)
         if not bool(torch.isfinite(total).all()):
             raise FloatingPointError("the loss is not finite at the perturbed parameters")
@@ -220,21 +247,27 @@ class ShardedHessianOperator(SymmetricOperator):
 
     # ----------------------------------------------------------- the model
     @contextlib.contextmanager
-    def _perturbed(self, shift: torch.Tensor | None) -> Iterator[None]:
-        """Parameters at ``θ + shift``, buffers at their snapshot, every ``.grad`` cleared; all
-        restored on exit."""
+    def _perturbed(self, v: torch.Tensor | None, t: float) -> Iterator[None]:
+        """Parameters at ``θ + t v``, buffers at their snapshot, every ``.grad`` cleared; all
+        restored on exit. The point is formed in ``v``'s dtype (float32 for a half-precision
+        model) one parameter shard at a time and rounded once to the model's dtype, as
+        :func:`~tinysubspace.curvature.finite_difference.FiniteDifference` does in one process."""
         local = self._local_shards()
-        saved = [t.detach().clone() for t in local]
+        saved = [shard.detach().clone() for shard in local]
         buffers = [b.detach().clone() for b, _ in self._buffers]
         everything = list(self.model.parameters())
         grads = [p.grad for p in everything]
-        point = self._theta if shift is None else self._theta.to(shift.dtype) + shift
         try:
             with torch.no_grad():
                 offset = 0
-                for t in local:
-                    t.copy_(point[offset: offset + t.numel()].view_as(t))
-                    offset += t.numel()
+                for shard in local:
+                    theta = self._theta[offset: offset + shard.numel()].view_as(shard)
+                    if v is None:
+                        shard.copy_(theta)
+                    else:
+                        piece = v[offset: offset + shard.numel()].view_as(shard)
+                        shard.copy_(theta.to(v.dtype) + t * piece)  # rounded once
+                    offset += shard.numel()
                 for b, snapshot in self._buffers:
                     b.copy_(snapshot)
             for p in everything:
@@ -242,8 +275,8 @@ class ShardedHessianOperator(SymmetricOperator):
             yield
         finally:
             with torch.no_grad():
-                for t, s in zip(local, saved, strict=True):
-                    t.copy_(s)
+                for shard, s in zip(local, saved, strict=True):
+                    shard.copy_(s)
                 for (b, _), s in zip(self._buffers, buffers, strict=True):
                     b.copy_(s)
             for p, g in zip(everything, grads, strict=True):

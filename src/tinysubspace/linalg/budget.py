@@ -82,6 +82,7 @@ docs/performance.md, section 4, "A fixed budget per measurement".
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import torch
 
@@ -130,10 +131,11 @@ def _start(previous: Eigenpairs | torch.Tensor, p: int, k: int, matvecs: int,
 
 
 def subspace_error_estimate(R: torch.Tensor, theta_k: float, next_value: float | None,
-                            next_residual: float | None) -> float:
+                            next_residual: float | None, space: Any = None) -> float:
     """``min(1, ‖R‖₂ / δ̂)`` with ``δ̂ = θ_k − (θ_{k+1} + ‖r_{k+1}‖)`` (module docstring): an
     estimate of ``sin θ_max`` between ``span(V)`` and the top-``k`` eigenvectors, hence of the
     largest change of ``f_top`` (eq. 2). ``1`` when ``δ̂ ≤ 0`` or there is no ``θ_{k+1}``.
+    ``space``: the inner product of ``R``'s columns (sharded rows: summed over ranks).
 
     >>> R = torch.tensor([[0.0], [0.1]], dtype=torch.float64)
     >>> subspace_error_estimate(R, 2.0, 0.9, 0.1)
@@ -144,7 +146,7 @@ def subspace_error_estimate(R: torch.Tensor, theta_k: float, next_value: float |
     gap = theta_k - (next_value + next_residual)
     if not gap > 0:
         return 1.0
-    gram = (R.T @ R).double()
+    gram = (R.T @ R if space is None else space.gram(R, R)).double()
     norm = float(torch.linalg.eigvalsh((gram + gram.T) / 2)[-1].clamp_min(0).sqrt())
     return min(1.0, norm / gap)
 
@@ -255,13 +257,13 @@ def _result(state: RitzBasis, k: int, criterion: ConvergenceCriterion, used: int
     m = min(k + 1, theta.shape[0])
     V, HV = state.Q @ Y[:, :m], state.HQ @ Y[:, :m]
     R = HV - V * theta[:m]
-    res = R.norm(dim=0)
+    res = state.space.norm(R)  # summed over ranks for sharded vectors
     scale = max(float(theta.abs().max()), float(torch.finfo(theta.dtype).tiny))
     converged = bool((res[:k] <= criterion.bars(theta[:k], scale)).all())
     has_next = m > k
     error = subspace_error_estimate(R[:, :k], float(theta[k - 1]),
                                     float(theta[k]) if has_next else None,
-                                    float(res[k]) if has_next else None)
+                                    float(res[k]) if has_next else None, space=state.space)
     found = Eigenpairs(theta[:k].to(dtype).clone(), V[:, :k].to(dtype).clone(),
                        res[:k].to(dtype).clone(), used, converged, 0, False, tol_scale, "none")
     return dataclasses.replace(found, solver="budget", subspace_error=error)
