@@ -48,8 +48,9 @@ from tinysubspace.linalg.basis import KrylovBasis, apply_operator, working_dtype
 from tinysubspace.linalg.deflation import CHECK_STEPS, GuardState, deflated_search, miss_bar
 from tinysubspace.linalg.krylov_schur import KrylovResult, krylov_schur
 from tinysubspace.linalg.rayleigh_ritz import RitzBasis
+from tinysubspace.linalg.solve_plan import SolvePlan, validate_solve
 from tinysubspace.linalg.stagnation import ProgressWatch, stagnation_message, unreachable_tolerance
-from tinysubspace.linalg.tolerance import ConvergenceCriterion, check_tol_scale
+from tinysubspace.linalg.tolerance import ConvergenceCriterion
 from tinysubspace.operator import vector_space
 
 __all__ = ["Eigenpairs", "in_operator_space", "top_eigenpairs"]
@@ -138,62 +139,6 @@ def in_operator_space(solve: Callable[..., Eigenpairs]) -> Callable[..., Eigenpa
     return solve_in_space
 
 
-@dataclass(frozen=True)
-class SolvePlan:
-    """The sizes of one solve: ``n = skip + k`` pairs wanted, ``block`` vectors added per
-    iteration, ``basis_size`` vectors before a thick restart, at most ``budget`` products, and
-    ``check_steps`` products per multiplicity check."""
-
-    n: int
-    block: int
-    basis_size: int
-    budget: int
-    check_steps: int
-
-
-def _validate(op, *, k: int, skip: int, tol: float, init: torch.Tensor | None,
-              block_size: int | None, basis_size: int | None, max_matvecs: int | None,
-              check_steps: int, tol_scale: str) -> int:
-    p = op.shape[0]
-    check_tol_scale(tol_scale)
-    if not isinstance(op.dtype, torch.dtype) or not op.dtype.is_floating_point:
-        raise ValueError(f"the operator's dtype must be a real floating-point torch dtype, got "
-                         f"{op.dtype!r}")
-    if not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be a positive integer, got {k!r}")
-    if not isinstance(skip, int) or skip < 0:
-        raise ValueError(f"skip must be a non-negative integer, got {skip!r}")
-    dim = vector_space(op).dim  # the global dimension (a sharded operator's p is local)
-    if k + skip >= dim:
-        raise ValueError(f"k + skip = {k + skip} must be smaller than the operator's dimension "
-                         f"p = {dim}; for the whole spectrum of a small operator use "
-                         "torch.linalg.eigvalsh on a dense matrix")
-    if not tol > 0:
-        raise ValueError(f"tol must be positive, got {tol!r}")
-    if init is not None and not isinstance(init, torch.Tensor):
-        raise TypeError(f"init must be a torch.Tensor of shape ({p},) or ({p}, m), got "
-                        f"{type(init).__name__}")
-    if init is not None and (init.ndim not in (1, 2) or init.shape[0] != p):
-        raise ValueError(f"init must have shape ({p},) or ({p}, m), got {tuple(init.shape)}")
-    if init is not None and init.is_complex():
-        raise ValueError(f"init must be real (it is converted to the operator's dtype "
-                         f"{op.dtype}), got {init.dtype}")
-    if init is not None and not bool(torch.isfinite(init).all()):
-        raise ValueError("init has non-finite entries")
-    if block_size is not None and block_size < 1:
-        raise ValueError(f"block_size must be at least 1, got {block_size}")
-    if basis_size is not None and basis_size < k + skip + 1:
-        raise ValueError(f"basis_size must exceed k + skip = {k + skip}, got {basis_size}")
-    if max_matvecs is not None:
-        least = max(k + skip, 1 if init is None else init.reshape(p, -1).shape[1])
-        if max_matvecs < least:
-            raise ValueError(f"max_matvecs must be at least k + skip = {k + skip} and at least "
-                             f"the number of columns of init; got {max_matvecs} (needs {least})")
-    if isinstance(check_steps, bool) or not isinstance(check_steps, int) or check_steps < 0:
-        raise ValueError(f"check_steps must be a non-negative integer, got {check_steps!r}")
-    return p
-
-
 @in_operator_space
 def top_eigenpairs(op, k: int, tol: float = 1e-6, init: torch.Tensor | None = None,
                    seed: int = 0, max_matvecs: int | None = None, skip: int = 0,
@@ -263,9 +208,9 @@ def top_eigenpairs(op, k: int, tol: float = 1e-6, init: torch.Tensor | None = No
             not real floating point, or products of another shape, dtype or device than the
             operator declares.
     """
-    p = _validate(op, k=k, skip=skip, tol=tol, init=init, block_size=block_size,
-                  basis_size=basis_size, max_matvecs=max_matvecs, check_steps=check_steps,
-                  tol_scale=tol_scale)
+    p = validate_solve(op, k=k, skip=skip, tol=tol, init=init, block_size=block_size,
+                            basis_size=basis_size, max_matvecs=max_matvecs,
+                       check_steps=check_steps, tol_scale=tol_scale)
     criterion = ConvergenceCriterion.for_operator(op, tol, tol_scale)
     n, space = k + skip, vector_space(op)
     p = space.dim  # the global dimension (the local rows of a sharded operator are fewer)
