@@ -10,12 +10,12 @@ import math
 
 import pytest
 import torch
-from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
 import tinysubspace as ts
 from experiment_fixtures import TINY
 from reference import FlatLoss, reference_gradient, reference_hessian
+from tiny_classifier import sgd_step, tiny_data, tiny_model
 from tinysubspace.experiments.config import (
     ConfigError,
     ExperimentConfig,
@@ -27,27 +27,7 @@ from tinysubspace.experiments.measurement import SolverSettings
 from tinysubspace.linalg.pass_cost import PassCost
 from tinysubspace.linalg.warm_state import WarmStart
 
-N, D, C, K = 48, 4, 3, 2
-
-
-def _data():
-    gen = torch.Generator().manual_seed(7)
-    X = torch.randn(N, D, generator=gen, dtype=torch.float64)
-    return X, (X[:, 0] > 0).long() + (X[:, 1] > 0.4).long()
-
-
-def _model():
-    torch.manual_seed(3)
-    return nn.Sequential(nn.Linear(D, 6), nn.Tanh(), nn.Linear(6, C)).double()
-
-
-def _sgd_step(model, X, Y, lr=0.5):
-    model.zero_grad()
-    F.cross_entropy(model(X), Y).backward()
-    with torch.no_grad():
-        for p in model.parameters():
-            p -= lr * p.grad
-    model.zero_grad()
+K = 2
 
 
 def _reload(state):
@@ -62,8 +42,8 @@ def test_a_budget_tracker_writes_f_top_within_its_error_of_the_dense_reference()
     """At every measurement of a short SGD run: ``|f_top − f_top(eigh)| ≤ hessian/f_top_error``
     with the dense float64 Hessian's top-k eigenvectors, ``converged`` iff the residuals meet
     ``tol``, ``certificate`` 0 for the budget solves (2 for the first, a solve to ``tol``)."""
-    X, Y = _data()
-    model, tol = _model(), 1e-10
+    X, Y = tiny_data()
+    model, tol = tiny_model(), 1e-10
     tracker = ts.SubspaceTracker(model, F.cross_entropy, (X, Y), k=K, schedule=1, anchors=(),
                                  tol=tol, solver="budget", budget_matvecs=2 * K + 1)
     assert {"hessian/f_top_error", "hessian/certificate"} <= set(tracker.columns)
@@ -83,7 +63,7 @@ def test_a_budget_tracker_writes_f_top_within_its_error_of_the_dense_reference()
             assert abs(row["hessian/f_top"] - dense) <= error + 1e-12, (step, error)
             errors.append(error)
         assert row["hessian/converged"] == float(row["hessian/residual_max"] <= tol)
-        _sgd_step(model, X, Y)
+        sgd_step(model, X, Y)
     assert min(errors) < 0.5  # the bound says something, not just 1
     assert any(e > 0 for e in errors)
 
@@ -91,12 +71,12 @@ def test_a_budget_tracker_writes_f_top_within_its_error_of_the_dense_reference()
 def test_budget_converged_is_zero_when_the_residuals_miss_tol():
     """A budget below what ``tol`` needs: the row says not converged, and its residual_max is
     above ``tol`` (checked against the dense Hessian's residuals of the returned pairs)."""
-    X, Y = _data()
-    model = _model()
+    X, Y = tiny_data()
+    model = tiny_model()
     tracker = ts.SubspaceTracker(model, F.cross_entropy, (X, Y), k=K, schedule=1, anchors=(),
                                  tol=1e-14, solver="budget", budget_matvecs=2 * K + 1)
     tracker.on_step(0)
-    _sgd_step(model, X, Y, lr=2.0)
+    sgd_step(model, X, Y, lr=2.0)
     m = tracker.engine.measure(model, 1)
     H = reference_hessian(FlatLoss(model, F.cross_entropy, X, Y))
     eig = m.eigenpairs
@@ -114,8 +94,8 @@ def _amortised(model, X, Y):
 
 
 def test_the_amortised_guard_survives_a_checkpoint_and_the_resumed_rows_are_equal():
-    X, Y = _data()
-    model = _model()
+    X, Y = tiny_data()
+    model = tiny_model()
     tracker = _amortised(model, X, Y)
     rows, certificates = [], []
     for step in range(6):
@@ -124,11 +104,11 @@ def test_the_amortised_guard_survives_a_checkpoint_and_the_resumed_rows_are_equa
             snapshot = {k: v.clone() for k, v in model.state_dict().items()}
         rows.append(tracker.on_step(step))
         certificates.append(rows[-1]["hessian/certificate"])
-        _sgd_step(model, X, Y)
+        sgd_step(model, X, Y)
     assert certificates == [2.0, 1.0, 1.0, 2.0, 1.0, 1.0]  # full every check_every = 3
     carried = state["warm"]["_carried"]["hessian"]
     assert carried["since_full"] == 1 and carried["guard_vector"].ndim == 1
-    resumed_model = _model()
+    resumed_model = tiny_model()
     resumed_model.load_state_dict(snapshot)
     resumed = _amortised(resumed_model, X, Y)
     resumed.load_state_dict(state)
@@ -139,23 +119,23 @@ def test_the_amortised_guard_survives_a_checkpoint_and_the_resumed_rows_are_equa
         for key, value in rows[step].items():
             if not (key.startswith("cost/") or key in ("wall_time",) or "seconds" in key):
                 assert row[key] == value or (math.isnan(row[key]) and math.isnan(value)), key
-        _sgd_step(resumed_model, X, Y)
+        sgd_step(resumed_model, X, Y)
 
 
 def test_a_measured_pass_cost_is_carried_and_restored():
     """``pass_cost="measure"``: timed once, at the first warm solve; the same cost afterwards
     (not timed again) and after a checkpoint round trip."""
-    X, Y = _data()
-    model = _model()
+    X, Y = tiny_data()
+    model = tiny_model()
     tracker = ts.SubspaceTracker(model, F.cross_entropy, (X, Y), k=K, schedule=1, anchors=(),
                                  tol=1e-9, pass_cost="measure", check="full")
     tracker.on_step(0)
     assert tracker.engine.warm.previous("hessian") is not None
     assert not isinstance(tracker.engine.warm.previous("hessian"), ts.Eigenpairs)  # cold: none
-    _sgd_step(model, X, Y)
+    sgd_step(model, X, Y)
     first = tracker.engine.measure(model, 1).eigenpairs.pass_cost
     assert isinstance(first, PassCost)
-    _sgd_step(model, X, Y)
+    sgd_step(model, X, Y)
     assert tracker.engine.measure(model, 2).eigenpairs.pass_cost == first
     warm = WarmStart.from_state_dict(_reload(tracker.engine.warm.state_dict()))
     assert warm.previous("hessian").pass_cost == first
@@ -170,8 +150,8 @@ def test_the_default_tracker_runs_the_amortised_check():
     from tinysubspace.experiments.config import TrackerConfig
 
     assert TrackerConfig().check == "amortised" and SolverSettings().check == "amortised"
-    X, Y = _data()
-    model = _model()
+    X, Y = tiny_data()
+    model = tiny_model()
     default = ts.SubspaceTracker(model, F.cross_entropy, (X, Y), k=K, schedule=1, anchors=(),
                                  tol=1e-9)
     full = ts.SubspaceTracker(model, F.cross_entropy, (X, Y), k=K, schedule=1, anchors=(),
@@ -184,14 +164,14 @@ def test_the_default_tracker_runs_the_amortised_check():
         for i in range(1, 2 * K + 1):
             assert row[f"hessian/eig_{i}"] == pytest.approx(reference[f"hessian/eig_{i}"],
                                                             rel=1e-7, abs=1e-9)
-        _sgd_step(model, X, Y)
+        sgd_step(model, X, Y)
     assert certificates == [2.0, 1.0, 1.0, 1.0, 2.0, 1.0]
     assert default.engine.warm.previous("hessian").guard.since_full == 1
 
 
 def test_the_full_check_adds_no_column_and_carries_nothing():
-    X, Y = _data()
-    tracker = ts.SubspaceTracker(_model(), F.cross_entropy, (X, Y), k=K, schedule=1,
+    X, Y = tiny_data()
+    tracker = ts.SubspaceTracker(tiny_model(), F.cross_entropy, (X, Y), k=K, schedule=1,
                                  anchors=(), check="full")
     assert "hessian/f_top_error" not in tracker.columns
     assert "hessian/certificate" not in tracker.columns
@@ -237,10 +217,10 @@ def test_the_config_keys_are_validated(overrides, message):
 def test_a_budget_that_cannot_move_the_2k_pairs_is_refused():
     """The tracker solves for 2k pairs: with budget_matvecs <= 2k Rayleigh-Ritz could only
     rotate the previous basis (seen: overlap 0.13 with the true subspace in 3 measurements)."""
-    X, Y = _data()
+    X, Y = tiny_data()
     with pytest.raises(ValueError, match=r"budget_matvecs must be more than 2 \* k = 4 \(the "
                                          r"solve refines the top 2k pairs.*got 4"):
-        ts.SubspaceTracker(_model(), F.cross_entropy, (X, Y), k=K, schedule=1, anchors=(),
+        ts.SubspaceTracker(tiny_model(), F.cross_entropy, (X, Y), k=K, schedule=1, anchors=(),
                            solver="budget", budget_matvecs=2 * K)
 
 

@@ -10,44 +10,24 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
 import tinysubspace as ts
 from reference import FlatLoss, reference_hessian
+from tiny_classifier import sgd_step, tiny_data, tiny_model
 from tinysubspace.experiments.config import TrackerConfig
 from tinysubspace.experiments.groups import CERTIFICATES
 from tinysubspace.experiments.subspace_tracker import SubspaceTracker
 
-N, D, C, K = 48, 4, 3, 2
+K = 2
 FULL, GUARD = CERTIFICATES["full"], CERTIFICATES["guard"]
-
-
-def _data():
-    gen = torch.Generator().manual_seed(7)
-    X = torch.randn(N, D, generator=gen, dtype=torch.float64)
-    return X, (X[:, 0] > 0).long() + (X[:, 1] > 0.4).long()
-
-
-def _model():
-    torch.manual_seed(3)
-    return nn.Sequential(nn.Linear(D, 6), nn.Tanh(), nn.Linear(6, C)).double()
-
-
-def _sgd_step(model, X, Y, lr=0.5):
-    model.zero_grad()
-    F.cross_entropy(model(X), Y).backward()
-    with torch.no_grad():
-        for p in model.parameters():
-            p -= lr * p.grad
-    model.zero_grad()
 
 
 def _run(tracker, model, X, Y, steps):
     rows = []
     for step in range(steps):
         rows.append(tracker.on_step(step))
-        _sgd_step(model, X, Y)
+        sgd_step(model, X, Y)
     return rows
 
 
@@ -55,8 +35,8 @@ def test_an_own_loop_marks_its_last_step_and_gets_a_full_check():
     """Six rows, ``M = 4``: the amortised schedule alone certifies ``full, guard, guard, guard,
     full, guard``; with ``final_step = 5`` the last row is ``full`` too, and its top ``2k``
     eigenvalues are the dense Hessian's."""
-    X, Y = _data()
-    plain_model, final_model = _model(), _model()
+    X, Y = tiny_data()
+    plain_model, final_model = tiny_model(), tiny_model()
     options = {"k": K, "schedule": 1, "anchors": (), "tol": 1e-9}
     plain = ts.SubspaceTracker(plain_model, F.cross_entropy, (X, Y), **options)
     final = ts.SubspaceTracker(final_model, F.cross_entropy, (X, Y), **options)
@@ -80,8 +60,8 @@ def test_an_own_loop_marks_its_last_step_and_gets_a_full_check():
 def test_a_config_built_tracker_checks_its_schedules_last_step_in_full():
     """``SubspaceTracker.from_config`` (the CLI loop's tracker) sets ``final_step`` to the last
     of its steps: the last row is certified in full; a step before it keeps its guard."""
-    X, Y = _data()
-    model = _model()
+    X, Y = tiny_data()
+    model = tiny_model()
     config = TrackerConfig(k=K, tol=1e-9, anchors=(), check="amortised", check_every=4)
     tracker = SubspaceTracker.from_config(config, model, F.cross_entropy, (X, Y),
                                           steps=[0, 1, 2, 3])
