@@ -160,8 +160,10 @@ class FiniteDifference:
 
     def calibrate(self, gradient_at: Callable[[float], torch.Tensor], theta_norm: float,
                   v_norm: float, dtype: torch.dtype, norm: Callable[[torch.Tensor], float]
-                  ) -> None:
-        """Fix :attr:`kappa` from trials along one column (class docstring, "Step").
+                  ) -> tuple[torch.Tensor, float] | None:
+        """Fix :attr:`kappa` from trials along one column (class docstring, "Step"); return
+        the trial at the step kept, ``(D(h), its rounding term)`` (``None`` for half precision,
+        which tries nothing), so the column need not be differenced again.
 
         Args:
             gradient_at: ``t ↦ ∇ℓ(θ + t v)`` (flat).
@@ -172,20 +174,21 @@ class FiniteDifference:
         base = self.a_priori_kappa(dtype)
         if dtype in HALF_PRECISION_STEP:  # rounding of the point itself dominates (docstring)
             self.kappa = base
-            return
+            return None
         kappas = [base * 4.0 ** -i for i in range(CALIBRATION_TRIALS)]
         values, gaps = [], []
         for kappa in kappas:
             h = kappa * max(theta_norm, 1.0) / v_norm
-            values.append(self._difference(gradient_at, h, dtype, norm)[0])
+            values.append(self._difference(gradient_at, h, dtype, norm))
             if len(values) > 1:
-                gaps.append(norm(values[-1] - values[-2]))
+                gaps.append(norm(values[-1][0] - values[-2][0]))
                 if len(gaps) >= 2 and gaps[-1] > gaps[-2]:
                     break  # rounding dominates from here on
         best = min(range(len(gaps)), key=gaps.__getitem__)
         self.kappa = kappas[best + 1]
-        self.calibration_error = gaps[best] / max(norm(values[best + 1]),
+        self.calibration_error = gaps[best] / max(norm(values[best + 1][0]),
                                                   torch.finfo(dtype).tiny)
+        return values[best + 1]
 
     def column(self, gradient_at: Callable[[float], torch.Tensor], theta_norm: float,
                v_norm: float, dtype: torch.dtype, norm: Callable[[torch.Tensor], float],
@@ -198,15 +201,20 @@ class FiniteDifference:
             gradient_at, theta_norm, v_norm, dtype, norm: as for :meth:`calibrate`.
             probe: whether to measure the truncation along this column.
         """
-        if self.kappa is None:
-            self.calibrate(gradient_at, theta_norm, v_norm, dtype, norm)
+        kept = None if self.kappa is not None else self.calibrate(
+            gradient_at, theta_norm, v_norm, dtype, norm)
         h = self.step(theta_norm, v_norm, dtype)
-        value, rounding = self._difference(gradient_at, h, dtype, norm)
+        value, rounding = kept or self._difference(gradient_at, h, dtype, norm)
         error = rounding + self.calibration_error * norm(value)
         if probe:  # D(2h) − D(h) = (4 − 1) h²/6 ∇⁴ℓ[v,v,v] (2 points), (16 − 1) × D_4's h⁴ term
             wide = self._difference(gradient_at, 2 * h, dtype, norm)[0]
             error += norm(wide - value) / (3 if self.points == 2 else 15)
         return value, error
+
+    def probes(self, column: int) -> bool:
+        """Whether the ``column``-th column an operator has applied (counting from 0, the
+        same on every batch and rank of one product) measures its truncation."""
+        return column % self.probe_every == 0
 
     def _difference(self, gradient_at: Callable[[float], torch.Tensor], h: float,
                     dtype: torch.dtype, norm: Callable[[torch.Tensor], float]
@@ -237,7 +245,7 @@ class FiniteDifference:
             out[:, column], error[column] = self.column(
                 lambda t, v=v: _gradient_at(op, batch, index, v, t), theta_norm, v_norm,
                 block.dtype, lambda x: float(x.norm()),
-                probe=(first + column) % self.probe_every == 0)
+                probe=self.probes(first + column))
         return ProductEstimate(out, error)
 
 

@@ -164,8 +164,8 @@ class ShardedHessianOperator(SymmetricOperator):
         norms = self.vector_space.norm(block.to(work))
         errors = []
         for j in range(block.shape[1]):
-            probe = (self.matvecs + j) % self._fd.probe_every == 0
-            out[:, j], error = self._column(block[:, j].to(work), float(norms[j]), probe)
+            out[:, j], error = self._column(block[:, j].to(work), float(norms[j]),
+                                            self._fd.probes(self.matvecs + j))
             errors.append(error)
         self.last_product_error = max(errors)
         self._largest_error = max(self._largest_error, self.last_product_error)
