@@ -15,6 +15,11 @@ variant from its own previous answer, interleaved in one process), the variants 
 
 Products are exact and load-free; time ratios are against eigsh in the same measurement.
 
+``--refined``: the Krylov space of the default start grown one product at a time, and per size
+``j`` the largest residual over ``tol · θ_1`` of the Ritz vectors (what every solver here returns)
+against refined Ritz vectors (the unit vector of the space minimising ``‖(H − θ_i) v‖``, with its
+Rayleigh quotient): whether a better extraction from the same products would stop sooner.
+
 ``--probe``: where the solve's products go instead (no timing): at each warm measurement the
 solve stopped after ``j`` products for every ``j`` from ``n``, the number of pairs meeting
 ``tol`` and the largest residual over ``tol · θ_1``; and the products of Krylov starts with
@@ -22,7 +27,7 @@ other weights ``Σ w_i v_i`` (equal; ``θ_1/θ_i``; ``θ_i/θ_1``; ``1/((θ_i �
 weight near the bulk edge), each from its own previous answer.
 
 Run: ``OMP_NUM_THREADS=1 python benchmarks/warm_levers.py [--problem digits|fashion] [--n 10]
-[--probe]``. Numbers: docs/performance.md, section 4.
+[--probe | --refined]``. Numbers: docs/performance.md, section 4.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from levers import HEADER, measure, summary_rows
 from tinysubspace import HessianOperator
 from tinysubspace.linalg.lanczos import top_eigenpairs
 from tinysubspace.linalg.warm_start import track_eigenpairs
+from tinysubspace.operator import vector_space
 from tracking import trajectory
 
 WEIGHTS = {
@@ -78,6 +84,7 @@ def variants(tol: float, n: int) -> dict[str, Callable]:
         f"basis {3 * n}": track(warm="krylov", basis_size=3 * n),
         "amortised M=8 s=2": track(warm="krylov", check_every=8),
         "amortised M=4 s=0": track(warm="krylov", guard_steps=0),
+        "amortised M=8 s=0": track(warm="krylov", check_every=8, guard_steps=0),
     }
 
 
@@ -118,6 +125,42 @@ def probe(problem, n: int, tol: float, states: list) -> None:
         print(f"  {index}: products by start weights {counts}", flush=True)
 
 
+def refined_probe(problem, n: int, tol: float, states: list) -> None:
+    """Print, per warm measurement, Ritz against refined Ritz residuals (module docstring)."""
+    previous = None
+    for index, state in enumerate(states):
+        problem.model.load_state_dict(state)
+        op = HessianOperator(problem.model, problem.loss_fn, (problem.X, problem.Y),
+                             dtype=torch.float64)
+        if previous is not None:
+            start = warm_start._krylov_start(previous.vectors, index, vector_space(op))
+            Q, HQ, line = [start / start.norm()], [], []
+            for j in range(1, 3 * n):
+                HQ.append((op @ Q[-1][:, None])[:, 0])
+                B, HB = torch.stack(Q, 1), torch.stack(HQ, 1)
+                f = HQ[-1] - B @ (B.T @ HQ[-1])
+                f = f - B @ (B.T @ f)  # twice is enough
+                Q.append(f / f.norm())
+                if j < n:
+                    continue
+                theta, Y = torch.linalg.eigh((B.T @ HB + HB.T @ B) / 2)
+                theta, Y = theta.flip(0)[:n], Y.flip(1)[:, :n]
+                ritz = (HB @ Y - (B @ Y) * theta).norm(dim=0).max()
+                refined = []
+                for t in theta:  # smallest right singular vector of H B − θ B
+                    y = torch.linalg.svd(HB - t * B, full_matrices=False)[2][-1]
+                    v, hv = B @ y, HB @ y
+                    refined.append((hv - (v @ hv) * v).norm())
+                scale = tol * float(theta[0])
+                line.append((j, round(float(ritz) / scale, 2),
+                             round(float(max(refined)) / scale, 2)))
+                if ritz <= scale:
+                    break
+            print(f"  {index}: (products, Ritz, refined Ritz: max residual / tol·θ1): {line}",
+                  flush=True)
+        previous = top_eigenpairs(op, n, tol=tol * 1e-4, seed=index, check_steps=0)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--problem", default="digits", choices=["digits", "fashion"])
@@ -128,11 +171,15 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=10)
     parser.add_argument("--count", type=int, default=9)
     parser.add_argument("--probe", action="store_true", help="where the products go")
+    parser.add_argument("--refined", action="store_true", help="Ritz against refined Ritz")
     args = parser.parse_args()
     torch.set_num_threads(1)
     print(machine_line(), flush=True)
     problem = digits_problem() if args.problem == "digits" else fashion_problem(args.n_examples)
     states = trajectory(problem, args.start, args.every, args.count)
+    if args.refined:
+        refined_probe(problem, args.n, args.tol, states)
+        return
     if args.probe:
         probe(problem, args.n, args.tol, states)
         return
