@@ -15,7 +15,8 @@ variant from its own previous answer, interleaved in one process), the variants 
 
 Products are exact and load-free; time ratios are against eigsh in the same measurement.
 
-``--refined``: the Krylov space of the default start grown one product at a time, and per size
+``--refined``: the Krylov space of the default start (from the previous measurement's pairs,
+solved to ``10⁻⁴ tol``) grown one product at a time, and per size
 ``j`` the largest residual over ``tol · θ_1`` of the Ritz vectors (what every solver here returns)
 against refined Ritz vectors (the unit vector of the space minimising ``‖(H − θ_i) v‖``, with its
 Rayleigh quotient): whether a better extraction from the same products would stop sooner.
