@@ -208,9 +208,9 @@ def top_eigenpairs(op, k: int, tol: float = 1e-6, init: torch.Tensor | None = No
             not real floating point, or products of another shape, dtype or device than the
             operator declares.
     """
-    p = validate_solve(op, k=k, skip=skip, tol=tol, init=init, block_size=block_size,
-                            basis_size=basis_size, max_matvecs=max_matvecs,
-                       check_steps=check_steps, tol_scale=tol_scale)
+    validate_solve(op, k=k, skip=skip, tol=tol, init=init, block_size=block_size,
+                   basis_size=basis_size, max_matvecs=max_matvecs, check_steps=check_steps,
+                   tol_scale=tol_scale)
     criterion = ConvergenceCriterion.for_operator(op, tol, tol_scale)
     n, space = k + skip, vector_space(op)
     p = space.dim  # the global dimension (the local rows of a sharded operator are fewer)

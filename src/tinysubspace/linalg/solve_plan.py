@@ -28,10 +28,9 @@ class SolvePlan:
 
 def validate_solve(op, *, k: int, skip: int, tol: float, init: torch.Tensor | None,
                    block_size: int | None, basis_size: int | None, max_matvecs: int | None,
-                   check_steps: int, tol_scale: str) -> int:
-    """The arguments of :func:`~tinysubspace.linalg.lanczos.top_eigenpairs` checked; returns the
-    operator's local dimension ``p`` (raises ``TypeError`` / ``ValueError`` saying what was
-    expected and what arrived)."""
+                   check_steps: int, tol_scale: str) -> None:
+    """The arguments of :func:`~tinysubspace.linalg.lanczos.top_eigenpairs` checked (raises
+    ``TypeError`` / ``ValueError`` saying what was expected and what arrived)."""
     p = op.shape[0]
     check_tol_scale(tol_scale)
     if not isinstance(op.dtype, torch.dtype) or not op.dtype.is_floating_point:
@@ -69,4 +68,3 @@ def validate_solve(op, *, k: int, skip: int, tol: float, init: torch.Tensor | No
                              f"the number of columns of init; got {max_matvecs} (needs {least})")
     if isinstance(check_steps, bool) or not isinstance(check_steps, int) or check_steps < 0:
         raise ValueError(f"check_steps must be a non-negative integer, got {check_steps!r}")
-    return p
