@@ -43,6 +43,7 @@ import tinysubspace.linalg.warm_start as warm_start
 from common import digits_problem, fashion_problem, machine_line, print_table
 from levers import HEADER, measure, summary_rows
 from tinysubspace import HessianOperator
+from tinysubspace.linalg.basis import KrylovBasis
 from tinysubspace.linalg.lanczos import top_eigenpairs
 from tinysubspace.linalg.warm_start import track_eigenpairs
 from tinysubspace.operator import vector_space
@@ -134,16 +135,17 @@ def refined_probe(problem, n: int, tol: float, states: list) -> None:
         op = HessianOperator(problem.model, problem.loss_fn, (problem.X, problem.Y),
                              dtype=torch.float64)
         if previous is not None:
-            start = warm_start._krylov_start(previous.vectors, index, vector_space(op))
-            Q, HQ, line = [start / start.norm()], [], []
+            q = warm_start._krylov_start(previous.vectors, index, vector_space(op))
+            q, line = q / q.norm(), []
+            basis = KrylovBasis(op.shape[0], op.dtype, op.device, 3 * n)
             for j in range(1, 3 * n):
-                HQ.append((op @ Q[-1][:, None])[:, 0])
-                B, HB = torch.stack(Q, 1), torch.stack(HQ, 1)
-                f = HQ[-1] - B @ (B.T @ HQ[-1])
-                f = f - B @ (B.T @ f)  # twice is enough
-                Q.append(f / f.norm())
+                w = (op @ q[:, None])[:, 0]
+                basis.append(q, w)
+                f, _ = basis.orthogonal_part(w)  # the solvers' reorthogonalisation
+                q = f / f.norm()
                 if j < n:
                     continue
+                B, HB = basis.Q, basis.HQ
                 theta, Y = torch.linalg.eigh((B.T @ HB + HB.T @ B) / 2)
                 theta, Y = theta.flip(0)[:n], Y.flip(1)[:, :n]
                 ritz = (HB @ Y - (B @ Y) * theta).norm(dim=0).max()
