@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 __all__ = ["DenseOperator", "DifferenceOperator", "SymmetricOperator", "VectorSpace",
-           "vector_space"]
+           "vector_space", "working_dtype"]
 
 
 class SymmetricOperator(abc.ABC):
@@ -205,3 +205,14 @@ def vector_space(op) -> VectorSpace:
     ``op.shape[0]``."""
     space = getattr(op, "vector_space", None)
     return space if space is not None else VectorSpace(op.shape[0])
+
+
+def working_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype arithmetic on the vectors of an operator of ``dtype`` is done in: ``float32``
+    for ``float16`` and ``bfloat16`` (a solver's basis, a half-precision model's sums and
+    finite differences), ``dtype`` itself otherwise.
+
+    >>> working_dtype(torch.bfloat16), working_dtype(torch.float64)
+    (torch.float32, torch.float64)
+    """
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype

@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from tinysubspace.operator import working_dtype as accumulation_dtype  # the solvers' rule too
+
 __all__ = [
     "HALF_PRECISION_FLOOR",
     "HALF_PRECISION_STEP",
@@ -247,16 +249,6 @@ class FiniteDifference:
                 block.dtype, lambda x: float(x.norm()),
                 probe=self.probes(first + column))
         return ProductEstimate(out, error)
-
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype sums and differences of a ``dtype`` measurement are formed in: ``float32``
-    for ``float16`` / ``bfloat16`` (a model measured in its own half precision), else ``dtype``.
-
-    >>> accumulation_dtype(torch.bfloat16), accumulation_dtype(torch.float64)
-    (torch.float32, torch.float64)
-    """
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def _gradient_at(op: Any, batch: Any, index: int, v: torch.Tensor, t: float) -> torch.Tensor:

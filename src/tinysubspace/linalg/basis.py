@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import torch
 
-from tinysubspace.operator import VectorSpace
+from tinysubspace.operator import VectorSpace, working_dtype
 
 __all__ = [
     "MAX_DRAWS",
@@ -46,18 +46,6 @@ MAX_DRAWS = 8
 """Random draws for one direction before :meth:`KrylovBasis.random_direction` gives up (a
 Gaussian vector in ``p > m`` dimensions has a component outside an ``m``-dimensional basis of
 relative size about ``√((p − m)/p)``; eight misses in a row mean the bar is wrong)."""
-
-_HALF = (torch.float16, torch.bfloat16)
-
-
-def working_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype a solve on an operator of ``dtype`` keeps its basis in: ``float32`` for
-    ``float16`` and ``bfloat16``, ``dtype`` itself otherwise.
-
-    >>> working_dtype(torch.bfloat16), working_dtype(torch.float64)
-    (torch.float32, torch.float64)
-    """
-    return torch.float32 if dtype in _HALF else dtype
 
 
 def drop_tolerance(dtype: torch.dtype, p: int) -> float:
